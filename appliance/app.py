@@ -1,0 +1,114 @@
+"""make_app: the one aiohttp application, wired from one Config."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from appliance import admin
+from appliance.auth import ADMIN, Authenticator, bootstrap_admin_key
+from appliance.config import Config
+from appliance.endpoints import EndpointService
+from appliance.errors import ApplianceError
+from appliance.http import Handler, Route, add_routes, error_middleware, error_response, json_response
+from appliance.openapi import build_openapi
+from appliance.services import SERVICES, Services
+from appliance.store import Clock, Store
+from appliance.views import Health
+
+log = logging.getLogger(__name__)
+
+_OPEN_PATHS = {f"{admin.PREFIX}/openapi.json"}
+STARTUP_TASK = web.AppKey("startup_task", asyncio.Task)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process and its event loop answer."""
+    return json_response(Health(status="ok"))
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the store is open and startup reconciliation ran."""
+    readiness = request.app[SERVICES].readiness
+    if readiness.ready:
+        return json_response(Health(status="ok"))
+    if readiness.failure:
+        return json_response(Health(status="failed", detail=readiness.failure), status=503)
+    return json_response(Health(status="starting", detail="opening the store and reconciling endpoints"), status=503)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(build_openapi(all_routes()))
+
+
+def all_routes() -> list[Route]:
+    return [
+        Route("GET", "/healthz", healthz, "Liveness", response=Health, auth=False, tags=("system",)),
+        Route("GET", "/readyz", readyz, "Readiness (503 until startup reconciliation ran)", response=Health, auth=False, tags=("system",)),
+        Route("GET", f"{admin.PREFIX}/openapi.json", openapi, "This document", auth=False, tags=("system",)),
+        *admin.ROUTES,
+    ]
+
+
+@web.middleware
+async def admin_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """/api/v1 answers only when ready, and only to an admin key."""
+    if request.path.startswith(admin.PREFIX + "/") and request.path not in _OPEN_PATHS:
+        services = request.app[SERVICES]
+        if not services.readiness.ready:
+            detail = services.readiness.failure or "the appliance is starting"
+            return error_response(ApplianceError(f"not ready: {detail}", status=503, code="not_ready", headers={"Retry-After": "1"}))
+        await services.auth.authenticate(request, ADMIN)
+    return await handler(request)
+
+
+async def _startup(app: web.Application) -> None:
+    services = app[SERVICES]
+    config = services.config
+    try:
+        await bootstrap_admin_key(services.store, config.admin_key_path)
+        await services.auth.reload()
+        problems = await services.endpoints.apply_declared(list(config.endpoints))
+        await services.store.events.add(
+            "server.started",
+            f"appliance started on {config.server.host}:{config.server.port}",
+            details={"config": str(config.source) if config.source else None, "declared_problems": problems},
+        )
+        services.readiness.ready = True
+    except Exception as exc:  # readiness says why; the process stays up for /healthz and the log
+        log.exception("startup reconciliation failed")
+        services.readiness.failure = str(exc)
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    await services.store.open()  # before listening: a broken database must fail the start
+    app[STARTUP_TASK] = asyncio.create_task(_startup(app))
+    yield
+    task = app[STARTUP_TASK]
+    if not task.done():
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    if services.store.is_open:
+        await services.store.events.add("server.stopped", "appliance stopped")
+    await services.store.close()
+
+
+def make_app(config: Config, *, clock: Clock = time.time) -> web.Application:
+    store = Store(config.db_path, clock)
+    services = Services(
+        config=config,
+        clock=clock,
+        store=store,
+        endpoints=EndpointService(store),
+        auth=Authenticator(store, clock),
+    )
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[error_middleware, admin_gate])
+    app[SERVICES] = services
+    add_routes(app, all_routes())
+    app.cleanup_ctx.append(_lifecycle)
+    return app

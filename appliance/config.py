@@ -1,0 +1,149 @@
+"""The one Config object: TOML in, typed and immutable out, every problem named by key path."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from appliance.errors import ApplianceError, validation_problems
+from appliance.specs import ByteSize, EndpointSpec, Model
+
+CONFIG_ENV = "APPLIANCE_CONFIG"  # the only environment variable: where the config file is
+DEFAULT_CONFIG_PATH = Path("/etc/appliance/config.toml")
+
+
+class ServerConfig(Model):
+    host: str = Field("127.0.0.1", min_length=1, description="address to listen on")
+    port: int = Field(8080, ge=0, le=65535, description="0 picks a free port (written to state_dir/server.json)")
+    state_dir: Path = Field(Path("/var/lib/appliance"), description="database, admin key, replica work dirs")
+    max_body_bytes: ByteSize = Field(16 << 20, ge=1024, description="largest request body accepted")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _path(cls, v: Any) -> Any:
+        return Path(v) if isinstance(v, str) else v
+
+
+class WorkersConfig(Model):
+    port_range: tuple[int, int] = Field((20000, 20999), description="[first, last] ports handed to worker replicas")
+    log_dir: Path | None = Field(None, description="replica logs; default state_dir/logs")
+    stop_grace_seconds: float = Field(30.0, ge=0, description="SIGTERM, then SIGKILL after this long")
+    log_max_bytes: ByteSize = Field(50 << 20, ge=4096, description="a replica log rotates at this size")
+    log_backups: int = Field(3, ge=0, description="rotated replica logs kept")
+
+    @field_validator("port_range", mode="before")
+    @classmethod
+    def _range(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("port_range")
+    @classmethod
+    def _range_order(cls, v: tuple[int, int]) -> tuple[int, int]:
+        first, last = v
+        if not (1024 <= first <= last <= 65535):
+            raise ValueError(f"must be [first, last] with 1024 ≤ first ≤ last ≤ 65535 (got {list(v)})")
+        return v
+
+    @field_validator("log_dir", mode="before")
+    @classmethod
+    def _path(cls, v: Any) -> Any:
+        return Path(v) if isinstance(v, str) else v
+
+
+class GpusConfig(Model):
+    devices: Literal["all", "none"] | list[int | str] = Field(
+        "all", description='"all", "none", or a list of GPU indices / UUIDs the appliance may use'
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for item in v:
+                if isinstance(item, int) and item < 0:
+                    raise ValueError(f"GPU index must be ≥ 0 (got {item})")
+                if isinstance(item, str) and not item.startswith(("GPU-", "MIG-")):
+                    raise ValueError(f"a GPU is an index or a UUID starting with GPU- or MIG- (got {item!r})")
+            if len(set(map(str, v))) != len(v):
+                raise ValueError("must not list a GPU twice")
+        return v
+
+
+class Config(Model):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    gpus: GpusConfig = Field(default_factory=GpusConfig)
+    endpoints: list[EndpointSpec] = Field(default_factory=list, description="declared endpoints, created or updated at start")
+    source: Path | None = Field(None, exclude=True, description="the file this came from (not a key)")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Config":
+        seen: dict[str, int] = {}
+        for i, ep in enumerate(self.endpoints):
+            for name in (ep.name, *ep.aliases):
+                if name in seen and seen[name] != i:
+                    raise ValueError(f"endpoints[{i}]: name or alias {name!r} is already used by endpoints[{seen[name]}]")
+                seen[name] = i
+        return self
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workers.log_dir or self.server.state_dir / "logs"
+
+    @property
+    def db_path(self) -> Path:
+        return self.server.state_dir / "appliance.db"
+
+    @property
+    def admin_key_path(self) -> Path:
+        return self.server.state_dir / "admin.key"
+
+
+def _absolutise(raw: dict[str, Any], base: Path) -> None:
+    """Relative paths in a config file are relative to the file, not to the cwd of systemd."""
+
+    def fix(table: Any, key: str) -> None:
+        if isinstance(table, dict) and isinstance(table.get(key), str):
+            p = Path(table[key]).expanduser()
+            table[key] = str(p if p.is_absolute() else (base / p).resolve())
+
+    fix(raw.get("server"), "state_dir")
+    fix(raw.get("workers"), "log_dir")
+    for ep in raw.get("endpoints", []) if isinstance(raw.get("endpoints"), list) else []:
+        fix(ep, "model_folder")
+
+
+def parse_config(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Config:
+    _absolutise(raw, base)
+    try:
+        if "source" in raw:
+            raise ApplianceError("source: unknown key", code="invalid_config", problems=["source: unknown key"])
+        return Config.model_validate(raw).model_copy(update={"source": source})
+    except ValidationError as exc:
+        problems = validation_problems(exc)
+        where = f"{source}: " if source else ""
+        raise ApplianceError(
+            f"{where}{len(problems)} problem(s) in config: " + "; ".join(problems),
+            code="invalid_config",
+            problems=problems,
+        ) from None
+
+
+def load_config(path: Path | str) -> Config:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ApplianceError(f"config file {path} does not exist", code="config_not_found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ApplianceError(f"{path}: not valid TOML: {exc}", code="invalid_config", problems=[f"{path}: {exc}"]) from None
+    return parse_config(raw, base=path.resolve().parent, source=path)
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)

@@ -1,0 +1,88 @@
+"""`appliance serve`: run the application until SIGINT/SIGTERM, then shut down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+from aiohttp import web
+
+from appliance.app import make_app
+from appliance.config import Config
+from appliance.services import SERVICES
+
+log = logging.getLogger(__name__)
+
+SERVER_FILE = "server.json"  # where a running server says where it listens (port 0 picks one)
+
+
+def server_file(config: Config) -> Path:
+    return config.server.state_dir / SERVER_FILE
+
+
+def sd_notify(message: str) -> None:
+    """systemd's readiness protocol (Type=notify); a no-op when not started by systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as exc:
+        log.warning("could not notify systemd: %s", exc)
+
+
+async def _notify_when_ready(app: web.Application) -> None:
+    readiness = app[SERVICES].readiness
+    while not readiness.ready and not readiness.failure:
+        await asyncio.sleep(0.05)
+    sd_notify("READY=1" if readiness.ready else f"STATUS=startup failed: {readiness.failure}")
+
+
+async def run(config: Config) -> None:
+    app = make_app(config)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    path = server_file(config)
+    try:
+        site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        url_host = f"[{host}]" if ":" in host else host
+        url = f"http://{url_host}:{port}"
+        path.write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
+        log.info("appliance listening on %s (state in %s)", url, config.server.state_dir)
+        notifier = asyncio.create_task(_notify_when_ready(app))
+        await stop.wait()
+        log.info("shutting down")
+        sd_notify("STOPPING=1")
+        notifier.cancel()
+    finally:
+        await runner.cleanup()
+        path.unlink(missing_ok=True)
+
+
+def serve(config: Config) -> int:
+    logging.basicConfig(
+        level=config.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config.server.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(run(config))
+    else:
+        uvloop.run(run(config))
+    return 0

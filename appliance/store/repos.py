@@ -1,0 +1,174 @@
+"""One repository per table. Each public method runs on the store thread; a change and
+its audit event are written in one transaction."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from sqlite_utils import Database
+from sqlite_utils.db import NotFoundError
+
+from appliance.errors import ApplianceError
+
+from appliance.store.codec import dumps
+
+if TYPE_CHECKING:
+    from appliance.store import Store
+
+EndpointRow = dict[str, Any]
+
+
+def _decode_endpoint(row: dict[str, Any]) -> EndpointRow:
+    return {**row, "spec": json.loads(row["spec"]), "config": json.loads(row["config"])}
+
+
+def _insert_event(db: Database, time: str, kind: str, message: str, endpoint: str | None, details: dict[str, Any] | None) -> None:
+    db["events"].insert({"time": time, "endpoint": endpoint, "kind": kind, "message": message, "details": dumps(details or {})})
+
+
+def _names_of(row: EndpointRow) -> set[str]:
+    return {row["name"], *row["config"].get("aliases", [])}
+
+
+def _check_names_free(db: Database, name: str, aliases: list[str]) -> None:
+    """Names and aliases share one namespace: a client's `model` must pick one endpoint."""
+    wanted = {name, *aliases}
+    for row in db.query("select name, config from endpoints where name != ?", [name]):
+        taken = wanted & _names_of(_decode_endpoint({**row, "spec": "{}"}))
+        if taken:
+            clash = sorted(taken)[0]
+            raise ApplianceError(
+                f"{clash!r} is already the name or an alias of endpoint {row['name']!r}",
+                status=409,
+                code="name_conflict",
+                param="aliases" if clash != name else "name",
+            )
+
+
+class EndpointsRepo:
+    def __init__(self, store: "Store") -> None:
+        self._store = store
+
+    async def get(self, name: str) -> EndpointRow | None:
+        def q(db: Database) -> EndpointRow | None:
+            try:
+                return _decode_endpoint(db["endpoints"].get(name))
+            except NotFoundError:
+                return None
+
+        return await self._store.run(q)
+
+    async def list(self) -> list[EndpointRow]:
+        return await self._store.run(lambda db: [_decode_endpoint(r) for r in db.query("select * from endpoints order by name")])
+
+    async def create(self, row: EndpointRow, message: str, details: dict[str, Any] | None = None) -> EndpointRow:
+        now = self._store.now()
+
+        def tx(db: Database) -> EndpointRow:
+            with db.atomic():
+                if db["endpoints"].count_where("name = ?", [row["name"]]):
+                    raise ApplianceError(f"endpoint {row['name']!r} already exists", status=409, code="endpoint_exists", param="name")
+                _check_names_free(db, row["name"], row["config"]["aliases"])
+                record = {
+                    **row,
+                    "spec": dumps(row["spec"]),
+                    "config": dumps(row["config"]),
+                    "generation": 1,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                db["endpoints"].insert(record)
+                _insert_event(db, now, "endpoint.created", message, row["name"], details)
+                return _decode_endpoint(db["endpoints"].get(row["name"]))
+
+        return await self._store.run(tx)
+
+    async def update(self, name: str, changes: EndpointRow, message: str, details: dict[str, Any] | None = None) -> EndpointRow:
+        """Apply `changes` (spec/config/source/status…). A new config bumps the generation."""
+        now = self._store.now()
+
+        def tx(db: Database) -> EndpointRow:
+            with db.atomic():
+                try:
+                    current = _decode_endpoint(db["endpoints"].get(name))
+                except NotFoundError:
+                    raise ApplianceError(f"endpoint {name!r} not found", status=404, code="endpoint_not_found") from None
+                fields = dict(changes)
+                if "config" in fields:
+                    _check_names_free(db, name, fields["config"]["aliases"])
+                    if fields["config"] != current["config"]:
+                        fields["generation"] = current["generation"] + 1
+                    fields["config"] = dumps(fields["config"])
+                if "spec" in fields:
+                    fields["spec"] = dumps(fields["spec"])
+                db["endpoints"].update(name, {**fields, "updated_at": now})
+                _insert_event(db, now, "endpoint.updated", message, name, details)
+                return _decode_endpoint(db["endpoints"].get(name))
+
+        return await self._store.run(tx)
+
+    async def delete(self, name: str, message: str, details: dict[str, Any] | None = None) -> None:
+        now = self._store.now()
+
+        def tx(db: Database) -> None:
+            with db.atomic():
+                if not db["endpoints"].count_where("name = ?", [name]):
+                    raise ApplianceError(f"endpoint {name!r} not found", status=404, code="endpoint_not_found")
+                db["endpoints"].delete(name)
+                _insert_event(db, now, "endpoint.deleted", message, name, details)
+
+        await self._store.run(tx)
+
+
+class EventsRepo:
+    def __init__(self, store: "Store") -> None:
+        self._store = store
+
+    async def add(self, kind: str, message: str, *, endpoint: str | None = None, details: dict[str, Any] | None = None) -> None:
+        now = self._store.now()
+        await self._store.run(lambda db: _insert_event(db, now, kind, message, endpoint, details))
+
+    async def list(
+        self, *, endpoint: str | None = None, kind: str | None = None, limit: int = 100, before: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first; `before` (an event id) pages further back."""
+        where, params = [], []
+        if endpoint is not None:
+            where.append("endpoint = ?")
+            params.append(endpoint)
+        if kind is not None:
+            where.append("(kind = ? or kind like ?)")
+            params += [kind, kind + ".%"]
+        if before is not None:
+            where.append("id < ?")
+            params.append(before)
+        sql = "select * from events" + (" where " + " and ".join(where) if where else "") + " order by id desc limit ?"
+
+        def q(db: Database) -> list[dict[str, Any]]:
+            return [{**r, "details": json.loads(r["details"] or "{}")} for r in db.query(sql, [*params, limit])]
+
+        return await self._store.run(q)
+
+
+class KeysRepo:
+    def __init__(self, store: "Store") -> None:
+        self._store = store
+
+    async def insert(self, row: dict[str, Any], message: str) -> None:
+        now = self._store.now()
+
+        def tx(db: Database) -> None:
+            with db.atomic():
+                db["api_keys"].insert({**row, "created_at": now})
+                _insert_event(db, now, "key.created", message, None, {"key_id": row["id"], "name": row["name"]})
+
+        await self._store.run(tx)
+
+    async def active_with_scope(self, scope: str) -> list[dict[str, Any]]:
+        now = self._store.now()
+        sql = (
+            "select * from api_keys where revoked_at is null and (expires_at is null or expires_at > ?) "
+            "and exists (select 1 from json_each(api_keys.scopes) where value = ?)"
+        )
+        return await self._store.run(lambda db: list(db.query(sql, [now, scope])))
