@@ -14,7 +14,7 @@ from appliance.auth import ADMIN, Authenticator, bootstrap_admin_key
 from appliance.config import Config
 from appliance.endpoints import EndpointService
 from appliance.errors import ApplianceError
-from appliance.http import Handler, Route, add_routes, error_middleware, error_response, json_response
+from appliance.http import MAX_BODY, Handler, Route, add_routes, error_middleware, error_response, json_response
 from appliance.openapi import build_openapi
 from appliance.services import SERVICES, Services
 from appliance.store import Clock, Store
@@ -109,6 +109,7 @@ def make_app(config: Config, *, clock: Clock = time.time) -> web.Application:
     )
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[error_middleware, admin_gate])
     app[SERVICES] = services
+    app[MAX_BODY] = config.server.max_body_bytes
     add_routes(app, all_routes())
     app.cleanup_ctx.append(_lifecycle)
     return app

@@ -96,13 +96,13 @@ def _message(err: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         return "unknown key"
     if kind == "greater_than_equal":
-        return f"must be ≥ {ctx.get('ge')}"
+        return f"must be ≥ {_num(ctx.get('ge'))}"
     if kind == "greater_than":
-        return f"must be > {ctx.get('gt')}"
+        return f"must be > {_num(ctx.get('gt'))}"
     if kind == "less_than_equal":
-        return f"must be ≤ {ctx.get('le')}"
+        return f"must be ≤ {_num(ctx.get('le'))}"
     if kind == "less_than":
-        return f"must be < {ctx.get('lt')}"
+        return f"must be < {_num(ctx.get('lt'))}"
     if kind in ("int_type", "int_parsing", "int_from_float"):
         return f"must be an integer (got {_type_name(got)})"
     if kind in ("float_type", "float_parsing"):
@@ -126,6 +126,10 @@ def _message(err: dict[str, Any]) -> str:
     if kind == "value_error":
         return str(ctx.get("error", err["msg"]))
     return err["msg"]
+
+
+def _num(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _type_name(value: Any) -> str:

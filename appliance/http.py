@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY = web.AppKey("max_body_bytes", int)  # the limit aiohttp enforces, for the 413 message
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,9 @@ def add_routes(app: web.Application, routes: list[Route]) -> None:
 async def read_json(request: web.Request) -> Any:
     try:
         raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
+    except web.HTTPRequestEntityTooLarge:
         raise ApplianceError(
-            f"request body is larger than the limit of {exc.max_size} bytes (server.max_body_bytes)",
+            f"request body is larger than the limit of {request.app[MAX_BODY]} bytes (server.max_body_bytes)",
             status=413,
             code="body_too_large",
         ) from None

@@ -148,11 +148,11 @@ class EndpointSpec(Model):
 
 
 def _patch_model() -> type[Model]:
-    # Every field of EndpointSpec but the name, all optional: one definition, two shapes.
+    # Every field of EndpointSpec, all optional: one definition, two shapes. A name is
+    # accepted only to say clearly that it cannot change.
     fields: dict[str, Any] = {
         name: (info.annotation | None, Field(None, description=info.description))
         for name, info in EndpointSpec.model_fields.items()
-        if name != "name"
     }
     return create_model("EndpointPatch", __base__=Model, __doc__="Fields to change; null resets a field to its default.", **fields)
 

@@ -1,0 +1,341 @@
+"""The `appliance` command. Server commands run here; endpoint commands talk to the running
+server's admin API with the admin key file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from appliance import __version__
+from appliance.config import CONFIG_ENV, Config, default_config_path, load_config
+from appliance.errors import ApplianceError
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config or default_config_path())
+
+
+# --- server-side commands ----------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.server import serve
+
+    return serve(_config(args))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from appliance.endpoints import check_declared
+
+    path = Path(args.path or args.config or default_config_path())
+    try:
+        config = load_config(path)
+    except ApplianceError as exc:
+        for p in exc.problems or [exc.message]:
+            print(f"{path}: {p}" if not p.startswith(str(path)) else p, file=sys.stderr)
+        return 1
+    problems = check_declared(list(config.endpoints))
+    for p in problems:
+        print(f"{path}: {p}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{path}: OK ({len(config.endpoints)} endpoint(s) declared, state in {config.server.state_dir})")
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from appliance.demo_model import write_demo_model
+
+    folder = write_demo_model(Path(args.dir), seed=args.seed, overwrite=args.force)
+    print(f"wrote a tiny random-weight causal LM to {folder}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from appliance.demo_model import write_demo_config, write_demo_model
+    from appliance.server import serve
+
+    state = Path(args.state_dir).resolve()
+    folder = state / "models" / "demo"
+    if not (folder / "config.json").exists():
+        write_demo_model(folder, seed=0, overwrite=True)
+    path = write_demo_config(state, folder, port=args.port)
+    print(f"demo: model folder {folder}\ndemo: config {path}\ndemo: admin key in {state / 'admin.key'}", flush=True)
+    return serve(load_config(path))
+
+
+def cmd_admin_key_reset(args: argparse.Namespace) -> int:
+    from appliance.auth import reset_admin_key
+    from appliance.store import open_database
+
+    config = _config(args)
+    db = open_database(config.db_path)
+    try:
+        reset_admin_key(db, config.admin_key_path, time.time())
+    finally:
+        db.close()
+    print(f"a new admin key is in {config.admin_key_path}; the old bootstrap key no longer works")
+    return 0
+
+
+# --- admin API commands --------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from appliance.client import AdminClient
+
+    return AdminClient.from_config(_config(args), url=args.url, key_file=Path(args.key_file) if args.key_file else None)
+
+
+def _kv(pairs: Sequence[str], flag: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ApplianceError(f"{flag} takes KEY=VALUE (got {pair!r})", code="usage")
+        out[key] = value
+    return out
+
+
+def _spec_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ApplianceError(f"spec file {file} does not exist", code="usage") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ApplianceError(f"{file}: not valid TOML: {exc}", code="usage") from None
+    folder = data.get("model_folder")
+    if isinstance(folder, str) and not Path(folder).expanduser().is_absolute():
+        data["model_folder"] = str((file.resolve().parent / folder).resolve())
+    return data
+
+
+def _fields(args: argparse.Namespace) -> dict[str, Any]:
+    """Endpoint fields from -f and flags; flags win over the file."""
+    body: dict[str, Any] = _spec_file(args.file) if args.file else {}
+    if args.model_folder is not None:
+        body["model_folder"] = str(Path(args.model_folder).expanduser().resolve())
+    simple = {
+        "runtime": args.runtime,
+        "definition_file": args.definition_file,
+        "served_model_name": args.served_model_name,
+        "replicas": args.replicas,
+        "min_replicas": args.min_replicas,
+        "max_replicas": args.max_replicas,
+        "description": args.description,
+        "public": args.public,
+        "continuous_batching": args.continuous_batching,
+    }
+    body.update({k: v for k, v in simple.items() if v is not None})
+    resources = {"gpus": args.gpus, "gpu_share": args.gpu_share, "cpu": args.cpu, "mem": args.mem}
+    if any(v is not None for v in resources.values()):
+        body["resources"] = {**body.get("resources", {}), **{k: v for k, v in resources.items() if v is not None}}
+    if args.env:
+        body["environ"] = {**body.get("environ", {}), **_kv(args.env, "--env")}
+    if args.extra_arg:
+        body["extra_args"] = list(args.extra_arg)
+    if args.alias:
+        body["aliases"] = list(args.alias)
+    return body
+
+
+def _print_table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    for row in [headers, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _gpu_text(resources: dict[str, Any]) -> str:
+    if resources.get("gpus"):
+        return f"{resources['gpus']}×GPU"
+    if resources.get("gpu_share"):
+        return f"{resources['gpu_share']:g} GPU"
+    return "-"
+
+
+def _show_endpoint(ep: dict[str, Any]) -> None:
+    hc = ep["health_check"]
+    lines = [
+        ("name", ep["name"]),
+        ("status", ep["status"] + (f" ({ep['status_message']})" if ep.get("status_message") else "")),
+        ("runtime", ep["runtime"]),
+        ("model folder", ep["model_folder"]),
+        ("definition file", ep.get("definition_file") or "-"),
+        ("served model name", ep["served_model_name"]),
+        ("aliases", ", ".join(ep["aliases"]) or "-"),
+        ("replicas", f"{ep['replicas']} (min {ep['min_replicas']}, max {ep['max_replicas']})"),
+        ("resources", json.dumps({k: v for k, v in ep["resources"].items() if v not in (None, 0)}) or "{}"),
+        ("environ", ", ".join(f"{k}={v}" for k, v in ep["environ"].items()) or "-"),
+        ("extra args", " ".join(ep["extra_args"]) or "-"),
+        ("health check", f"GET {hc['path']} every {hc['interval']:g}s, expect {hc['expected_status_code']}, "
+         f"{hc['max_retries']} retries, timeout {hc['max_wait_time']:g}s, initial delay {hc['initial_delay']:g}s"),
+        ("access", "public" if ep["public"] else "private (key required)"),
+        ("environment", json.dumps(ep["environment"]) if ep.get("environment") else "-"),
+        ("from folder", ", ".join(ep["inherited"]) or "-"),
+        ("source", ep["source"]),
+        ("generation", str(ep["generation"])),
+        ("created", ep["created_at"]),
+        ("updated", ep["updated_at"]),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key.ljust(width)}  {value}")
+
+
+def _emit(args: argparse.Namespace, data: Any, human: Any) -> int:
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        human(data)
+    return 0
+
+
+def cmd_endpoint_create(args: argparse.Namespace) -> int:
+    body = _fields(args)
+    if args.name:
+        body["name"] = args.name
+    if "name" not in body:
+        raise ApplianceError("endpoint create needs a NAME (or name in the -f file)", code="usage")
+    ep = _client(args).request("POST", "/api/v1/endpoints", body)
+    return _emit(args, ep, lambda e: print(f"created endpoint {e['name']} ({e['runtime']}, {e['replicas']} replica(s)): {e['status']}"))
+
+
+def cmd_endpoint_update(args: argparse.Namespace) -> int:
+    body = _fields(args)
+    body.pop("name", None)
+    if not body:
+        raise ApplianceError("nothing to change: give flags or -f spec.toml", code="usage")
+    ep = _client(args).request("PATCH", f"/api/v1/endpoints/{args.name}", body)
+    return _emit(args, ep, lambda e: print(f"updated endpoint {e['name']} (generation {e['generation']})"))
+
+
+def cmd_endpoint_list(args: argparse.Namespace) -> int:
+    data = _client(args).request("GET", "/api/v1/endpoints")
+
+    def human(d: dict[str, Any]) -> None:
+        rows = [
+            [e["name"], e["runtime"], e["status"], str(e["replicas"]), f"{e['min_replicas']}-{e['max_replicas']}",
+             _gpu_text(e["resources"]), "public" if e["public"] else "private", e["source"], e["model_folder"]]
+            for e in d["data"]
+        ]
+        if not rows:
+            print("no endpoints")
+            return
+        _print_table(rows, ["NAME", "RUNTIME", "STATUS", "REPLICAS", "RANGE", "GPU", "ACCESS", "SOURCE", "MODEL FOLDER"])
+
+    return _emit(args, data, human)
+
+
+def cmd_endpoint_show(args: argparse.Namespace) -> int:
+    return _emit(args, _client(args).request("GET", f"/api/v1/endpoints/{args.name}"), _show_endpoint)
+
+
+def cmd_endpoint_delete(args: argparse.Namespace) -> int:
+    data = _client(args).request("DELETE", f"/api/v1/endpoints/{args.name}")
+    return _emit(args, data, lambda d: print(f"deleted endpoint {d['id']}"))
+
+
+def cmd_endpoint_events(args: argparse.Namespace) -> int:
+    data = _client(args).request("GET", f"/api/v1/endpoints/{args.name}/events", query={"limit": args.limit})
+    return _emit(args, data, lambda d: _print_table([[e["time"], e["kind"], e["message"]] for e in d["data"]], ["TIME", "KIND", "MESSAGE"]))
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+
+def _endpoint_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--file", help="TOML file with endpoint fields (as in a [[endpoints]] entry)")
+    p.add_argument("--model-folder", help="model folder on this box")
+    p.add_argument("--runtime", choices=["custom", "vllm", "transformers", "sglang"])
+    p.add_argument("--definition-file", help="model definition file name in the folder")
+    p.add_argument("--served-model-name")
+    p.add_argument("--alias", action="append", help="another model name for this endpoint (repeatable)")
+    p.add_argument("--replicas", type=int)
+    p.add_argument("--min-replicas", type=int)
+    p.add_argument("--max-replicas", type=int)
+    p.add_argument("--gpus", type=int, help="whole GPUs per replica")
+    p.add_argument("--gpu-share", type=float, help="fraction of one GPU per replica (0 < f < 1)")
+    p.add_argument("--cpu", type=float)
+    p.add_argument("--mem", help="e.g. 8gb")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE", help="worker environment (repeatable)")
+    p.add_argument("--extra-arg", action="append", metavar="ARG", help="appended to the start command (repeatable; use --extra-arg=--flag)")
+    p.add_argument("--continuous-batching", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--public", action=argparse.BooleanOptionalAction, default=None, help="open without a key (--no-public: private)")
+    p.add_argument("--description")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", help=f"config file (default ${CONFIG_ENV} or {default_config_path()})")
+    client = argparse.ArgumentParser(add_help=False, parents=[common])
+    client.add_argument("--url", help="admin API URL (default: from the running server's state_dir/server.json)")
+    client.add_argument("--key-file", help="admin key file (default: state_dir/admin.key)")
+    client.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    parser = argparse.ArgumentParser(prog="appliance", description="Single-node model-serving appliance.")
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", parents=[common], help="run the appliance")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("check-config", parents=[common], help="validate a config file and print every problem")
+    p.add_argument("path", nargs="?")
+    p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("demo-model", help="write a tiny random-weight model folder (needs the transformers extra)")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite an existing folder")
+    p.set_defaults(func=cmd_demo_model)
+    p = sub.add_parser("demo", help="serve the tiny demo model on CPU from a fresh state dir")
+    p.add_argument("--state-dir", default="demo-state")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("admin-key", help="admin key recovery")
+    ak = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    r = ak.add_parser("reset", parents=[common], help="revoke the bootstrap admin key and write a new one (works offline)")
+    r.set_defaults(func=cmd_admin_key_reset)
+
+    p = sub.add_parser("endpoint", help="manage endpoints on the running server")
+    ep = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = ep.add_parser("create", parents=[client], help="create an endpoint")
+    c.add_argument("name", nargs="?")
+    _endpoint_flags(c)
+    c.set_defaults(func=cmd_endpoint_create)
+    u = ep.add_parser("update", parents=[client], help="change an endpoint")
+    u.add_argument("name")
+    _endpoint_flags(u)
+    u.set_defaults(func=cmd_endpoint_update)
+    ep.add_parser("list", parents=[client], help="list endpoints").set_defaults(func=cmd_endpoint_list)
+    for action, func, text in (("show", cmd_endpoint_show, "show an endpoint"), ("delete", cmd_endpoint_delete, "delete an endpoint")):
+        q = ep.add_parser(action, parents=[client], help=text)
+        q.add_argument("name")
+        q.set_defaults(func=func)
+    e = ep.add_parser("events", parents=[client], help="an endpoint's audit events, newest first")
+    e.add_argument("name")
+    e.add_argument("--limit", type=int, default=50)
+    e.set_defaults(func=cmd_endpoint_events)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ApplianceError as exc:
+        if len(exc.problems) > 1:
+            print(f"error: {len(exc.problems)} problems:", file=sys.stderr)
+            for problem in exc.problems:
+                print(f"  - {problem}", file=sys.stderr)
+        else:
+            print(f"error: {exc.message}", file=sys.stderr)
+        return 2 if exc.code == "usage" else 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,238 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from appliance.app import make_app
+from appliance.config import Config, parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+SEED_DEFINITION = """\
+models:
+  - name: "simple-http-server"
+    model_path: "/models"
+    service:
+      start_command:
+        - python
+        - -m
+        - http.server
+        - --directory
+        - /home/work
+        - "8000"
+      port: 8000
+      health_check:
+        path: /
+        interval: 10.0
+        max_retries: 10
+        max_wait_time: 15.0
+        expected_status_code: 200
+        initial_delay: 60.0
+"""
+
+SEED_SERVICE_DEFINITION = """\
+[vllm.environment]
+image        = "example.com/model-server:latest"
+architecture = "x86_64"
+
+[vllm.resource_slots]
+cpu = 1
+mem = "8gb"
+"cuda.shares" = "0.5"
+
+[vllm.environ]
+MODEL_NAME = "example-model-name"
+"""
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll until predicate() is truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+async def async_wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.02, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def model_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "models" / "plain"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture
+def seed_folder(tmp_path: Path) -> Path:
+    """A model folder exactly as the Backend.AI documentation shows it."""
+    folder = tmp_path / "models" / "seed"
+    folder.mkdir(parents=True)
+    (folder / "model-definition.yaml").write_text(SEED_DEFINITION)
+    (folder / "service-definition.toml").write_text(SEED_SERVICE_DEFINITION)
+    return folder
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Config]:
+    def make(raw: dict[str, Any] | None = None) -> Config:
+        raw = json.loads(json.dumps(raw or {}))
+        raw.setdefault("server", {}).setdefault("state_dir", str(tmp_path / "state"))
+        raw["server"].setdefault("port", 0)
+        return parse_config(raw, base=tmp_path)
+
+    return make
+
+
+@pytest.fixture
+async def slow_callback_guard(caplog: pytest.LogCaptureFixture) -> AsyncIterator[None]:
+    """Fail a test whose code blocked the event loop for more than 100 ms."""
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.1
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        yield
+    slow = [r.getMessage() for r in caplog.records if r.name == "asyncio" and "took" in r.getMessage()]
+    assert not slow, f"event loop blocked: {slow}"
+
+
+class Admin:
+    """An aiohttp test client on a real loopback socket, with the admin key."""
+
+    def __init__(self, client: TestClient, config: Config) -> None:
+        self.client = client
+        self.config = config
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.config.admin_key_path.read_text().strip()}"}
+
+    async def call(self, method: str, path: str, *, json_body: Any = None, data: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        resp = await self.client.request(method, path, json=json_body, data=data, headers={**self.headers, **(headers or {})})
+        body = await resp.json(content_type=None)
+        return resp.status, body
+
+
+@pytest.fixture
+async def start_app(aiohttp_client: Any) -> Callable[..., Any]:
+    """Start make_app(config) on 127.0.0.1:0 and wait until /readyz says ready."""
+
+    async def start(config: Config) -> Admin:
+        client = await aiohttp_client(make_app(config))
+
+        async def ready() -> bool:
+            resp = await client.get("/readyz")
+            return resp.status == 200
+
+        await async_wait_for(ready, timeout=10, what="/readyz")
+        return Admin(client, config)
+
+    return start
+
+
+class ServerProcess:
+    """`appliance serve` as a real subprocess on a port it picks itself."""
+
+    def __init__(self, config_path: Path, state_dir: Path) -> None:
+        self.config_path = config_path
+        self.state_dir = state_dir
+        self.log_path = state_dir.parent / f"server-{time.monotonic_ns()}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 30.0) -> "ServerProcess":
+        server_json = self.state_dir / "server.json"
+        server_json.unlink(missing_ok=True)
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "serve", "--config", str(self.config_path)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            if not server_json.exists():
+                return False
+            try:
+                info = json.loads(server_json.read_text())
+                with urllib.request.urlopen(info["url"] + "/readyz", timeout=2) as resp:
+                    self.url = info["url"]
+                    return resp.status == 200
+            except (OSError, ValueError):
+                return False
+
+        wait_for(up, timeout=timeout, what="appliance serve to become ready")
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=timeout)
+        self.log.close()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[[Path], ServerProcess]]:
+    servers: list[ServerProcess] = []
+
+    def make(config_path: Path, state_dir: Path | None = None) -> ServerProcess:
+        server = ServerProcess(config_path, state_dir or tmp_path / "state")
+        servers.append(server)
+        return server
+
+    yield make
+    for s in servers:
+        if s.proc is not None and s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+
+
+def run_cli(*args: str, config: Path | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "appliance", *args]
+    if config is not None:
+        argv += ["--config", str(config)]
+    env = {k: v for k, v in os.environ.items() if k != "APPLIANCE_CONFIG"}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{argv} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+

@@ -1,0 +1,211 @@
+"""The admin API over real HTTP on 127.0.0.1 (aiohttp test server, port 0)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Admin
+
+pytestmark = pytest.mark.usefixtures("slow_callback_guard")
+
+
+@pytest.fixture
+async def admin(start_app: Any, make_config: Any) -> Admin:
+    return await start_app(make_config({"server": {"max_body_bytes": 4096}}))
+
+
+def spec(folder: Path, **extra: Any) -> dict[str, Any]:
+    return {"name": "llama", "model_folder": str(folder), "runtime": "vllm", **extra}
+
+
+async def test_health_and_readiness(admin: Admin) -> None:
+    resp = await admin.client.get("/healthz")
+    assert resp.status == 200 and (await resp.json())["status"] == "ok"
+    resp = await admin.client.get("/readyz")
+    assert resp.status == 200
+
+
+async def test_admin_key_is_bootstrapped_with_mode_0600(admin: Admin) -> None:
+    path = admin.config.admin_key_path
+    assert path.stat().st_mode & 0o777 == 0o600
+    key = path.read_text().strip()
+    assert key.startswith("ak-") and len(key) >= 3 + 43
+    db_bytes = b"".join(p.read_bytes() for p in path.parent.glob("appliance.db*"))
+    assert key.encode() not in db_bytes  # only the hash is stored
+
+
+async def test_admin_routes_need_the_admin_key(admin: Admin) -> None:
+    resp = await admin.client.get("/api/v1/endpoints")
+    assert resp.status == 401
+    body = await resp.json()
+    assert body["error"]["code"] == "missing_api_key" and body["error"]["type"] == "authentication_error"
+    assert body["error"]["source"] == "appliance"
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    for header in ("Bearer ak-wrong", "Basic Zm9vOmJhcg==", "Bearer", ""):
+        resp = await admin.client.get("/api/v1/endpoints", headers={"Authorization": header})
+        assert resp.status == 401, header
+    resp = await admin.client.get("/api/v1/endpoints", headers={"Authorization": admin.headers["Authorization"].replace("Bearer", "BackendAI")})
+    assert resp.status == 200  # Backend.AI's header form is accepted too
+    resp = await admin.client.get("/api/v1/openapi.json")
+    assert resp.status == 200  # the schema is public
+
+
+async def test_endpoint_crud(admin: Admin, model_folder: Path) -> None:
+    status, ep = await admin.call("POST", "/api/v1/endpoints", json_body=spec(model_folder, replicas=2, max_replicas=4, resources={"gpu_share": 0.5, "mem": "8gb"}))
+    assert status == 201, ep
+    assert ep["name"] == "llama" and ep["status"] == "PENDING" and ep["source"] == "api" and ep["generation"] == 1
+    assert (ep["replicas"], ep["min_replicas"], ep["max_replicas"]) == (2, 2, 4)
+    assert ep["resources"] == {"gpus": 0, "gpu_share": 0.5, "cpu": None, "mem": 8 << 30}
+    assert ep["public"] is False and ep["served_model_name"] == "llama"
+    assert ep["created_at"].endswith("Z")
+
+    status, listing = await admin.call("GET", "/api/v1/endpoints")
+    assert status == 200 and listing["object"] == "list" and [e["name"] for e in listing["data"]] == ["llama"]
+
+    status, one = await admin.call("GET", "/api/v1/endpoints/llama")
+    assert status == 200 and one == ep
+
+    status, updated = await admin.call("PATCH", "/api/v1/endpoints/llama", json_body={"replicas": 3, "public": True, "environ": {"A": "1"}})
+    assert status == 200, updated
+    assert updated["replicas"] == 3 and updated["public"] is True and updated["environ"] == {"A": "1"}
+    assert updated["generation"] == 2 and updated["created_at"] == ep["created_at"]
+
+    status, reset = await admin.call("PATCH", "/api/v1/endpoints/llama", json_body={"resources": None, "public": None})
+    assert status == 200 and reset["resources"]["gpu_share"] is None and reset["public"] is False
+    assert "resources" not in reset["spec"]
+
+    status, gone = await admin.call("DELETE", "/api/v1/endpoints/llama")
+    assert status == 200 and gone == {"id": "llama", "object": "endpoint", "deleted": True}
+    status, err = await admin.call("GET", "/api/v1/endpoints/llama")
+    assert status == 404 and err["error"]["code"] == "endpoint_not_found"
+
+    status, events = await admin.call("GET", "/api/v1/endpoints/llama/events")
+    assert status == 200
+    assert [e["kind"] for e in events["data"]] == ["endpoint.deleted", "endpoint.updated", "endpoint.updated", "endpoint.created"]
+    assert events["data"][1]["details"] == {"patch": {"public": None, "resources": None}}
+    assert events["data"][2]["details"] == {"patch": {"public": True, "replicas": 3, "environ": {"A": "1"}}}
+
+
+async def test_events_paging_and_filters(admin: Admin, model_folder: Path) -> None:
+    await admin.call("POST", "/api/v1/endpoints", json_body=spec(model_folder))
+    for n in range(1, 5):
+        await admin.call("PATCH", "/api/v1/endpoints/llama", json_body={"replicas": n, "max_replicas": 9})
+    status, page = await admin.call("GET", "/api/v1/endpoints/llama/events?limit=2")
+    assert status == 200 and len(page["data"]) == 2 and page["has_more"] is True
+    status, rest = await admin.call("GET", f"/api/v1/endpoints/llama/events?limit=100&before={page['data'][-1]['id']}")
+    assert [e["kind"] for e in rest["data"]] == ["endpoint.updated", "endpoint.updated", "endpoint.created"] and rest["has_more"] is False
+    status, created = await admin.call("GET", "/api/v1/events?kind=endpoint.created")
+    assert [e["endpoint"] for e in created["data"]] == ["llama"]
+    status, everything = await admin.call("GET", "/api/v1/events?kind=endpoint")
+    assert len(everything["data"]) == 5
+    status, err = await admin.call("GET", "/api/v1/events?limit=abc")
+    assert status == 400 and err["error"]["param"] == "limit"
+    status, err = await admin.call("GET", "/api/v1/endpoints/never/events")
+    assert status == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "message"),
+    [
+        ({"name": "bad name", "model_folder": "{folder}"}, 422, "validation_error", "name: must be 1–50 characters"),
+        ({"name": "x" * 51, "model_folder": "{folder}"}, 422, "validation_error", "name: must be 1–50 characters"),
+        ({"model_folder": "{folder}"}, 422, "validation_error", "name: required"),
+        ({"name": "a", "model_folder": "/no/such/folder"}, 422, "invalid_model_folder", "model_folder: /no/such/folder does not exist"),
+        ({"name": "a", "model_folder": "{folder}", "replicas": 3, "max_replicas": 2}, 422, "validation_error", "max_replicas: must be ≥ replicas (3)"),
+        ({"name": "a", "model_folder": "{folder}", "replicas": -1}, 422, "validation_error", "replicas: must be ≥ 0"),
+        ({"name": "a", "model_folder": "{folder}", "runtime": "docker"}, 422, "validation_error", "runtime: must be one of"),
+        ({"name": "a", "model_folder": "{folder}", "runtime": "custom"}, 422, "definition_required", "custom runtime needs a model definition"),
+        ({"name": "a", "model_folder": "{folder}", "replicas": "2"}, 422, "validation_error", "replicas: must be an integer (got a string)"),
+        ({"name": "a", "model_folder": "{folder}", "gpus": 1}, 422, "validation_error", "gpus: unknown key"),
+        ({"name": "a", "model_folder": "{folder}", "environ": {"1BAD": "x"}}, 422, "validation_error", "'1BAD' is not a valid environment variable name"),
+    ],
+)
+async def test_create_rejects_bad_input(admin: Admin, model_folder: Path, body: dict[str, Any], status: int, code: str, message: str) -> None:
+    body = {k: (str(model_folder) if v == "{folder}" else v) for k, v in body.items()}
+    got, err = await admin.call("POST", "/api/v1/endpoints", json_body=body)
+    assert got == status, err
+    assert err["error"]["code"] == code
+    assert message in err["error"]["message"]
+    assert err["error"]["type"] == "invalid_request_error"
+    _, listing = await admin.call("GET", "/api/v1/endpoints")
+    assert listing["data"] == []  # nothing half-created
+
+
+async def test_malformed_bodies(admin: Admin) -> None:
+    for raw in (b"{bad", b"", b"\xff\xfe", b"[1, 2]"):
+        status, err = await admin.call("POST", "/api/v1/endpoints", data=raw, headers={"Content-Type": "application/json"})
+        assert status == 400, raw
+        assert err["error"]["code"] == "invalid_json" and err["error"]["type"] == "invalid_request_error"
+
+
+async def test_oversized_body_is_413(admin: Admin) -> None:
+    status, err = await admin.call("POST", "/api/v1/endpoints", data=b'{"name": "' + b"x" * 5000 + b'"}', headers={"Content-Type": "application/json"})
+    assert status == 413
+    assert err["error"]["code"] == "body_too_large" and "4096" in err["error"]["message"]
+
+
+async def test_conflicts(admin: Admin, model_folder: Path) -> None:
+    assert (await admin.call("POST", "/api/v1/endpoints", json_body=spec(model_folder, aliases=["llama3"])))[0] == 201
+    status, err = await admin.call("POST", "/api/v1/endpoints", json_body=spec(model_folder))
+    assert status == 409 and err["error"]["code"] == "endpoint_exists" and err["error"]["type"] == "conflict_error"
+    status, err = await admin.call("POST", "/api/v1/endpoints", json_body=spec(model_folder, name="llama3"))
+    assert status == 409 and err["error"]["code"] == "name_conflict"
+    status, err = await admin.call("POST", "/api/v1/endpoints", json_body=spec(model_folder, name="other", aliases=["llama"]))
+    assert status == 409 and "already the name or an alias of endpoint 'llama'" in err["error"]["message"]
+
+
+async def test_update_errors(admin: Admin, model_folder: Path) -> None:
+    await admin.call("POST", "/api/v1/endpoints", json_body=spec(model_folder, max_replicas=2))
+    status, err = await admin.call("PATCH", "/api/v1/endpoints/llama", json_body={"replicas": 5})
+    assert status == 422 and err["error"]["message"] == "max_replicas: must be ≥ replicas (5)"
+    status, err = await admin.call("PATCH", "/api/v1/endpoints/llama", json_body={"name": "renamed"})
+    assert status == 422 and err["error"]["code"] == "immutable_field"
+    status, err = await admin.call("PATCH", "/api/v1/endpoints/llama", json_body={"bogus": 1})
+    assert status == 422 and err["error"]["message"] == "bogus: unknown key"
+    status, err = await admin.call("PATCH", "/api/v1/endpoints/nope", json_body={"replicas": 1})
+    assert status == 404
+    status, err = await admin.call("PATCH", "/api/v1/endpoints/bad%20name", json_body={"replicas": 1})
+    assert status == 400 and err["error"]["code"] == "invalid_name"
+    _, ep = await admin.call("GET", "/api/v1/endpoints/llama")
+    assert ep["generation"] == 1  # failed updates changed nothing
+
+
+async def test_unknown_routes_and_methods(admin: Admin) -> None:
+    status, err = await admin.call("GET", "/api/v1/nothing")
+    assert status == 404 and err["error"]["code"] == "not_found"
+    resp = await admin.client.put("/api/v1/endpoints", headers=admin.headers)
+    body = await resp.json()
+    assert resp.status == 405 and body["error"]["code"] == "method_not_allowed" and "GET" in resp.headers["Allow"]
+
+
+async def test_openapi_describes_every_route_and_schema(admin: Admin) -> None:
+    from appliance.app import all_routes
+
+    resp = await admin.client.get("/api/v1/openapi.json")
+    doc = await resp.json()
+    assert doc["openapi"].startswith("3.1")
+    for route in all_routes():
+        assert route.method.lower() in doc["paths"][route.path], route.path
+    schemas = doc["components"]["schemas"]
+    assert {"EndpointSpec", "EndpointPatch", "EndpointView", "ErrorResponse", "HealthCheck", "Resources"} <= set(schemas)
+    create = doc["paths"]["/api/v1/endpoints"]["post"]
+    assert create["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/EndpointSpec"}
+    assert "201" in create["responses"] and create["security"] == [{"bearer": []}]
+    assert schemas["EndpointSpec"]["additionalProperties"] is False
+    assert set(schemas["EndpointSpec"]["required"]) == {"name", "model_folder"}
+
+
+async def test_custom_folder_endpoint_shows_definition_and_defaults(admin: Admin, seed_folder: Path) -> None:
+    status, ep = await admin.call("POST", "/api/v1/endpoints", json_body={"name": "seed", "model_folder": str(seed_folder)})
+    assert status == 201, ep
+    assert ep["runtime"] == "custom" and ep["definition_file"] == "model-definition.yaml"
+    assert ep["health_check"]["initial_delay"] == 60.0
+    status, ep = await admin.call("POST", "/api/v1/endpoints", json_body={"name": "seedvllm", "model_folder": str(seed_folder), "runtime": "vllm"})
+    assert ep["environment"] == {"image": "example.com/model-server:latest", "architecture": "x86_64"}
+    assert ep["resources"]["gpu_share"] == 0.5 and "resources.gpu_share" in ep["inherited"]
+    (seed_folder / "model-definition.yaml").write_text("models: [\n")
+    status, err = await admin.call("PATCH", "/api/v1/endpoints/seed", json_body={"replicas": 1})
+    assert status == 422 and err["error"]["code"] == "invalid_definition" and "model-definition.yaml: line" in err["error"]["message"]

@@ -1,0 +1,220 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from appliance.definitions import find_definition_file, load_model_definition, parse_model_definition, parse_service_definition
+from appliance.endpoints import resolve
+from appliance.errors import ApplianceError
+from appliance.runtimes import Placement, build_worker_spec, fill
+from appliance.specs import EndpointSpec, HealthCheck
+from conftest import SEED_DEFINITION, SEED_SERVICE_DEFINITION
+
+
+def definition_problems(text: str) -> list[str]:
+    with pytest.raises(ApplianceError) as info:
+        parse_model_definition(text, path=Path("/m/model-definition.yaml"))
+    assert info.value.code == "invalid_definition"
+    return info.value.problems
+
+
+def test_seed_model_definition_parses_unchanged() -> None:
+    d = parse_model_definition(SEED_DEFINITION, path=Path("model-definition.yaml"))
+    m = d.model
+    assert (m.name, m.model_path) == ("simple-http-server", "/models")
+    assert m.service is not None
+    assert m.service.start_command == ["python", "-m", "http.server", "--directory", "/home/work", "8000"]
+    assert m.service.port == 8000
+    assert m.service.health_check == HealthCheck(
+        path="/", interval=10.0, max_retries=10, max_wait_time=15.0, expected_status_code=200, initial_delay=60.0
+    )
+
+
+def test_health_check_defaults_are_backend_ai_defaults() -> None:
+    d = parse_model_definition(
+        "models:\n  - name: m\n    model_path: /models\n    service:\n      start_command: serve --port 9000\n      port: 9000\n"
+        "      health_check:\n        path: /v1/health\n",
+        path=Path("d.yaml"),
+    )
+    assert d.model.service is not None
+    assert d.model.service.start_command == "serve --port 9000"
+    assert d.model.service.health_check == HealthCheck(
+        path="/v1/health", interval=10.0, max_retries=10, max_wait_time=15.0, expected_status_code=200, initial_delay=60.0
+    )
+
+
+def test_pre_start_actions_parse_and_are_checked() -> None:
+    d = parse_model_definition(
+        """models:
+  - name: m
+    model_path: /models
+    service:
+      pre_start_actions:
+        - action: write_file
+          args: {filename: conf.json, body: "{}", mode: "600", append: false}
+        - action: write_tempfile
+          args: {body: "print(1)"}
+        - action: run_command
+          args: {command: [python, -c, "print(2)"]}
+        - action: mkdir
+          args: {path: cache}
+        - action: log
+          args: {message: hello, debug: true}
+      start_command: [python, -m, http.server, 8000]
+      port: 8000
+""",
+        path=Path("d.yaml"),
+    )
+    service = d.model.service
+    assert service is not None
+    assert [a.action for a in service.pre_start_actions] == ["write_file", "write_tempfile", "run_command", "mkdir", "log"]
+    assert service.start_command == ["python", "-m", "http.server", "8000"]  # unquoted 8000 became a string
+
+
+def test_broken_definitions_name_file_field_and_line() -> None:
+    found = definition_problems(
+        """models:
+  - name: x
+    service:
+      start_command: []
+      health_check:
+        interval: -1
+      pre_start_actions:
+        - action: run_command
+          args: {command: "ls"}
+        - action: explode
+"""
+    )
+    assert found == [
+        "/m/model-definition.yaml: line 2: models[0].model_path: required",
+        "/m/model-definition.yaml: line 8: models[0].service.pre_start_actions[0]: run_command needs args.command as a non-empty list of strings",
+        "/m/model-definition.yaml: line 10: models[0].service.pre_start_actions[1].action: must be one of 'write_file', 'write_tempfile', "
+        "'run_command', 'mkdir' or 'log' (got 'explode')",
+        "/m/model-definition.yaml: line 4: models[0].service.start_command: must not be empty",
+        "/m/model-definition.yaml: line 4: models[0].service.port: required",
+        "/m/model-definition.yaml: line 6: models[0].service.health_check.path: required",
+        "/m/model-definition.yaml: line 6: models[0].service.health_check.interval: must be > 0",
+    ]
+
+
+def test_definition_syntax_and_shape_errors() -> None:
+    (msg,) = definition_problems("models:\n  - name: [\n")
+    assert msg.startswith("/m/model-definition.yaml: line 3, column 1: not valid YAML")
+    assert definition_problems("") == ["/m/model-definition.yaml: models: required"]
+    assert definition_problems("models: []\n") == ["/m/model-definition.yaml: line 1: models: must have at least 1 item(s)"]
+    (msg,) = definition_problems("models:\n  - name: m\n    model_path: /m\n    service:\n      start_command: x\n      port: 70000\n")
+    assert msg == "/m/model-definition.yaml: line 6: models[0].service.port: must be ≤ 65535"
+    (msg,) = definition_problems("models:\n  - name: m\n    model_path: /m\n    servce: {}\n")
+    assert msg == "/m/model-definition.yaml: line 4: models[0].servce: unknown key"
+
+
+def test_definition_file_name_is_configurable(tmp_path: Path) -> None:
+    assert find_definition_file(tmp_path, None) is None
+    (tmp_path / "model-definition.yaml").write_text(SEED_DEFINITION)
+    assert find_definition_file(tmp_path, None) == tmp_path / "model-definition.yaml"
+    (tmp_path / "model-definition.yml").write_text(SEED_DEFINITION)
+    assert find_definition_file(tmp_path, None) == tmp_path / "model-definition.yml"  # .yml first, as Backend.AI
+    (tmp_path / "serve.yaml").write_text(SEED_DEFINITION)
+    assert load_model_definition(find_definition_file(tmp_path, "serve.yaml")).model.name == "simple-http-server"  # type: ignore[arg-type]
+    with pytest.raises(ApplianceError, match="'other.yaml' not found"):
+        find_definition_file(tmp_path, "other.yaml")
+
+
+def test_seed_service_definition_parses() -> None:
+    sd = parse_service_definition(SEED_SERVICE_DEFINITION, path=Path("service-definition.toml"))
+    section = sd.for_runtime("vllm")
+    assert section is not None
+    assert section.environment.image == "example.com/model-server:latest"
+    assert section.environment.architecture == "x86_64"
+    assert (section.resource_slots.cpu, section.resource_slots.mem, section.resource_slots.cuda_shares) == (1.0, 8 << 30, 0.5)
+    assert section.environ == {"MODEL_NAME": "example-model-name"}
+
+
+def test_broken_service_definitions() -> None:
+    with pytest.raises(ApplianceError) as info:
+        parse_service_definition('[vllm.resource_slots]\n"cuda.shares" = "half"\ngpu = 1\n', path=Path("/m/service-definition.toml"))
+    assert info.value.problems == [
+        '/m/service-definition.toml: vllm.resource_slots."cuda.shares": must be a number (got \'half\')',
+        "/m/service-definition.toml: vllm.resource_slots.gpu: unknown key",
+    ]
+    with pytest.raises(ApplianceError, match=r"service-definition.toml: not valid TOML: .*line 1"):
+        parse_service_definition("[vllm\n", path=Path("service-definition.toml"))
+    with pytest.raises(ApplianceError, match=r"image: must be a \[image.\*\] table"):
+        parse_service_definition('image = "x"\n', path=Path("service-definition.toml"))
+
+
+def test_service_definition_supplies_defaults_and_explicit_fields_win(seed_folder: Path) -> None:
+    config, _ = resolve(EndpointSpec(name="e", model_folder=str(seed_folder), runtime="vllm"))
+    assert config.resources.cpu == 1.0 and config.resources.mem == 8 << 30 and config.resources.gpu_share == 0.5
+    assert config.environ == {"MODEL_NAME": "example-model-name"}
+    assert config.environment is not None and config.environment.image == "example.com/model-server:latest"
+    assert set(config.inherited) == {"resources.cpu", "resources.mem", "resources.gpu_share", "environ.MODEL_NAME"}
+
+    spec = EndpointSpec.model_validate(
+        {"name": "e", "model_folder": str(seed_folder), "runtime": "vllm", "resources": {"gpus": 1, "cpu": 8}, "environ": {"MODEL_NAME": "mine", "X": "1"}}
+    )
+    config, _ = resolve(spec)
+    assert (config.resources.gpus, config.resources.gpu_share, config.resources.cpu, config.resources.mem) == (1, None, 8.0, 8 << 30)
+    assert config.environ == {"MODEL_NAME": "mine", "X": "1"}
+    assert config.inherited == ["resources.mem"]
+
+
+def test_runtime_defaults_from_folder(seed_folder: Path, model_folder: Path) -> None:
+    custom, definition = resolve(EndpointSpec(name="s", model_folder=str(seed_folder)))
+    assert custom.runtime == "custom" and custom.definition_file == "model-definition.yaml"
+    assert custom.served_model_name == "simple-http-server"
+    assert custom.health_check.path == "/" and custom.health_check.initial_delay == 60.0
+    assert custom.resources.gpu_share is None  # the seed's section is [vllm.*], not [custom.*]
+    plain, _ = resolve(EndpointSpec(name="p", model_folder=str(model_folder)))
+    assert plain.runtime == "vllm" and plain.health_check.path == "/health"
+    with pytest.raises(ApplianceError, match="custom runtime needs a model definition"):
+        resolve(EndpointSpec(name="p", model_folder=str(model_folder), runtime="custom"))
+    with pytest.raises(ApplianceError, match="does not exist"):
+        resolve(EndpointSpec(name="p", model_folder=str(model_folder / "nope")))
+    with pytest.raises(ApplianceError, match="is not a directory"):
+        resolve(EndpointSpec(name="p", model_folder=str(model_folder / "config.json")))
+    with pytest.raises(ApplianceError, match="must be an absolute path"):
+        resolve(EndpointSpec(name="p", model_folder="relative/path"))
+
+
+def test_custom_runtime_maps_container_paths_and_port(seed_folder: Path) -> None:
+    config, definition = resolve(EndpointSpec(name="s", model_folder=str(seed_folder)))
+    spec = build_worker_spec(config, definition, Placement(port=20007, replica_id="s-1", work_dir="/var/lib/appliance/work/s-1"))
+    assert spec.argv == ("python", "-m", "http.server", "--directory", "/var/lib/appliance/work/s-1", "20007")
+    assert spec.port == 20007 and spec.env["PORT"] == "20007"
+    assert spec.health_check.path == "/" and not spec.openai_compatible
+
+
+def test_custom_runtime_string_command_model_path_and_placeholders(tmp_path: Path) -> None:
+    command = "server --weights /models/w.bin --listen=0.0.0.0:8000 --id {replica_id} --json '{\"a\": 1}'"
+    definition_text = {"models": [{"name": "m", "model_path": "/models", "service": {"start_command": command, "port": 8000, "health_check": {"path": "/ping"}}}]}
+    (tmp_path / "model-definition.yml").write_text(yaml.safe_dump(definition_text))
+    config, definition = resolve(EndpointSpec(name="m", model_folder=str(tmp_path), environ={"OUT": "{work_dir}/out"}))
+    spec = build_worker_spec(config, definition, Placement(port=21000, replica_id="m-3", work_dir="/w"))
+    assert spec.argv == ("server", "--weights", f"{tmp_path}/w.bin", "--listen=0.0.0.0:21000", "--id", "m-3", "--json", '{"a": 1}')
+    assert spec.env["OUT"] == "/w/out"
+
+
+def test_engine_runtimes_build_their_commands(model_folder: Path) -> None:
+    place = Placement(port=20001, replica_id="e-1", work_dir="/w", gpu_share=0.5)
+    vllm, _ = resolve(EndpointSpec(name="e", model_folder=str(model_folder), runtime="vllm", extra_args=["--max-model-len", "4096"]))
+    assert build_worker_spec(vllm, None, place).argv == (
+        "vllm", "serve", str(model_folder), "--host", "127.0.0.1", "--port", "20001", "--served-model-name", "e",
+        "--gpu-memory-utilization", "0.450", "--max-model-len", "4096",
+    )
+    tf, _ = resolve(EndpointSpec(name="t", model_folder=str(model_folder), runtime="transformers", continuous_batching=True))
+    spec = build_worker_spec(tf, None, Placement(port=20002, replica_id="t-1", work_dir="/w"))
+    assert spec.argv == ("transformers", "serve", str(model_folder), "--host", "127.0.0.1", "--port", "20002", "--continuous-batching")
+    assert spec.served_model_name == str(model_folder) and spec.health_check.path == "/health"
+    sg, _ = resolve(EndpointSpec(name="g", model_folder=str(model_folder), runtime="sglang", served_model_name="org/model"))
+    assert build_worker_spec(sg, None, place).argv == (
+        "python", "-m", "sglang.launch_server", "--model-path", str(model_folder), "--host", "127.0.0.1", "--port", "20001",
+        "--served-model-name", "org/model", "--mem-fraction-static", "0.450",
+    )
+
+
+def test_placeholders_leave_other_braces_alone() -> None:
+    values = {"port": "1", "host": "h", "model_path": "/m", "name": "n", "served_model_name": "s", "replica_id": "r", "work_dir": "/w", "gpu_share": ""}
+    assert fill('{port}-{name}-{"json": {unknown}}', values) == '1-n-{"json": {unknown}}'
