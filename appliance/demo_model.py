@@ -98,6 +98,8 @@ def write_demo_model(folder: Path, *, seed: int = 0, overwrite: bool = False) ->
         do_sample=False,
     )
     model.save_pretrained(folder, safe_serialization=True)
+    for path in folder.iterdir():
+        path.chmod(0o644)  # safetensors writes 0600; a worker running as another user must read it
     (folder / "appliance-demo.json").write_text(json.dumps({"kind": "appliance demo model", "seed": seed, "weights": "random"}) + "\n")
     return folder
 
