@@ -7,13 +7,12 @@ import argparse
 import json
 import sys
 import time
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from appliance import __version__
-from appliance.config import CONFIG_ENV, Config, default_config_path, load_config
+from appliance.config import CONFIG_ENV, Config, absolute, default_config_path, load_config, read_toml
 from appliance.errors import ApplianceError
 
 
@@ -105,15 +104,9 @@ def _kv(pairs: Sequence[str], flag: str) -> dict[str, str]:
 
 def _spec_file(path: str) -> dict[str, Any]:
     file = Path(path)
-    try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ApplianceError(f"spec file {file} does not exist", code="usage") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ApplianceError(f"{file}: not valid TOML: {exc}", code="usage") from None
-    folder = data.get("model_folder")
-    if isinstance(folder, str) and not Path(folder).expanduser().is_absolute():
-        data["model_folder"] = str((file.resolve().parent / folder).resolve())
+    data = read_toml(file, what="spec file", code="usage")
+    if isinstance(data.get("model_folder"), str):
+        data["model_folder"] = absolute(data["model_folder"], file.resolve().parent)
     return data
 
 

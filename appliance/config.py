@@ -109,8 +109,7 @@ def _absolutise(raw: dict[str, Any], base: Path) -> None:
 
     def fix(table: Any, key: str) -> None:
         if isinstance(table, dict) and isinstance(table.get(key), str):
-            p = Path(table[key]).expanduser()
-            table[key] = str(p if p.is_absolute() else (base / p).resolve())
+            table[key] = absolute(table[key], base)
 
     fix(raw.get("server"), "state_dir")
     fix(raw.get("workers"), "log_dir")
@@ -134,14 +133,25 @@ def parse_config(raw: dict[str, Any], *, base: Path, source: Path | None = None)
         ) from None
 
 
+def read_toml(path: Path, *, what: str, code: str) -> dict[str, Any]:
+    """A TOML file as a dict; a missing file or a syntax error is an ApplianceError with `code`."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ApplianceError(f"{what} {path} does not exist", code="file_not_found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ApplianceError(f"{path}: not valid TOML: {exc}", code=code, problems=[f"{path}: {exc}"]) from None
+
+
+def absolute(value: str, base: Path) -> str:
+    """`value` as an absolute path; a relative one is taken relative to `base` (the file it came from)."""
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
 def load_config(path: Path | str) -> Config:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ApplianceError(f"config file {path} does not exist", code="config_not_found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ApplianceError(f"{path}: not valid TOML: {exc}", code="invalid_config", problems=[f"{path}: {exc}"]) from None
+    raw = read_toml(path, what="config file", code="invalid_config")
     return parse_config(raw, base=path.resolve().parent, source=path)
 
 
