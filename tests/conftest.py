@@ -159,7 +159,8 @@ async def start_app(aiohttp_client: Any) -> Callable[..., Any]:
 class ServerProcess:
     """`appliance serve` as a real subprocess on a port it picks itself."""
 
-    def __init__(self, config_path: Path, state_dir: Path) -> None:
+    def __init__(self, config_path: Path, state_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.env = {**os.environ, **(env or {})}
         self.config_path = config_path
         self.state_dir = state_dir
         self.log_path = state_dir.parent / f"server-{time.monotonic_ns()}.log"
@@ -174,6 +175,7 @@ class ServerProcess:
             [sys.executable, "-m", "appliance", "serve", "--config", str(self.config_path)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            env=self.env,
         )
 
         def up() -> bool:
@@ -209,8 +211,8 @@ class ServerProcess:
 def server_factory(tmp_path: Path) -> Iterator[Callable[[Path], ServerProcess]]:
     servers: list[ServerProcess] = []
 
-    def make(config_path: Path, state_dir: Path | None = None) -> ServerProcess:
-        server = ServerProcess(config_path, state_dir or tmp_path / "state")
+    def make(config_path: Path, state_dir: Path | None = None, env: dict[str, str] | None = None) -> ServerProcess:
+        server = ServerProcess(config_path, state_dir or tmp_path / "state", env)
         servers.append(server)
         return server
 

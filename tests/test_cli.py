@@ -135,3 +135,16 @@ def test_serve_reads_the_config_path_from_the_environment(tmp_path: Path, config
     env = {**os.environ, "APPLIANCE_CONFIG": str(tmp_path / "missing.toml")}
     result = subprocess.run([sys.executable, "-m", "appliance", "check-config"], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 1 and "missing.toml does not exist" in result.stderr
+
+
+def test_serve_tells_systemd_when_ready_and_stopping(server_factory: Any, config_path: Path, tmp_path: Path) -> None:
+    import socket
+
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.settimeout(30)
+        server = server_factory(config_path, env={"NOTIFY_SOCKET": address}).start()
+        assert sock.recv(256) == b"READY=1"
+        server.stop(signal.SIGTERM)
+        assert sock.recv(256) == b"STOPPING=1"
