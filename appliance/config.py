@@ -35,6 +35,10 @@ class WorkersConfig(Model):
     stop_grace_seconds: float = Field(30.0, ge=0, description="SIGTERM, then SIGKILL after this long")
     log_max_bytes: ByteSize = Field(50 << 20, ge=4096, description="a replica log rotates at this size")
     log_backups: int = Field(3, ge=0, description="rotated replica logs kept")
+    restart_backoff_seconds: float = Field(1.0, gt=0, description="first delay before restarting a failed replica; doubles each time")
+    restart_backoff_max_seconds: float = Field(300.0, gt=0, description="cap of the restart delay")
+    restart_backoff_reset_seconds: float = Field(60.0, ge=0, description="healthy this long: the failure count starts over")
+    max_consecutive_failures: int = Field(5, ge=1, description="failed starts/crashes in a row before the endpoint goes to ERROR")
 
     @field_validator("port_range", mode="before")
     @classmethod

@@ -89,6 +89,7 @@ def resolve(spec: EndpointSpec) -> tuple[EndpointConfig, ModelDefinition | None]
     environ = dict(section.environ) if section else {}
     inherited += [f"environ.{k}" for k in environ if k not in spec.environ]
     environ.update(spec.environ)
+    health = spec.health_check or default_health_check(runtime, definition)
     config = EndpointConfig(
         name=spec.name,
         model_folder=str(folder),
@@ -103,7 +104,9 @@ def resolve(spec: EndpointSpec) -> tuple[EndpointConfig, ModelDefinition | None]
         environ=environ,
         extra_args=list(spec.extra_args),
         continuous_batching=spec.continuous_batching,
-        health_check=spec.health_check or default_health_check(runtime, definition),
+        health_check=health,
+        deep_probe=spec.deep_probe,
+        unhealthy_replace_after=spec.unhealthy_replace_after or health.interval * (health.max_retries + 1),
         public=spec.public,
         description=spec.description,
         environment=Environment(**section.environment.model_dump()) if section else None,

@@ -83,6 +83,9 @@ class Resources(Model):
     gpu_share: float | None = Field(None, gt=0, lt=1, description="fraction of one GPU per replica (Backend.AI cuda.shares)")
     cpu: float | None = Field(None, gt=0, description="CPU cores per replica")
     mem: ByteSize | None = Field(None, description="memory per replica: bytes or a size such as '8gb'")
+    gpu_name: str | None = Field(None, min_length=1, description="only GPUs whose name matches this pattern, e.g. 'H100*'")
+    gpu_min_free_mem: ByteSize | None = Field(None, description="only GPUs with at least this much free memory")
+    placement: Literal["spread", "binpack"] = Field("spread", description="spread: least-loaded GPU first; binpack: fill a GPU before the next")
 
     @model_validator(mode="after")
     def _gpu_exclusive(self) -> "Resources":
@@ -108,6 +111,10 @@ class EndpointSpec(Model):
     extra_args: list[str] = Field(default_factory=list, description="appended to the runtime's start command")
     continuous_batching: bool = Field(False, description="transformers runtime: pass --continuous-batching")
     health_check: HealthCheck | None = Field(None, description="overrides the definition's or runtime's health check")
+    deep_probe: bool = Field(False, description="after the health GET passes, also require a 1-token completion (OpenAI runtimes)")
+    unhealthy_replace_after: float | None = Field(
+        None, gt=0, description="seconds UNHEALTHY before the replica is replaced; default one failure window (interval × (max_retries+1))"
+    )
     public: bool = Field(False, description="gateway routes open without a key")
     description: str = Field("", max_length=500)
 
@@ -184,6 +191,8 @@ class EndpointConfig(Model):
     extra_args: list[str]
     continuous_batching: bool
     health_check: HealthCheck
+    deep_probe: bool = False
+    unhealthy_replace_after: float
     public: bool
     description: str
     environment: Environment | None = None

@@ -58,7 +58,9 @@ async def test_endpoint_crud(admin: Admin, model_folder: Path) -> None:
     assert status == 201, ep
     assert ep["name"] == "llama" and ep["status"] == "PENDING" and ep["source"] == "api" and ep["generation"] == 1
     assert (ep["replicas"], ep["min_replicas"], ep["max_replicas"]) == (2, 2, 4)
-    assert ep["resources"] == {"gpus": 0, "gpu_share": 0.5, "cpu": None, "mem": 8 << 30}
+    assert ep["resources"] == {
+        "gpus": 0, "gpu_share": 0.5, "cpu": None, "mem": 8 << 30, "gpu_name": None, "gpu_min_free_mem": None, "placement": "spread"
+    }
     assert ep["public"] is False and ep["served_model_name"] == "llama"
     assert ep["created_at"].endswith("Z")
 
