@@ -14,10 +14,12 @@ from appliance.auth import ADMIN, Authenticator, bootstrap_admin_key
 from appliance.config import Config
 from appliance.endpoints import EndpointService
 from appliance.errors import ApplianceError
+from appliance.gpu import GpuMonitor
 from appliance.http import MAX_BODY, Handler, Route, add_routes, error_middleware, error_response, json_response
 from appliance.openapi import build_openapi
 from appliance.services import SERVICES, Services
 from appliance.store import Clock, Store
+from appliance.supervisor import Supervisor
 from appliance.views import Health
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ async def _startup(app: web.Application) -> None:
         await bootstrap_admin_key(services.store, config.admin_key_path)
         await services.auth.reload()
         problems = await services.endpoints.apply_declared(list(config.endpoints))
+        await services.supervisor.start()  # stops orphans of an earlier run, then reconciles
         await services.store.events.add(
             "server.started",
             f"appliance started on {config.server.host}:{config.server.port}",
@@ -93,19 +96,24 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if not task.done():
         task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+    await services.supervisor.stop()  # every worker stops before the appliance does
     if services.store.is_open:
         await services.store.events.add("server.stopped", "appliance stopped")
     await services.store.close()
 
 
-def make_app(config: Config, *, clock: Clock = time.time) -> web.Application:
+def make_app(config: Config, *, clock: Clock = time.time, gpus: GpuMonitor | None = None) -> web.Application:
     store = Store(config.db_path, clock)
+    gpus = gpus or GpuMonitor()
+    supervisor = Supervisor(config, store, clock, gpus.inventory)
     services = Services(
         config=config,
         clock=clock,
         store=store,
-        endpoints=EndpointService(store),
+        endpoints=EndpointService(store, on_change=supervisor.poke),
         auth=Authenticator(store, clock),
+        gpus=gpus,
+        supervisor=supervisor,
     )
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[error_middleware, admin_gate])
     app[SERVICES] = services

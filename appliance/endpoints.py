@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +139,9 @@ def merge_patch(current: dict[str, Any], patch: dict[str, Any], name: str) -> En
 
 
 class EndpointService:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, on_change: Callable[[], None] = lambda: None) -> None:
         self._store = store
+        self._on_change = on_change  # the supervisor reconciles at once instead of at its next tick
 
     async def _resolve(self, spec: EndpointSpec) -> EndpointConfig:
         config, _ = await asyncio.to_thread(resolve, spec)
@@ -164,7 +166,9 @@ class EndpointService:
             "status": EndpointStatus.PENDING.value,
             "status_message": "waiting for replicas",
         }
-        return await self._store.endpoints.create(row, f"endpoint {spec.name} created ({source})", {"spec": row["spec"]})
+        created = await self._store.endpoints.create(row, f"endpoint {spec.name} created ({source})", {"spec": row["spec"]})
+        self._on_change()
+        return created
 
     async def update(self, name: str, patch: dict[str, Any]) -> EndpointRow:
         current = await self.get(name)
@@ -174,10 +178,13 @@ class EndpointService:
     async def _replace(self, current: EndpointRow, spec: EndpointSpec, source: str, message: str, details: dict[str, Any]) -> EndpointRow:
         config = await self._resolve(spec)
         changes = {"spec": stated(spec), "config": config.model_dump(mode="json"), "source": source}
-        return await self._store.endpoints.update(current["name"], changes, message, details)
+        updated = await self._store.endpoints.update(current["name"], changes, message, details)
+        self._on_change()
+        return updated
 
     async def delete(self, name: str) -> None:
         await self._store.endpoints.delete(name, f"endpoint {name} deleted")
+        self._on_change()
 
     async def apply_declared(self, specs: list[EndpointSpec]) -> list[str]:
         """Make the store match the config file's [[endpoints]]; returns the problems met.
@@ -204,6 +211,7 @@ class EndpointService:
         for row in await self._store.endpoints.list():
             if row["source"] == "config" and row["name"] not in declared:
                 await self._store.endpoints.delete(row["name"], f"endpoint {row['name']} removed from the config file")
+                self._on_change()
         for p in problems:
             log.error("declared endpoint not applied: %s", p)
         return problems

@@ -6,9 +6,11 @@ currently held, and the supervisor is the only code that adds or releases holdin
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -195,3 +197,21 @@ def place(request: GpuRequest, gpus: Sequence[GpuInfo], held: Mapping[str, Alloc
     else:
         fits.sort(key=lambda g: (shares.get(g.uuid, 0.0), g.memory_used, g.index))
     return Allocation(uuids=(fits[0].uuid,), share=request.share)
+
+
+class GpuMonitor:
+    """The async face of NVML: samples off the event loop, at most once per `ttl` seconds."""
+
+    def __init__(self, nvml: Nvml | None = None, ttl: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._nvml = nvml or Nvml()
+        self._ttl = ttl
+        self._clock = clock
+        self._cached: tuple[float, list[GpuInfo]] | None = None
+        self._lock = asyncio.Lock()
+
+    async def inventory(self) -> list[GpuInfo]:
+        async with self._lock:
+            if self._cached is None or self._clock() - self._cached[0] >= self._ttl:
+                gpus = await asyncio.to_thread(self._nvml.inventory)
+                self._cached = (self._clock(), gpus)
+            return list(self._cached[1])

@@ -28,7 +28,7 @@ RUNTIME_HEALTH: dict[str, HealthCheck] = {
 }
 
 PLACEHOLDERS = ("port", "host", "model_path", "name", "served_model_name", "replica_id", "work_dir", "gpu_share")
-_PLACEHOLDER_RE = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+_PLACEHOLDER_RE = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,8 @@ class WorkerSpec:
 
 
 def fill(text: str, values: Mapping[str, str]) -> str:
-    """Replace the documented {placeholders}; any other brace (JSON in an argument) stays as it is."""
-    return _PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], text)
+    """Replace the {placeholders} named in `values`; any other brace (JSON in an argument) stays as it is."""
+    return _PLACEHOLDER_RE.sub(lambda m: values.get(m.group(1), m.group(0)), text)
 
 
 def default_served_model_name(runtime: str, name: str, model_folder: str, definition: ModelDefinition | None) -> str:

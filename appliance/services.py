@@ -9,7 +9,9 @@ from aiohttp import web
 from appliance.auth import Authenticator
 from appliance.config import Config
 from appliance.endpoints import EndpointService
+from appliance.gpu import GpuMonitor
 from appliance.store import Clock, Store
+from appliance.supervisor import Supervisor
 
 
 @dataclass
@@ -25,6 +27,8 @@ class Services:
     store: Store
     endpoints: EndpointService
     auth: Authenticator
+    gpus: GpuMonitor
+    supervisor: Supervisor
     readiness: Readiness = field(default_factory=Readiness)
 
 

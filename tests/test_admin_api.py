@@ -68,7 +68,8 @@ async def test_endpoint_crud(admin: Admin, model_folder: Path) -> None:
     assert status == 200 and listing["object"] == "list" and [e["name"] for e in listing["data"]] == ["llama"]
 
     status, one = await admin.call("GET", "/api/v1/endpoints/llama")
-    assert status == 200 and one == ep
+    volatile = {"status", "status_message", "replica_counts"}  # the supervisor is already at work
+    assert status == 200 and {k: v for k, v in one.items() if k not in volatile} == {k: v for k, v in ep.items() if k not in volatile}
 
     status, updated = await admin.call("PATCH", "/api/v1/endpoints/llama", json_body={"replicas": 3, "public": True, "environ": {"A": "1"}})
     assert status == 200, updated
@@ -84,25 +85,28 @@ async def test_endpoint_crud(admin: Admin, model_folder: Path) -> None:
     status, err = await admin.call("GET", "/api/v1/endpoints/llama")
     assert status == 404 and err["error"]["code"] == "endpoint_not_found"
 
-    status, events = await admin.call("GET", "/api/v1/endpoints/llama/events")
+    status, events = await admin.call("GET", "/api/v1/endpoints/llama/events?limit=1000")
     assert status == 200
+    events["data"] = [e for e in events["data"] if e["kind"] in ("endpoint.created", "endpoint.updated", "endpoint.deleted")]
     assert [e["kind"] for e in events["data"]] == ["endpoint.deleted", "endpoint.updated", "endpoint.updated", "endpoint.created"]
     assert events["data"][1]["details"] == {"patch": {"public": None, "resources": None}}
     assert events["data"][2]["details"] == {"patch": {"public": True, "replicas": 3, "environ": {"A": "1"}}}
 
 
 async def test_events_paging_and_filters(admin: Admin, model_folder: Path) -> None:
-    await admin.call("POST", "/api/v1/endpoints", json_body=spec(model_folder))
+    await admin.call("POST", "/api/v1/endpoints", json_body=spec(model_folder, replicas=0))
     for n in range(1, 5):
-        await admin.call("PATCH", "/api/v1/endpoints/llama", json_body={"replicas": n, "max_replicas": 9})
-    status, page = await admin.call("GET", "/api/v1/endpoints/llama/events?limit=2")
+        await admin.call("PATCH", "/api/v1/endpoints/llama", json_body={"max_replicas": n})
+    status, page = await admin.call("GET", "/api/v1/endpoints/llama/events?kind=endpoint.updated&limit=2")
     assert status == 200 and len(page["data"]) == 2 and page["has_more"] is True
-    status, rest = await admin.call("GET", f"/api/v1/endpoints/llama/events?limit=100&before={page['data'][-1]['id']}")
-    assert [e["kind"] for e in rest["data"]] == ["endpoint.updated", "endpoint.updated", "endpoint.created"] and rest["has_more"] is False
+    assert [e["details"]["patch"]["max_replicas"] for e in page["data"]] == [4, 3]
+    status, rest = await admin.call("GET", f"/api/v1/endpoints/llama/events?kind=endpoint.updated&limit=100&before={page['data'][-1]['id']}")
+    assert [e["details"]["patch"]["max_replicas"] for e in rest["data"]] == [2, 1] and rest["has_more"] is False
     status, created = await admin.call("GET", "/api/v1/events?kind=endpoint.created")
     assert [e["endpoint"] for e in created["data"]] == ["llama"]
-    status, everything = await admin.call("GET", "/api/v1/events?kind=endpoint")
-    assert len(everything["data"]) == 5
+    status, everything = await admin.call("GET", "/api/v1/events?kind=endpoint&endpoint=llama")
+    assert {e["kind"] for e in everything["data"]} >= {"endpoint.created", "endpoint.updated"}
+    assert all(e["kind"].startswith("endpoint.") for e in everything["data"])
     status, err = await admin.call("GET", "/api/v1/events?limit=abc")
     assert status == 400 and err["error"]["param"] == "limit"
     status, err = await admin.call("GET", "/api/v1/endpoints/never/events")

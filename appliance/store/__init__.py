@@ -19,7 +19,7 @@ from sqlite_utils import Database
 from appliance.errors import ApplianceError
 from appliance.store.codec import dumps, iso, parse_iso
 from appliance.store.migrations import migrations
-from appliance.store.repos import EndpointsRepo, EventsRepo, KeysRepo
+from appliance.store.repos import EndpointsRepo, EventsRepo, KeysRepo, ReplicasRepo
 
 __all__ = ["Clock", "Store", "open_database", "dumps", "iso", "parse_iso"]
 
@@ -52,6 +52,7 @@ class Store:
         self.endpoints = EndpointsRepo(self)
         self.events = EventsRepo(self)
         self.keys = KeysRepo(self)
+        self.replicas = ReplicasRepo(self)
 
     @property
     def is_open(self) -> bool:

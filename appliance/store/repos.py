@@ -121,6 +121,48 @@ class EndpointsRepo:
         await self._store.run(tx)
 
 
+    async def set_status(self, name: str, status: str, message: str) -> None:
+        """Derived status from the supervisor; an event only when the status itself changes."""
+        now = self._store.now()
+
+        def tx(db: Database) -> None:
+            with db.atomic():
+                row = next(iter(db.query("select status from endpoints where name = ?", [name])), None)
+                if row is None:
+                    return
+                db.execute("update endpoints set status = ?, status_message = ? where name = ?", [status, message, name])
+                if row["status"] != status:
+                    _insert_event(db, now, "endpoint.status", f"endpoint {name}: {row['status']} → {status}: {message}", name, {"from": row["status"], "to": status})
+
+        await self._store.run(tx)
+
+
+class ReplicasRepo:
+    """The supervisor's record of its workers: what a restarted appliance must clean up."""
+
+    def __init__(self, store: "Store") -> None:
+        self._store = store
+
+    async def save(self, row: dict[str, Any], kind: str, message: str, details: dict[str, Any]) -> None:
+        now = self._store.now()
+
+        def tx(db: Database) -> None:
+            with db.atomic():
+                if row["state"] == "TERMINATED":
+                    db["replicas"].delete_where("id = ?", [row["id"]])
+                else:
+                    db["replicas"].upsert({**row, "gpus": dumps(row["gpus"]), "updated_at": now}, pk="id")
+                _insert_event(db, now, kind, message, row["endpoint"], {**details, "state": row["state"]})
+
+        await self._store.run(tx)
+
+    async def all(self) -> list[dict[str, Any]]:
+        return await self._store.run(lambda db: list(db.query("select * from replicas")))
+
+    async def clear(self) -> None:
+        await self._store.run(lambda db: db.execute("delete from replicas"))
+
+
 class EventsRepo:
     def __init__(self, store: "Store") -> None:
         self._store = store
