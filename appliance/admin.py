@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from appliance.errors import ApplianceError
 from appliance.http import Query, Route, int_query, json_response, read_model
 from appliance.services import SERVICES
 from appliance.specs import NAME_RE, NAME_RULE, EndpointPatch, EndpointSpec
-from appliance.views import Deleted, EndpointList, EndpointView, EventList, EventView
+from appliance.gpu import visible
+from appliance.store import iso
+from appliance.supervisor import Replica
+from appliance.views import (
+    Deleted,
+    EndpointList,
+    EndpointView,
+    EventList,
+    EventView,
+    GpuHolder,
+    GpuList,
+    GpuView,
+    ReplicaList,
+    ReplicaView,
+)
 
 PREFIX = "/api/v1"
 _EVENT_QUERY = (
@@ -25,20 +41,24 @@ def _name(request: web.Request) -> str:
     return name
 
 
+def _view(request: web.Request, row: dict) -> EndpointView:  # type: ignore[type-arg]
+    return EndpointView.of(row, request.app[SERVICES].supervisor.counts(row["name"]))
+
+
 async def create_endpoint(request: web.Request) -> web.Response:
     spec = await read_model(request, EndpointSpec, "endpoint")
     row = await request.app[SERVICES].endpoints.create(spec)
-    return json_response(EndpointView.of(row), status=201)
+    return json_response(_view(request, row), status=201)
 
 
 async def list_endpoints(request: web.Request) -> web.Response:
     rows = await request.app[SERVICES].endpoints.list()
-    return json_response(EndpointList(data=[EndpointView.of(r) for r in rows]))
+    return json_response(EndpointList(data=[_view(request, r) for r in rows]))
 
 
 async def get_endpoint(request: web.Request) -> web.Response:
     row = await request.app[SERVICES].endpoints.get(_name(request))
-    return json_response(EndpointView.of(row))
+    return json_response(_view(request, row))
 
 
 async def update_endpoint(request: web.Request) -> web.Response:
@@ -46,7 +66,7 @@ async def update_endpoint(request: web.Request) -> web.Response:
     patch = await read_model(request, EndpointPatch, "endpoint update")
     changes = patch.model_dump(mode="json", include=patch.model_fields_set)
     row = await request.app[SERVICES].endpoints.update(name, changes)
-    return json_response(EndpointView.of(row))
+    return json_response(_view(request, row))
 
 
 async def delete_endpoint(request: web.Request) -> web.Response:
@@ -74,6 +94,100 @@ async def all_events(request: web.Request) -> web.Response:
     return await _events(request, request.query.get("endpoint"))
 
 
+def _replica_view(r: Replica) -> ReplicaView:
+    health = r.health
+    return ReplicaView(
+        id=r.id,
+        endpoint=r.endpoint,
+        generation=r.generation,
+        state=r.state,
+        pid=r.process.pid if r.process else None,
+        port=r.port,
+        gpus=list(r.allocation.uuids) if r.allocation else [],
+        gpu_share=r.allocation.share if r.allocation else None,
+        command=list(r.argv),
+        started_at=iso(r.started_at) if r.started_at else None,
+        restarts=r.restarts,
+        consecutive_failures=health.consecutive_failures if health else 0,
+        last_probe_at=iso(health.last_probe_at) if health and health.last_probe_at else None,
+        last_probe_result=health.last_result if health else "",
+        last_error=r.last_error,
+        work_dir=str(r.work_dir),
+        log_path=str(r.log.path),
+    )
+
+
+async def list_replicas(request: web.Request) -> web.Response:
+    name = _name(request)
+    services = request.app[SERVICES]
+    await services.endpoints.get(name)
+    return json_response(ReplicaList(data=[_replica_view(r) for r in services.supervisor.replicas(name)]))
+
+
+async def replica_logs(request: web.Request) -> web.StreamResponse:
+    name = _name(request)
+    rid = request.match_info["replica"]
+    replica = request.app[SERVICES].supervisor.replica(name, rid)
+    if replica is None:
+        raise ApplianceError(f"replica {rid!r} of endpoint {name!r} not found", status=404, code="replica_not_found", param="replica")
+    tail = int_query(request, "tail", 100, low=0, high=100_000) or 0
+    if request.query.get("follow", "0").lower() not in ("1", "true", "yes"):
+        lines = await asyncio.to_thread(replica.log.read_tail, tail)
+        return web.Response(text="".join(f"{line}\n" for line in lines), content_type="text/plain")
+    lines, queue = await asyncio.to_thread(replica.log.follow_from, tail, asyncio.get_running_loop())
+    resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        await resp.prepare(request)
+        if lines:
+            await resp.write("".join(f"{line}\n" for line in lines).encode())
+        while True:
+            try:
+                line = await asyncio.wait_for(queue.get(), timeout=1.0)
+            except TimeoutError:
+                if request.transport is None or request.transport.is_closing():
+                    break  # the client went away
+                continue
+            if line is None:
+                break  # the replica is gone for good
+            await resp.write(f"{line}\n".encode())
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        replica.log.unfollow(queue)
+    return resp
+
+
+async def retry_endpoint(request: web.Request) -> web.Response:
+    name = _name(request)
+    services = request.app[SERVICES]
+    await services.endpoints.get(name)
+    await services.supervisor.retry(name)
+    return json_response(_view(request, await services.endpoints.get(name)))
+
+
+async def list_gpus(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    try:
+        gpus = await services.gpus.inventory()
+    except ApplianceError as exc:
+        return json_response(GpuList(available=False, reason=exc.message, data=[]))
+    allowed = {g.uuid for g in visible(gpus, services.config.gpus.devices)}
+    holders: dict[str, list[GpuHolder]] = {}
+    for rid, alloc in services.supervisor.held().items():
+        for uuid in alloc.uuids:
+            holders.setdefault(uuid, []).append(GpuHolder(replica=rid, share=alloc.share))
+    data = [
+        GpuView(
+            index=g.index, uuid=g.uuid, name=g.name, memory_total=g.memory_total, memory_used=g.memory_used,
+            utilization_gpu=g.utilization_gpu, utilization_memory=g.utilization_memory, mig_mode=g.mig_mode,
+            processes=[{"pid": p.pid, "used_memory": p.used_memory} for p in g.processes],
+            allowed=g.uuid in allowed, held_by=holders.get(g.uuid, []),
+        )
+        for g in gpus
+    ]
+    return json_response(GpuList(available=True, data=data))
+
+
 ROUTES = [
     Route("POST", f"{PREFIX}/endpoints", create_endpoint, "Create an endpoint", body=EndpointSpec, response=EndpointView, status=201, tags=("endpoints",)),
     Route("GET", f"{PREFIX}/endpoints", list_endpoints, "List endpoints", response=EndpointList, tags=("endpoints",)),
@@ -97,6 +211,17 @@ ROUTES = [
         query=_EVENT_QUERY,
         tags=("events",),
     ),
+    Route("GET", f"{PREFIX}/endpoints/{{name}}/replicas", list_replicas, "Replicas of an endpoint (live, then recently finished)", response=ReplicaList, tags=("replicas",)),
+    Route(
+        "GET",
+        f"{PREFIX}/endpoints/{{name}}/replicas/{{replica}}/logs",
+        replica_logs,
+        "A replica's log as text: the last `tail` lines, then new lines as they come with follow=1",
+        query=(Query("tail", "lines from the end (default 100)", "integer"), Query("follow", "1: keep streaming new lines")),
+        tags=("replicas",),
+    ),
+    Route("POST", f"{PREFIX}/endpoints/{{name}}/retry", retry_endpoint, "Clear the error and retry (restart failed replicas now)", response=EndpointView, tags=("endpoints",)),
+    Route("GET", f"{PREFIX}/gpus", list_gpus, "GPUs seen through NVML, and which replicas hold them", response=GpuList, tags=("gpus",)),
     Route(
         "GET",
         f"{PREFIX}/events",

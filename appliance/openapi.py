@@ -32,10 +32,7 @@ def build_openapi(routes: list[Route]) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:
         op: dict[str, Any] = {"summary": r.summary, "operationId": r.handler.__name__, "tags": list(r.tags)}
-        params = [
-            {"name": p, "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,50}$"}}
-            for p in re.findall(r"\{(\w+)\}", r.path)
-        ]
+        params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in re.findall(r"\{(\w+)\}", r.path)]
         params += [{"name": q.name, "in": "query", "required": False, "description": q.description, "schema": {"type": q.type}} for q in r.query]
         if params:
             op["parameters"] = params

@@ -167,6 +167,15 @@ def _patch_model() -> type[Model]:
 EndpointPatch = _patch_model()
 
 
+# Fields whose change needs no new worker process: scaling, access and labels.
+NO_RESTART_FIELDS = frozenset({"replicas", "min_replicas", "max_replicas", "public", "description", "aliases"})
+
+
+def worker_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of an endpoint's config that its worker processes are built from."""
+    return {k: v for k, v in config.items() if k not in NO_RESTART_FIELDS}
+
+
 class Environment(Model):
     """service-definition.toml [{runtime}.environment]: recorded and shown, never run (no containers)."""
 

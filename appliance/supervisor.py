@@ -208,8 +208,10 @@ class Supervisor:
                 run = self._runs[name] = EndpointRun(name, config, row["generation"])
                 if row["status"] == EndpointStatus.ERROR.value:
                     run.error = row["status_message"]  # stays in ERROR across restarts until retried
-            elif row["generation"] != run.generation:
-                run.config, run.generation, run.error = config, row["generation"], None  # a new config clears ERROR
+            else:
+                if row["generation"] != run.generation:
+                    run.generation, run.error = row["generation"], None  # new workers: a new chance, ERROR clears
+                run.config = config
             self._reconcile_endpoint(run)
             await self._publish_status(run)
         self._publish_snapshot()
@@ -398,7 +400,8 @@ class Supervisor:
         self._port_quarantine = {p: t for p, t in self._port_quarantine.items() if t > now}
         first, last = self._config.workers.port_range
         taken = self._ports | set(self._port_quarantine)
-        port = await asyncio.to_thread(pick_port, first, last, taken, start=self._last_port)
+        # Chosen and reserved in one step on the loop: replicas starting together never get the same port.
+        port = pick_port(first, last, taken, start=self._last_port)
         if port is None:
             raise Unplaceable(f"waiting for a free port in {first}-{last}")
         self._ports.add(port)
@@ -426,7 +429,7 @@ class Supervisor:
     async def _probe_loop(self, config: EndpointConfig, spec: WorkerSpec, r: Replica, replace: asyncio.Event) -> None:
         assert self._session is not None
         check = config.health_check
-        deep = spec.served_model_name if config.deep_probe and spec.openai_compatible else None
+        deep = spec.served_model_name if config.deep_probe else None  # asked for: the operator knows it speaks OpenAI
         w = self._config.workers
         while True:
             started = self._clock()

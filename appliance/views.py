@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.specs import EndpointConfig
-from appliance.states import EndpointStatus
+from appliance.states import EndpointStatus, ReplicaState
 from appliance.store.repos import EndpointRow
 
 
@@ -21,15 +21,16 @@ class EndpointView(EndpointConfig):
     status: EndpointStatus
     status_message: str = ""
     source: Literal["api", "config"] = Field(description="config: declared in the config file and managed by it")
-    generation: int = Field(description="bumped on every change of the effective config")
+    generation: int = Field(description="bumped when a change needs new worker processes (replicas then roll)")
     created_at: str
     updated_at: str
     spec: dict[str, Any] = Field(description="the fields as the user stated them, before the folder's defaults")
+    replica_counts: dict[str, int] = Field(default_factory=dict, description="replicas by state")
 
     @classmethod
-    def of(cls, row: EndpointRow) -> "EndpointView":
+    def of(cls, row: EndpointRow, counts: dict[str, int] | None = None) -> "EndpointView":
         keys = ("status", "status_message", "source", "generation", "created_at", "updated_at", "spec")
-        return cls.model_validate({**row["config"], **{k: row[k] for k in keys}})
+        return cls.model_validate({**row["config"], **{k: row[k] for k in keys}, "replica_counts": counts or {}})
 
 
 class EndpointList(View):
@@ -74,3 +75,54 @@ class ErrorResponse(View):
 class Health(View):
     status: Literal["ok", "starting", "failed"]
     detail: str = ""
+
+
+class ReplicaView(View):
+    id: str
+    endpoint: str
+    generation: int
+    state: ReplicaState
+    pid: int | None
+    port: int | None
+    gpus: list[str] = Field(description="UUIDs of the GPUs the replica is pinned to (CUDA_VISIBLE_DEVICES)")
+    gpu_share: float | None
+    command: list[str]
+    started_at: str | None
+    restarts: int
+    consecutive_failures: int = Field(description="failed health probes in a row (counted ones)")
+    last_probe_at: str | None
+    last_probe_result: str
+    last_error: str
+    work_dir: str
+    log_path: str
+
+
+class ReplicaList(View):
+    object: Literal["list"] = "list"
+    data: list[ReplicaView]
+
+
+class GpuHolder(View):
+    replica: str
+    share: float | None = Field(description="null: the GPU is held whole")
+
+
+class GpuView(View):
+    index: int
+    uuid: str
+    name: str
+    memory_total: int
+    memory_used: int
+    utilization_gpu: int | None
+    utilization_memory: int | None
+    mig_mode: str
+    processes: list[dict[str, int | None]]
+    allowed: bool = Field(description="listed in [gpus] devices")
+    held_by: list[GpuHolder]
+
+
+class GpuList(View):
+    object: Literal["list"] = "list"
+    available: bool
+    reason: str = ""
+    data: list[GpuView]

@@ -59,11 +59,14 @@ class ReplicaLog:
     def note(self, message: str) -> None:
         self.write(f"[appliance {time.strftime('%Y-%m-%dT%H:%M:%S')}] {message}")
 
-    def follow(self) -> asyncio.Queue[str | None]:
+    def follow_from(self, n: int, loop: asyncio.AbstractEventLoop) -> tuple[list[str], asyncio.Queue[str | None]]:
+        """The last n lines and a queue of every line after them, with none lost or repeated (blocking)."""
         queue: asyncio.Queue[str | None] = asyncio.Queue()
         with self._lock:
-            self._followers.add((asyncio.get_running_loop(), queue))
-        return queue
+            self._handler.flush()
+            lines = self.read_tail(n)
+            self._followers.add((loop, queue))
+        return lines, queue
 
     def unfollow(self, queue: asyncio.Queue[str | None]) -> None:
         with self._lock:
@@ -276,9 +279,11 @@ async def run_pre_start_actions(
 
                 def write(target: Path = target, body: str = body, append: bool = append) -> None:
                     target.parent.mkdir(parents=True, exist_ok=True)
+                    existed = target.exists()
                     with open(target, "a" if append else "w", encoding="utf-8") as f:
                         f.write(body)
-                    target.chmod(mode_of(0o644))
+                    if "mode" in args or not existed:  # appending keeps the mode a file already has
+                        target.chmod(mode_of(0o644))
 
                 await asyncio.to_thread(write)
                 sink.note(f"{where}: wrote {target}")

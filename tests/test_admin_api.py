@@ -74,7 +74,9 @@ async def test_endpoint_crud(admin: Admin, model_folder: Path) -> None:
     status, updated = await admin.call("PATCH", "/api/v1/endpoints/llama", json_body={"replicas": 3, "public": True, "environ": {"A": "1"}})
     assert status == 200, updated
     assert updated["replicas"] == 3 and updated["public"] is True and updated["environ"] == {"A": "1"}
-    assert updated["generation"] == 2 and updated["created_at"] == ep["created_at"]
+    assert updated["generation"] == 2 and updated["created_at"] == ep["created_at"]  # environ changed: new workers
+    status, scaled = await admin.call("PATCH", "/api/v1/endpoints/llama", json_body={"replicas": 4, "description": "x"})
+    assert status == 200 and scaled["generation"] == 2  # scaling and labels restart nothing
 
     status, reset = await admin.call("PATCH", "/api/v1/endpoints/llama", json_body={"resources": None, "public": None})
     assert status == 200 and reset["resources"]["gpu_share"] is None and reset["public"] is False
@@ -88,9 +90,9 @@ async def test_endpoint_crud(admin: Admin, model_folder: Path) -> None:
     status, events = await admin.call("GET", "/api/v1/endpoints/llama/events?limit=1000")
     assert status == 200
     events["data"] = [e for e in events["data"] if e["kind"] in ("endpoint.created", "endpoint.updated", "endpoint.deleted")]
-    assert [e["kind"] for e in events["data"]] == ["endpoint.deleted", "endpoint.updated", "endpoint.updated", "endpoint.created"]
+    assert [e["kind"] for e in events["data"]] == ["endpoint.deleted", "endpoint.updated", "endpoint.updated", "endpoint.updated", "endpoint.created"]
     assert events["data"][1]["details"] == {"patch": {"public": None, "resources": None}}
-    assert events["data"][2]["details"] == {"patch": {"public": True, "replicas": 3, "environ": {"A": "1"}}}
+    assert events["data"][3]["details"] == {"patch": {"public": True, "replicas": 3, "environ": {"A": "1"}}}
 
 
 async def test_events_paging_and_filters(admin: Admin, model_folder: Path) -> None:

@@ -51,7 +51,7 @@ def test_endpoint_lifecycle_through_the_cli(server: ServerProcess, config_path: 
     assert cells[:2] == ["chat", "vllm"] and cells[3:8] == ["2", "2-4", "0.5", "GPU", "public"]
 
     updated = cli(config_path, "endpoint", "update", "chat", "--replicas", "3", "--no-public")
-    assert updated["replicas"] == 3 and updated["public"] is False and updated["generation"] == 2
+    assert updated["replicas"] == 3 and updated["public"] is False and updated["generation"] == 1  # scaling needs no new workers
 
     shown = run_cli("endpoint", "show", "chat", config=config_path)
     assert shown.returncode == 0 and "private (key required)" in shown.stdout and "3 (min 3, max 4)" in shown.stdout

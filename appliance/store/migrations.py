@@ -18,7 +18,7 @@ def m001_initial(db: Database) -> None:
             "source": str,  # "api" or "config" (declared in the config file)
             "status": str,
             "status_message": str,
-            "generation": int,  # bumped on every change of config; rolling updates compare it
+            "generation": int,  # bumped when a change needs new workers; replicas of older generations roll
             "created_at": str,
             "updated_at": str,
         },

@@ -10,6 +10,7 @@ from sqlite_utils import Database
 from sqlite_utils.db import NotFoundError
 
 from appliance.errors import ApplianceError
+from appliance.specs import worker_fingerprint
 
 from appliance.store.codec import dumps
 
@@ -97,8 +98,8 @@ class EndpointsRepo:
                 fields = dict(changes)
                 if "config" in fields:
                     _check_names_free(db, name, fields["config"]["aliases"])
-                    if fields["config"] != current["config"]:
-                        fields["generation"] = current["generation"] + 1
+                    if worker_fingerprint(fields["config"]) != worker_fingerprint(current["config"]):
+                        fields["generation"] = current["generation"] + 1  # new workers needed: replicas roll
                     fields["config"] = dumps(fields["config"])
                 if "spec" in fields:
                     fields["spec"] = dumps(fields["spec"])

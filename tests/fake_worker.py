@@ -1,0 +1,139 @@
+"""A small OpenAI-compatible worker for supervision and failure tests.
+
+Knobs: --startup-delay (seconds before listening), --latency (seconds before answering),
+--tokens-per-second (streaming pace), --crash-after (exit 1 this long after listening),
+--fail-health-after K (503 from the K+1-th health probe on), --refuse-to-start (exit 1 at
+once with a message), --dead-generation (health passes, completions fail), --port-conflict-once
+FILE (the first start pretends its port was taken), --spawn-child (leave a grandchild in
+the process group, as engines with helper processes do). Each probe and event is printed
+with its time so tests can read them back from the replica log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+
+def say(message: str) -> None:
+    print(f"{time.time():.3f} {message}", flush=True)
+
+
+def build(args: argparse.Namespace) -> web.Application:
+    state = {"probes": 0, "cancelled": 0, "requests": 0}
+    started = time.time()
+
+    async def health(request: web.Request) -> web.Response:
+        state["probes"] += 1
+        ok = args.fail_health_after is None or state["probes"] <= args.fail_health_after
+        say(f"health {200 if ok else 503}")
+        return web.json_response({"ok": ok}, status=200 if ok else 503)
+
+    async def whoami(request: web.Request) -> web.Response:
+        info = {
+            "pid": os.getpid(),
+            "pgid": os.getpgid(0),
+            "cwd": os.getcwd(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "cuda_device_order": os.environ.get("CUDA_DEVICE_ORDER"),
+            "env": {k: v for k, v in os.environ.items() if k.startswith("FAKE_")},
+            "uptime": time.time() - started,
+        }
+        if args.report_gpu:
+            import torch
+
+            info["torch_devices"] = [torch.cuda.get_device_properties(i).name for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available():
+                torch.ones(1, device="cuda")  # create a context: NVML then lists this pid
+        return web.json_response(info)
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": args.model, "object": "model", "owned_by": "fake"}]})
+
+    async def complete(request: web.Request) -> web.StreamResponse:
+        state["requests"] += 1
+        body = await request.json()
+        if args.dead_generation:
+            return web.json_response({"error": {"message": "generation is dead", "type": "server_error"}}, status=500)
+        await asyncio.sleep(args.latency)
+        n = int(body.get("max_tokens") or 8)
+        chat = request.path.endswith("chat/completions")
+        if not body.get("stream"):
+            text = " ".join(f"tok{i}" for i in range(n))
+            choice = {"index": 0, "finish_reason": "length", **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
+            return web.json_response(
+                {"id": "fake", "object": "chat.completion" if chat else "text_completion", "model": body.get("model"), "choices": [choice],
+                 "usage": {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}}
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for i in range(n):
+                delta = {"delta": {"content": f"tok{i} "}} if chat else {"text": f"tok{i} "}
+                await resp.write(f"data: {json.dumps({'choices': [{'index': 0, **delta}]})}\n\n".encode())
+                await asyncio.sleep(1.0 / args.tokens_per_second)
+            await resp.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            state["cancelled"] += 1
+            raise
+        return resp
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response(state)
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/whoami", whoami)
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", complete)
+    app.router.add_post("/v1/completions", complete)
+    return app
+
+
+async def main(args: argparse.Namespace) -> None:
+    if args.refuse_to_start:
+        say("refusing to start: model weights are corrupt (fake)")
+        sys.exit(3)
+    if args.port_conflict_once and not Path(args.port_conflict_once).exists():
+        Path(args.port_conflict_once).write_text("taken")
+        say(f"OSError: [Errno 98] error while attempting to bind on address ('127.0.0.1', {args.port}): address already in use")
+        sys.exit(1)
+    if args.spawn_child:
+        child = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(1)"])
+        say(f"child {child.pid}")
+    await asyncio.sleep(args.startup_delay)
+    runner = web.AppRunner(build(args), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", args.port).start()
+    say(f"listening on {args.port} pid {os.getpid()}")
+    if args.crash_after is not None:
+        await asyncio.sleep(args.crash_after)
+        say("crashing now")
+        os._exit(1)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    p.add_argument("--model", default="fake-model")
+    p.add_argument("--startup-delay", type=float, default=0.0)
+    p.add_argument("--latency", type=float, default=0.0)
+    p.add_argument("--tokens-per-second", type=float, default=1000.0)
+    p.add_argument("--crash-after", type=float)
+    p.add_argument("--fail-health-after", type=int)
+    p.add_argument("--refuse-to-start", action="store_true")
+    p.add_argument("--dead-generation", action="store_true")
+    p.add_argument("--port-conflict-once")
+    p.add_argument("--spawn-child", action="store_true")
+    p.add_argument("--report-gpu", action="store_true")
+    asyncio.run(main(p.parse_args()))
