@@ -240,6 +240,70 @@ def cmd_endpoint_events(args: argparse.Namespace) -> int:
     return _emit(args, data, lambda d: _print_table([[e["time"], e["kind"], e["message"]] for e in d["data"]], ["TIME", "KIND", "MESSAGE"]))
 
 
+def cmd_endpoint_replicas(args: argparse.Namespace) -> int:
+    data = _client(args).request("GET", f"/api/v1/endpoints/{args.name}/replicas")
+
+    def human(d: dict[str, Any]) -> None:
+        rows = [
+            [r["id"], r["state"], str(r["pid"] or "-"), str(r["port"] or "-"), _gpu_list(r), str(r["restarts"]),
+             str(r["consecutive_failures"]), r["last_probe_result"] or "-", r["last_error"] or "-"]
+            for r in d["data"]
+        ]
+        if not rows:
+            print(f"endpoint {args.name} has no replicas")
+            return
+        _print_table(rows, ["REPLICA", "STATE", "PID", "PORT", "GPUS", "RESTARTS", "FAILS", "LAST PROBE", "LAST ERROR"])
+
+    return _emit(args, data, human)
+
+
+def _gpu_list(replica: dict[str, Any]) -> str:
+    if not replica["gpus"]:
+        return "-"
+    text = ",".join(u[:12] for u in replica["gpus"])
+    return f"{text} ({replica['gpu_share']:g})" if replica["gpu_share"] else text
+
+
+def cmd_endpoint_logs(args: argparse.Namespace) -> int:
+    client = _client(args)
+    rid = args.replica
+    if rid is None:
+        reps = client.request("GET", f"/api/v1/endpoints/{args.name}/replicas")["data"]
+        if not reps:
+            raise ApplianceError(f"endpoint {args.name} has no replicas", code="no_replicas")
+        rid = reps[0]["id"]
+        if len(reps) > 1:
+            print(f"(replica {rid}; others: {', '.join(r['id'] for r in reps[1:])}; choose with --replica)", file=sys.stderr)
+    path = f"/api/v1/endpoints/{args.name}/replicas/{rid}/logs"
+    query = {"tail": args.tail, "follow": 1 if args.follow else None}
+    for line in client.lines(path, query):
+        print(line, flush=True)
+    return 0
+
+
+def cmd_endpoint_retry(args: argparse.Namespace) -> int:
+    ep = _client(args).request("POST", f"/api/v1/endpoints/{args.name}/retry")
+    return _emit(args, ep, lambda e: print(f"endpoint {e['name']}: error cleared, retrying ({e['status']})"))
+
+
+def cmd_gpu_list(args: argparse.Namespace) -> int:
+    data = _client(args).request("GET", "/api/v1/gpus")
+
+    def human(d: dict[str, Any]) -> None:
+        if not d["available"]:
+            print(d["reason"])
+            return
+        rows = [
+            [str(g["index"]), g["uuid"], g["name"], f"{g['memory_used'] >> 20}/{g['memory_total'] >> 20} MiB",
+             f"{g['utilization_gpu']}%" if g["utilization_gpu"] is not None else "-", g["mig_mode"], "yes" if g["allowed"] else "no",
+             ", ".join(h["replica"] + (f" ({h['share']:g})" if h["share"] else "") for h in g["held_by"]) or "-"]
+            for g in d["data"]
+        ]
+        _print_table(rows, ["IDX", "UUID", "NAME", "MEMORY", "UTIL", "MIG", "ALLOWED", "HELD BY"])
+
+    return _emit(args, data, human)
+
+
 # --- parser -------------------------------------------------------------------------------------
 
 
@@ -311,10 +375,25 @@ def build_parser() -> argparse.ArgumentParser:
         q = ep.add_parser(action, parents=[client], help=text)
         q.add_argument("name")
         q.set_defaults(func=func)
+    q = ep.add_parser("replicas", parents=[client], help="an endpoint's replicas: state, pid, port, GPUs, probes")
+    q.add_argument("name")
+    q.set_defaults(func=cmd_endpoint_replicas)
+    q = ep.add_parser("logs", parents=[client], help="a replica's log")
+    q.add_argument("name")
+    q.add_argument("--replica", help="replica id (default: the first listed)")
+    q.add_argument("--tail", type=int, default=100, help="lines from the end (default 100)")
+    q.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    q.set_defaults(func=cmd_endpoint_logs)
+    q = ep.add_parser("retry", parents=[client], help="clear the endpoint's error and restart failed replicas now")
+    q.add_argument("name")
+    q.set_defaults(func=cmd_endpoint_retry)
     e = ep.add_parser("events", parents=[client], help="an endpoint's audit events, newest first")
     e.add_argument("name")
     e.add_argument("--limit", type=int, default=50)
     e.set_defaults(func=cmd_endpoint_events)
+    p = sub.add_parser("gpu", help="GPUs on this box")
+    g = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    g.add_parser("list", parents=[client], help="GPUs seen through NVML and which replicas hold them").set_defaults(func=cmd_gpu_list)
     return parser
 
 

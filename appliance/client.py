@@ -6,6 +6,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,16 @@ class AdminClient:
         return cls(url or server_url(config), read_key_file(key_file or config.admin_key_path))
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None, query: dict[str, Any] | None = None) -> Any:
+        with self._open(method, path, body, query, self.timeout) as resp:
+            return json.loads(resp.read() or b"null")
+
+    def lines(self, path: str, query: dict[str, Any] | None = None) -> Iterator[str]:
+        """A text response line by line as it arrives (for follow=1), with no read timeout."""
+        with self._open("GET", path, None, query, None) as resp:
+            for raw in resp:
+                yield raw.decode("utf-8", errors="replace").rstrip("\n")
+
+    def _open(self, method: str, path: str, body: dict[str, Any] | None, query: dict[str, Any] | None, timeout: float | None) -> Any:
         url = self.url + path
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
@@ -44,8 +55,7 @@ class AdminClient:
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read() or b"null")
+            return urllib.request.urlopen(req, timeout=timeout)
         except urllib.error.HTTPError as exc:
             raw = exc.read()
             try:

@@ -408,3 +408,52 @@ def test_kill_9_then_restart_leaves_no_orphan_and_restores_replicas(server_facto
     assert len(kinds) == 2
     assert second.stop() == 0
     assert not any(_alive(p) for p in new_pids)  # a clean stop stops its workers
+
+
+def test_cli_replicas_logs_retry_and_gpus(server_factory: Any, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from conftest import run_cli, wait_for
+
+    ok = fake_folder(tmp_path, "okay")
+    bad = fake_folder(tmp_path, "broken", "--refuse-to-start")
+    state = tmp_path / "state"
+    config = tmp_path / "config.toml"
+    workers = "\n".join(f"{k} = {json.dumps(v)}" for k, v in WORKERS.items())
+    config.write_text(
+        f'[server]\nport = 0\nstate_dir = "{state}"\n[workers]\n{workers}\n'
+        f'[[endpoints]]\nname = "okay"\nmodel_folder = "{ok}"\n[[endpoints]]\nname = "broken"\nmodel_folder = "{bad}"\n'
+    )
+    server_factory(config).start()
+
+    def cli_json(*args: str) -> Any:
+        result = run_cli(*args, "--json", config=config)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    wait_for(lambda: cli_json("endpoint", "show", "okay")["status"] == "HEALTHY", timeout=30, what="okay HEALTHY")
+    wait_for(lambda: cli_json("endpoint", "show", "broken")["status"] == "ERROR", timeout=30, what="broken ERROR")
+    table = run_cli("endpoint", "replicas", "okay", config=config)
+    header, row = table.stdout.splitlines()
+    assert header.split()[:4] == ["REPLICA", "STATE", "PID", "PORT"] and row.split()[1] == "HEALTHY"
+    logs = run_cli("endpoint", "logs", "broken", "--tail", "50", config=config)
+    assert logs.returncode == 0 and "model weights are corrupt" in logs.stdout
+
+    follow = subprocess.Popen([sys.executable, "-m", "appliance", "endpoint", "logs", "okay", "-f", "--tail", "0", "--config", str(config)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert follow.stdout is not None
+        line = follow.stdout.readline()  # the next health probe, live
+        assert line.rstrip().endswith("health 200")
+    finally:
+        follow.terminate()
+        follow.wait(timeout=10)
+
+    before = cli_json("endpoint", "replicas", "broken")["data"][0]["restarts"]
+    retried = run_cli("endpoint", "retry", "broken", config=config)
+    assert retried.returncode == 0 and "error cleared, retrying" in retried.stdout
+    wait_for(lambda: cli_json("endpoint", "replicas", "broken")["data"][0]["restarts"] > before, timeout=30, what="a restart after retry")
+    gpus = run_cli("gpu", "list", config=config)
+    assert gpus.returncode == 0 and gpus.stdout.strip()
