@@ -8,7 +8,6 @@ thread copies into a size-capped, rotating log file — the event loop never tou
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import shutil
@@ -31,7 +30,6 @@ from appliance.runtimes import fill
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 TAIL_LINES = 200
 
 
@@ -112,9 +110,16 @@ def _pump(fd: int, sink: ReplicaLog) -> None:
     os.close(fd)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+# Runs as the worker's pid before exec: asks the kernel to SIGKILL it when the appliance dies
+# (the setting survives exec), then becomes the worker. A preexec_fn would do the same inside
+# fork, where a lock held by another thread of the appliance can deadlock the child.
+_DIE_WITH_PARENT = (
+    "import ctypes,os,sys\n"
+    "ctypes.CDLL(None).prctl(1, 9)\n"
+    "os.getppid() == int(sys.argv[1]) or os._exit(1)\n"
+    "try:\n    os.execv(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as e:\n    print(f'could not start {sys.argv[2]}: {e.strerror}', flush=True); os._exit(127)\n"
+)
 
 
 def resolve_executable(name: str) -> str:
@@ -143,14 +148,13 @@ class WorkerProcess:
         read_fd, write_fd = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *args,
+                sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *args,
                 cwd=str(cwd),
                 env=dict(env),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=write_fd,
                 stderr=write_fd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             os.close(read_fd)

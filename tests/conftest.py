@@ -238,3 +238,21 @@ def write_config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
 
+
+
+def _nvml_gpu_count() -> int:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetCount())
+    except Exception:
+        return 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if any("gpu" in item.keywords for item in items) and _nvml_gpu_count() == 0:
+        skip = pytest.mark.skip(reason="needs NVML and at least one GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

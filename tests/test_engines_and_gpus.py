@@ -1,0 +1,67 @@
+"""A real engine under supervision (CPU), and real GPU pinning through NVML (-m gpu)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from conftest import Admin, async_wait_for, run_cli
+from test_supervisor import WORKERS, create, fake_folder, replicas, wait_status
+
+
+@pytest.fixture
+async def admin(start_app: Any, make_config: Any) -> Admin:
+    return await start_app(make_config({"workers": WORKERS}))
+
+
+@pytest.mark.slow
+async def test_transformers_serve_replica_becomes_healthy_on_cpu(admin: Admin, tmp_path: Path) -> None:
+    folder = tmp_path / "demo"
+    assert run_cli("demo-model", str(folder)).returncode == 0
+    await create(admin, "tiny", folder, runtime="transformers",
+                 health_check={"path": "/health", "interval": 0.5, "max_retries": 5, "max_wait_time": 5.0, "initial_delay": 120.0})
+    await wait_status(admin, "tiny", "HEALTHY", timeout=180)
+    (rep,) = await replicas(admin, "tiny")
+    assert Path(rep["command"][0]).name == "transformers" and rep["command"][1:3] == ["serve", str(folder)]
+    body = {"model": str(folder), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{rep['port']}/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+        reply = await resp.json()
+    assert reply["usage"]["completion_tokens"] <= 3
+
+
+@pytest.mark.gpu
+async def test_gpu_shares_and_whole_gpus_are_pinned_by_uuid(admin: Admin, tmp_path: Path) -> None:
+    status, gpus = await admin.call("GET", "/api/v1/gpus")
+    assert status == 200 and gpus["available"], gpus
+    first = gpus["data"][0]["uuid"]
+    folder = fake_folder(tmp_path, "gpuworker", "--report-gpu", health={"initial_delay": 60.0})
+
+    async def whoami(port: int) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/whoami") as resp:
+            return await resp.json()
+
+    await create(admin, "halves", folder, replicas=2, max_replicas=2, resources={"gpu_share": 0.5, "placement": "binpack"})
+    await wait_status(admin, "halves", "HEALTHY", timeout=120)
+    reps = await replicas(admin, "halves")
+    assert {tuple(r["gpus"]) for r in reps} == {(first,)} and all(r["gpu_share"] == 0.5 for r in reps)
+    seen = [await whoami(r["port"]) for r in reps]
+    assert all(w["cuda_visible_devices"] == first and len(w["torch_devices"]) == 1 for w in seen)
+
+    async def listed() -> bool:
+        _, now = await admin.call("GET", "/api/v1/gpus")
+        pids = {p["pid"] for g in now["data"] if g["uuid"] == first for p in g["processes"]}
+        holders = {h["replica"] for g in now["data"] if g["uuid"] == first for h in g["held_by"]}
+        return {w["pid"] for w in seen} <= pids and holders == {r["id"] for r in reps}
+
+    await async_wait_for(listed, timeout=30, what="NVML to list both worker pids on the shared GPU")
+
+    await admin.call("PATCH", "/api/v1/endpoints/halves", json_body={"replicas": 0, "min_replicas": 0})
+    await create(admin, "whole", folder, resources={"gpus": 1})
+    await wait_status(admin, "whole", "HEALTHY", timeout=120)
+    (rep,) = await replicas(admin, "whole")
+    assert rep["gpu_share"] is None and len(rep["gpus"]) == 1
+    assert (await whoami(rep["port"]))["cuda_visible_devices"] == rep["gpus"][0]
