@@ -371,22 +371,21 @@ def build_parser() -> argparse.ArgumentParser:
     _endpoint_flags(u)
     u.set_defaults(func=cmd_endpoint_update)
     ep.add_parser("list", parents=[client], help="list endpoints").set_defaults(func=cmd_endpoint_list)
-    for action, func, text in (("show", cmd_endpoint_show, "show an endpoint"), ("delete", cmd_endpoint_delete, "delete an endpoint")):
+    for action, func, text in (
+        ("show", cmd_endpoint_show, "show an endpoint"),
+        ("delete", cmd_endpoint_delete, "delete an endpoint"),
+        ("replicas", cmd_endpoint_replicas, "an endpoint's replicas: state, pid, port, GPUs, probes"),
+        ("retry", cmd_endpoint_retry, "clear the endpoint's error and restart failed replicas now"),
+    ):
         q = ep.add_parser(action, parents=[client], help=text)
         q.add_argument("name")
         q.set_defaults(func=func)
-    q = ep.add_parser("replicas", parents=[client], help="an endpoint's replicas: state, pid, port, GPUs, probes")
-    q.add_argument("name")
-    q.set_defaults(func=cmd_endpoint_replicas)
     q = ep.add_parser("logs", parents=[client], help="a replica's log")
     q.add_argument("name")
     q.add_argument("--replica", help="replica id (default: the first listed)")
     q.add_argument("--tail", type=int, default=100, help="lines from the end (default 100)")
     q.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     q.set_defaults(func=cmd_endpoint_logs)
-    q = ep.add_parser("retry", parents=[client], help="clear the endpoint's error and restart failed replicas now")
-    q.add_argument("name")
-    q.set_defaults(func=cmd_endpoint_retry)
     e = ep.add_parser("events", parents=[client], help="an endpoint's audit events, newest first")
     e.add_argument("name")
     e.add_argument("--limit", type=int, default=50)

@@ -45,6 +45,16 @@ def fake_folder(root: Path, name: str, *knobs: str, health: dict[str, Any] | Non
     return folder
 
 
+def server_config(tmp_path: Path, endpoints: str) -> Path:
+    """A config file for `appliance serve` with fast supervision settings and the given [[endpoints]]."""
+    import json
+
+    workers = "\n".join(f"{k} = {json.dumps(v)}" for k, v in WORKERS.items())
+    config = tmp_path / "config.toml"
+    config.write_text(f'[server]\nport = 0\nstate_dir = "{tmp_path / "state"}"\n[workers]\n{workers}\n{endpoints}')
+    return config
+
+
 @pytest.fixture
 async def admin(start_app: Any, make_config: Any) -> Admin:
     return await start_app(make_config({"workers": WORKERS}))
@@ -369,12 +379,7 @@ def test_kill_9_then_restart_leaves_no_orphan_and_restores_replicas(server_facto
 
     folder = fake_folder(tmp_path, "durable", "--spawn-child")
     state = tmp_path / "state"
-    config = tmp_path / "config.toml"
-    workers = "\n".join(f"{k} = {json.dumps(v)}" for k, v in WORKERS.items())
-    config.write_text(
-        f'[server]\nport = 0\nstate_dir = "{state}"\n[workers]\n{workers}\n'
-        f'[[endpoints]]\nname = "durable"\nmodel_folder = "{folder}"\nreplicas = 2\n'
-    )
+    config = server_config(tmp_path, f'[[endpoints]]\nname = "durable"\nmodel_folder = "{folder}"\nreplicas = 2\n')
 
     def api(server: Any, path: str) -> Any:
         key = (state / "admin.key").read_text().strip()
@@ -419,13 +424,7 @@ def test_cli_replicas_logs_retry_and_gpus(server_factory: Any, tmp_path: Path) -
 
     ok = fake_folder(tmp_path, "okay")
     bad = fake_folder(tmp_path, "broken", "--refuse-to-start")
-    state = tmp_path / "state"
-    config = tmp_path / "config.toml"
-    workers = "\n".join(f"{k} = {json.dumps(v)}" for k, v in WORKERS.items())
-    config.write_text(
-        f'[server]\nport = 0\nstate_dir = "{state}"\n[workers]\n{workers}\n'
-        f'[[endpoints]]\nname = "okay"\nmodel_folder = "{ok}"\n[[endpoints]]\nname = "broken"\nmodel_folder = "{bad}"\n'
-    )
+    config = server_config(tmp_path, f'[[endpoints]]\nname = "okay"\nmodel_folder = "{ok}"\n[[endpoints]]\nname = "broken"\nmodel_folder = "{bad}"\n')
     server_factory(config).start()
 
     def cli_json(*args: str) -> Any:
