@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import secrets
+import shutil
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,18 +177,19 @@ class Supervisor:
                 log.exception("reconcile failed")
 
     async def _stop_orphans(self) -> None:
-        rows = await self._store.replicas.all()
+        rows = [r for r in await self._store.replicas.all() if r["pid"] and r["state"] != ReplicaState.TERMINATED.value]
         grace = self._config.workers.stop_grace_seconds
-        for row in rows:
-            if row["pid"] and row["state"] != ReplicaState.TERMINATED.value:
-                stopped = await asyncio.to_thread(stop_orphan, row["pid"], row["pid_started_at"], grace)
-                if stopped:
-                    await self._store.events.add(
-                        "replica.orphan_stopped",
-                        f"stopped worker pid {row['pid']} of replica {row['id']} left by an earlier run",
-                        endpoint=row["endpoint"],
-                        details={"replica": row["id"], "pid": row["pid"]},
-                    )
+
+        async def stop(row: dict[str, Any]) -> None:
+            if await asyncio.to_thread(stop_orphan, row["pid"], row["pid_started_at"], grace):
+                await self._store.events.add(
+                    "replica.orphan_stopped",
+                    f"stopped worker pid {row['pid']} of replica {row['id']} left by an earlier run",
+                    endpoint=row["endpoint"],
+                    details={"replica": row["id"], "pid": row["pid"]},
+                )
+
+        await asyncio.gather(*(stop(row) for row in rows))  # one grace period in all, not one each
         await self._store.replicas.clear()
 
     # --- reconciliation ----------------------------------------------------------------------
@@ -311,6 +313,7 @@ class Supervisor:
         try:
             spec, env = await self._provision(run, r)
         except Unplaceable as exc:
+            self._release(r)  # hold nothing while waiting
             if exc.permanent:
                 run.error = exc.reason
                 r.last_error = exc.reason
@@ -322,10 +325,10 @@ class Supervisor:
                 await self._record(r, ReplicaState.PROVISIONING, exc.reason)
             await self._wait_or_stop(r, _WAIT_FOR_CAPACITY)
             return "retry"
-        except ApplianceError as exc:
+        except (ApplianceError, OSError) as exc:  # a failed start, counted: a lasting cause ends in ERROR
             self._release(r)
-            r.last_error = exc.message
-            await self._record(r, ReplicaState.FAILED, exc.message)
+            r.last_error = exc.message if isinstance(exc, ApplianceError) else f"could not prepare the replica: {exc}"
+            await self._record(r, ReplicaState.FAILED, r.last_error)
             return "crashed"
         try:
             r.log.note(f"starting: {' '.join(spec.argv)} (port {r.port})")
@@ -456,6 +459,7 @@ class Supervisor:
         self._release(r)
         await self._record(r, ReplicaState.TERMINATED, "replica stopped")
         r.log.close()
+        await asyncio.to_thread(shutil.rmtree, r.work_dir, True)  # its log stays in log_dir
         run.replicas.pop(r.id, None)
         run.finished = (run.finished + [r])[-_KEEP_TERMINATED:]
         if self._runs.get(run.name) is run:

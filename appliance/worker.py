@@ -44,6 +44,7 @@ class ReplicaLog:
         self._lock = threading.Lock()
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._followers: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[str | None]]] = set()
+        self._closed = False
 
     def write(self, line: str) -> None:
         """Thread-safe; called from pump threads and from the event loop (short appliance notes)."""
@@ -63,7 +64,10 @@ class ReplicaLog:
         with self._lock:
             self._handler.flush()
             lines = self.read_tail(n)
-            self._followers.add((loop, queue))
+            if self._closed:
+                queue.put_nowait(None)  # a finished replica: its tail, then the end
+            else:
+                self._followers.add((loop, queue))
         return lines, queue
 
     def unfollow(self, queue: asyncio.Queue[str | None]) -> None:
@@ -88,6 +92,7 @@ class ReplicaLog:
         with self._lock:
             followers, self._followers = list(self._followers), set()
             self._handler.close()
+            self._closed = True
         for loop, queue in followers:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 

@@ -456,3 +456,33 @@ def test_cli_replicas_logs_retry_and_gpus(server_factory: Any, tmp_path: Path) -
     wait_for(lambda: cli_json("endpoint", "replicas", "broken")["data"][0]["restarts"] > before, timeout=30, what="a restart after retry")
     gpus = run_cli("gpu", "list", config=config)
     assert gpus.returncode == 0 and gpus.stdout.strip()
+
+
+async def test_finished_replica_logs_end_and_its_work_dir_is_removed(admin: Admin, tmp_path: Path) -> None:
+    await create(admin, "brief", fake_folder(tmp_path, "brief"))
+    await wait_status(admin, "brief", "HEALTHY")
+    (rep,) = await replicas(admin, "brief")
+    assert Path(rep["work_dir"]).is_dir()
+    await admin.call("PATCH", "/api/v1/endpoints/brief", json_body={"replicas": 0, "min_replicas": 0})
+    await wait_status(admin, "brief", "SCALED_TO_ZERO")
+
+    async def removed() -> bool:
+        return not Path(rep["work_dir"]).exists()
+
+    await async_wait_for(removed, timeout=10, what="the work dir to be removed")
+    (done,) = await replicas(admin, "brief")
+    assert done["state"] == "TERMINATED" and Path(done["log_path"]).exists()
+    resp = await admin.client.get(f"/api/v1/endpoints/brief/replicas/{rep['id']}/logs?tail=5&follow=1", headers=admin.headers)
+    text = await asyncio.wait_for(resp.text(), timeout=5)  # ends on its own: the replica is gone
+    assert "stopped (exit code" in text
+
+
+async def test_unpreparable_work_dir_is_a_counted_failure_ending_in_error(admin: Admin, tmp_path: Path) -> None:
+    blocker = admin.config.server.state_dir / "replicas"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("a file where the replicas directory must go")  # mkdir fails, even for root
+    await create(admin, "nowhere", fake_folder(tmp_path, "nowhere"))
+    ep = await wait_status(admin, "nowhere", "ERROR", timeout=30)
+    assert "could not prepare the replica" in ep["status_message"] and "failed 3 times in a row" in ep["status_message"]
+    (rep,) = await replicas(admin, "nowhere")
+    assert rep["restarts"] == 3 and rep["pid"] is None
