@@ -128,27 +128,29 @@ async def test_seed_http_server_folder_reaches_healthy(admin: Admin, seed_folder
 
 
 async def test_never_answering_replica_is_unhealthy_at_the_formula_time(admin: Admin, tmp_path: Path) -> None:
-    folder = fake_folder(tmp_path, "mute", "--startup-delay", "3600")
+    timing = {**FAST, "interval": 0.4, "initial_delay": 0.8}
+    folder = fake_folder(tmp_path, "mute", "--startup-delay", "3600", health=timing)
     await create(admin, "mute", folder)
     await wait_status(admin, "mute", "UNHEALTHY")
     evs = await events(admin, "mute")
     took = event_time(evs, "replica.unhealthy") - event_time(evs, "replica.starting")
-    expected = FAST["initial_delay"] + FAST["interval"] * (FAST["max_retries"] + 1)  # 0.5 + 0.2 × 3 = 1.1 s
-    assert abs(took - expected) <= FAST["interval"] + 0.05, took
+    expected = timing["initial_delay"] + timing["interval"] * (timing["max_retries"] + 1)  # 0.8 + 0.4 × 3 = 2.0 s
+    assert abs(took - expected) <= timing["interval"], took
     (rep,) = await replicas(admin, "mute")
     assert rep["consecutive_failures"] >= 3 and "connection failed" in rep["last_probe_result"]
 
 
 async def test_healthy_replica_that_stops_answering_is_unhealthy_after_one_window(admin: Admin, tmp_path: Path) -> None:
-    folder = fake_folder(tmp_path, "fading", "--fail-health-after", "4", health={"initial_delay": 60.0})
+    timing = {**FAST, "interval": 0.4, "initial_delay": 60.0}
+    folder = fake_folder(tmp_path, "fading", "--fail-health-after", "4", health=timing)
     await create(admin, "fading", folder, unhealthy_replace_after=60.0)
     await wait_status(admin, "fading", "UNHEALTHY")
     evs = await events(admin, "fading")
     (rep,) = await replicas(admin, "fading")
     last_pass = max(float(line.split()[0]) for line in await logs(admin, "fading", rep["id"]) if line.endswith("health 200"))
     took = event_time(evs, "replica.unhealthy") - last_pass
-    expected = FAST["interval"] * (FAST["max_retries"] + 1)  # 0.6 s, initial_delay no longer applies
-    assert abs(took - expected) <= FAST["interval"] + 0.05, took
+    expected = timing["interval"] * (timing["max_retries"] + 1)  # 1.2 s: initial_delay no longer applies
+    assert abs(took - expected) <= timing["interval"], took
 
 
 async def test_unhealthy_replica_leaves_routing_and_is_replaced(admin: Admin, tmp_path: Path) -> None:
