@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict
 
 from aiohttp import web
 
@@ -24,6 +25,8 @@ from appliance.views import (
     GpuView,
     ReplicaList,
     ReplicaView,
+    RequestList,
+    RequestView,
 )
 
 PREFIX = "/api/v1"
@@ -188,6 +191,15 @@ async def list_gpus(request: web.Request) -> web.Response:
     return json_response(GpuList(available=True, data=data))
 
 
+async def list_requests(request: web.Request) -> web.Response:
+    from appliance.gateway import GATEWAY
+
+    limit = int_query(request, "limit", 100, low=1, high=10_000) or 100
+    endpoint = request.query.get("endpoint")
+    records = [r for r in reversed(request.app[GATEWAY].records) if endpoint is None or r.endpoint == endpoint][:limit]
+    return json_response(RequestList(data=[RequestView(**{**asdict(r), "time": iso(r.time)}) for r in records]))
+
+
 ROUTES = [
     Route("POST", f"{PREFIX}/endpoints", create_endpoint, "Create an endpoint", body=EndpointSpec, response=EndpointView, status=201, tags=("endpoints",)),
     Route("GET", f"{PREFIX}/endpoints", list_endpoints, "List endpoints", response=EndpointList, tags=("endpoints",)),
@@ -221,6 +233,10 @@ ROUTES = [
         tags=("replicas",),
     ),
     Route("POST", f"{PREFIX}/endpoints/{{name}}/retry", retry_endpoint, "Clear the error and retry (restart failed replicas now)", response=EndpointView, tags=("endpoints",)),
+    Route(
+        "GET", f"{PREFIX}/requests", list_requests, "Recent gateway requests, newest first (kept in memory)", response=RequestList,
+        query=(Query("endpoint", "only this endpoint"), Query("limit", "how many (default 100)", "integer")), tags=("gateway",),
+    ),
     Route("GET", f"{PREFIX}/gpus", list_gpus, "GPUs seen through NVML, and which replicas hold them", response=GpuList, tags=("gpus",)),
     Route(
         "GET",

@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from appliance import admin
+from appliance import admin, gateway
 from appliance.auth import ADMIN, Authenticator, bootstrap_admin_key
 from appliance.config import Config
 from appliance.endpoints import EndpointService
 from appliance.errors import ApplianceError
+from appliance.gateway import GATEWAY, Gateway
 from appliance.gpu import GpuMonitor
 from appliance.http import MAX_BODY, Handler, Route, add_routes, error_middleware, error_response, json_response
 from appliance.openapi import build_openapi
@@ -75,6 +76,7 @@ async def _startup(app: web.Application) -> None:
         await bootstrap_admin_key(services.store, config.admin_key_path)
         await services.auth.reload()
         problems = await services.endpoints.apply_declared(list(config.endpoints))
+        await app[GATEWAY].start()
         await services.supervisor.start()  # stops orphans of an earlier run, then reconciles
         await services.store.events.add(
             "server.started",
@@ -97,6 +99,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await services.supervisor.stop()  # every worker stops before the appliance does
+    await app[GATEWAY].stop()
     if services.store.is_open:
         await services.store.events.add("server.stopped", "appliance stopped")
     await services.store.close()
@@ -110,7 +113,7 @@ def make_app(config: Config, *, clock: Clock = time.time, gpus: GpuMonitor | Non
         config=config,
         clock=clock,
         store=store,
-        endpoints=EndpointService(store, on_change=supervisor.poke),
+        endpoints=EndpointService(store, on_change=supervisor.sync),
         auth=Authenticator(store, clock),
         gpus=gpus,
         supervisor=supervisor,
@@ -118,6 +121,8 @@ def make_app(config: Config, *, clock: Clock = time.time, gpus: GpuMonitor | Non
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[error_middleware, admin_gate])
     app[SERVICES] = services
     app[MAX_BODY] = config.server.max_body_bytes
+    app[GATEWAY] = Gateway(services)
     add_routes(app, all_routes())
+    add_routes(app, gateway.ROUTES)
     app.cleanup_ctx.append(_lifecycle)
     return app

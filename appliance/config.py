@@ -59,6 +59,14 @@ class WorkersConfig(Model):
         return Path(v) if isinstance(v, str) else v
 
 
+class GatewayConfig(Model):
+    connect_timeout_seconds: float = Field(5.0, gt=0, description="connecting to a replica")
+    idle_read_timeout_seconds: float = Field(600.0, gt=0, description="longest silence from a replica mid-answer; no total timeout")
+    max_connections: int = Field(0, ge=0, description="pooled connections to replicas in all; 0 = no limit")
+    access_log: bool = Field(False, description="log every request (costs throughput)")
+    request_records: int = Field(10000, ge=0, description="recent requests kept in memory for metrics and autoscaling")
+
+
 class GpusConfig(Model):
     devices: Literal["all", "none"] | list[int | str] = Field(
         "all", description='"all", "none", or a list of GPU indices / UUIDs the appliance may use'
@@ -82,6 +90,7 @@ class Config(Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     gpus: GpusConfig = Field(default_factory=GpusConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     endpoints: list[EndpointSpec] = Field(default_factory=list, description="declared endpoints, created or updated at start")
     source: Path | None = Field(None, exclude=True, description="the file this came from (not a key)")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,12 @@ def resolve(spec: EndpointSpec) -> tuple[EndpointConfig, ModelDefinition | None]
         unhealthy_replace_after=spec.unhealthy_replace_after or health.interval * (health.max_retries + 1),
         public=spec.public,
         description=spec.description,
+        routing=spec.routing,
+        prefix_length=spec.prefix_length,
+        prefix_overload_factor=spec.prefix_overload_factor,
+        max_concurrency=spec.max_concurrency,
+        queue_size=spec.queue_size,
+        queue_timeout_seconds=spec.queue_timeout_seconds,
         environment=Environment(**section.environment.model_dump()) if section else None,
         inherited=inherited,
     )
@@ -139,9 +145,13 @@ def merge_patch(current: dict[str, Any], patch: dict[str, Any], name: str) -> En
 
 
 class EndpointService:
-    def __init__(self, store: Store, on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, store: Store, on_change: Callable[[], Awaitable[None]] | None = None) -> None:
         self._store = store
-        self._on_change = on_change  # the supervisor reconciles at once instead of at its next tick
+        self._notify = on_change  # the supervisor reconciles before the API answers: what it returns is live
+
+    async def _on_change(self) -> None:
+        if self._notify is not None:
+            await self._notify()
 
     async def _resolve(self, spec: EndpointSpec) -> EndpointConfig:
         config, _ = await asyncio.to_thread(resolve, spec)
@@ -167,7 +177,7 @@ class EndpointService:
             "status_message": "waiting for replicas",
         }
         created = await self._store.endpoints.create(row, f"endpoint {spec.name} created ({source})", {"spec": row["spec"]})
-        self._on_change()
+        await self._on_change()
         return created
 
     async def update(self, name: str, patch: dict[str, Any]) -> EndpointRow:
@@ -179,12 +189,12 @@ class EndpointService:
         config = await self._resolve(spec)
         changes = {"spec": stated(spec), "config": config.model_dump(mode="json"), "source": source}
         updated = await self._store.endpoints.update(current["name"], changes, message, details)
-        self._on_change()
+        await self._on_change()
         return updated
 
     async def delete(self, name: str) -> None:
         await self._store.endpoints.delete(name, f"endpoint {name} deleted")
-        self._on_change()
+        await self._on_change()
 
     async def apply_declared(self, specs: list[EndpointSpec]) -> list[str]:
         """Make the store match the config file's [[endpoints]]; returns the problems met.
@@ -211,7 +221,7 @@ class EndpointService:
         for row in await self._store.endpoints.list():
             if row["source"] == "config" and row["name"] not in declared:
                 await self._store.endpoints.delete(row["name"], f"endpoint {row['name']} removed from the config file")
-                self._on_change()
+                await self._on_change()
         for p in problems:
             log.error("declared endpoint not applied: %s", p)
         return problems

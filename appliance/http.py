@@ -48,15 +48,19 @@ def add_routes(app: web.Application, routes: list[Route]) -> None:
         app.router.add_route(r.method, r.path, r.handler)
 
 
-async def read_json(request: web.Request) -> Any:
+async def read_body(request: web.Request) -> bytes:
     try:
-        raw = await request.read()
+        return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ApplianceError(
             f"request body is larger than the limit of {request.app[MAX_BODY]} bytes (server.max_body_bytes)",
             status=413,
             code="body_too_large",
         ) from None
+
+
+async def read_json(request: web.Request) -> Any:
+    raw = await read_body(request)
     if not raw.strip():
         raise ApplianceError("request body is empty; send a JSON object", status=400, code="invalid_json")
     try:

@@ -48,7 +48,9 @@ async def _notify_when_ready(app: web.Application) -> None:
 
 async def run(config: Config) -> None:
     app = make_app(config)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # handler_cancellation: a client that disconnects cancels its request, and so the worker's generation.
+    access = logging.getLogger("appliance.access") if config.gateway.access_log else None
+    runner = web.AppRunner(app, handle_signals=False, access_log=access, handler_cancellation=True)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -117,6 +117,14 @@ class EndpointSpec(Model):
     )
     public: bool = Field(False, description="gateway routes open without a key")
     description: str = Field("", max_length=500)
+    routing: Literal["least_outstanding", "session_affinity", "prefix"] = Field(
+        "least_outstanding", description="how a request picks a replica"
+    )
+    prefix_length: int = Field(256, ge=1, description="prefix routing: characters of the prompt/messages hashed")
+    prefix_overload_factor: float = Field(2.0, ge=1, description="prefix routing: leave the cached replica when it has this many times the least load")
+    max_concurrency: int | None = Field(None, ge=1, description="requests in flight per replica; more wait in the queue")
+    queue_size: int = Field(100, ge=0, description="requests waiting per endpoint; beyond it 429")
+    queue_timeout_seconds: float = Field(30.0, gt=0, description="longest wait in the queue, or for a starting replica")
 
     @field_validator("min_replicas")
     @classmethod
@@ -168,7 +176,12 @@ EndpointPatch = _patch_model()
 
 
 # Fields whose change needs no new worker process: scaling, access and labels.
-NO_RESTART_FIELDS = frozenset({"replicas", "min_replicas", "max_replicas", "public", "description", "aliases"})
+NO_RESTART_FIELDS = frozenset(
+    {
+        "replicas", "min_replicas", "max_replicas", "public", "description", "aliases", "routing", "prefix_length",
+        "prefix_overload_factor", "max_concurrency", "queue_size", "queue_timeout_seconds",
+    }
+)
 
 
 def worker_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
@@ -204,5 +217,11 @@ class EndpointConfig(Model):
     unhealthy_replace_after: float
     public: bool
     description: str
+    routing: str = "least_outstanding"
+    prefix_length: int = 256
+    prefix_overload_factor: float = 2.0
+    max_concurrency: int | None = None
+    queue_size: int = 100
+    queue_timeout_seconds: float = 30.0
     environment: Environment | None = None
     inherited: list[str] = Field(default_factory=list, description="fields whose value came from the model folder's files")

@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -28,6 +28,7 @@ from appliance.errors import ApplianceError
 from appliance.gpu import Allocation, GpuInfo, GpuRequest, Unplaceable, place, visible
 from appliance.health import Health, HealthState, due_for_replacement, next_probe_delay, observe
 from appliance.probe import probe
+from appliance.router import RoutableReplica, RoutingTable
 from appliance.runtimes import Placement, WorkerSpec, build_worker_spec
 from appliance.specs import EndpointConfig
 from appliance.states import EndpointStatus, ReplicaState
@@ -40,17 +41,6 @@ GpuSource = Callable[[], Awaitable[list[GpuInfo]]]
 _WAIT_FOR_CAPACITY = 2.0  # seconds between placement attempts while GPUs are busy
 _PORT_QUARANTINE = 60.0  # a port another program took is skipped this long
 _KEEP_TERMINATED = 10  # finished replicas listed per endpoint, for their logs and last error
-
-
-@dataclass(frozen=True)
-class RoutableReplica:
-    id: str
-    endpoint: str
-    url: str
-    served_model_name: str
-
-
-RoutingSnapshot = Mapping[str, tuple[RoutableReplica, ...]]
 
 
 @dataclass
@@ -136,9 +126,11 @@ class Supervisor:
         self._port_quarantine: dict[int, float] = {}
         self._last_port: int | None = None
         self._poke = asyncio.Event()
+        self._reconcile_lock = asyncio.Lock()
         self._loop_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
-        self.snapshot: RoutingSnapshot = MappingProxyType({})
+        self.table = RoutingTable()
+        self._changed = asyncio.Event()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -161,8 +153,14 @@ class Supervisor:
             await self._session.close()
 
     def poke(self) -> None:
-        """Something changed (an endpoint was created, updated, deleted, retried): reconcile now."""
+        """Something changed: reconcile soon (from the loop)."""
         self._poke.set()
+
+    async def sync(self) -> None:
+        """Reconcile now and return once the routing table reflects the store (after an API change).
+        Before start() (declared endpoints being applied) there is nothing to do: start() reconciles."""
+        if self._loop_task is not None:
+            await self._reconcile()
 
     async def _loop(self) -> None:
         while True:
@@ -195,6 +193,10 @@ class Supervisor:
     # --- reconciliation ----------------------------------------------------------------------
 
     async def _reconcile(self) -> None:
+        async with self._reconcile_lock:  # the loop and API calls never reconcile at the same time
+            await self._reconcile_once()
+
+    async def _reconcile_once(self) -> None:
         rows = {row["name"]: row for row in await self._store.endpoints.list()}
         for name in list(self._runs):
             if name not in rows:
@@ -487,11 +489,11 @@ class Supervisor:
         }
         kind = f"replica.{state.value.lower()}" if changed else "replica.note"
         await self._store.replicas.save(row, kind, f"replica {r.id}: {message}", {"replica": r.id, **(details or {})})
-        if changed and state in (ReplicaState.HEALTHY, ReplicaState.UNHEALTHY, ReplicaState.TERMINATING, ReplicaState.FAILED, ReplicaState.TERMINATED):
-            self._publish_snapshot()
         run = self._runs.get(r.endpoint)
         if run is not None:
             await self._publish_status(run)
+        if changed:
+            self._publish_snapshot()
 
     async def _publish_status(self, run: EndpointRun) -> None:
         states = [r.state for r in run.replicas.values() if r.live]
@@ -501,16 +503,37 @@ class Supervisor:
             await self._store.endpoints.set_status(run.name, status[0].value, status[1])
 
     def _publish_snapshot(self) -> None:
-        self.snapshot = MappingProxyType(
-            {
-                name: tuple(
-                    RoutableReplica(r.id, name, r.url, run.config.served_model_name)
-                    for r in run.replicas.values()
-                    if r.state is ReplicaState.HEALTHY and not r.stop_requested.is_set()
-                )
-                for name, run in self._runs.items()
-            }
+        """A new immutable routing table; waiters (requests waiting for a replica) wake up."""
+        names: dict[str, str] = {}
+        for name, run in self._runs.items():
+            names[name] = name
+            for alias in run.config.aliases:
+                names.setdefault(alias, name)
+        self.table = RoutingTable(
+            routable=MappingProxyType(
+                {
+                    name: tuple(
+                        RoutableReplica(r.id, name, r.url, run.config.served_model_name)
+                        for r in run.replicas.values()
+                        if r.state is ReplicaState.HEALTHY and not r.stop_requested.is_set()
+                    )
+                    for name, run in self._runs.items()
+                }
+            ),
+            endpoints=MappingProxyType({name: run.config for name, run in self._runs.items()}),
+            names=MappingProxyType(names),
+            counts=MappingProxyType({name: MappingProxyType(self.counts(name)) for name in self._runs}),
+            statuses=MappingProxyType({name: (run.status[0].value if run.status else "PENDING") for name, run in self._runs.items()}),
         )
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for_change(self, timeout: float) -> None:
+        """Until the next routing table is published, or `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout=timeout)
+        except TimeoutError:
+            pass
 
     # --- operator actions and views ------------------------------------------------------------
 

@@ -126,3 +126,22 @@ class GpuList(View):
     available: bool
     reason: str = ""
     data: list[GpuView]
+
+
+class RequestView(View):
+    time: str
+    endpoint: str
+    replica: str | None
+    key_id: str | None
+    status: int
+    latency: float = Field(description="seconds, to the last byte")
+    ttfb: float | None = Field(description="seconds to the first byte from the worker")
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    streamed: bool
+    error_source: str | None
+
+
+class RequestList(View):
+    object: Literal["list"] = "list"
+    data: list[RequestView]

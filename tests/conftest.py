@@ -144,7 +144,7 @@ async def start_app(aiohttp_client: Any) -> Callable[..., Any]:
     """Start make_app(config) on 127.0.0.1:0 and wait until /readyz says ready."""
 
     async def start(config: Config) -> Admin:
-        client = await aiohttp_client(make_app(config))
+        client = await aiohttp_client(make_app(config), server_kwargs={"handler_cancellation": True})
 
         async def ready() -> bool:
             resp = await client.get("/readyz")

@@ -28,8 +28,15 @@ def say(message: str) -> None:
 
 
 def build(args: argparse.Namespace) -> web.Application:
-    state = {"probes": 0, "cancelled": 0, "requests": 0}
+    state = {"probes": 0, "cancelled": 0, "requests": 0, "listening": True}
     started = time.time()
+    latency = args.latency
+    if args.slow_marker:
+        try:
+            os.close(os.open(args.slow_marker, os.O_CREAT | os.O_EXCL))
+            latency = args.slow_latency  # the first replica to start is the slow one
+        except FileExistsError:
+            pass
 
     async def health(request: web.Request) -> web.Response:
         state["probes"] += 1
@@ -63,19 +70,21 @@ def build(args: argparse.Namespace) -> web.Application:
         body = await request.json()
         if args.dead_generation:
             return web.json_response({"error": {"message": "generation is dead", "type": "server_error"}}, status=500)
-        await asyncio.sleep(args.latency)
+        await asyncio.sleep(latency)
         n = int(body.get("max_tokens") or 8)
         chat = request.path.endswith("chat/completions")
         if not body.get("stream"):
             text = " ".join(f"tok{i}" for i in range(n))
             choice = {"index": 0, "finish_reason": "length", **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
             return web.json_response(
-                {"id": "fake", "object": "chat.completion" if chat else "text_completion", "model": body.get("model"), "choices": [choice],
+                {"id": f"fake-{os.getpid()}", "object": "chat.completion" if chat else "text_completion", "model": body.get("model"), "choices": [choice],
                  "usage": {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}}
             )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         try:
+            if body.get("big_event"):
+                await resp.write(f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': 'x' * 200_000}}]})}\n\n".encode())
             for i in range(n):
                 delta = {"delta": {"content": f"tok{i} "}} if chat else {"text": f"tok{i} "}
                 await resp.write(f"data: {json.dumps({'choices': [{'index': 0, **delta}]})}\n\n".encode())
@@ -86,16 +95,36 @@ def build(args: argparse.Namespace) -> web.Application:
             raise
         return resp
 
+    async def embeddings(request: web.Request) -> web.Response:
+        body = await request.json()
+        inputs = body.get("input")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        data = [{"object": "embedding", "index": i, "embedding": [float(len(str(x))), 0.5, -0.5]} for i, x in enumerate(items)]
+        return web.json_response({"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": len(items), "total_tokens": len(items)}})
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response({"method": request.method, "path": request.path, "query": request.query_string,
+                                  "body": (await request.read()).decode(), "headers": dict(request.headers)})
+
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(state)
+
+    async def stop_listening(request: web.Request) -> web.Response:
+        # The process lives on but refuses new connections, as a worker whose server died would.
+        await request.app["site"].stop()
+        return web.json_response({"listening": False})
 
     app = web.Application()
     app.router.add_get("/health", health)
     app.router.add_get("/whoami", whoami)
     app.router.add_get("/stats", stats)
+    app.router.add_post("/_stop_listening", stop_listening)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", complete)
     app.router.add_post("/v1/completions", complete)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_route("*", "/v2/models/{name}/infer", echo)
+    app.router.add_route("*", "/echo/{tail:.*}", echo)
     return app
 
 
@@ -111,9 +140,12 @@ async def main(args: argparse.Namespace) -> None:
         child = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(1)"])
         say(f"child {child.pid}")
     await asyncio.sleep(args.startup_delay)
-    runner = web.AppRunner(build(args), access_log=None)
+    app = build(args)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", args.port).start()
+    site = web.TCPSite(runner, "127.0.0.1", args.port)
+    app["site"] = site
+    await site.start()
     say(f"listening on {args.port} pid {os.getpid()}")
     if args.crash_after is not None:
         await asyncio.sleep(args.crash_after)
@@ -136,4 +168,6 @@ if __name__ == "__main__":
     p.add_argument("--port-conflict-once")
     p.add_argument("--spawn-child", action="store_true")
     p.add_argument("--report-gpu", action="store_true")
+    p.add_argument("--slow-marker", help="the replica that creates this file first answers with --slow-latency")
+    p.add_argument("--slow-latency", type=float, default=0.2)
     asyncio.run(main(p.parse_args()))

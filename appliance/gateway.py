@@ -1,0 +1,253 @@
+"""The OpenAI-compatible gateway (/v1/*) and each endpoint's own URL (/endpoints/{name}/*).
+
+Handlers only: the routing table comes from the supervisor, the pick from router.py, the
+forwarding from proxy.py. Admission lives here: requests in flight per replica, a bounded
+queue per endpoint, and a wait for a starting replica instead of an instant 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from appliance.errors import ApplianceError
+from appliance.http import Route, read_body, read_json
+from appliance.proxy import Outcome, UpstreamUnreachable, forward, make_session, worker_headers
+from appliance.router import RoutableReplica, RoutingTable, pick, prefix_key
+from appliance.services import SERVICES, Services
+from appliance.specs import EndpointConfig
+
+_STARTING = ("PROVISIONING", "STARTING")
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One answered request, kept in memory for metrics, autoscaling and usage."""
+
+    time: float
+    endpoint: str
+    replica: str | None
+    key_id: str | None
+    status: int
+    latency: float
+    ttfb: float | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    streamed: bool
+    error_source: str | None  # "appliance" or "worker" for failures
+
+
+@dataclass
+class _Admission:
+    inflight: dict[str, int] = field(default_factory=dict)
+    waiting: int = 0
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Gateway:
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        cfg = services.config.gateway
+        self._session: aiohttp.ClientSession | None = None
+        self._admission: dict[str, _Admission] = {}
+        self._rng = random.Random()
+        self.records: deque[RequestRecord] = deque(maxlen=cfg.request_records)
+
+    async def start(self) -> None:
+        cfg = self._services.config.gateway
+        self._session = make_session(cfg.connect_timeout_seconds, cfg.idle_read_timeout_seconds, cfg.max_connections)
+
+    async def stop(self) -> None:
+        if self._session:
+            await self._session.close()
+
+    def inflight(self, endpoint: str) -> dict[str, int]:
+        return dict(self._admission.get(endpoint, _Admission()).inflight)
+
+    # --- admission -------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def slot(self, endpoint: str, config: EndpointConfig, key: str | None, exclude: set[str]) -> AsyncIterator[RoutableReplica]:
+        adm = self._admission.setdefault(endpoint, _Admission())
+        replica = await self._acquire(endpoint, config, key, exclude, adm)
+        adm.inflight[replica.id] = adm.inflight.get(replica.id, 0) + 1
+        try:
+            yield replica
+        finally:
+            left = adm.inflight[replica.id] - 1
+            if left:
+                adm.inflight[replica.id] = left
+            else:
+                del adm.inflight[replica.id]
+            adm.released.set()
+            adm.released = asyncio.Event()
+
+    async def _acquire(self, endpoint: str, config: EndpointConfig, key: str | None, exclude: set[str], adm: _Admission) -> RoutableReplica:
+        deadline = time.monotonic() + config.queue_timeout_seconds
+        supervisor = self._services.supervisor
+        while True:
+            table: RoutingTable = supervisor.table
+            routable = [r for r in table.routable.get(endpoint, ()) if r.id not in exclude]
+            free = routable if config.max_concurrency is None else [r for r in routable if adm.inflight.get(r.id, 0) < config.max_concurrency]
+            if free:
+                return pick(config.routing, free, adm.inflight, key=key, overload_factor=config.prefix_overload_factor, rng=self._rng)
+            counts = table.counts.get(endpoint, {})
+            starting = sum(counts.get(s, 0) for s in _STARTING)
+            if not routable and not starting:
+                raise self._no_replica(endpoint, counts, table)
+            if adm.waiting >= config.queue_size:
+                raise ApplianceError(
+                    f"endpoint {endpoint} is at capacity: {adm.waiting} requests already waiting (queue_size {config.queue_size})",
+                    status=429, code="queue_full", headers={"Retry-After": "1"},
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if routable:
+                    raise ApplianceError(
+                        f"endpoint {endpoint} is at capacity: waited {config.queue_timeout_seconds:g}s for a free replica",
+                        status=429, code="queue_timeout", headers={"Retry-After": "1"},
+                    )
+                raise self._no_replica(endpoint, counts, table)
+            adm.waiting += 1
+            try:
+                released = asyncio.ensure_future(adm.released.wait())
+                changed = asyncio.ensure_future(supervisor.wait_for_change(remaining))
+                await asyncio.wait({released, changed}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                for t in (released, changed):
+                    t.cancel()
+            finally:
+                adm.waiting -= 1
+
+    def _no_replica(self, endpoint: str, counts: Any, table: RoutingTable) -> ApplianceError:
+        detail = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()) if s != "HEALTHY") or "none running"
+        status = table.statuses.get(endpoint, "")
+        extra = f"; endpoint status {status}" if status in ("ERROR",) else ""
+        return ApplianceError(f"endpoint {endpoint} has no healthy replica ({detail}){extra}", status=503, code="no_healthy_replica", headers={"Retry-After": "5"})
+
+    # --- one request ----------------------------------------------------------------------------
+
+    async def proxy(self, request: web.Request, endpoint: str, config: EndpointConfig, path: str, body: bytes, key: str | None, key_id: str | None) -> web.StreamResponse:
+        assert self._session is not None
+        started = time.monotonic()
+        outcome = Outcome()
+        replica_id: str | None = None
+        error_source: str | None = None
+        tried: set[str] = set()
+        headers = worker_headers(request.headers)
+        try:
+            while True:
+                async with self.slot(endpoint, config, key, tried) as replica:
+                    replica_id = replica.id
+                    url = replica.url + path + (f"?{request.query_string}" if request.query_string else "")
+                    try:
+                        response = await forward(self._session, request, method=request.method, url=url, body=body, headers=headers, replica=replica.id, outcome=outcome)
+                    except UpstreamUnreachable as exc:
+                        tried.add(replica.id)  # nothing reached the client yet: another replica may answer
+                        if not [r for r in self._services.supervisor.table.routable.get(endpoint, ()) if r.id not in tried]:
+                            raise ApplianceError(
+                                f"replica {replica.id} of endpoint {endpoint} could not be reached: {exc}",
+                                status=502, code="worker_unreachable", source="worker",
+                            ) from None
+                        continue
+                if outcome.error:
+                    error_source = "worker"
+                return response
+        except ApplianceError as exc:
+            outcome.status = exc.status
+            error_source = exc.source
+            raise
+        finally:
+            self.records.append(
+                RequestRecord(
+                    time=time.time(), endpoint=endpoint, replica=replica_id, key_id=key_id, status=outcome.status,
+                    latency=time.monotonic() - started, ttfb=outcome.ttfb, prompt_tokens=outcome.prompt_tokens,
+                    completion_tokens=outcome.completion_tokens, streamed=outcome.streamed,
+                    error_source=error_source if (error_source or outcome.status >= 500) else None,
+                )
+            )
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+async def _authorize(request: web.Request, config: EndpointConfig) -> str | None:
+    """Private endpoints need a key; returns its id (None for public access)."""
+    if config.public:
+        return None
+    principal = await request.app[SERVICES].auth.authenticate(request, "inference")
+    return principal.key_id
+
+
+def _lookup(request: web.Request, model: str) -> tuple[str, EndpointConfig]:
+    table = request.app[SERVICES].supervisor.table
+    name = table.resolve(model)
+    if name is None or name not in table.endpoints:
+        raise ApplianceError(f"The model '{model}' does not exist", status=404, code="model_not_found", param="model")
+    return name, table.endpoints[name]
+
+
+async def openai_route(request: web.Request) -> web.StreamResponse:
+    data = await read_json(request)
+    if not isinstance(data, dict):
+        raise ApplianceError(f"request body must be a JSON object, got {type(data).__name__}", status=400, code="invalid_json")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApplianceError("you must provide a model parameter (an endpoint name)", status=400, code="missing_model", param="model")
+    name, config = _lookup(request, model)
+    key_id = await _authorize(request, config)
+    if model != config.served_model_name:
+        data["model"] = config.served_model_name
+    body = json.dumps(data).encode()
+    session_key = None
+    if config.routing == "session_affinity":
+        session_key = request.headers.get("X-Session-ID") or (data.get("user") if isinstance(data.get("user"), str) else None)
+    elif config.routing == "prefix":
+        session_key = prefix_key(data, config.prefix_length)
+    return await request.app[GATEWAY].proxy(request, name, config, request.path, body, session_key, key_id)
+
+
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    table = request.app[SERVICES].supervisor.table
+    if name not in table.endpoints:
+        raise ApplianceError(f"endpoint {name!r} not found", status=404, code="endpoint_not_found", param="name")
+    config = table.endpoints[name]
+    key_id = await _authorize(request, config)
+    body = await read_body(request)
+    key = request.headers.get("X-Session-ID") if config.routing == "session_affinity" else None
+    return await request.app[GATEWAY].proxy(request, name, config, "/" + request.match_info["path"], body, key, key_id)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    table = services.supervisor.table
+    authorized = False
+    if request.headers.get("Authorization"):
+        await services.auth.authenticate(request, "inference")  # a wrong key is an error, not a silent public list
+        authorized = True
+    data = [
+        {
+            "id": name, "object": "model", "created": 0, "owned_by": "appliance", "status": table.statuses.get(name, "PENDING"),
+            "aliases": list(cfg.aliases), "runtime": cfg.runtime,
+        }
+        for name, cfg in sorted(table.endpoints.items())
+        if authorized or cfg.public
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+ROUTES = [
+    Route("GET", "/v1/models", list_models, "Models (endpoints) the caller may use", auth=False, tags=("gateway",)),
+    Route("POST", "/v1/{tail:.*}", openai_route, "OpenAI-compatible call routed by the body's model", auth=False, tags=("gateway",)),
+    Route("*", "/endpoints/{name}/{path:.*}", passthrough, "The endpoint's own URL: any method and path, passed through", auth=False, tags=("gateway",)),
+]

@@ -1,0 +1,139 @@
+"""Forwarding to a replica over one shared client session: bodies pass as they come, unbuffered
+for streams, and a request is retried on another replica only if no byte has reached the client."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from appliance.errors import ApplianceError
+
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailers", "Transfer-Encoding", "Upgrade",
+        "Host", "Content-Length",
+    )
+)
+_NOT_TO_WORKER = HOP_BY_HOP | {"authorization", "cookie"}  # the appliance's credentials stay here
+_BUFFER_LIMIT = 1 << 20  # a non-streamed answer up to this size is sent in one piece (and its usage read)
+_USAGE_TAIL = 16 << 10
+
+
+def make_session(connect_timeout: float, idle_read_timeout: float, max_connections: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, keepalive_timeout=60, enable_cleanup_closed=True)
+    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=idle_read_timeout)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent",))
+
+
+@dataclass
+class Outcome:
+    status: int = 0
+    ttfb: float | None = None  # seconds to the first body byte from the worker
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    streamed: bool = False
+    error: str = ""
+
+
+class UpstreamUnreachable(Exception):
+    """Nothing was sent to the client: the caller may try another replica."""
+
+
+def worker_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in _NOT_TO_WORKER}
+
+
+def _usage_from(data: Any, outcome: Outcome) -> None:
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if isinstance(usage, dict):
+        outcome.prompt_tokens = usage.get("prompt_tokens", outcome.prompt_tokens)
+        outcome.completion_tokens = usage.get("completion_tokens", outcome.completion_tokens)
+
+
+def usage_from_sse(tail: bytes, outcome: Outcome) -> None:
+    """The last event that carries `usage` (vLLM and OpenAI send it in the final chunk)."""
+    for event in reversed(tail.split(b"\n\n")):
+        line = event.strip()
+        if line.startswith(b"data:") and b'"usage"' in line:
+            try:
+                data = json.loads(line[5:])
+            except ValueError:
+                continue
+            if isinstance(data, dict) and data.get("usage"):
+                _usage_from(data, outcome)
+                return
+
+
+def sse_error_event(message: str, replica: str) -> bytes:
+    body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": "worker_failed", "source": "worker", "replica": replica}}
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+async def forward(
+    session: aiohttp.ClientSession,
+    request: web.Request,
+    *,
+    method: str,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    replica: str,
+    outcome: Outcome,
+    clock: Callable[[], float] = time.monotonic,
+) -> web.StreamResponse:
+    started = clock()
+    try:
+        upstream = await session.request(method, url, data=body, headers=headers, allow_redirects=False)
+    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, TimeoutError) as exc:
+        raise UpstreamUnreachable(f"{exc.__class__.__name__}: {exc}") from None
+    try:
+        outcome.status = upstream.status
+        out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+        ctype = upstream.headers.get("Content-Type", "")
+        length = upstream.content_length
+        if "text/event-stream" not in ctype and length is not None and length <= _BUFFER_LIMIT:
+            try:
+                data = await upstream.read()
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+                raise ApplianceError(
+                    f"replica {replica} failed while answering: {exc.__class__.__name__}", status=502, code="worker_failed", source="worker"
+                ) from None
+            outcome.ttfb = clock() - started
+            if "json" in ctype:
+                try:
+                    _usage_from(json.loads(data), outcome)
+                except ValueError:
+                    pass
+            return web.Response(body=data, status=upstream.status, headers=out_headers)
+        outcome.streamed = True
+        response = web.StreamResponse(status=upstream.status, headers=out_headers)
+        await response.prepare(request)
+        tail = b""
+        sse = "text/event-stream" in ctype
+        try:
+            async for chunk in upstream.content.iter_any():
+                if outcome.ttfb is None:
+                    outcome.ttfb = clock() - started
+                await response.write(chunk)
+                if sse:
+                    tail = (tail + chunk)[-_USAGE_TAIL:]
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            outcome.error = f"replica {replica} failed mid-stream: {exc.__class__.__name__}"
+            if sse:
+                await response.write(sse_error_event(outcome.error, replica))
+        if sse:
+            usage_from_sse(tail, outcome)
+        await response.write_eof()
+        return response
+    finally:
+        if upstream.content.at_eof():
+            upstream.release()  # back to the pool for the next request
+        else:
+            upstream.close()  # cut short (client gone, error): the worker sees the disconnect and stops generating

@@ -1,0 +1,242 @@
+"""The gateway with the official openai SDK and raw HTTP: routing, streaming, errors, balancing,
+cancellation and failures, against real fake-worker processes on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from conftest import Admin, async_wait_for
+from test_supervisor import WORKERS, create, fake_folder, replicas, wait_status
+
+
+@pytest.fixture
+async def admin(start_app: Any, make_config: Any) -> Admin:
+    return await start_app(make_config({"workers": WORKERS, "server": {"max_body_bytes": 1 << 20}}))
+
+
+def sdk(admin: Admin, key: str | None = None) -> openai.AsyncOpenAI:
+    key = key if key is not None else admin.headers["Authorization"].split()[1]
+    return openai.AsyncOpenAI(base_url=str(admin.client.make_url("/v1")), api_key=key, max_retries=0)
+
+
+async def healthy(admin: Admin, name: str, folder: Path, **extra: Any) -> list[dict[str, Any]]:
+    await create(admin, name, folder, **extra)
+    await wait_status(admin, name, "HEALTHY")
+    return await replicas(admin, name)
+
+
+async def stats(port: int) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/stats") as resp:
+        return await resp.json()
+
+
+async def test_openai_sdk_models_chat_stream_completions_embeddings(admin: Admin, tmp_path: Path) -> None:
+    await healthy(admin, "chat", fake_folder(tmp_path, "chat"), aliases=["chat-latest"])
+    client = sdk(admin)
+    models = await client.models.list()
+    assert [m.id for m in models.data] == ["chat"]
+    reply = await client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert reply.choices[0].message.content == "tok0 tok1 tok2 tok3" and reply.usage and reply.usage.completion_tokens == 4
+    assert reply.model == "chat"  # the worker saw its served name (the definition's "chat") after rewriting
+    stream = await client.chat.completions.create(model="chat-latest", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True)
+    pieces = [c.choices[0].delta.content async for c in stream if c.choices]
+    assert "".join(p or "" for p in pieces) == "tok0 tok1 tok2 tok3 tok4 "
+    done = await client.completions.create(model="chat", prompt="once upon", max_tokens=2)
+    assert done.choices[0].text == "tok0 tok1"
+    emb = await client.embeddings.create(model="chat", input=["a", "bcd"])
+    assert [d.embedding[0] for d in emb.data] == [1.0, 3.0]
+    status, records = await admin.call("GET", "/api/v1/requests?endpoint=chat")
+    assert status == 200 and len(records["data"]) == 4
+    first = records["data"][-1]
+    assert first["status"] == 200 and first["completion_tokens"] == 4 and first["prompt_tokens"] == 3 and first["replica"]
+    assert first["ttfb"] is not None and first["latency"] >= first["ttfb"]
+
+
+async def test_sdk_errors(admin: Admin, tmp_path: Path) -> None:
+    await healthy(admin, "private", fake_folder(tmp_path, "private"))
+    with pytest.raises(openai.AuthenticationError):
+        await sdk(admin, key="ak-wrong").chat.completions.create(model="private", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.NotFoundError) as info:
+        await sdk(admin).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert info.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        await sdk(admin).chat.completions.create(model="", messages=[{"role": "user", "content": "x"}])
+    assert bad.value.code == "missing_model"
+
+
+async def test_queue_overflow_is_429_with_retry_after(admin: Admin, tmp_path: Path) -> None:
+    await healthy(admin, "busy", fake_folder(tmp_path, "busy", "--latency", "1.0"), max_concurrency=1, queue_size=1, queue_timeout_seconds=5)
+    client = sdk(admin)
+    calls = [asyncio.create_task(client.chat.completions.create(model="busy", messages=[{"role": "user", "content": "x"}], max_tokens=1)) for _ in range(3)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    limited = [r for r in results if isinstance(r, openai.RateLimitError)]
+    assert len(limited) == 1 and sum(not isinstance(r, Exception) for r in results) == 2  # one in flight, one queued
+    assert limited[0].response.headers["Retry-After"] == "1" and limited[0].code == "queue_full"
+
+
+async def test_raw_http_errors(admin: Admin, tmp_path: Path) -> None:
+    await healthy(admin, "raw", fake_folder(tmp_path, "raw"), public=True)
+    c = admin.client
+    for body, code in ((b"{nope", "invalid_json"), (b"[]", "invalid_json"), (b'{"messages": []}', "missing_model")):
+        resp = await c.post("/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+        err = await resp.json()
+        assert resp.status == 400 and err["error"]["code"] == code and err["error"]["source"] == "appliance"
+    resp = await c.post("/v1/chat/completions", data=b'{"model": "raw", "x": "' + b"a" * (2 << 20) + b'"}')
+    assert resp.status == 413 and (await resp.json())["error"]["code"] == "body_too_large"
+    resp = await c.get("/v1/chat/completions")
+    assert resp.status == 405 and (await resp.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_public_and_private_access(admin: Admin, tmp_path: Path) -> None:
+    await healthy(admin, "open", fake_folder(tmp_path, "open"), public=True)
+    await healthy(admin, "closed", fake_folder(tmp_path, "closed"))
+    c = admin.client
+    listed = await (await c.get("/v1/models")).json()
+    assert [m["id"] for m in listed["data"]] == ["open"]  # without a key: public ones only
+    resp = await c.post("/v1/chat/completions", json={"model": "open", "messages": [], "max_tokens": 1})
+    assert resp.status == 200
+    resp = await c.post("/v1/chat/completions", json={"model": "closed", "messages": [], "max_tokens": 1})
+    assert resp.status == 401 and (await resp.json())["error"]["code"] == "missing_api_key"
+    token = admin.headers["Authorization"].split()[1]
+    resp = await c.post("/v1/chat/completions", json={"model": "closed", "messages": [], "max_tokens": 1}, headers={"Authorization": f"BackendAI {token}"})
+    assert resp.status == 200
+    await admin.call("PATCH", "/api/v1/endpoints/closed", json_body={"public": True})
+
+    async def opened() -> bool:
+        resp = await c.post("/v1/chat/completions", json={"model": "closed", "messages": [], "max_tokens": 1})
+        return resp.status == 200
+
+    await async_wait_for(opened, timeout=5, what="public to take effect")
+
+
+async def test_endpoint_url_passes_everything_through(admin: Admin, tmp_path: Path) -> None:
+    await healthy(admin, "triton", fake_folder(tmp_path, "triton"), public=True)
+    resp = await admin.client.post("/endpoints/triton/v2/models/m/infer?trace=1", data=b'{"inputs": []}', headers={"X-Custom": "yes", "Authorization": "Bearer secret"})
+    echo = await resp.json()
+    assert resp.status == 200 and echo["method"] == "POST" and echo["path"] == "/v2/models/m/infer" and echo["query"] == "trace=1"
+    assert echo["body"] == '{"inputs": []}' and echo["headers"]["X-Custom"] == "yes" and "Authorization" not in echo["headers"]
+    resp = await admin.client.delete("/endpoints/triton/echo/anything")
+    assert resp.status == 200 and (await resp.json())["method"] == "DELETE"
+    resp = await admin.client.get("/endpoints/nobody/x")
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "endpoint_not_found"
+
+
+async def test_worker_errors_pass_through_unchanged(admin: Admin, tmp_path: Path) -> None:
+    await healthy(admin, "dead", fake_folder(tmp_path, "dead", "--dead-generation"), public=True)
+    resp = await admin.client.post("/v1/chat/completions", json={"model": "dead", "messages": []})
+    assert resp.status == 500 and await resp.json() == {"error": {"message": "generation is dead", "type": "server_error"}}
+
+
+async def test_no_healthy_replica_503_and_wait_for_a_starting_one(admin: Admin, tmp_path: Path) -> None:
+    await create(admin, "zero", fake_folder(tmp_path, "zero"), replicas=0, min_replicas=0, public=True)
+    resp = await admin.client.post("/v1/chat/completions", json={"model": "zero", "messages": []})
+    err = await resp.json()
+    assert resp.status == 503 and err["error"]["message"] == "endpoint zero has no healthy replica (none running)"
+    await create(admin, "slowstart", fake_folder(tmp_path, "slowstart", "--startup-delay", "1.0", health={"initial_delay": 30}), public=True)
+    resp = await admin.client.post("/v1/chat/completions", json={"model": "slowstart", "messages": [], "max_tokens": 1})
+    assert resp.status == 200  # waited for the starting replica instead of failing
+    await create(admin, "never", fake_folder(tmp_path, "never", "--startup-delay", "3600", health={"initial_delay": 30}), public=True, queue_timeout_seconds=0.5)
+    resp = await admin.client.post("/v1/chat/completions", json={"model": "never", "messages": []})
+    err = await resp.json()
+    assert resp.status == 503 and "has no healthy replica (1 starting)" in err["error"]["message"]
+
+
+async def test_large_sse_events_pass_unbuffered(admin: Admin, tmp_path: Path) -> None:
+    await healthy(admin, "big", fake_folder(tmp_path, "big"), public=True)
+    resp = await admin.client.post("/v1/chat/completions", json={"model": "big", "messages": [], "stream": True, "big_event": True, "max_tokens": 2})
+    text = await resp.text()
+    assert resp.status == 200 and len(text) > 200_000 and text.rstrip().endswith("data: [DONE]")
+    assert "Content-Encoding" not in resp.headers
+
+
+async def test_least_outstanding_prefers_the_fast_replica(admin: Admin, tmp_path: Path) -> None:
+    folder = fake_folder(tmp_path, "skew", "--slow-marker", str(tmp_path / "slow"), "--slow-latency", "0.3")
+    await healthy(admin, "skew", folder, replicas=2, max_replicas=2, public=True)
+    seen: Counter[str] = Counter()
+
+    async def worker() -> None:
+        for _ in range(8):
+            resp = await admin.client.post("/v1/chat/completions", json={"model": "skew", "messages": [], "max_tokens": 1})
+            seen[(await resp.json())["id"]] += 1
+
+    await asyncio.gather(*(worker() for _ in range(4)))
+    (fast, n_fast), (_, n_slow) = seen.most_common(2)
+    assert n_fast + n_slow == 32 and n_fast > 2 * n_slow, seen
+
+
+async def test_session_affinity_sticks_and_moves_when_the_replica_dies(admin: Admin, tmp_path: Path) -> None:
+    await healthy(admin, "sticky", fake_folder(tmp_path, "sticky"), replicas=2, max_replicas=2, public=True, routing="session_affinity")
+
+    async def ask(session: str) -> str:
+        resp = await admin.client.post("/v1/chat/completions", json={"model": "sticky", "messages": [], "max_tokens": 1}, headers={"X-Session-ID": session})
+        assert resp.status == 200
+        return str((await resp.json())["id"])
+
+    owners = {await ask("alice") for _ in range(6)}
+    assert len(owners) == 1
+    by_user = set()
+    for _ in range(4):
+        resp = await admin.client.post("/v1/chat/completions", json={"model": "sticky", "messages": [], "user": "bob", "max_tokens": 1})
+        by_user.add((await resp.json())["id"])
+    assert len(by_user) == 1
+    os.kill(int(owners.pop().split("-")[1]), signal.SIGKILL)
+    moved = {await ask("alice") for _ in range(6)}  # every call succeeds: retried or rerouted
+    assert len(moved) == 1
+
+
+async def test_retry_on_another_replica_before_the_first_byte(admin: Admin, tmp_path: Path) -> None:
+    reps = await healthy(admin, "retry", fake_folder(tmp_path, "retry", health={"max_retries": 20}), replicas=2, max_replicas=2, public=True)
+    async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{reps[0]['port']}/_stop_listening") as resp:
+        assert resp.status == 200  # still routable for now: its probes have not failed enough yet
+    answers = []
+    for _ in range(10):
+        resp = await admin.client.post("/v1/chat/completions", json={"model": "retry", "messages": [], "max_tokens": 1})
+        assert resp.status == 200
+        answers.append((await resp.json())["id"])
+    assert len(set(answers)) == 1
+    status, records = await admin.call("GET", "/api/v1/requests?endpoint=retry")
+    assert all(r["status"] == 200 for r in records["data"])
+
+
+async def test_client_disconnect_cancels_the_worker_stream(admin: Admin, tmp_path: Path) -> None:
+    (rep,) = await healthy(admin, "cancel", fake_folder(tmp_path, "cancel", "--tokens-per-second", "10"), public=True)
+    resp = await admin.client.post("/v1/chat/completions", json={"model": "cancel", "messages": [], "stream": True, "max_tokens": 100})
+    assert (await resp.content.readline()).startswith(b"data: ")
+    resp.close()  # the client goes away mid-stream
+
+    async def cancelled() -> bool:
+        return (await stats(rep["port"]))["cancelled"] == 1
+
+    await async_wait_for(cancelled, timeout=10, what="the worker to see the stream cancelled")
+
+
+async def test_worker_killed_mid_stream_ends_the_stream_cleanly(admin: Admin, tmp_path: Path) -> None:
+    reps = await healthy(admin, "fragile", fake_folder(tmp_path, "fragile", "--tokens-per-second", "20"), replicas=2, max_replicas=2, public=True)
+    client = sdk(admin, key="unused")
+    stream = await client.chat.completions.create(model="fragile", messages=[{"role": "user", "content": "x"}], stream=True, max_tokens=200)
+    got = 0
+    with pytest.raises(openai.APIError) as info:
+        async for chunk in stream:
+            got += 1
+            if got == 3:
+                os.kill(await _streaming_pid(reps), signal.SIGKILL)
+    assert "failed mid-stream" in str(info.value)
+    for _ in range(5):  # later requests succeed on the other replica
+        reply = await client.chat.completions.create(model="fragile", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+        assert reply.choices
+
+
+async def _streaming_pid(reps: list[dict[str, Any]]) -> int:
+    for r in reps:
+        if (await stats(r["port"]))["requests"]:
+            return int(r["pid"])
+    raise AssertionError("no replica is streaming")
