@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -25,7 +26,6 @@ from appliance.views import Health
 
 log = logging.getLogger(__name__)
 
-_OPEN_PATHS = {f"{admin.PREFIX}/openapi.json"}
 STARTUP_TASK = web.AppKey("startup_task", asyncio.Task)
 
 
@@ -57,16 +57,19 @@ def all_routes() -> list[Route]:
     ]
 
 
-@web.middleware
-async def admin_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """/api/v1 answers only when ready, and only to an admin key."""
-    if request.path.startswith(admin.PREFIX + "/") and request.path not in _OPEN_PATHS:
+def admin_only(handler: Handler) -> Handler:
+    """Admin routes answer only when ready, and only to an admin key."""
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
         services = request.app[SERVICES]
         if not services.readiness.ready:
             detail = services.readiness.failure or "the appliance is starting"
             return error_response(ApplianceError(f"not ready: {detail}", status=503, code="not_ready", headers={"Retry-After": "1"}))
         await services.auth.authenticate(request, ADMIN)
-    return await handler(request)
+        return await handler(request)
+
+    return guarded
 
 
 async def _startup(app: web.Application) -> None:
@@ -118,11 +121,11 @@ def make_app(config: Config, *, clock: Clock = time.time, gpus: GpuMonitor | Non
         gpus=gpus,
         supervisor=supervisor,
     )
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[error_middleware, admin_gate])
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[error_middleware])
     app[SERVICES] = services
     app[MAX_BODY] = config.server.max_body_bytes
     app[GATEWAY] = Gateway(services)
-    add_routes(app, all_routes())
+    add_routes(app, all_routes(), guard=admin_only)
     add_routes(app, gateway.ROUTES)
     app.cleanup_ctx.append(_lifecycle)
     return app

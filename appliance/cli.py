@@ -65,7 +65,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not (folder / "config.json").exists():
         write_demo_model(folder, seed=0, overwrite=True)
     path = write_demo_config(state, folder, port=args.port)
-    print(f"demo: model folder {folder}\ndemo: config {path}\ndemo: admin key in {state / 'admin.key'}", flush=True)
+    key = state / "admin.key"
+    url = f"http://127.0.0.1:{args.port}"
+    print(
+        f"demo: model folder {folder}\ndemo: config {path}\ndemo: admin key in {key}\n"
+        f"demo: try (the first call waits until the replica is up):\n"
+        f"  curl -s {url}/v1/chat/completions -H \"Authorization: Bearer $(cat {key})\" -H 'Content-Type: application/json' "
+        f"-d '{{\"model\": \"demo\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'\n"
+        f"  {sys.executable} -c 'from openai import OpenAI; c = OpenAI(base_url=\"{url}/v1\", api_key=open(\"{key}\").read().strip()); "
+        f"print(c.chat.completions.create(model=\"demo\", messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}], max_tokens=16))'",
+        flush=True,
+    )
     return serve(load_config(path))
 
 

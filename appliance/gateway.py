@@ -12,8 +12,6 @@ import json
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from appliance.errors import ApplianceError
-from appliance.http import Route, read_body, read_json
+from appliance.http import Route, parse_json, read_body
 from appliance.proxy import Outcome, UpstreamUnreachable, forward, make_session, worker_headers
 from appliance.router import RoutableReplica, RoutingTable, pick, prefix_key
 from appliance.services import SERVICES, Services
@@ -30,7 +28,7 @@ from appliance.specs import EndpointConfig
 _STARTING = ("PROVISIONING", "STARTING")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RequestRecord:
     """One answered request, kept in memory for metrics, autoscaling and usage."""
 
@@ -76,19 +74,23 @@ class Gateway:
 
     # --- admission -------------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def slot(self, endpoint: str, config: EndpointConfig, key: str | None, exclude: set[str]) -> AsyncIterator[RoutableReplica]:
-        adm = self._admission.setdefault(endpoint, _Admission())
+    async def acquire(self, endpoint: str, config: EndpointConfig, key: str | None, exclude: set[str]) -> tuple[_Admission, RoutableReplica]:
+        """A replica with room for one more request, counted in flight until release()."""
+        adm = self._admission.get(endpoint)
+        if adm is None:
+            adm = self._admission[endpoint] = _Admission()
         replica = await self._acquire(endpoint, config, key, exclude, adm)
         adm.inflight[replica.id] = adm.inflight.get(replica.id, 0) + 1
-        try:
-            yield replica
-        finally:
-            left = adm.inflight[replica.id] - 1
-            if left:
-                adm.inflight[replica.id] = left
-            else:
-                del adm.inflight[replica.id]
+        return adm, replica
+
+    @staticmethod
+    def release(adm: _Admission, replica: RoutableReplica) -> None:
+        left = adm.inflight[replica.id] - 1
+        if left:
+            adm.inflight[replica.id] = left
+        else:
+            del adm.inflight[replica.id]
+        if adm.waiting:  # wake the queue only when someone waits
             adm.released.set()
             adm.released = asyncio.Event()
 
@@ -146,19 +148,21 @@ class Gateway:
         headers = worker_headers(request.headers)
         try:
             while True:
-                async with self.slot(endpoint, config, key, tried) as replica:
-                    replica_id = replica.id
-                    url = replica.url + path + (f"?{request.query_string}" if request.query_string else "")
-                    try:
-                        response = await forward(self._session, request, method=request.method, url=url, body=body, headers=headers, replica=replica.id, outcome=outcome)
-                    except UpstreamUnreachable as exc:
-                        tried.add(replica.id)  # nothing reached the client yet: another replica may answer
-                        if not [r for r in self._services.supervisor.table.routable.get(endpoint, ()) if r.id not in tried]:
-                            raise ApplianceError(
-                                f"replica {replica.id} of endpoint {endpoint} could not be reached: {exc}",
-                                status=502, code="worker_unreachable", source="worker",
-                            ) from None
-                        continue
+                adm, replica = await self.acquire(endpoint, config, key, tried)
+                replica_id = replica.id
+                url = replica.url + path + (f"?{request.query_string}" if request.query_string else "")
+                try:
+                    response = await forward(self._session, request, method=request.method, url=url, body=body, headers=headers, replica=replica.id, outcome=outcome)
+                except UpstreamUnreachable as exc:
+                    tried.add(replica.id)  # nothing reached the client yet: another replica may answer
+                    if not [r for r in self._services.supervisor.table.routable.get(endpoint, ()) if r.id not in tried]:
+                        raise ApplianceError(
+                            f"replica {replica.id} of endpoint {endpoint} could not be reached: {exc}",
+                            status=502, code="worker_unreachable", source="worker",
+                        ) from None
+                    continue
+                finally:
+                    self.release(adm, replica)
                 if outcome.error:
                     error_source = "worker"
                 return response
@@ -197,7 +201,8 @@ def _lookup(request: web.Request, model: str) -> tuple[str, EndpointConfig]:
 
 
 async def openai_route(request: web.Request) -> web.StreamResponse:
-    data = await read_json(request)
+    body = await read_body(request)
+    data = parse_json(body)
     if not isinstance(data, dict):
         raise ApplianceError(f"request body must be a JSON object, got {type(data).__name__}", status=400, code="invalid_json")
     model = data.get("model")
@@ -205,9 +210,9 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
         raise ApplianceError("you must provide a model parameter (an endpoint name)", status=400, code="missing_model", param="model")
     name, config = _lookup(request, model)
     key_id = await _authorize(request, config)
-    if model != config.served_model_name:
+    if model != config.served_model_name:  # re-encoded only when the worker knows the model by another name
         data["model"] = config.served_model_name
-    body = json.dumps(data).encode()
+        body = json.dumps(data).encode()
     session_key = None
     if config.routing == "session_affinity":
         session_key = request.headers.get("X-Session-ID") or (data.get("user") if isinstance(data.get("user"), str) else None)

@@ -43,9 +43,10 @@ class Route:
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
-def add_routes(app: web.Application, routes: list[Route]) -> None:
+def add_routes(app: web.Application, routes: list[Route], guard: Callable[[Handler], Handler] | None = None) -> None:
+    """Register routes; `guard` wraps the handlers that need auth (so other routes pay nothing for it)."""
     for r in routes:
-        app.router.add_route(r.method, r.path, r.handler)
+        app.router.add_route(r.method, r.path, guard(r.handler) if guard and r.auth else r.handler)
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -59,14 +60,17 @@ async def read_body(request: web.Request) -> bytes:
         ) from None
 
 
-async def read_json(request: web.Request) -> Any:
-    raw = await read_body(request)
+def parse_json(raw: bytes) -> Any:
     if not raw.strip():
         raise ApplianceError("request body is empty; send a JSON object", status=400, code="invalid_json")
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApplianceError(f"malformed JSON in request body: {exc}", status=400, code="invalid_json") from None
+
+
+async def read_json(request: web.Request) -> Any:
+    return parse_json(await read_body(request))
 
 
 async def read_model(request: web.Request, model: type[M], what: str) -> M:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -115,7 +116,8 @@ async def forward(
         outcome.streamed = True
         response = web.StreamResponse(status=upstream.status, headers=out_headers)
         await response.prepare(request)
-        tail = b""
+        recent: deque[bytes] = deque()  # the last chunks, for the usage in the final event; never copied per chunk
+        held = 0
         sse = "text/event-stream" in ctype
         try:
             async for chunk in upstream.content.iter_any():
@@ -123,13 +125,16 @@ async def forward(
                     outcome.ttfb = clock() - started
                 await response.write(chunk)
                 if sse:
-                    tail = (tail + chunk)[-_USAGE_TAIL:]
+                    recent.append(chunk)
+                    held += len(chunk)
+                    while held - len(recent[0]) >= _USAGE_TAIL:
+                        held -= len(recent.popleft())
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             outcome.error = f"replica {replica} failed mid-stream: {exc.__class__.__name__}"
             if sse:
                 await response.write(sse_error_event(outcome.error, replica))
         if sse:
-            usage_from_sse(tail, outcome)
+            usage_from_sse(b"".join(recent), outcome)
         await response.write_eof()
         return response
     finally:

@@ -41,15 +41,12 @@ def _score(key: str, replica_id: str) -> int:
 
 
 def least_outstanding(candidates: Sequence[RoutableReplica], inflight: Mapping[str, int], rng: random.Random) -> RoutableReplica:
-    """Fewest requests in flight; among two random candidates when several tie (power of two choices)."""
+    """Fewest requests in flight; a tie is broken at random, so equal replicas share the load evenly."""
     if len(candidates) == 1:
         return candidates[0]
     low = min(inflight.get(r.id, 0) for r in candidates)
     best = [r for r in candidates if inflight.get(r.id, 0) == low]
-    if len(best) == 1:
-        return best[0]
-    a, b = rng.sample(best, 2)
-    return a if a.id < b.id or rng.random() < 0.5 else b
+    return best[0] if len(best) == 1 else rng.choice(best)
 
 
 def by_hash(candidates: Sequence[RoutableReplica], key: str) -> RoutableReplica:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -39,10 +40,15 @@ def sd_notify(message: str) -> None:
         log.warning("could not notify systemd: %s", exc)
 
 
-async def _notify_when_ready(app: web.Application) -> None:
+async def _notify_when_ready(app: web.Application, *, freeze_heap: bool) -> None:
     readiness = app[SERVICES].readiness
     while not readiness.ready and not readiness.failure:
         await asyncio.sleep(0.05)
+    if freeze_heap:
+        # Everything loaded at start lives as long as the process: keep it out of every garbage
+        # collection, so a burst of requests does not pay for scanning it (tail latency).
+        gc.collect()
+        gc.freeze()
     sd_notify("READY=1" if readiness.ready else f"STATUS=startup failed: {readiness.failure}")
 
 
@@ -65,7 +71,7 @@ async def run(config: Config) -> None:
         url = f"http://{url_host}:{port}"
         path.write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
         log.info("appliance listening on %s (state in %s)", url, config.server.state_dir)
-        notifier = asyncio.create_task(_notify_when_ready(app))
+        notifier = asyncio.create_task(_notify_when_ready(app, freeze_heap=True))
         await stop.wait()
         log.info("shutting down")
         sd_notify("STOPPING=1")

@@ -32,6 +32,18 @@ async def test_transformers_serve_replica_becomes_healthy_on_cpu(admin: Admin, t
         reply = await resp.json()
     assert reply["usage"]["completion_tokens"] <= 3
 
+    # The same calls through the appliance's one URL with the official SDK.
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=str(admin.client.make_url("/v1")), api_key=admin.headers["Authorization"].split()[1], max_retries=0)
+    answer = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert answer.choices[0].finish_reason in ("length", "stop") and answer.usage and answer.usage.completion_tokens <= 4
+    stream = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True)
+    chunks = [c async for c in stream]
+    assert chunks and any(c.choices and c.choices[0].finish_reason for c in chunks)
+    models = await client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
 
 @pytest.mark.gpu
 async def test_gpu_shares_and_whole_gpus_are_pinned_by_uuid(admin: Admin, tmp_path: Path) -> None:

@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Gateway overhead, measured side by side in one run.
+
+Starts the appliance (serving a fast fake upstream as its one replica), a bare aiohttp
+pass-through proxy as the reference, and measures against the upstream directly, the
+reference and the appliance, interleaved in rounds so drift hits all three alike:
+
+  1. latency p50/p99 at 1 client, small JSON request → appliance added p50 / reference added p50 (target ≤ 1.2)
+  2. throughput at 32 concurrent clients → appliance / reference (target ≥ 0.9)
+  3. 128 concurrent SSE streams of 50 tokens at 20 ms → TTFT p99 and inter-token p99 (target ≤ reference + 2 ms)
+
+Usage: .venv/bin/python scripts/bench_gateway.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE = ROOT / "tests" / "fake_worker.py"
+
+REFERENCE = '''
+import asyncio, sys
+import aiohttp
+from aiohttp import web
+UP = sys.argv[2]
+async def handle(request):
+    body = await request.read()
+    async with request.app["s"].request(request.method, UP + request.path_qs, data=body,
+                                        headers={"Content-Type": request.headers.get("Content-Type", "application/json")}) as up:
+        resp = web.StreamResponse(status=up.status, headers={"Content-Type": up.headers.get("Content-Type", "")})
+        await resp.prepare(request)
+        async for chunk in up.content.iter_any():
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+async def session(app):
+    app["s"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    yield
+    await app["s"].close()
+try:
+    import uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # the appliance uses it too: same loop, fair
+except ImportError:
+    pass
+app = web.Application()
+app.cleanup_ctx.append(session)
+app.router.add_route("*", "/{p:.*}", handle)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+'''
+
+SMALL = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+STREAM = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": True}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def latency(session: aiohttp.ClientSession, url: str, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        async with session.post(url, json=SMALL) as resp:
+            await resp.read()
+            assert resp.status == 200, resp.status
+        out.append(time.perf_counter() - t)
+    return out
+
+
+async def throughput(session: aiohttp.ClientSession, url: str, clients: int, seconds: float) -> float:
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def client() -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            async with session.post(url, json=SMALL) as resp:
+                await resp.read()
+            done += 1
+
+    t = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return done / (time.perf_counter() - t)
+
+
+async def streams(session: aiohttp.ClientSession, url: str, n: int) -> tuple[list[float], list[float]]:
+    ttft: list[float] = []
+    gaps: list[float] = []
+
+    async def one() -> None:
+        t = time.perf_counter()
+        last = None
+        async with session.post(url, json=STREAM) as resp:
+            async for _line in resp.content:
+                if not _line.startswith(b"data: {"):
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    ttft.append(now - t)
+                else:
+                    gaps.append(now - last)
+                last = now
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    return ttft, gaps
+
+
+async def measure(targets: dict[str, str], quick: bool) -> dict[str, dict[str, float]]:
+    rounds = 2 if quick else 4
+    n_lat = 200 if quick else 500
+    tp_seconds = 2.0 if quick else 4.0
+    res: dict[str, dict[str, list[float]]] = {k: {"lat": [], "tp": [], "ttft": [], "gap": []} for k in targets}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for url in targets.values():  # warm up connections and code paths
+            await latency(session, url, 50)
+        for r in range(rounds):
+            for name, url in targets.items():
+                res[name]["lat"] += await latency(session, url, n_lat)
+            for name, url in targets.items():
+                res[name]["tp"].append(await throughput(session, url, 32, tp_seconds))
+            for name, url in targets.items():
+                ttft, gaps = await streams(session, url, 128)
+                res[name]["ttft"] += ttft
+                res[name]["gap"] += gaps
+            print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    return {
+        name: {
+            "p50_ms": statistics.median(v["lat"]) * 1e3,
+            "p99_ms": pct(v["lat"], 0.99) * 1e3,
+            "rps": statistics.median(v["tp"]),
+            "ttft_p99_ms": pct(v["ttft"], 0.99) * 1e3,
+            "gap_p99_ms": pct(v["gap"], 0.99) * 1e3,
+        }
+        for name, v in res.items()
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    args = parser.parse_args()
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        folder = root / "bench"
+        folder.mkdir()
+        definition = {"models": [{"name": "bench", "model_path": "/models", "service": {
+            "start_command": ["python", str(FAKE), "--port", "8000", "--tokens-per-second", "50"],
+            "port": 8000, "health_check": {"path": "/health", "interval": 0.5, "max_retries": 3, "initial_delay": 30}}}]}
+        (folder / "model-definition.yaml").write_text(json.dumps(definition))  # JSON is YAML
+        port = free_port()
+        config = root / "config.toml"
+        config.write_text(f'[server]\nport = {port}\nstate_dir = "{root / "state"}"\n[gpus]\ndevices = "none"\n'
+                          f'[[endpoints]]\nname = "bench"\nmodel_folder = "{folder}"\npublic = true\n')
+        try:
+            procs.append(subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(config)], stderr=subprocess.DEVNULL))
+            appliance = f"http://127.0.0.1:{port}"
+            wait_http(appliance + "/readyz")
+            key = (root / "state" / "admin.key").read_text().strip()
+            deadline = time.monotonic() + 60
+            upstream_port = None
+            while time.monotonic() < deadline and upstream_port is None:
+                req = urllib.request.Request(appliance + "/api/v1/endpoints/bench/replicas", headers={"Authorization": f"Bearer {key}"})
+                reps = json.loads(urllib.request.urlopen(req, timeout=5).read())["data"]
+                upstream_port = next((r["port"] for r in reps if r["state"] == "HEALTHY"), None)
+                time.sleep(0.1)
+            if upstream_port is None:
+                raise SystemExit("the bench replica did not become healthy")
+            direct = f"http://127.0.0.1:{upstream_port}"
+            ref_port = free_port()
+            procs.append(subprocess.Popen([sys.executable, "-c", REFERENCE, str(ref_port), direct]))
+            reference = f"http://127.0.0.1:{ref_port}"
+            wait_http(reference + "/health")
+            path = "/v1/chat/completions"
+            print(f"measuring on {os.cpu_count()} cores (direct, reference proxy, appliance interleaved)…", file=sys.stderr)
+            r = asyncio.run(measure({"direct": direct + path, "reference": reference + path, "appliance": appliance + path}, args.quick))
+        finally:
+            for p in reversed(procs):
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                p.wait(timeout=30)
+
+    d, ref, app = r["direct"], r["reference"], r["appliance"]
+    print(f"{'':12}{'p50 ms':>9}{'p99 ms':>9}{'req/s @32':>11}{'TTFT p99':>10}{'ITL p99':>9}")
+    for name in ("direct", "reference", "appliance"):
+        x = r[name]
+        print(f"{name:12}{x['p50_ms']:9.3f}{x['p99_ms']:9.3f}{x['rps']:11.0f}{x['ttft_p99_ms']:10.2f}{x['gap_p99_ms']:9.2f}")
+    ref_added = ref["p50_ms"] - d["p50_ms"]
+    app_added = app["p50_ms"] - d["p50_ms"]
+    checks = [
+        ("added p50 latency, appliance / reference", app_added / ref_added if ref_added > 0 else float("inf"), "≤ 1.2", app_added <= 1.2 * ref_added),
+        ("throughput at 32 clients, appliance / reference", app["rps"] / ref["rps"], "≥ 0.9", app["rps"] >= 0.9 * ref["rps"]),
+        ("TTFT p99, appliance − reference (ms)", app["ttft_p99_ms"] - ref["ttft_p99_ms"], "≤ 2", app["ttft_p99_ms"] <= ref["ttft_p99_ms"] + 2),
+        ("inter-token p99, appliance − reference (ms)", app["gap_p99_ms"] - ref["gap_p99_ms"], "≤ 2", app["gap_p99_ms"] <= ref["gap_p99_ms"] + 2),
+    ]
+    print()
+    for label, value, target, ok in checks:
+        print(f"{label:50}{value:8.2f}  target {target:5}  {'PASS' if ok else 'FAIL'}")
+    return 0 if all(ok for *_, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
