@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,6 @@ HOP_BY_HOP = frozenset(
 )
 _NOT_TO_WORKER = HOP_BY_HOP | {"authorization", "cookie"}  # the appliance's credentials stay here
 _BUFFER_LIMIT = 1 << 20  # a non-streamed answer up to this size is sent in one piece (and its usage read)
-_USAGE_TAIL = 16 << 10
 
 
 def make_session(connect_timeout: float, idle_read_timeout: float, max_connections: int) -> aiohttp.ClientSession:
@@ -116,8 +114,9 @@ async def forward(
         outcome.streamed = True
         response = web.StreamResponse(status=upstream.status, headers=out_headers)
         await response.prepare(request)
-        recent: deque[bytes] = deque()  # the last chunks, for the usage in the final event; never copied per chunk
-        held = 0
+        # Usage rides in the final event(s): remember only the last chunk that mentions it (and the one
+        # before, in case the event straddles two), found with one substring test per chunk.
+        previous = usage_at = b""
         sse = "text/event-stream" in ctype
         try:
             async for chunk in upstream.content.iter_any():
@@ -125,16 +124,15 @@ async def forward(
                     outcome.ttfb = clock() - started
                 await response.write(chunk)
                 if sse:
-                    recent.append(chunk)
-                    held += len(chunk)
-                    while held - len(recent[0]) >= _USAGE_TAIL:
-                        held -= len(recent.popleft())
+                    if b'"usage"' in chunk:
+                        usage_at = previous + chunk
+                    previous = chunk
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             outcome.error = f"replica {replica} failed mid-stream: {exc.__class__.__name__}"
             if sse:
                 await response.write(sse_error_event(outcome.error, replica))
-        if sse:
-            usage_from_sse(b"".join(recent), outcome)
+        if usage_at:
+            usage_from_sse(usage_at, outcome)
         await response.write_eof()
         return response
     finally:

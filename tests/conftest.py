@@ -219,8 +219,12 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[[Path], ServerProcess]]:
     yield make
     for s in servers:
         if s.proc is not None and s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.wait()
+            s.proc.terminate()  # a clean stop takes its workers' process groups with it
+            try:
+                s.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                s.proc.kill()
+                s.proc.wait()
 
 
 def run_cli(*args: str, config: Path | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
