@@ -49,11 +49,27 @@ def worker_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in _NOT_TO_WORKER}
 
 
+_DECODER = json.JSONDecoder()
+
+
 def _usage_from(data: Any, outcome: Outcome) -> None:
     usage = data.get("usage") if isinstance(data, dict) else None
     if isinstance(usage, dict):
         outcome.prompt_tokens = usage.get("prompt_tokens", outcome.prompt_tokens)
         outcome.completion_tokens = usage.get("completion_tokens", outcome.completion_tokens)
+
+
+def usage_from_body(body: bytes, outcome: Outcome) -> None:
+    """Decode only the `usage` object of a JSON answer, not the whole (possibly long) completion."""
+    at = body.rfind(b'"usage"')
+    colon = body.find(b":", at) if at >= 0 else -1
+    if colon < 0:
+        return
+    try:
+        usage, _ = _DECODER.raw_decode(body[colon + 1 :].decode("utf-8", errors="replace").lstrip())
+    except ValueError:
+        return
+    _usage_from({"usage": usage}, outcome)
 
 
 def usage_from_sse(tail: bytes, outcome: Outcome) -> None:
@@ -106,10 +122,7 @@ async def forward(
                 ) from None
             outcome.ttfb = clock() - started
             if "json" in ctype:
-                try:
-                    _usage_from(json.loads(data), outcome)
-                except ValueError:
-                    pass
+                usage_from_body(data, outcome)
             return web.Response(body=data, status=upstream.status, headers=out_headers)
         outcome.streamed = True
         response = web.StreamResponse(status=upstream.status, headers=out_headers)

@@ -54,3 +54,18 @@ def test_prefix_key_from_prompt_or_messages() -> None:
     msgs = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
     assert prefix_key(msgs, 100) == "system:be brief\nuser:hi" and prefix_key(msgs, 6) == "system"
     assert prefix_key({"input": "x"}, 10) is None
+
+
+def test_usage_is_read_from_answers_and_stream_tails() -> None:
+    from appliance.proxy import Outcome, usage_from_body, usage_from_sse
+
+    out = Outcome()
+    usage_from_body(b'{"choices": [{"text": "a \\"usage\\": trap"}], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}', out)
+    assert (out.prompt_tokens, out.completion_tokens) == (7, 3)
+    none = Outcome()
+    usage_from_body(b'{"choices": []}', none)
+    usage_from_body(b'{"usage": null}', none)
+    assert none.prompt_tokens is None
+    stream = Outcome()
+    usage_from_sse(b'data: {"choices": [], "usage": null}\n\ndata: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 9}}\n\ndata: [DONE]\n\n', stream)
+    assert (stream.prompt_tokens, stream.completion_tokens) == (2, 9)
