@@ -81,6 +81,7 @@ class EndpointRun:
     name: str
     config: EndpointConfig
     generation: int
+    updated_at: str = ""
     error: str | None = None
     replicas: dict[str, Replica] = field(default_factory=dict)
     finished: list[Replica] = field(default_factory=list)
@@ -127,6 +128,7 @@ class Supervisor:
         self._last_port: int | None = None
         self._poke = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
+        self._dirty = True  # the routing table must be published again
         self._loop_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self.table = RoutingTable()
@@ -205,20 +207,23 @@ class Supervisor:
                     self._request_stop(r)
                 if not run.replicas:
                     del self._runs[name]
+                self._dirty = True
         for name, row in rows.items():
-            config = EndpointConfig.model_validate(row["config"])
             run = self._runs.get(name)
             if run is None:
-                run = self._runs[name] = EndpointRun(name, config, row["generation"])
+                run = self._runs[name] = EndpointRun(name, EndpointConfig.model_validate(row["config"]), row["generation"], row["updated_at"])
                 if row["status"] == EndpointStatus.ERROR.value:
                     run.error = row["status_message"]  # stays in ERROR across restarts until retried
-            else:
+                self._dirty = True
+            elif row["updated_at"] != run.updated_at:  # validated again only when it changed
                 if row["generation"] != run.generation:
                     run.generation, run.error = row["generation"], None  # new workers: a new chance, ERROR clears
-                run.config = config
+                run.config, run.updated_at = EndpointConfig.model_validate(row["config"]), row["updated_at"]
+                self._dirty = True
             self._reconcile_endpoint(run)
             await self._publish_status(run)
-        self._publish_snapshot()
+        if self._dirty or len(rows) != len(self.table.endpoints):
+            self._publish_snapshot()
 
     def _reconcile_endpoint(self, run: EndpointRun) -> None:
         desired = run.config.replicas
@@ -500,6 +505,7 @@ class Supervisor:
         status = derive_status(run.config.replicas, states, run.error)
         if status != run.status and self._runs.get(run.name) is run:
             run.status = status
+            self._dirty = True  # the table carries statuses too
             await self._store.endpoints.set_status(run.name, status[0].value, status[1])
 
     def _publish_snapshot(self) -> None:
@@ -525,6 +531,7 @@ class Supervisor:
             counts=MappingProxyType({name: MappingProxyType(self.counts(name)) for name in self._runs}),
             statuses=MappingProxyType({name: (run.status[0].value if run.status else "PENDING") for name, run in self._runs.items()}),
         )
+        self._dirty = False
         self._changed.set()
         self._changed = asyncio.Event()
 
