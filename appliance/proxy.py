@@ -106,7 +106,13 @@ async def forward(
     started = clock()
     try:
         upstream = await session.request(method, url, data=body, headers=headers, allow_redirects=False)
-    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, TimeoutError) as exc:
+    except aiohttp.SocketTimeoutError:
+        # The worker took the request and then went silent: not safe to run it again elsewhere.
+        raise ApplianceError(
+            f"replica {replica} sent nothing for {session.timeout.sock_read:g}s ([gateway] idle_read_timeout_seconds)",
+            status=504, code="worker_timeout", source="worker",
+        ) from None
+    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ConnectionTimeoutError) as exc:
         raise UpstreamUnreachable(f"{exc.__class__.__name__}: {exc}") from None
     try:
         outcome.status = upstream.status

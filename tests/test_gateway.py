@@ -240,3 +240,13 @@ async def _streaming_pid(reps: list[dict[str, Any]]) -> int:
         if (await stats(r["port"]))["requests"]:
             return int(r["pid"])
     raise AssertionError("no replica is streaming")
+
+
+async def test_a_silent_worker_is_a_504_not_a_retry_elsewhere(start_app: Any, make_config: Any, tmp_path: Path) -> None:
+    admin = await start_app(make_config({"workers": WORKERS, "gateway": {"idle_read_timeout_seconds": 0.5}}))
+    reps = await healthy(admin, "stall", fake_folder(tmp_path, "stall", "--latency", "2.0"), replicas=2, max_replicas=2, public=True)
+    resp = await admin.client.post("/v1/chat/completions", json={"model": "stall", "messages": [], "max_tokens": 1})
+    err = await resp.json()
+    assert resp.status == 504 and err["error"]["code"] == "worker_timeout" and err["error"]["source"] == "worker"
+    served = [(await stats(r["port"]))["requests"] for r in reps]
+    assert sorted(served) == [0, 1]  # the request ran once, on one replica
