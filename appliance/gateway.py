@@ -133,7 +133,7 @@ class Gateway:
     def _no_replica(self, endpoint: str, counts: Any, table: RoutingTable) -> ApplianceError:
         detail = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()) if s != "HEALTHY") or "none running"
         status = table.statuses.get(endpoint, "")
-        extra = f"; endpoint status {status}" if status in ("ERROR",) else ""
+        extra = f"; endpoint status {status}" if status == "ERROR" else ""
         return ApplianceError(f"endpoint {endpoint} has no healthy replica ({detail}){extra}", status=503, code="no_healthy_replica", headers={"Retry-After": "5"})
 
     # --- one request ----------------------------------------------------------------------------

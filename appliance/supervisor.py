@@ -222,7 +222,7 @@ class Supervisor:
                 self._dirty = True
             self._reconcile_endpoint(run)
             await self._publish_status(run)
-        if self._dirty or len(rows) != len(self.table.endpoints):
+        if self._dirty:
             self._publish_snapshot()
 
     def _reconcile_endpoint(self, run: EndpointRun) -> None:
@@ -333,18 +333,12 @@ class Supervisor:
             await self._wait_or_stop(r, _WAIT_FOR_CAPACITY)
             return "retry"
         except (ApplianceError, OSError) as exc:  # a failed start, counted: a lasting cause ends in ERROR
-            self._release(r)
-            r.last_error = exc.message if isinstance(exc, ApplianceError) else f"could not prepare the replica: {exc}"
-            await self._record(r, ReplicaState.FAILED, r.last_error)
-            return "crashed"
+            return await self._failed(r, exc.message if isinstance(exc, ApplianceError) else f"could not prepare the replica: {exc}")
         try:
             r.log.note(f"starting: {' '.join(spec.argv)} (port {r.port})")
             r.process = await WorkerProcess.spawn(spec.argv, env=env, cwd=r.work_dir, sink=r.log)
         except ApplianceError as exc:
-            self._release(r)
-            r.last_error = exc.message
-            await self._record(r, ReplicaState.FAILED, exc.message)
-            return "crashed"
+            return await self._failed(r, exc.message)
         r.started_at = self._clock()
         r.health = HealthState(spawned_at=r.started_at)
         await self._record(r, ReplicaState.STARTING, f"spawned pid {r.process.pid} on port {r.port}")
@@ -364,18 +358,18 @@ class Supervisor:
         if exited.done():
             code = exited.result()
             tail = r.log.last_lines(10)
-            self._release(r)
             if not r.stop_requested.is_set() and r.health and not r.health.ever_healthy and looks_like_port_conflict(tail):
+                self._release(r)
                 bad = spec.port
                 self._port_quarantine[bad] = self._clock() + _PORT_QUARANTINE
                 r.log.note(f"port {bad} was taken by another program; starting again on another port")
                 await self._record(r, ReplicaState.PROVISIONING, f"port {bad} in use by another program; respawning on another port")
                 return "retry"
             if r.stop_requested.is_set():
+                self._release(r)
                 return "stopped"
-            r.last_error = f"worker exited with code {code}" + (" before becoming healthy" if r.health and not r.health.ever_healthy else "")
-            await self._record(r, ReplicaState.FAILED, r.last_error, details={"exit_code": code, "last_log_lines": tail})
-            return "crashed"
+            early = " before becoming healthy" if r.health and not r.health.ever_healthy else ""
+            return await self._failed(r, f"worker exited with code {code}{early}", {"exit_code": code, "last_log_lines": tail})
         exited.cancel()
         if r.stop_requested.is_set():
             await self._record(r, ReplicaState.TERMINATING, "stopping")
@@ -386,9 +380,13 @@ class Supervisor:
         # Unhealthy for too long: replace it.
         await self._record(r, ReplicaState.TERMINATING, "unhealthy for too long: replacing")
         await process.stop(self._config.workers.stop_grace_seconds)
+        return await self._failed(r, f"replaced after {config.unhealthy_replace_after:g}s unhealthy ({r.health.last_result if r.health else ''})")
+
+    async def _failed(self, r: Replica, reason: str, details: dict[str, Any] | None = None) -> str:
+        """A failed start or a crash: free what it held and say why. Counted by the caller."""
         self._release(r)
-        r.last_error = f"replaced after {config.unhealthy_replace_after:g}s unhealthy ({r.health.last_result if r.health else ''})"
-        await self._record(r, ReplicaState.FAILED, r.last_error)
+        r.last_error = reason
+        await self._record(r, ReplicaState.FAILED, reason, details)
         return "crashed"
 
     async def _provision(self, run: EndpointRun, r: Replica) -> tuple[WorkerSpec, dict[str, str]]:
