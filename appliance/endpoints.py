@@ -185,15 +185,17 @@ class EndpointService:
         spec = merge_patch(current["spec"], patch, name)
         return await self._replace(current, spec, current["source"], f"endpoint {name} updated", {"patch": patch})
 
-    async def _replace(self, current: EndpointRow, spec: EndpointSpec, source: str, message: str, details: dict[str, Any]) -> EndpointRow:
-        config = await self._resolve(spec)
+    async def _replace(
+        self, current: EndpointRow, spec: EndpointSpec, source: str, message: str, details: dict[str, Any], config: EndpointConfig | None = None
+    ) -> EndpointRow:
+        config = config or await self._resolve(spec)
         changes = {"spec": stated(spec), "config": config.model_dump(mode="json"), "source": source}
         updated = await self._store.endpoints.update(current["name"], changes, message, details)
         await self._on_change()
         return updated
 
-    async def delete(self, name: str) -> None:
-        await self._store.endpoints.delete(name, f"endpoint {name} deleted")
+    async def delete(self, name: str, message: str = "deleted") -> None:
+        await self._store.endpoints.delete(name, f"endpoint {name} {message}")
         await self._on_change()
 
     async def apply_declared(self, specs: list[EndpointSpec]) -> list[str]:
@@ -209,19 +211,18 @@ class EndpointService:
                 current = await self._store.endpoints.get(spec.name)
                 if current is None:
                     await self.create(spec, source="config")
-                elif current["spec"] != stated(spec) or current["source"] != "config":
-                    await self._replace(current, spec, "config", f"endpoint {spec.name} updated from the config file", {"spec": stated(spec)})
-                else:
-                    config = await self._resolve(spec)  # the folder's files may have changed since
-                    if config.model_dump(mode="json") != current["config"]:
-                        await self._replace(current, spec, "config", f"endpoint {spec.name} picked up changes in its model folder", {})
+                    continue
+                config = await self._resolve(spec)  # resolved once: the folder's files may have changed since
+                if current["spec"] != stated(spec) or current["source"] != "config":
+                    await self._replace(current, spec, "config", f"endpoint {spec.name} updated from the config file", {"spec": stated(spec)}, config)
+                elif config.model_dump(mode="json") != current["config"]:
+                    await self._replace(current, spec, "config", f"endpoint {spec.name} picked up changes in its model folder", {}, config)
             except ApplianceError as exc:
                 problems.append(f"endpoints.{spec.name}: {exc.message}")
                 await self._store.events.add("config.error", exc.message, endpoint=spec.name, details={"code": exc.code})
         for row in await self._store.endpoints.list():
             if row["source"] == "config" and row["name"] not in declared:
-                await self._store.endpoints.delete(row["name"], f"endpoint {row['name']} removed from the config file")
-                await self._on_change()
+                await self.delete(row["name"], "removed from the config file")
         for p in problems:
             log.error("declared endpoint not applied: %s", p)
         return problems
