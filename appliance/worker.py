@@ -79,13 +79,14 @@ class ReplicaLog:
             return list(self.tail)[-n:]
 
     def read_tail(self, n: int) -> list[str]:
-        """The last n lines from disk, rotated files included (blocking: call off the loop)."""
+        """The last n lines from disk, rotated files included (blocking: call off the loop).
+        Reads from the end, so a 50 MB log costs what its last lines cost."""
         lines: list[str] = []
         files = [self.path] + [Path(f"{self.path}.{i}") for i in range(1, self._handler.backupCount + 1)]
         for f in files:
             if len(lines) >= n or not f.exists():
                 break
-            lines = f.read_text(encoding="utf-8", errors="replace").splitlines() + lines
+            lines = _last_lines(f, n - len(lines)) + lines
         return lines[-n:] if n else []
 
     def close(self) -> None:
@@ -95,6 +96,18 @@ class ReplicaLog:
             self._closed = True
         for loop, queue in followers:
             loop.call_soon_threadsafe(queue.put_nowait, None)
+
+
+def _last_lines(path: Path, n: int, block: int = 64 << 10) -> list[str]:
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        data = b""
+        while end > 0 and data.count(b"\n") <= n:
+            step = min(block, end)
+            end -= step
+            f.seek(end)
+            data = f.read(step) + data
+    return data.decode("utf-8", errors="replace").splitlines()[-n:]
 
 
 def _pump(fd: int, sink: ReplicaLog) -> None:
