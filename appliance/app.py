@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from appliance import admin, gateway
-from appliance.auth import ADMIN, Authenticator, bootstrap_admin_key
+from appliance import access, admin, gateway, oauth
+from appliance.auth import Authenticator, TokenSigner, bootstrap_admin_key
 from appliance.config import Config
 from appliance.endpoints import EndpointService
 from appliance.errors import ApplianceError
@@ -22,6 +22,8 @@ from appliance.openapi import build_openapi
 from appliance.services import SERVICES, Services
 from appliance.store import Clock, Store
 from appliance.supervisor import Supervisor
+from appliance.usage import Accounting
+from appliance.vault import Vault
 from appliance.views import Health
 
 log = logging.getLogger(__name__)
@@ -54,11 +56,14 @@ def all_routes() -> list[Route]:
         Route("GET", "/readyz", readyz, "Readiness (503 until startup reconciliation ran)", response=Health, auth=False, tags=("system",)),
         Route("GET", f"{admin.PREFIX}/openapi.json", openapi, "This document", auth=False, tags=("system",)),
         *admin.ROUTES,
+        *access.ROUTES,
+        *oauth.ROUTES,
     ]
 
 
-def admin_only(handler: Handler) -> Handler:
-    """Admin routes answer only when ready, and only to an admin key."""
+def admin_only(route: Route) -> Handler:
+    """Admin routes answer only when ready, and only to a caller with the route's scope."""
+    handler, scope = route.handler, route.required_scope
 
     @functools.wraps(handler)
     async def guarded(request: web.Request) -> web.StreamResponse:
@@ -66,7 +71,7 @@ def admin_only(handler: Handler) -> Handler:
         if not services.readiness.ready:
             detail = services.readiness.failure or "the appliance is starting"
             return error_response(ApplianceError(f"not ready: {detail}", status=503, code="not_ready", headers={"Retry-After": "1"}))
-        await services.auth.authenticate(request, ADMIN)
+        await services.auth.authenticate(request, scope)
         return await handler(request)
 
     return guarded
@@ -78,6 +83,9 @@ async def _startup(app: web.Application) -> None:
     try:
         await bootstrap_admin_key(services.store, config.admin_key_path)
         await services.auth.reload()
+        services.jobs.every("auth.reload", config.auth.reload_seconds, services.auth.reload)
+        services.jobs.every("usage.flush", config.auth.usage_flush_seconds, services.accounting.flush)
+        services.jobs.start()
         problems = await services.endpoints.apply_declared(list(config.endpoints))
         await app[GATEWAY].start()
         await services.supervisor.start()  # stops orphans of an earlier run, then reconciles
@@ -103,7 +111,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(task, return_exceptions=True)
     await services.supervisor.stop()  # every worker stops before the appliance does
     await app[GATEWAY].stop()
+    services.jobs.stop()
     if services.store.is_open:
+        await services.accounting.flush()
         await services.store.events.add("server.stopped", "appliance stopped")
     await services.store.close()
 
@@ -111,15 +121,20 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 def make_app(config: Config, *, clock: Clock = time.time, gpus: GpuMonitor | None = None) -> web.Application:
     store = Store(config.db_path, clock)
     gpus = gpus or GpuMonitor()
-    supervisor = Supervisor(config, store, clock, gpus.inventory)
+    vault = Vault(config.secret_key_path)
+    accounting = Accounting(store, clock, config.auth.auth_failure_events_per_minute)
+    auth = Authenticator(store, clock, TokenSigner(config.jwt_key_path), on_failure=accounting.auth_failure)
+    supervisor = Supervisor(config, store, clock, gpus.inventory, unseal=vault.open_all)
     services = Services(
         config=config,
         clock=clock,
         store=store,
-        endpoints=EndpointService(store, on_change=supervisor.sync),
-        auth=Authenticator(store, clock),
+        endpoints=EndpointService(store, on_change=supervisor.sync, vault=vault, on_delete=auth.reload),
+        auth=auth,
         gpus=gpus,
         supervisor=supervisor,
+        vault=vault,
+        accounting=accounting,
     )
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[error_middleware])
     app[SERVICES] = services

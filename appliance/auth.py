@@ -1,7 +1,10 @@
-"""API keys: generation, hashing, the admin bootstrap key, and the one check every route calls.
+"""Who is calling: API keys, endpoint tokens and service-account access tokens, checked in one place.
 
-A key is `ak-` followed by 32 random bytes (URL-safe base64). Only its sha256 is stored;
-the plaintext is shown once (for the bootstrap key: written to state_dir/admin.key, 0600).
+Keys (`ak-…`) and endpoint tokens (`et-…`) are 32 random bytes; only their sha256 is stored.
+Every active, expired or revoked key is held in memory by hash, so the check on the hot path is
+one hash and one dict lookup, and an API change (revoke, patch) updates that map before it
+answers. Access tokens are JWTs signed with the key in state_dir/jwt.key; the account they name
+is looked up on every call, so disabling it rejects its tokens at once.
 """
 
 from __future__ import annotations
@@ -12,39 +15,65 @@ import json
 import logging
 import os
 import secrets
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import jwt
 from aiohttp import web
 from sqlite_utils import Database
 
 from appliance.errors import ApplianceError
-from appliance.store import Clock, Store, dumps, iso
+from appliance.limits import Limits
+from appliance.store import Clock, Store, dumps, iso, parse_iso
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "ak-"
-ADMIN = "admin"
+TOKEN_PREFIX = "et-"
+ADMIN, INFERENCE, READ = "admin", "inference", "read"
+SCOPES = (ADMIN, INFERENCE, READ)
+ROLES: dict[str, frozenset[str]] = {"viewer": frozenset({READ}), "user": frozenset({INFERENCE}), "admin": frozenset({ADMIN})}
 BOOTSTRAP_NAME = "admin (bootstrap)"
 _RELOAD_INTERVAL = 1.0  # an unknown key re-reads the store at most this often
+_JWT_ALGORITHM = "HS256"
+_JWT_ISSUER = "appliance"
+_JWT_CACHE_MAX = 10_000
 
 
-def new_key() -> str:
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+def new_key(prefix: str = KEY_PREFIX) -> str:
+    return prefix + secrets.token_urlsafe(32)
 
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def key_row(key: str, name: str, scopes: list[str]) -> dict[str, object]:
+def key_row(
+    key: str,
+    name: str,
+    scopes: Iterable[str],
+    *,
+    kind: str = "key",
+    endpoints: list[str] | None = None,
+    expires_at: str | None = None,
+    limits: Limits = Limits(),
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     return {
-        "id": "key_" + secrets.token_hex(8),
+        "id": ("tok_" if kind == "endpoint_token" else "key_") + secrets.token_hex(8),
         "name": name,
+        "kind": kind,
         "prefix": key[: len(KEY_PREFIX) + 6],
         "hash": hash_key(key),
-        "scopes": dumps(scopes),
-        "endpoints": None,
+        "scopes": dumps(sorted(set(scopes))),
+        "endpoints": None if endpoints is None else dumps(sorted(set(endpoints))),
+        "expires_at": expires_at,
+        "rpm_limit": limits.rpm,
+        "tpm_limit": limits.tpm,
+        "max_parallel_requests": limits.parallel,
+        "metadata": dumps(metadata or {}),
     }
 
 
@@ -92,14 +121,97 @@ def reset_admin_key(db: Database, path: Path, now: float) -> str:
     return key
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Principal:
-    key_id: str
+    """An authenticated caller: a key, an endpoint token or a service account."""
+
+    id: str
     name: str
+    kind: str  # key | endpoint_token | service_account
     scopes: frozenset[str]
+    endpoints: frozenset[str] | None = None  # None: every endpoint
+    limits: Limits = Limits()
+    expires_at: float | None = None
+    revoked: bool = False
+
+    def has(self, scope: str) -> bool:
+        return scope in self.scopes or ADMIN in self.scopes  # admin may do everything
+
+    def allows(self, endpoint: str) -> bool:
+        return self.endpoints is None or endpoint in self.endpoints
 
 
-def bearer_token(request: web.Request) -> str | None:
+def principal_of(row: dict[str, Any]) -> Principal:
+    endpoints = json.loads(row["endpoints"]) if row.get("endpoints") else None
+    return Principal(
+        id=row["id"],
+        name=row["name"],
+        kind=row.get("kind") or "key",
+        scopes=frozenset(json.loads(row["scopes"])),
+        endpoints=None if endpoints is None else frozenset(endpoints),
+        limits=Limits(rpm=row.get("rpm_limit"), tpm=row.get("tpm_limit"), parallel=row.get("max_parallel_requests")),
+        expires_at=parse_iso(row["expires_at"]) if row.get("expires_at") else None,
+        revoked=bool(row.get("revoked_at")),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: str
+    name: str
+    role: str
+    client_id: str
+    secret_hash: str
+    disabled: bool
+
+
+def account_of(row: dict[str, Any]) -> Account:
+    return Account(row["id"], row["name"], row["role"], row["client_id"], row["secret_hash"], bool(row.get("disabled_at")))
+
+
+class TokenSigner:
+    """HS256 access tokens under a random key in state_dir/jwt.key (0600); rotate() voids every token."""
+
+    def __init__(self, key_path: Path) -> None:
+        self._path = key_path
+        self._key: bytes | None = None
+
+    def _secret(self) -> bytes:
+        if self._key is None:
+            try:
+                self._key = bytes.fromhex(self._path.read_text().strip())
+            except FileNotFoundError:
+                self.rotate()
+        assert self._key is not None
+        return self._key
+
+    def rotate(self) -> None:
+        key = secrets.token_bytes(32)
+        write_secret_file(self._path, key.hex())
+        self._key = key
+
+    def issue(self, account: Account, scopes: frozenset[str], ttl: float, now: float) -> str:
+        claims = {
+            "iss": _JWT_ISSUER, "sub": account.client_id, "sa": account.id, "role": account.role,
+            "scope": " ".join(sorted(scopes)), "iat": int(now), "exp": int(now + ttl), "jti": secrets.token_hex(8),
+        }
+        return jwt.encode(claims, self._secret(), algorithm=_JWT_ALGORITHM)
+
+    def verify(self, token: str, now: float) -> dict[str, Any]:
+        """Claims of a valid token; ApplianceError 401 otherwise. Expiry is judged by the injected clock."""
+        try:
+            claims = jwt.decode(
+                token, self._secret(), algorithms=[_JWT_ALGORITHM], issuer=_JWT_ISSUER,
+                options={"require": ["exp", "iat", "sub", "sa"], "verify_exp": False, "verify_iat": False},
+            )
+        except jwt.PyJWTError as exc:
+            raise ApplianceError(f"invalid access token: {exc}", status=401, code="invalid_token") from None
+        if now >= float(claims["exp"]):
+            raise ApplianceError("the access token has expired; ask /oauth/token for a new one", status=401, code="token_expired")
+        return claims
+
+
+def credential(request: web.Request) -> str | None:
     """The credential of `Authorization: Bearer <key>` or Backend.AI's `Authorization: BackendAI <token>`."""
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
@@ -108,48 +220,140 @@ def bearer_token(request: web.Request) -> str | None:
     return None
 
 
-class Authenticator:
-    """Checks a presented key against the active keys, in constant time per candidate."""
+FailureHook = Callable[[str, web.Request, str | None], None]
 
-    def __init__(self, store: Store, clock: Clock) -> None:
+
+def _unauthorized(message: str, code: str) -> ApplianceError:
+    return ApplianceError(message, status=401, code=code, headers={"WWW-Authenticate": 'Bearer realm="appliance", error="invalid_token"'})
+
+
+class Authenticator:
+    """The one check every protected route calls, over an in-memory copy of keys and accounts."""
+
+    def __init__(self, store: Store, clock: Clock, signer: TokenSigner, on_failure: FailureHook | None = None) -> None:
         self._store = store
         self._clock = clock
-        self._keys: list[tuple[str, Principal]] = []
+        self.signer = signer
+        self.on_failure = on_failure
+        self._by_hash: dict[str, Principal] = {}
+        self._hash_of: dict[str, str] = {}
+        self._accounts: dict[str, Account] = {}
+        self._jwt_cache: dict[str, tuple[str, frozenset[str], float]] = {}
         self._loaded_at = float("-inf")
+        self._version = 0  # bumped by every change made here: a reload that raced one is dropped
+
+    # --- the in-memory copy ----------------------------------------------------------------------
 
     async def reload(self) -> None:
-        rows = await self._store.keys.active_with_scope(ADMIN)
-        self._keys = [(r["hash"], Principal(r["id"], r["name"], frozenset(json.loads(r["scopes"])))) for r in rows]
+        version = self._version
+        keys, accounts = await self._store.run(_load_all)
+        if version != self._version:
+            return  # a change landed while reading: what was read may predate it
+        self._by_hash = {row["hash"]: principal_of(row) for row in keys}
+        self._hash_of = {row["id"]: row["hash"] for row in keys}
+        self._accounts = {row["id"]: account_of(row) for row in accounts}
         self._loaded_at = self._clock()
 
-    def _match(self, digest: str) -> Principal | None:
-        found = None
-        for stored, principal in self._keys:  # no early exit: timing says nothing about which key matched
-            if hmac.compare_digest(stored, digest):
-                found = principal
-        return found
+    def put_key(self, row: dict[str, Any]) -> None:
+        self._version += 1
+        self._by_hash[row["hash"]] = principal_of(row)
+        self._hash_of[row["id"]] = row["hash"]
 
-    async def authenticate(self, request: web.Request, scope: str) -> Principal:
-        token = bearer_token(request)
+    def put_account(self, row: dict[str, Any] | None, account_id: str) -> None:
+        self._version += 1
+        if row is None:
+            self._accounts.pop(account_id, None)
+        else:
+            self._accounts[account_id] = account_of(row)
+
+    def forget_tokens(self) -> None:
+        self._version += 1
+        self._jwt_cache.clear()
+
+    def account_by_client_id(self, client_id: str) -> Account | None:
+        for account in self._accounts.values():
+            if hmac.compare_digest(account.client_id, client_id):
+                return account
+        return None
+
+    def count_admin_keys(self, exclude: str | None = None) -> int:
+        now = self._clock()
+        return sum(
+            1 for p in self._by_hash.values()
+            if ADMIN in p.scopes and not p.revoked and (p.expires_at is None or p.expires_at > now) and p.id != exclude
+        )
+
+    # --- the check ---------------------------------------------------------------------------------
+
+    def _fail(self, request: web.Request, token: str | None, err: ApplianceError, record: bool = True) -> ApplianceError:
+        if record and self.on_failure is not None:
+            self.on_failure(err.code, request, token[:9] if token else None)
+        return err
+
+    async def identify(self, request: web.Request, *, record: bool = True) -> Principal:
+        """The caller behind the request's credential, or a 401 (recorded in events unless `record` is false)."""
+        token = credential(request)
         if token is None:
-            raise ApplianceError(
-                "missing API key: send `Authorization: Bearer <key>`",
-                status=401,
-                code="missing_api_key",
+            raise self._fail(request, None, ApplianceError(
+                "missing API key: send `Authorization: Bearer <key>`", status=401, code="missing_api_key",
                 headers={"WWW-Authenticate": 'Bearer realm="appliance"'},
-            )
+            ), record)
+        if token.startswith("eyJ") and token.count(".") == 2:
+            return self._from_jwt(request, token, record)
         digest = hash_key(token)
-        principal = self._match(digest)
+        principal = self._by_hash.get(digest)
         if principal is None and self._clock() - self._loaded_at >= _RELOAD_INTERVAL:
-            await self.reload()  # a key issued by another process since the last load
-            principal = self._match(digest)
+            await self.reload()  # a key written by another process (offline reset) since the last load
+            principal = self._by_hash.get(digest)
         if principal is None:
-            raise ApplianceError(
-                "invalid API key",
-                status=401,
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": 'Bearer realm="appliance", error="invalid_token"'},
-            )
-        if scope not in principal.scopes and ADMIN not in principal.scopes:  # admin may do everything
-            raise ApplianceError(f"this key lacks the {scope!r} scope", status=403, code="insufficient_scope")
+            raise self._fail(request, token, _unauthorized("invalid API key", "invalid_api_key"), record)
+        if principal.revoked:
+            raise self._fail(request, token, _unauthorized(f"this {_what(principal)} was revoked", "revoked_api_key"), record)
+        if principal.expires_at is not None and self._clock() >= principal.expires_at:
+            raise self._fail(request, token, _unauthorized(f"this {_what(principal)} expired at {iso(principal.expires_at)}", "expired_api_key"), record)
         return principal
+
+    def _from_jwt(self, request: web.Request, token: str, record: bool) -> Principal:
+        now = self._clock()
+        cached = self._jwt_cache.get(token)
+        if cached is None or now >= cached[2]:
+            try:
+                claims = self.signer.verify(token, now)
+            except ApplianceError as err:
+                raise self._fail(request, token, _unauthorized(err.message, err.code), record) from None
+            if len(self._jwt_cache) >= _JWT_CACHE_MAX:
+                self._jwt_cache.clear()
+            cached = (str(claims["sa"]), frozenset(str(claims.get("scope", "")).split()), float(claims["exp"]))
+            self._jwt_cache[token] = cached
+        account = self._accounts.get(cached[0])
+        if account is None:
+            raise self._fail(request, token, _unauthorized("the service account of this token no longer exists", "unknown_account"), record)
+        if account.disabled:
+            raise self._fail(request, token, _unauthorized(f"service account {account.name} is disabled", "account_disabled"), record)
+        scopes = cached[1] & ROLES[account.role] if ADMIN not in ROLES[account.role] else cached[1]
+        return Principal(id=account.id, name=account.name, kind="service_account", scopes=scopes, expires_at=cached[2])
+
+    async def authenticate(self, request: web.Request, scope: str, *, also: str | None = None) -> Principal:
+        """The caller, who must hold `scope` (or `also`); 401 without a valid credential, 403 without the scope."""
+        principal = await self.identify(request)
+        if not (principal.has(scope) or (also is not None and principal.has(also))):
+            needed = f"{scope!r}" + (f" or {also!r}" if also else "")
+            raise self._fail(request, None, ApplianceError(
+                f"{_what(principal)} {principal.name!r} lacks the {needed} scope (it has: {', '.join(sorted(principal.scopes)) or 'none'})",
+                status=403, code="insufficient_scope",
+            ))
+        return principal
+
+    def check_endpoint(self, request: web.Request, principal: Principal, endpoint: str) -> None:
+        if not principal.allows(endpoint):
+            raise self._fail(request, None, ApplianceError(
+                f"{_what(principal)} {principal.name!r} may not use endpoint {endpoint!r}", status=403, code="endpoint_not_allowed", param="model",
+            ))
+
+
+def _what(principal: Principal) -> str:
+    return {"endpoint_token": "endpoint token", "service_account": "service account"}.get(principal.kind, "API key")
+
+
+def _load_all(db: Database) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    return list(db.query("select * from api_keys")), list(db.query("select * from service_accounts"))

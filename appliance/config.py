@@ -22,11 +22,23 @@ class ServerConfig(Model):
     state_dir: Path = Field(Path("/var/lib/appliance"), description="database, admin key, replica work dirs")
     max_body_bytes: ByteSize = Field(16 << 20, ge=1024, description="largest request body accepted")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain): serve HTTPS; `appliance tls init` writes a self-signed one")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
 
-    @field_validator("state_dir", mode="before")
+    @field_validator("state_dir", "tls_cert", "tls_key", mode="before")
     @classmethod
     def _path(cls, v: Any) -> Any:
         return Path(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ServerConfig":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
 
 
 class WorkersConfig(Model):
@@ -67,6 +79,13 @@ class GatewayConfig(Model):
     request_records: int = Field(10000, ge=0, description="recent requests kept in memory for metrics and autoscaling")
 
 
+class AuthConfig(Model):
+    access_token_ttl_seconds: int = Field(3600, ge=60, le=30 * 86400, description="lifetime of OAuth2 access tokens")
+    usage_flush_seconds: float = Field(10.0, gt=0, description="how often usage totals and last-used times are written")
+    auth_failure_events_per_minute: int = Field(30, ge=0, description="auth failures recorded one by one; the rest are counted")
+    reload_seconds: float = Field(30.0, gt=0, description="re-read keys and accounts (changes made offline) this often")
+
+
 class GpusConfig(Model):
     devices: Literal["all", "none"] | list[int | str] = Field(
         "all", description='"all", "none", or a list of GPU indices / UUIDs the appliance may use'
@@ -91,6 +110,7 @@ class Config(Model):
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     gpus: GpusConfig = Field(default_factory=GpusConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     endpoints: list[EndpointSpec] = Field(default_factory=list, description="declared endpoints, created or updated at start")
     source: Path | None = Field(None, exclude=True, description="the file this came from (not a key)")
 
@@ -116,6 +136,14 @@ class Config(Model):
     def admin_key_path(self) -> Path:
         return self.server.state_dir / "admin.key"
 
+    @property
+    def secret_key_path(self) -> Path:
+        return self.server.state_dir / "secret.key"
+
+    @property
+    def jwt_key_path(self) -> Path:
+        return self.server.state_dir / "jwt.key"
+
 
 def _absolutise(raw: dict[str, Any], base: Path) -> None:
     """Relative paths in a config file are relative to the file, not to the cwd of systemd."""
@@ -124,7 +152,8 @@ def _absolutise(raw: dict[str, Any], base: Path) -> None:
         if isinstance(table, dict) and isinstance(table.get(key), str):
             table[key] = absolute(table[key], base)
 
-    fix(raw.get("server"), "state_dir")
+    for key in ("state_dir", "tls_cert", "tls_key"):
+        fix(raw.get("server"), key)
     fix(raw.get("workers"), "log_dir")
     for ep in raw.get("endpoints", []) if isinstance(raw.get("endpoints"), list) else []:
         fix(ep, "model_folder")

@@ -22,6 +22,7 @@ from appliance.specs import EndpointConfig, EndpointSpec, Environment, Resources
 from appliance.states import EndpointStatus
 from appliance.store import Store
 from appliance.store.repos import EndpointRow
+from appliance.vault import Vault, masked
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def resolve(spec: EndpointSpec) -> tuple[EndpointConfig, ModelDefinition | None]
         max_replicas=spec.replicas if spec.max_replicas is None else spec.max_replicas,
         resources=resources,
         environ=environ,
+        secret_environ=dict(spec.secret_environ),
         extra_args=list(spec.extra_args),
         continuous_batching=spec.continuous_batching,
         health_check=health,
@@ -145,9 +147,25 @@ def merge_patch(current: dict[str, Any], patch: dict[str, Any], name: str) -> En
 
 
 class EndpointService:
-    def __init__(self, store: Store, on_change: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        on_change: Callable[[], Awaitable[None]] | None = None,
+        *,
+        vault: Vault,
+        on_delete: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._store = store
         self._notify = on_change  # the supervisor reconciles before the API answers: what it returns is live
+        self._vault = vault
+        self._on_delete = on_delete  # the deleted endpoint's tokens were revoked: drop them from the key cache
+
+    def _sealed(self, spec: EndpointSpec, current: EndpointRow | None) -> EndpointSpec:
+        """Secrets encrypted before anything is stored; unchanged ones keep their ciphertext (no restart)."""
+        if not spec.secret_environ:
+            return spec
+        old = (current or {}).get("spec", {}).get("secret_environ", {})
+        return spec.model_copy(update={"secret_environ": self._vault.seal_all(spec.secret_environ, old, param="secret_environ")})
 
     async def _on_change(self) -> None:
         if self._notify is not None:
@@ -167,6 +185,7 @@ class EndpointService:
         return await self._store.endpoints.list()
 
     async def create(self, spec: EndpointSpec, *, source: str = "api") -> EndpointRow:
+        spec = self._sealed(spec, None)
         config = await self._resolve(spec)
         row = {
             "name": spec.name,
@@ -176,14 +195,14 @@ class EndpointService:
             "status": EndpointStatus.PENDING.value,
             "status_message": "waiting for replicas",
         }
-        created = await self._store.endpoints.create(row, f"endpoint {spec.name} created ({source})", {"spec": row["spec"]})
+        created = await self._store.endpoints.create(row, f"endpoint {spec.name} created ({source})", {"spec": masked(row["spec"])})
         await self._on_change()
         return created
 
     async def update(self, name: str, patch: dict[str, Any]) -> EndpointRow:
         current = await self.get(name)
-        spec = merge_patch(current["spec"], patch, name)
-        return await self._replace(current, spec, current["source"], f"endpoint {name} updated", {"patch": patch})
+        spec = self._sealed(merge_patch(current["spec"], patch, name), current)
+        return await self._replace(current, spec, current["source"], f"endpoint {name} updated", {"patch": masked(patch)})
 
     async def _replace(
         self, current: EndpointRow, spec: EndpointSpec, source: str, message: str, details: dict[str, Any], config: EndpointConfig | None = None
@@ -196,6 +215,8 @@ class EndpointService:
 
     async def delete(self, name: str, message: str = "deleted") -> None:
         await self._store.endpoints.delete(name, f"endpoint {name} {message}")
+        if self._on_delete is not None:
+            await self._on_delete()
         await self._on_change()
 
     async def apply_declared(self, specs: list[EndpointSpec]) -> list[str]:
@@ -212,9 +233,10 @@ class EndpointService:
                 if current is None:
                     await self.create(spec, source="config")
                     continue
+                spec = self._sealed(spec, current)
                 config = await self._resolve(spec)  # resolved once: the folder's files may have changed since
                 if current["spec"] != stated(spec) or current["source"] != "config":
-                    await self._replace(current, spec, "config", f"endpoint {spec.name} updated from the config file", {"spec": stated(spec)}, config)
+                    await self._replace(current, spec, "config", f"endpoint {spec.name} updated from the config file", {"spec": masked(stated(spec))}, config)
                 elif config.model_dump(mode="json") != current["config"]:
                     await self._replace(current, spec, "config", f"endpoint {spec.name} picked up changes in its model folder", {}, config)
             except ApplianceError as exc:

@@ -18,8 +18,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from appliance.auth import INFERENCE, READ, Principal
 from appliance.errors import ApplianceError
 from appliance.http import Route, parse_json, read_body
+from appliance.limits import retry_after_header
 from appliance.proxy import Outcome, UpstreamUnreachable, forward, make_session, worker_headers
 from appliance.router import RoutableReplica, RoutingTable, pick, prefix_key
 from appliance.services import SERVICES, Services
@@ -138,7 +140,22 @@ class Gateway:
 
     # --- one request ----------------------------------------------------------------------------
 
-    async def proxy(self, request: web.Request, endpoint: str, config: EndpointConfig, path: str, body: bytes, key: str | None, key_id: str | None) -> web.StreamResponse:
+    def _admit(self, principal: Principal | None) -> dict[str, str] | None:
+        """Count the request against the key's limits; x-ratelimit-* headers for the answer, or a 429."""
+        if principal is None or not principal.limits.any:
+            return None
+        refusal, headers = self._services.limiter.admit(principal.id, principal.limits, self._services.clock())
+        if refusal is not None:
+            raise ApplianceError(
+                refusal.message, status=429, code="rate_limit_exceeded",
+                headers={"Retry-After": retry_after_header(refusal.retry_after), **refusal.headers},
+            )
+        return headers
+
+    async def proxy(
+        self, request: web.Request, endpoint: str, config: EndpointConfig, path: str, body: bytes, key: str | None,
+        principal: Principal | None, *, drop_usage_event: bool = False,
+    ) -> web.StreamResponse:
         assert self._session is not None
         started = time.monotonic()
         outcome = Outcome()
@@ -146,13 +163,19 @@ class Gateway:
         error_source: str | None = None
         tried: set[str] = set()
         headers = worker_headers(request.headers)
+        limited = False
         try:
+            extra = self._admit(principal)
+            limited = extra is not None
             while True:
                 adm, replica = await self.acquire(endpoint, config, key, tried)
                 replica_id = replica.id
                 url = replica.url + path + (f"?{request.query_string}" if request.query_string else "")
                 try:
-                    response = await forward(self._session, request, method=request.method, url=url, body=body, headers=headers, replica=replica.id, outcome=outcome)
+                    response = await forward(
+                        self._session, request, method=request.method, url=url, body=body, headers=headers, replica=replica.id,
+                        outcome=outcome, extra_headers=extra, drop_usage_event=drop_usage_event,
+                    )
                 except UpstreamUnreachable as exc:
                     tried.add(replica.id)  # nothing reached the client yet: another replica may answer
                     if not [r for r in self._services.supervisor.table.routable.get(endpoint, ()) if r.id not in tried]:
@@ -171,9 +194,18 @@ class Gateway:
             error_source = exc.source
             raise
         finally:
+            now = time.time()
+            key_id = principal.id if principal else None
+            if limited and principal is not None:
+                tokens = (outcome.prompt_tokens or 0) + (outcome.completion_tokens or 0)
+                self._services.limiter.finish(principal.id, tokens, self._services.clock())
+            failed = outcome.status >= 400 or bool(outcome.error) or outcome.status == 0
+            self._services.accounting.record(
+                now, key_id, endpoint, failed=failed, prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens
+            )
             self.records.append(
                 RequestRecord(
-                    time=time.time(), endpoint=endpoint, replica=replica_id, key_id=key_id, status=outcome.status,
+                    time=now, endpoint=endpoint, replica=replica_id, key_id=key_id, status=outcome.status,
                     latency=time.monotonic() - started, ttfb=outcome.ttfb, prompt_tokens=outcome.prompt_tokens,
                     completion_tokens=outcome.completion_tokens, streamed=outcome.streamed,
                     error_source=error_source if (error_source or outcome.status >= 500) else None,
@@ -184,12 +216,21 @@ class Gateway:
 GATEWAY = web.AppKey("gateway", Gateway)
 
 
-async def _authorize(request: web.Request, config: EndpointConfig) -> str | None:
-    """Private endpoints need a key; returns its id (None for public access)."""
+async def _authorize(request: web.Request, name: str, config: EndpointConfig) -> Principal | None:
+    """Private endpoints need a credential allowed to use them. On a public one a valid credential
+    still counts (limits, usage); a missing or wrong one is simply anonymous."""
+    auth = request.app[SERVICES].auth
     if config.public:
-        return None
-    principal = await request.app[SERVICES].auth.authenticate(request, "inference")
-    return principal.key_id
+        if "Authorization" not in request.headers:
+            return None
+        try:
+            principal = await auth.identify(request, record=False)
+        except ApplianceError:
+            return None
+        return principal if principal.has(INFERENCE) and principal.allows(name) else None
+    principal = await auth.authenticate(request, INFERENCE)
+    auth.check_endpoint(request, principal, name)
+    return principal
 
 
 def _lookup(request: web.Request, model: str) -> tuple[str, EndpointConfig]:
@@ -198,6 +239,9 @@ def _lookup(request: web.Request, model: str) -> tuple[str, EndpointConfig]:
     if name is None or name not in table.endpoints:
         raise ApplianceError(f"The model '{model}' does not exist", status=404, code="model_not_found", param="model")
     return name, table.endpoints[name]
+
+
+_USAGE_IN_STREAM = ("/v1/chat/completions", "/v1/completions")
 
 
 async def openai_route(request: web.Request) -> web.StreamResponse:
@@ -209,8 +253,14 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
     if not isinstance(model, str) or not model:
         raise ApplianceError("you must provide a model parameter (an endpoint name)", status=400, code="missing_model", param="model")
     name, config = _lookup(request, model)
-    key_id = await _authorize(request, config)
-    if model != config.served_model_name:  # re-encoded only when the worker knows the model by another name
+    principal = await _authorize(request, name, config)
+    rewrite = model != config.served_model_name  # re-encoded only when the worker knows the model by another name…
+    drop_usage_event = False
+    if data.get("stream") is True and "stream_options" not in data and request.path in _USAGE_IN_STREAM:
+        # …or to learn a stream's token counts: ask for the final usage event and keep it from the client
+        data["stream_options"] = {"include_usage": True}
+        rewrite = drop_usage_event = True
+    if rewrite:
         data["model"] = config.served_model_name
         body = json.dumps(data).encode()
     session_key = None
@@ -218,7 +268,7 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
         session_key = request.headers.get("X-Session-ID") or (data.get("user") if isinstance(data.get("user"), str) else None)
     elif config.routing == "prefix":
         session_key = prefix_key(data, config.prefix_length)
-    return await request.app[GATEWAY].proxy(request, name, config, request.path, body, session_key, key_id)
+    return await request.app[GATEWAY].proxy(request, name, config, request.path, body, session_key, principal, drop_usage_event=drop_usage_event)
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
@@ -227,26 +277,26 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     if name not in table.endpoints:
         raise ApplianceError(f"endpoint {name!r} not found", status=404, code="endpoint_not_found", param="name")
     config = table.endpoints[name]
-    key_id = await _authorize(request, config)
+    principal = await _authorize(request, name, config)
     body = await read_body(request)
     key = request.headers.get("X-Session-ID") if config.routing == "session_affinity" else None
-    return await request.app[GATEWAY].proxy(request, name, config, "/" + request.match_info["path"], body, key, key_id)
+    return await request.app[GATEWAY].proxy(request, name, config, "/" + request.match_info["path"], body, key, principal)
 
 
 async def list_models(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     table = services.supervisor.table
-    authorized = False
+    principal = None
     if request.headers.get("Authorization"):
-        await services.auth.authenticate(request, "inference")  # a wrong key is an error, not a silent public list
-        authorized = True
+        # a wrong key is an error, not a silent public list
+        principal = await services.auth.authenticate(request, INFERENCE, also=READ)
     data = [
         {
             "id": name, "object": "model", "created": 0, "owned_by": "appliance", "status": table.statuses.get(name, "PENDING"),
             "aliases": list(cfg.aliases), "runtime": cfg.runtime,
         }
         for name, cfg in sorted(table.endpoints.items())
-        if authorized or cfg.public
+        if cfg.public or (principal is not None and principal.allows(name))
     ]
     return web.json_response({"object": "list", "data": data})
 

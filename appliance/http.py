@@ -40,13 +40,19 @@ class Route:
     status: int = 200
     query: tuple[Query, ...] = ()
     auth: bool = True
+    scope: str | None = None  # needed on admin routes; default: read for GET, admin otherwise
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
-def add_routes(app: web.Application, routes: list[Route], guard: Callable[[Handler], Handler] | None = None) -> None:
+    @property
+    def required_scope(self) -> str:
+        return self.scope or ("read" if self.method == "GET" else "admin")
+
+
+def add_routes(app: web.Application, routes: list[Route], guard: Callable[[Route], Handler] | None = None) -> None:
     """Register routes; `guard` wraps the handlers that need auth (so other routes pay nothing for it)."""
     for r in routes:
-        app.router.add_route(r.method, r.path, guard(r.handler) if guard and r.auth else r.handler)
+        app.router.add_route(r.method, r.path, guard(r) if guard and r.auth else r.handler)
 
 
 async def read_body(request: web.Request) -> bytes:

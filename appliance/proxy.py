@@ -4,6 +4,7 @@ for streams, and a request is retried on another replica only if no byte has rea
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -86,6 +87,47 @@ def usage_from_sse(tail: bytes, outcome: Outcome) -> None:
                 return
 
 
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+class UsageEventFilter:
+    """Passes an SSE stream through whole events, minus the usage-only event (`"choices": []` with a
+    `usage` object) that the gateway asked for on the client's behalf; its counts go to `outcome`."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        self._outcome = outcome
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._partial + chunk if self._partial else chunk
+        out = []
+        start = 0
+        for match in _EVENT_END.finditer(data):
+            event = data[start : match.end()]
+            start = match.end()
+            if b'"usage"' in event and b'"choices"' in event and self._usage_only(event):
+                continue
+            out.append(event)
+        self._partial = data[start:]
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        rest, self._partial = self._partial, b""
+        return rest
+
+    def _usage_only(self, event: bytes) -> bool:
+        for line in event.splitlines():
+            if line.startswith(b"data:"):
+                try:
+                    body = json.loads(line[5:])
+                except ValueError:
+                    return False
+                if isinstance(body, dict) and body.get("choices") == [] and isinstance(body.get("usage"), dict):
+                    _usage_from(body, self._outcome)
+                    return True
+        return False
+
+
 def sse_error_event(message: str, replica: str) -> bytes:
     body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": "worker_failed", "source": "worker", "replica": replica}}
     return f"data: {json.dumps(body)}\n\n".encode()
@@ -101,6 +143,8 @@ async def forward(
     headers: Mapping[str, str],
     replica: str,
     outcome: Outcome,
+    extra_headers: Mapping[str, str] | None = None,
+    drop_usage_event: bool = False,
     clock: Callable[[], float] = time.monotonic,
 ) -> web.StreamResponse:
     started = clock()
@@ -117,6 +161,8 @@ async def forward(
     try:
         outcome.status = upstream.status
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+        if extra_headers:
+            out_headers.update(extra_headers)
         ctype = upstream.headers.get("Content-Type", "")
         length = upstream.content_length
         if "text/event-stream" not in ctype and length is not None and length <= _BUFFER_LIMIT:
@@ -137,18 +183,28 @@ async def forward(
         # before, in case the event straddles two), found with one substring test per chunk.
         previous = usage_at = b""
         sse = "text/event-stream" in ctype
+        events = UsageEventFilter(outcome) if sse and drop_usage_event else None
         try:
             async for chunk in upstream.content.iter_any():
                 if outcome.ttfb is None:
                     outcome.ttfb = clock() - started
+                if events is not None:
+                    chunk = events.feed(chunk)
+                    if chunk:
+                        await response.write(chunk)
+                    continue
                 await response.write(chunk)
                 if sse:
                     if b'"usage"' in chunk:
                         usage_at = previous + chunk
                     previous = chunk
+            if events is not None and (rest := events.flush()):
+                await response.write(rest)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             outcome.error = f"replica {replica} failed mid-stream: {exc.__class__.__name__}"
             if sse:
+                if events is not None and (rest := events.flush()):
+                    await response.write(rest)
                 await response.write(sse_error_event(outcome.error, replica))
         if usage_at:
             usage_from_sse(usage_at, outcome)

@@ -10,8 +10,12 @@ from appliance.auth import Authenticator
 from appliance.config import Config
 from appliance.endpoints import EndpointService
 from appliance.gpu import GpuMonitor
+from appliance.jobs import Jobs
+from appliance.limits import RateLimiter
 from appliance.store import Clock, Store
 from appliance.supervisor import Supervisor
+from appliance.usage import Accounting
+from appliance.vault import Vault
 
 
 @dataclass
@@ -29,6 +33,10 @@ class Services:
     auth: Authenticator
     gpus: GpuMonitor
     supervisor: Supervisor
+    vault: Vault
+    accounting: Accounting
+    jobs: Jobs = field(default_factory=Jobs)
+    limiter: RateLimiter = field(default_factory=RateLimiter)
     readiness: Readiness = field(default_factory=Readiness)
 
 

@@ -108,6 +108,9 @@ class EndpointSpec(Model):
     max_replicas: int | None = Field(None, ge=0, description="upper bound for scaling; default: replicas")
     resources: Resources | None = Field(None, description="per replica; default from service-definition.toml")
     environ: Environ = Field(default_factory=dict, description="environment for the worker; merged over service-definition.toml's")
+    secret_environ: Environ = Field(
+        default_factory=dict, description="worker environment encrypted at rest (Fernet) and masked as ******** in every response and log"
+    )
     extra_args: list[str] = Field(default_factory=list, description="appended to the runtime's start command")
     continuous_batching: bool = Field(False, description="transformers runtime: pass --continuous-batching")
     health_check: HealthCheck | None = Field(None, description="overrides the definition's or runtime's health check")
@@ -153,12 +156,20 @@ class EndpointSpec(Model):
             raise ValueError("must not contain duplicates")
         return v
 
-    @field_validator("environ")
+    @field_validator("environ", "secret_environ")
     @classmethod
     def _environ(cls, v: dict[str, str]) -> dict[str, str]:
         for key in v:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
                 raise ValueError(f"{key!r} is not a valid environment variable name")
+        return v
+
+    @field_validator("secret_environ")
+    @classmethod
+    def _secret_apart(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        both = sorted(set(v) & set(info.data.get("environ") or {}))
+        if both:
+            raise ValueError(f"{', '.join(both)} also set in environ: a variable is either secret or not")
         return v
 
 
@@ -210,6 +221,7 @@ class EndpointConfig(Model):
     max_replicas: int
     resources: Resources
     environ: dict[str, str]
+    secret_environ: dict[str, str] = Field(default_factory=dict, description="sealed values (fernet:…); shown masked")
     extra_args: list[str]
     continuous_batching: bool
     health_check: HealthCheck

@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -116,7 +116,10 @@ def backoff_delay(failures: int, base: float, cap: float) -> float:
 
 
 class Supervisor:
-    def __init__(self, config: Config, store: Store, clock: Clock, gpus: GpuSource) -> None:
+    def __init__(
+        self, config: Config, store: Store, clock: Clock, gpus: GpuSource, unseal: Callable[[Mapping[str, str]], dict[str, str]] = dict
+    ) -> None:
+        self._unseal = unseal  # secret environ values are decrypted only into the worker's environment
         self._config = config
         self._store = store
         self._clock = clock
@@ -422,7 +425,7 @@ class Supervisor:
             definition = await asyncio.to_thread(load_model_definition, path) if path else None
         spec = build_worker_spec(config, definition, Placement(port=port, replica_id=r.id, work_dir=str(r.work_dir), gpu_share=allocation.share))
         r.argv = spec.argv
-        env = {**_base_env(), **spec.env, "CUDA_VISIBLE_DEVICES": allocation.cuda_visible_devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        env = {**_base_env(), **spec.env, **self._unseal(config.secret_environ), "CUDA_VISIBLE_DEVICES": allocation.cuda_visible_devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
         if spec.pre_start_actions:
             await run_pre_start_actions(spec.pre_start_actions, work_dir=r.work_dir, values=dict(spec.values), env=env, sink=r.log)
         return spec, env

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from appliance.specs import EndpointConfig
 from appliance.states import EndpointStatus, ReplicaState
 from appliance.store.repos import EndpointRow
+from appliance.vault import masked
 
 
 class View(BaseModel):
@@ -29,8 +30,10 @@ class EndpointView(EndpointConfig):
 
     @classmethod
     def of(cls, row: EndpointRow, counts: dict[str, int] | None = None) -> "EndpointView":
-        keys = ("status", "status_message", "source", "generation", "created_at", "updated_at", "spec")
-        return cls.model_validate({**row["config"], **{k: row[k] for k in keys}, "replica_counts": counts or {}})
+        keys = ("status", "status_message", "source", "generation", "created_at", "updated_at")
+        return cls.model_validate(
+            {**masked(row["config"]), **{k: row[k] for k in keys}, "spec": masked(row["spec"]), "replica_counts": counts or {}}
+        )
 
 
 class EndpointList(View):

@@ -85,10 +85,17 @@ def build(args: argparse.Namespace) -> web.Application:
         try:
             if body.get("big_event"):
                 await resp.write(f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': 'x' * 200_000}}]})}\n\n".encode())
+            # As OpenAI and vLLM do: with stream_options.include_usage every chunk carries "usage": null,
+            # and one last chunk has no choices and the usage of the whole request.
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            extra = {"usage": None} if include_usage else {}
             for i in range(n):
                 delta = {"delta": {"content": f"tok{i} "}} if chat else {"text": f"tok{i} "}
-                await resp.write(f"data: {json.dumps({'choices': [{'index': 0, **delta}]})}\n\n".encode())
+                await resp.write(f"data: {json.dumps({'choices': [{'index': 0, **delta}], **extra})}\n\n".encode())
                 await asyncio.sleep(1.0 / args.tokens_per_second)
+            if include_usage:
+                usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
+                await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             state["cancelled"] += 1

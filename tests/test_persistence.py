@@ -72,8 +72,8 @@ def test_migrations_are_versioned_idempotent_and_wal(tmp_path: Path) -> None:
     path = tmp_path / "a.db"
     db = open_database(path)
     applied = [m.name for m in migrations.applied(db)]
-    assert applied == ["m001_initial"]
-    assert {"endpoints", "replicas", "events", "api_keys"} <= set(db.table_names())
+    assert applied == ["m001_initial", "m002_access"]
+    assert {"endpoints", "replicas", "events", "api_keys", "service_accounts", "usage"} <= set(db.table_names())
     db.close()
     db = open_database(path)  # second start: nothing re-applied, nothing lost
     assert [m.name for m in migrations.applied(db)] == applied and migrations.pending(db) == []
@@ -90,3 +90,20 @@ def test_a_corrupt_database_fails_with_a_clear_error(tmp_path: Path) -> None:
         open_database(path)
     with pytest.raises(sqlite3.DatabaseError):
         sqlite3.connect(path).execute("select * from sqlite_master").fetchall()
+
+
+def test_an_older_database_upgrades_and_keeps_its_keys(tmp_path: Path) -> None:
+    import sqlite_utils
+
+    from appliance.auth import hash_key
+
+    path = tmp_path / "old.db"
+    old = sqlite_utils.Database(path)
+    migrations.apply(old, stop_before="m002_access")
+    old["api_keys"].insert({"id": "key_1", "name": "old", "prefix": "ak-abcdef", "hash": hash_key("ak-old"), "scopes": '["admin"]',
+                            "created_at": "2026-01-01T00:00:00.000Z"})
+    old.close()
+    db = open_database(path)
+    row = db["api_keys"].get("key_1")
+    assert row["kind"] == "key" and row["rpm_limit"] is None and row["hash"] == hash_key("ak-old")
+    db.close()

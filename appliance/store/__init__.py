@@ -19,7 +19,8 @@ from sqlite_utils import Database
 from appliance.errors import ApplianceError
 from appliance.store.codec import dumps, iso, parse_iso
 from appliance.store.migrations import migrations
-from appliance.store.repos import EndpointsRepo, EventsRepo, KeysRepo, ReplicasRepo
+from appliance.store.access_repos import AccountsRepo, KeysRepo, UsageRepo
+from appliance.store.repos import EndpointsRepo, EventsRepo, ReplicasRepo
 
 __all__ = ["Clock", "Store", "open_database", "dumps", "iso", "parse_iso"]
 
@@ -52,6 +53,8 @@ class Store:
         self.endpoints = EndpointsRepo(self)
         self.events = EventsRepo(self)
         self.keys = KeysRepo(self)
+        self.accounts = AccountsRepo(self)
+        self.usage = UsageRepo(self)
         self.replicas = ReplicasRepo(self)
 
     @property

@@ -81,3 +81,43 @@ def m001_initial(db: Database) -> None:
         not_null=["name", "prefix", "hash", "scopes", "created_at"],
     )
     db["api_keys"].create_index(["hash"], unique=True)
+
+
+@migrations(name="m002_access")
+def m002_access(db: Database) -> None:
+    keys = db["api_keys"]
+    keys.add_column("kind", str, not_null_default="key")  # key | endpoint_token
+    keys.add_column("rpm_limit", int)
+    keys.add_column("tpm_limit", int)
+    keys.add_column("max_parallel_requests", int)
+    db["service_accounts"].create(
+        {
+            "id": str,
+            "name": str,
+            "role": str,  # viewer | user | admin
+            "client_id": str,
+            "secret_hash": str,  # sha256 of the client secret; the secret itself is never stored
+            "created_at": str,
+            "disabled_at": str,
+            "last_token_at": str,
+            "metadata": str,
+        },
+        pk="id",
+        not_null=["name", "role", "client_id", "secret_hash", "created_at"],
+    )
+    db["service_accounts"].create_index(["client_id"], unique=True)
+    db["usage"].create(
+        {
+            "hour": str,  # '2026-11-23T11' (UTC)
+            "key_id": str,  # '' for anonymous calls to public endpoints
+            "endpoint": str,
+            "requests": int,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "errors": int,
+        },
+        pk=("hour", "key_id", "endpoint"),
+        not_null=["requests", "prompt_tokens", "completion_tokens", "errors"],
+    )
+    db["usage"].create_index(["key_id", "hour"])
+    db["usage"].create_index(["endpoint", "hour"])

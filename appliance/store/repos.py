@@ -117,6 +117,11 @@ class EndpointsRepo:
                 if not db["endpoints"].count_where("name = ?", [name]):
                     raise ApplianceError(f"endpoint {name!r} not found", status=404, code="endpoint_not_found")
                 db["endpoints"].delete(name)
+                db.execute(  # its tokens must not open a later endpoint of the same name
+                    "update api_keys set revoked_at = ? where kind = 'endpoint_token' and revoked_at is null "
+                    "and exists (select 1 from json_each(api_keys.endpoints) where value = ?)",
+                    [now, name],
+                )
                 _insert_event(db, now, "endpoint.deleted", message, name, details)
 
         await self._store.run(tx)
@@ -192,26 +197,3 @@ class EventsRepo:
             return [{**r, "details": json.loads(r["details"] or "{}")} for r in db.query(sql, [*params, limit])]
 
         return await self._store.run(q)
-
-
-class KeysRepo:
-    def __init__(self, store: "Store") -> None:
-        self._store = store
-
-    async def insert(self, row: dict[str, Any], message: str) -> None:
-        now = self._store.now()
-
-        def tx(db: Database) -> None:
-            with db.atomic():
-                db["api_keys"].insert({**row, "created_at": now})
-                _insert_event(db, now, "key.created", message, None, {"key_id": row["id"], "name": row["name"]})
-
-        await self._store.run(tx)
-
-    async def active_with_scope(self, scope: str) -> list[dict[str, Any]]:
-        now = self._store.now()
-        sql = (
-            "select * from api_keys where revoked_at is null and (expires_at is null or expires_at > ?) "
-            "and exists (select 1 from json_each(api_keys.scopes) where value = ?)"
-        )
-        return await self._store.run(lambda db: list(db.query(sql, [now, scope])))
