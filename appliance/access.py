@@ -170,6 +170,7 @@ async def create_key(request: web.Request) -> web.Response:
 async def list_keys(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     now = services.clock()
+    await services.accounting.flush()  # last-used times still in memory
     rows = await services.store.keys.list(kind="key")
     views = [key_view(r, now) for r in rows]
     wanted = request.query.get("status")
@@ -178,6 +179,7 @@ async def list_keys(request: web.Request) -> web.Response:
 
 async def get_key(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
+    await services.accounting.flush()
     return json_response(key_view(await services.store.keys.get(_key_id(request)), services.clock()))
 
 

@@ -81,6 +81,7 @@ async def delete_endpoint(request: web.Request) -> web.Response:
 async def _events(request: web.Request, endpoint: str | None) -> web.Response:
     limit = int_query(request, "limit", 100, low=1, high=1000) or 100
     before = int_query(request, "before", None, low=1)
+    await request.app[SERVICES].accounting.flush()  # auth failures still in memory
     rows = await request.app[SERVICES].store.events.list(endpoint=endpoint, kind=request.query.get("kind"), limit=limit + 1, before=before)
     return json_response(EventList(data=[EventView(**r) for r in rows[:limit]], has_more=len(rows) > limit))
 

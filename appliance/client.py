@@ -14,6 +14,7 @@ from appliance.auth import read_key_file
 from appliance.config import Config
 from appliance.errors import ApplianceError
 from appliance.server import server_file
+from appliance.tls import client_context
 
 
 def server_url(config: Config) -> str:
@@ -22,18 +23,19 @@ def server_url(config: Config) -> str:
         return str(json.loads(server_file(config).read_text())["url"])
     except (OSError, ValueError, KeyError):
         host = config.server.host if config.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
-        return f"http://{host}:{config.server.port}"
+        return f"{config.server.scheme}://{host}:{config.server.port}"
 
 
 class AdminClient:
-    def __init__(self, url: str, key: str, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, key: str, timeout: float = 30.0, ca_file: Path | None = None) -> None:
         self.url = url.rstrip("/")
         self.key = key
         self.timeout = timeout
+        self._tls = client_context(ca_file) if self.url.startswith("https:") else None
 
     @classmethod
     def from_config(cls, config: Config, *, url: str | None = None, key_file: Path | None = None) -> "AdminClient":
-        return cls(url or server_url(config), read_key_file(key_file or config.admin_key_path))
+        return cls(url or server_url(config), read_key_file(key_file or config.admin_key_path), ca_file=config.server.tls_cert)
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None, query: dict[str, Any] | None = None) -> Any:
         with self._open(method, path, body, query, self.timeout) as resp:
@@ -55,7 +57,7 @@ class AdminClient:
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
-            return urllib.request.urlopen(req, timeout=timeout)
+            return urllib.request.urlopen(req, timeout=timeout, context=self._tls)
         except urllib.error.HTTPError as exc:
             raw = exc.read()
             try:

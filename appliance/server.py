@@ -16,6 +16,7 @@ from aiohttp import web
 from appliance.app import make_app
 from appliance.config import Config
 from appliance.services import SERVICES
+from appliance.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,12 @@ async def run(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     path = server_file(config)
     try:
-        site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
+        tls = server_context(config.server.tls_cert, config.server.tls_key) if config.server.tls_cert and config.server.tls_key else None
+        site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True, ssl_context=tls)
         await site.start()
         host, port = runner.addresses[0][:2]
         url_host = f"[{host}]" if ":" in host else host
-        url = f"http://{url_host}:{port}"
+        url = f"{config.server.scheme}://{url_host}:{port}"
         path.write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
         log.info("appliance listening on %s (state in %s)", url, config.server.state_dir)
         notifier = asyncio.create_task(_notify_when_ready(app, freeze_heap=True))

@@ -11,6 +11,10 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 
 
+def is_duration(text: str) -> bool:
+    return bool(_DURATION.match(text))
+
+
 def parse_duration(text: str | int | float, *, param: str) -> float:
     """Seconds from `30d`, `12h`, `90` (seconds) …; positive only."""
     if isinstance(text, bool):
