@@ -479,7 +479,7 @@ def cmd_tls_init(args: argparse.Namespace) -> int:
     print(f"wrote {cert} and {key} (0600), valid {args.days} days for: {', '.join(names)}")
     if config.server.tls_cert is None:
         print(f"add to [server] in the config file, then restart:\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"")
-    print(f"clients trust it with: curl --cacert {cert} …  or  openai.OpenAI(http_client=httpx.Client(verify=\"{cert}\"), …)")
+    print(f"clients trust it with: curl --cacert {cert} …  or  openai.OpenAI(http_client=openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=\"{cert}\")), …)")
     return 0
 
 
