@@ -129,7 +129,7 @@ def make_app(config: Config, *, clock: Clock = time.time, gpus: GpuMonitor | Non
         config=config,
         clock=clock,
         store=store,
-        endpoints=EndpointService(store, on_change=supervisor.sync, vault=vault, on_delete=auth.reload),
+        endpoints=EndpointService(store, on_change=supervisor.sync, vault=vault, on_delete=functools.partial(auth.reload, force=True)),
         auth=auth,
         gpus=gpus,
         supervisor=supervisor,

@@ -240,19 +240,25 @@ class Authenticator:
         self._accounts: dict[str, Account] = {}
         self._jwt_cache: dict[str, tuple[str, frozenset[str], float]] = {}
         self._loaded_at = float("-inf")
+        self._data_version: int | None = None
         self._version = 0  # bumped by every change made here: a reload that raced one is dropped
 
     # --- the in-memory copy ----------------------------------------------------------------------
 
-    async def reload(self) -> None:
+    async def reload(self, *, force: bool = False) -> None:
+        """Re-read keys and accounts when another process changed the database (or when forced).
+
+        Changes made through this process's API are applied directly (put_key/put_account); SQLite's
+        data_version tells whether any other connection wrote since the last read, so the periodic
+        reload costs one pragma when nothing changed. Maps are built on the store thread.
+        """
         version = self._version
-        keys, accounts = await self._store.run(_load_all)
-        if version != self._version:
-            return  # a change landed while reading: what was read may predate it
-        self._by_hash = {row["hash"]: principal_of(row) for row in keys}
-        self._hash_of = {row["id"]: row["hash"] for row in keys}
-        self._accounts = {row["id"]: account_of(row) for row in accounts}
+        seen = None if force else self._data_version
+        loaded = await self._store.run(_load_all, seen)
         self._loaded_at = self._clock()
+        if loaded is None or version != self._version:
+            return  # nothing new, or a change landed while reading: what was read may predate it
+        self._by_hash, self._hash_of, self._accounts, self._data_version = loaded
 
     def put_key(self, row: dict[str, Any]) -> None:
         self._version += 1
@@ -355,5 +361,18 @@ def _what(principal: Principal) -> str:
     return {"endpoint_token": "endpoint token", "service_account": "service account"}.get(principal.kind, "API key")
 
 
-def _load_all(db: Database) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    return list(db.query("select * from api_keys")), list(db.query("select * from service_accounts"))
+_Loaded = tuple[dict[str, Principal], dict[str, str], dict[str, Account], int]
+
+
+def _load_all(db: Database, seen: int | None) -> _Loaded | None:
+    data_version = int(db.execute("pragma data_version").fetchone()[0])
+    if seen is not None and data_version == seen:
+        return None
+    keys = list(db.query("select * from api_keys"))
+    accounts = list(db.query("select * from service_accounts"))
+    return (
+        {row["hash"]: principal_of(row) for row in keys},
+        {row["id"]: row["hash"] for row in keys},
+        {row["id"]: account_of(row) for row in accounts},
+        data_version,
+    )
