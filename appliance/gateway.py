@@ -256,8 +256,9 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
     principal = await _authorize(request, name, config)
     rewrite = model != config.served_model_name  # re-encoded only when the worker knows the model by another name…
     drop_usage_event = False
-    if data.get("stream") is True and "stream_options" not in data and request.path in _USAGE_IN_STREAM:
-        # …or to learn a stream's token counts: ask for the final usage event and keep it from the client
+    if principal is not None and data.get("stream") is True and "stream_options" not in data and request.path in _USAGE_IN_STREAM:
+        # …or to learn a keyed stream's token counts (usage, limits): ask for the final usage event and
+        # keep it from the client. Anonymous calls to public endpoints are spared the extra work.
         data["stream_options"] = {"include_usage": True}
         rewrite = drop_usage_event = True
     if rewrite:

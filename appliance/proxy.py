@@ -100,6 +100,9 @@ class UsageEventFilter:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._partial + chunk if self._partial else chunk
+        if (data.endswith(b"\n\n") or data.endswith(b"\r\n\r\n")) and b'"choices":[]' not in data and b'"choices": []' not in data:
+            self._partial = b""
+            return data  # whole events, none usage-only: the common case, passed without framing
         out = []
         start = 0
         for match in _EVENT_END.finditer(data):

@@ -9,7 +9,11 @@ reference and the appliance, interleaved in rounds so drift hits all three alike
   2. throughput at 32 concurrent clients → appliance / reference (target ≥ 0.9)
   3. 128 concurrent SSE streams of 50 tokens at 20 ms → TTFT p99 and inter-token p99 (target ≤ reference + 2 ms)
 
-Usage: .venv/bin/python scripts/bench_gateway.py [--quick]
+With --private the endpoint needs a key: every request carries an inference key that has
+rpm/tpm limits (set far above the load), so the key check, the limiter and usage accounting
+are all on the measured path.
+
+Usage: .venv/bin/python scripts/bench_gateway.py [--quick] [--private]
 """
 
 from __future__ import annotations
@@ -137,13 +141,13 @@ async def streams(session: aiohttp.ClientSession, url: str, n: int) -> tuple[lis
     return ttft, gaps
 
 
-async def measure(targets: dict[str, str], quick: bool, streams_only: bool) -> dict[str, dict[str, float]]:
+async def measure(targets: dict[str, str], quick: bool, streams_only: bool, headers: dict[str, str]) -> dict[str, dict[str, float]]:
     rounds = 2 if quick else (12 if streams_only else 4)
     n_lat = 200 if quick else 500
     tp_seconds = 2.0 if quick else 4.0
     res: dict[str, dict[str, list[float]]] = {k: {"lat": [], "tp": [], "ttft": [], "gap": []} for k in targets}
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         for url in targets.values():  # warm up connections and code paths
             await latency(session, url, 50)
         for r in range(rounds):
@@ -172,6 +176,7 @@ async def measure(targets: dict[str, str], quick: bool, streams_only: bool) -> d
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument("--private", action="store_true", help="a private endpoint: requests carry a key with rpm/tpm limits")
     parser.add_argument("--streams-only", action="store_true", help="mostly the 128-stream burst, 12 rounds (latency and throughput figures are then rough)")
     args = parser.parse_args()
     procs: list[subprocess.Popen[bytes]] = []
@@ -186,7 +191,7 @@ def main() -> int:
         port = free_port()
         config = root / "config.toml"
         config.write_text(f'[server]\nport = {port}\nstate_dir = "{root / "state"}"\n[gpus]\ndevices = "none"\n'
-                          f'[[endpoints]]\nname = "bench"\nmodel_folder = "{folder}"\npublic = true\n')
+                          f'[[endpoints]]\nname = "bench"\nmodel_folder = "{folder}"\npublic = {"false" if args.private else "true"}\n')
         try:
             procs.append(subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(config)], stderr=subprocess.DEVNULL))
             appliance = f"http://127.0.0.1:{port}"
@@ -206,9 +211,15 @@ def main() -> int:
             procs.append(subprocess.Popen([sys.executable, "-c", REFERENCE, str(ref_port), direct]))
             reference = f"http://127.0.0.1:{ref_port}"
             wait_http(reference + "/health")
+            headers: dict[str, str] = {}
+            if args.private:
+                body = json.dumps({"name": "bench", "scopes": ["inference"], "rpm_limit": 10**9, "tpm_limit": 10**12}).encode()
+                req = urllib.request.Request(appliance + "/api/v1/keys", data=body, method="POST",
+                                             headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+                headers["Authorization"] = "Bearer " + json.loads(urllib.request.urlopen(req, timeout=5).read())["key"]
             path = "/v1/chat/completions"
             print(f"measuring on {os.cpu_count()} cores (direct, reference proxy, appliance interleaved)…", file=sys.stderr)
-            r = asyncio.run(measure({"direct": direct + path, "reference": reference + path, "appliance": appliance + path}, args.quick, args.streams_only))
+            r = asyncio.run(measure({"direct": direct + path, "reference": reference + path, "appliance": appliance + path}, args.quick, args.streams_only, headers))
         finally:
             for p in reversed(procs):
                 p.send_signal(signal.SIGTERM)

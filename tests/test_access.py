@@ -355,3 +355,23 @@ async def test_auth_failures_are_recorded_with_a_cap(admin: Admin, tmp_path: Pat
     assert len(failures) == 5 and failures[0]["details"]["code"] == "invalid_api_key"
     assert failures[0]["details"]["credential_prefix"] == "ak-wrong-" and failures[0]["details"]["path"] == "/v1/chat/completions"
     assert sum(e["details"]["count"] for e in suppressed) == 7
+
+
+async def test_service_account_bad_input(admin: Admin) -> None:
+    assert (await admin.call("POST", "/api/v1/service-accounts", json_body={"name": "a", "role": "user"}))[0] == 201
+    status, body = await admin.call("POST", "/api/v1/service-accounts", json_body={"name": "a", "role": "user"})
+    assert status == 409 and body["error"]["code"] == "account_exists"
+    status, body = await admin.call("POST", "/api/v1/service-accounts", json_body={"name": "b", "role": "root"})
+    assert status == 422 and body["error"]["param"] == "role"
+    status, body = await admin.call("PATCH", "/api/v1/service-accounts/sa_missing", json_body={"disabled": True})
+    assert status == 404 and body["error"]["code"] == "account_not_found"
+    status, body = await admin.call("POST", "/api/v1/service-accounts", data="{not json", headers={"Content-Type": "application/json"})
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+
+
+async def test_anonymous_public_calls_count_under_an_empty_key(admin: Admin, tmp_path: Path) -> None:
+    await healthy(admin, "open", fake_folder(tmp_path, "open"), public=True)
+    assert (await chat(admin, "open"))[0] == 200
+    _, usage = await admin.call("GET", "/api/v1/usage?endpoint=open")
+    (row,) = usage["data"]
+    assert row["key_id"] == "" and row["key_name"] is None and row["requests"] == 1 and row["completion_tokens"] == 2
