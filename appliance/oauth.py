@@ -15,7 +15,6 @@ from aiohttp import web
 from pydantic import Field
 
 from appliance.auth import ADMIN, ROLES, hash_key
-from appliance.errors import ApplianceError
 from appliance.http import Route, json_response, read_model
 from appliance.services import SERVICES
 from appliance.specs import Model

@@ -13,7 +13,7 @@ import openai
 import pytest
 from cryptography import x509
 
-from conftest import ServerProcess, run_cli, wait_for, write_config
+from conftest import run_cli, wait_for, write_config
 
 
 def cli(config: Path, *args: str) -> Any:
