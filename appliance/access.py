@@ -10,10 +10,10 @@ from pydantic import Field
 
 from appliance.auth import ADMIN, INFERENCE, TOKEN_PREFIX, key_row, new_key
 from appliance.errors import ApplianceError
-from appliance.http import Query, Route, json_response, read_model
+from appliance.http import Query, Route, endpoint_name, json_response, read_model
 from appliance.limits import Limits
 from appliance.services import SERVICES, Services
-from appliance.specs import NAME_RE, NAME_RULE, Model, Name
+from appliance.specs import Model, Name
 from appliance.store import iso, parse_iso
 from appliance.timefmt import parse_duration, parse_instant, parse_since
 from appliance.usage import hour_label
@@ -241,15 +241,8 @@ async def revoke_key(request: web.Request) -> web.Response:
 # --- endpoint tokens ------------------------------------------------------------------------------
 
 
-def _endpoint_name(request: web.Request) -> str:
-    name = request.match_info["name"]
-    if not NAME_RE.match(name):
-        raise ApplianceError(f"invalid endpoint name {name!r}: {NAME_RULE}", status=400, code="invalid_name", param="name")
-    return name
-
-
 async def create_token(request: web.Request) -> web.Response:
-    name = _endpoint_name(request)
+    name = endpoint_name(request)
     body = await read_model(request, TokenCreate, "token")
     services = request.app[SERVICES]
     await services.endpoints.get(name)
@@ -265,7 +258,7 @@ async def create_token(request: web.Request) -> web.Response:
 
 
 async def list_tokens(request: web.Request) -> web.Response:
-    name = _endpoint_name(request)
+    name = endpoint_name(request)
     services = request.app[SERVICES]
     await services.endpoints.get(name)
     now = services.clock()
@@ -274,7 +267,7 @@ async def list_tokens(request: web.Request) -> web.Response:
 
 
 async def revoke_token(request: web.Request) -> web.Response:
-    name = _endpoint_name(request)
+    name = endpoint_name(request)
     services = request.app[SERVICES]
     row = await services.store.keys.get(request.match_info["id"])
     if row["kind"] != "endpoint_token" or name not in json.loads(row["endpoints"] or "[]"):

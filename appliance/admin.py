@@ -8,9 +8,9 @@ from dataclasses import asdict
 from aiohttp import web
 
 from appliance.errors import ApplianceError
-from appliance.http import Query, Route, int_query, json_response, read_model
+from appliance.http import Query, Route, endpoint_name, int_query, json_response, read_model
 from appliance.services import SERVICES
-from appliance.specs import NAME_RE, NAME_RULE, EndpointPatch, EndpointSpec
+from appliance.specs import EndpointPatch, EndpointSpec
 from appliance.gpu import visible
 from appliance.store import iso
 from appliance.supervisor import Replica
@@ -37,13 +37,6 @@ _EVENT_QUERY = (
 )
 
 
-def _name(request: web.Request) -> str:
-    name = request.match_info["name"]
-    if not NAME_RE.match(name):
-        raise ApplianceError(f"invalid endpoint name {name!r}: {NAME_RULE}", status=400, code="invalid_name", param="name")
-    return name
-
-
 def _view(request: web.Request, row: dict) -> EndpointView:  # type: ignore[type-arg]
     return EndpointView.of(row, request.app[SERVICES].supervisor.counts(row["name"]))
 
@@ -60,12 +53,12 @@ async def list_endpoints(request: web.Request) -> web.Response:
 
 
 async def get_endpoint(request: web.Request) -> web.Response:
-    row = await request.app[SERVICES].endpoints.get(_name(request))
+    row = await request.app[SERVICES].endpoints.get(endpoint_name(request))
     return json_response(_view(request, row))
 
 
 async def update_endpoint(request: web.Request) -> web.Response:
-    name = _name(request)
+    name = endpoint_name(request)
     patch = await read_model(request, EndpointPatch, "endpoint update")
     changes = patch.model_dump(mode="json", include=patch.model_fields_set)
     row = await request.app[SERVICES].endpoints.update(name, changes)
@@ -73,7 +66,7 @@ async def update_endpoint(request: web.Request) -> web.Response:
 
 
 async def delete_endpoint(request: web.Request) -> web.Response:
-    name = _name(request)
+    name = endpoint_name(request)
     await request.app[SERVICES].endpoints.delete(name)
     return json_response(Deleted(id=name, object="endpoint"))
 
@@ -87,7 +80,7 @@ async def _events(request: web.Request, endpoint: str | None) -> web.Response:
 
 
 async def endpoint_events(request: web.Request) -> web.Response:
-    name = _name(request)
+    name = endpoint_name(request)
     services = request.app[SERVICES]
     if await services.store.endpoints.get(name) is None and not await services.store.events.list(endpoint=name, limit=1):
         raise ApplianceError(f"endpoint {name!r} not found and has no recorded events", status=404, code="endpoint_not_found")
@@ -122,14 +115,14 @@ def _replica_view(r: Replica) -> ReplicaView:
 
 
 async def list_replicas(request: web.Request) -> web.Response:
-    name = _name(request)
+    name = endpoint_name(request)
     services = request.app[SERVICES]
     await services.endpoints.get(name)
     return json_response(ReplicaList(data=[_replica_view(r) for r in services.supervisor.replicas(name)]))
 
 
 async def replica_logs(request: web.Request) -> web.StreamResponse:
-    name = _name(request)
+    name = endpoint_name(request)
     rid = request.match_info["replica"]
     replica = request.app[SERVICES].supervisor.replica(name, rid)
     if replica is None:
@@ -162,7 +155,7 @@ async def replica_logs(request: web.Request) -> web.StreamResponse:
 
 
 async def retry_endpoint(request: web.Request) -> web.Response:
-    name = _name(request)
+    name = endpoint_name(request)
     services = request.app[SERVICES]
     await services.endpoints.get(name)
     await services.supervisor.retry(name)

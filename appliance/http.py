@@ -12,6 +12,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from appliance.errors import ApplianceError, validation_error
+from appliance.specs import NAME_RE, NAME_RULE
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,14 @@ def add_routes(app: web.Application, routes: list[Route], guard: Callable[[Route
     """Register routes; `guard` wraps the handlers that need auth (so other routes pay nothing for it)."""
     for r in routes:
         app.router.add_route(r.method, r.path, guard(r) if guard and r.auth else r.handler)
+
+
+def endpoint_name(request: web.Request) -> str:
+    """The `{name}` of an endpoint route, checked against the naming rule."""
+    name = request.match_info["name"]
+    if not NAME_RE.match(name):
+        raise ApplianceError(f"invalid endpoint name {name!r}: {NAME_RULE}", status=400, code="invalid_name", param="name")
+    return name
 
 
 async def read_body(request: web.Request) -> bytes:
