@@ -10,13 +10,16 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from appliance import access, admin, gateway, oauth
+from appliance import access, admin, autoscaling_api, gateway, oauth
+from appliance.autoscaler import Autoscaler
 from appliance.auth import Authenticator, TokenSigner, bootstrap_admin_key
 from appliance.config import Config
 from appliance.endpoints import EndpointService
 from appliance.errors import ApplianceError
 from appliance.gateway import GATEWAY, Gateway
 from appliance.gpu import GpuMonitor
+from appliance.load import Load
+from appliance.metrics import MetricsCollector
 from appliance.http import MAX_BODY, Handler, Route, add_routes, error_middleware, error_response, json_response
 from appliance.openapi import build_openapi
 from appliance.services import SERVICES, Services
@@ -29,6 +32,8 @@ from appliance.views import Health
 log = logging.getLogger(__name__)
 
 STARTUP_TASK = web.AppKey("startup_task", asyncio.Task)
+METRICS = web.AppKey("metrics", MetricsCollector)
+AUTOSCALER = web.AppKey("autoscaler", Autoscaler)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -56,6 +61,7 @@ def all_routes() -> list[Route]:
         Route("GET", "/readyz", readyz, "Readiness (503 until startup reconciliation ran)", response=Health, auth=False, tags=("system",)),
         Route("GET", f"{admin.PREFIX}/openapi.json", openapi, "This document", auth=False, tags=("system",)),
         *admin.ROUTES,
+        *autoscaling_api.ROUTES,
         *access.ROUTES,
         *oauth.ROUTES,
     ]
@@ -89,6 +95,7 @@ async def _startup(app: web.Application) -> None:
         problems = await services.endpoints.apply_declared(list(config.endpoints))
         await app[GATEWAY].start()
         await services.supervisor.start()  # stops orphans of an earlier run, then reconciles
+        services.jobs.every("autoscale", config.autoscaling.interval_seconds, app[AUTOSCALER].evaluate)
         await services.store.events.add(
             "server.started",
             f"appliance started on {config.server.host}:{config.server.port}",
@@ -109,9 +116,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if not task.done():
         task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    await services.supervisor.stop()  # every worker stops before the appliance does
+    services.jobs.stop()  # no scaling decision while everything stops
+    await services.supervisor.stop()  # every worker drains and stops before the appliance does
     await app[GATEWAY].stop()
-    services.jobs.stop()
+    await app[METRICS].stop()
     if services.store.is_open:
         await services.accounting.flush()
         await services.store.events.add("server.stopped", "appliance stopped")
@@ -124,7 +132,8 @@ def make_app(config: Config, *, clock: Clock = time.time, gpus: GpuMonitor | Non
     vault = Vault(config.secret_key_path)
     accounting = Accounting(store, clock, config.auth.auth_failure_events_per_minute)
     auth = Authenticator(store, clock, TokenSigner(config.jwt_key_path), on_failure=accounting.auth_failure)
-    supervisor = Supervisor(config, store, clock, gpus.inventory, unseal=vault.open_all)
+    load = Load(clock)
+    supervisor = Supervisor(config, store, clock, gpus.inventory, unseal=vault.open_all, load=load)
     services = Services(
         config=config,
         clock=clock,
@@ -135,11 +144,17 @@ def make_app(config: Config, *, clock: Clock = time.time, gpus: GpuMonitor | Non
         supervisor=supervisor,
         vault=vault,
         accounting=accounting,
+        load=load,
     )
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[error_middleware])
     app[SERVICES] = services
     app[MAX_BODY] = config.server.max_body_bytes
     app[GATEWAY] = Gateway(services)
+    app[METRICS] = MetricsCollector(
+        supervisor, app[GATEWAY], load, gpus.inventory,
+        scrape_timeout=config.autoscaling.scrape_timeout_seconds, history_seconds=config.autoscaling.history_seconds,
+    )
+    app[AUTOSCALER] = Autoscaler(store, supervisor, app[METRICS], load, clock)
     add_routes(app, all_routes(), guard=admin_only)
     add_routes(app, gateway.ROUTES)
     app.cleanup_ctx.append(_lifecycle)

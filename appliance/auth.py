@@ -9,6 +9,8 @@ is looked up on every call, so disabling it rejects its tokens at once.
 
 from __future__ import annotations
 
+import asyncio
+
 import hashlib
 import hmac
 import json
@@ -36,7 +38,6 @@ ADMIN, INFERENCE, READ = "admin", "inference", "read"
 SCOPES = (ADMIN, INFERENCE, READ)
 ROLES: dict[str, frozenset[str]] = {"viewer": frozenset({READ}), "user": frozenset({INFERENCE}), "admin": frozenset({ADMIN})}
 BOOTSTRAP_NAME = "admin (bootstrap)"
-_RELOAD_INTERVAL = 1.0  # an unknown key re-reads the store at most this often
 _JWT_ALGORITHM = "HS256"
 _JWT_ISSUER = "appliance"
 _JWT_CACHE_MAX = 10_000
@@ -239,7 +240,7 @@ class Authenticator:
         self._hash_of: dict[str, str] = {}
         self._accounts: dict[str, Account] = {}
         self._jwt_cache: dict[str, tuple[str, frozenset[str], float]] = {}
-        self._loaded_at = float("-inf")
+        self._miss_check: asyncio.Future[None] | None = None  # shared by concurrent unknown keys
         self._data_version: int | None = None
         self._version = 0  # bumped by every change made here: a reload that raced one is dropped
 
@@ -255,10 +256,17 @@ class Authenticator:
         version = self._version
         seen = None if force else self._data_version
         loaded = await self._store.run(_load_all, seen)
-        self._loaded_at = self._clock()
         if loaded is None or version != self._version:
             return  # nothing new, or a change landed while reading: what was read may predate it
         self._by_hash, self._hash_of, self._accounts, self._data_version = loaded
+
+    async def _check_for_new_keys(self) -> None:
+        """An unknown key may have been written by another process (offline reset): re-read if the
+        database changed. Costs one pragma; a flood of wrong keys shares one check at a time."""
+        if self._miss_check is None:
+            self._miss_check = asyncio.ensure_future(self.reload())
+            self._miss_check.add_done_callback(lambda _: setattr(self, "_miss_check", None))
+        await asyncio.shield(self._miss_check)
 
     def put_key(self, row: dict[str, Any]) -> None:
         self._version += 1
@@ -308,8 +316,8 @@ class Authenticator:
             return self._from_jwt(request, token, record)
         digest = hash_key(token)
         principal = self._by_hash.get(digest)
-        if principal is None and self._clock() - self._loaded_at >= _RELOAD_INTERVAL:
-            await self.reload()  # a key written by another process (offline reset) since the last load
+        if principal is None:
+            await self._check_for_new_keys()
             principal = self._by_hash.get(digest)
         if principal is None:
             raise self._fail(request, token, _unauthorized("invalid API key", "invalid_api_key"), record)

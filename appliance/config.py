@@ -24,6 +24,9 @@ class ServerConfig(Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     tls_cert: Path | None = Field(None, description="PEM certificate (chain): serve HTTPS; `appliance tls init` writes a self-signed one")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    shutdown_timeout_seconds: float = Field(
+        60.0, ge=0, description="on stop, requests in flight get this long to finish before the workers drain and stop"
+    )
 
     @field_validator("state_dir", "tls_cert", "tls_key", mode="before")
     @classmethod
@@ -79,6 +82,12 @@ class GatewayConfig(Model):
     request_records: int = Field(10000, ge=0, description="recent requests kept in memory for metrics and autoscaling")
 
 
+class AutoscalingConfig(Model):
+    interval_seconds: float = Field(5.0, gt=0, description="how often rules are evaluated and metrics gathered")
+    scrape_timeout_seconds: float = Field(2.0, gt=0, description="longest wait for one replica's /metrics (inference rules)")
+    history_seconds: float = Field(3600.0, gt=0, description="metric samples kept per endpoint: the longest window a rule may use")
+
+
 class AuthConfig(Model):
     access_token_ttl_seconds: int = Field(3600, ge=60, le=30 * 86400, description="lifetime of OAuth2 access tokens")
     usage_flush_seconds: float = Field(10.0, gt=0, description="how often usage totals and last-used times are written")
@@ -111,6 +120,7 @@ class Config(Model):
     gpus: GpusConfig = Field(default_factory=GpusConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     endpoints: list[EndpointSpec] = Field(default_factory=list, description="declared endpoints, created or updated at start")
     source: Path | None = Field(None, exclude=True, description="the file this came from (not a key)")
 

@@ -118,6 +118,10 @@ def resolve(spec: EndpointSpec) -> tuple[EndpointConfig, ModelDefinition | None]
         max_concurrency=spec.max_concurrency,
         queue_size=spec.queue_size,
         queue_timeout_seconds=spec.queue_timeout_seconds,
+        max_surge=spec.max_surge,
+        drain_timeout_seconds=spec.drain_timeout_seconds,
+        idle_timeout_seconds=spec.idle_timeout_seconds,
+        wake_timeout_seconds=spec.wake_timeout_seconds,
         environment=Environment(**section.environment.model_dump()) if section else None,
         inherited=inherited,
     )

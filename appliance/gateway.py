@@ -49,7 +49,7 @@ class RequestRecord:
 
 @dataclass
 class _Admission:
-    inflight: dict[str, int] = field(default_factory=dict)
+    inflight: dict[str, int]  # the live counts kept by Load
     waiting: int = 0
     released: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -72,7 +72,11 @@ class Gateway:
             await self._session.close()
 
     def inflight(self, endpoint: str) -> dict[str, int]:
-        return dict(self._admission.get(endpoint, _Admission()).inflight)
+        return dict(self._services.load.inflight(endpoint))
+
+    def queue_length(self, endpoint: str) -> int:
+        adm = self._admission.get(endpoint)
+        return adm.waiting if adm else 0
 
     # --- admission -------------------------------------------------------------------------------
 
@@ -80,18 +84,13 @@ class Gateway:
         """A replica with room for one more request, counted in flight until release()."""
         adm = self._admission.get(endpoint)
         if adm is None:
-            adm = self._admission[endpoint] = _Admission()
+            adm = self._admission[endpoint] = _Admission(self._services.load.inflight(endpoint))
         replica = await self._acquire(endpoint, config, key, exclude, adm)
-        adm.inflight[replica.id] = adm.inflight.get(replica.id, 0) + 1
+        self._services.load.begin(endpoint, replica.id)  # no await since the pick: a DRAINING replica is never chosen
         return adm, replica
 
-    @staticmethod
-    def release(adm: _Admission, replica: RoutableReplica) -> None:
-        left = adm.inflight[replica.id] - 1
-        if left:
-            adm.inflight[replica.id] = left
-        else:
-            del adm.inflight[replica.id]
+    def release(self, adm: _Admission, replica: RoutableReplica) -> None:
+        self._services.load.end(replica.endpoint, replica.id)
         if adm.waiting:  # wake the queue only when someone waits
             adm.released.set()
             adm.released = asyncio.Event()
@@ -99,6 +98,10 @@ class Gateway:
     async def _acquire(self, endpoint: str, config: EndpointConfig, key: str | None, exclude: set[str], adm: _Admission) -> RoutableReplica:
         deadline = time.monotonic() + config.queue_timeout_seconds
         supervisor = self._services.supervisor
+        if config.idle_timeout_seconds is not None:
+            # Scale to zero: a replica may have to start first; wait for it as long as a wake may take.
+            deadline = time.monotonic() + max(config.queue_timeout_seconds, config.wake_timeout_seconds)
+        woke = False
         while True:
             table: RoutingTable = supervisor.table
             routable = [r for r in table.routable.get(endpoint, ()) if r.id not in exclude]
@@ -107,6 +110,10 @@ class Gateway:
                 return pick(config.routing, free, adm.inflight, key=key, overload_factor=config.prefix_overload_factor, rng=self._rng)
             counts = table.counts.get(endpoint, {})
             starting = sum(counts.get(s, 0) for s in _STARTING)
+            if not routable and not starting and not woke and config.idle_timeout_seconds is not None and table.desired.get(endpoint) == 0:
+                woke = True
+                await supervisor.wake(endpoint)  # requests arriving meanwhile see it STARTING and wait for the same replica
+                continue
             if not routable and not starting:
                 raise self._no_replica(endpoint, counts, table)
             if adm.waiting >= config.queue_size:
@@ -158,6 +165,7 @@ class Gateway:
     ) -> web.StreamResponse:
         assert self._session is not None
         started = time.monotonic()
+        self._services.load.arrived(endpoint)
         outcome = Outcome()
         replica_id: str | None = None
         error_source: str | None = None
@@ -194,7 +202,7 @@ class Gateway:
             error_source = exc.source
             raise
         finally:
-            now = time.time()
+            now = self._services.clock()
             key_id = principal.id if principal else None
             if limited and principal is not None:
                 tokens = (outcome.prompt_tokens or 0) + (outcome.completion_tokens or 0)

@@ -31,6 +31,7 @@ class RoutingTable:
     names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # name or alias → endpoint
     counts: Mapping[str, Mapping[str, int]] = field(default_factory=lambda: MappingProxyType({}))  # replicas by state
     statuses: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    desired: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # replicas wanted now
 
     def resolve(self, model: str) -> str | None:
         return self.names.get(model)

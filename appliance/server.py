@@ -57,7 +57,9 @@ async def run(config: Config) -> None:
     app = make_app(config)
     # handler_cancellation: a client that disconnects cancels its request, and so the worker's generation.
     access = logging.getLogger("appliance.access") if config.gateway.access_log else None
-    runner = web.AppRunner(app, handle_signals=False, access_log=access, handler_cancellation=True)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=access, handler_cancellation=True, shutdown_timeout=config.server.shutdown_timeout_seconds
+    )
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

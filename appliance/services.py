@@ -12,6 +12,7 @@ from appliance.endpoints import EndpointService
 from appliance.gpu import GpuMonitor
 from appliance.jobs import Jobs
 from appliance.limits import RateLimiter
+from appliance.load import Load
 from appliance.store import Clock, Store
 from appliance.supervisor import Supervisor
 from appliance.usage import Accounting
@@ -35,6 +36,7 @@ class Services:
     supervisor: Supervisor
     vault: Vault
     accounting: Accounting
+    load: Load
     jobs: Jobs = field(default_factory=Jobs)
     limiter: RateLimiter = field(default_factory=RateLimiter)
     readiness: Readiness = field(default_factory=Readiness)

@@ -128,6 +128,21 @@ class EndpointSpec(Model):
     max_concurrency: int | None = Field(None, ge=1, description="requests in flight per replica; more wait in the queue")
     queue_size: int = Field(100, ge=0, description="requests waiting per endpoint; beyond it 429")
     queue_timeout_seconds: float = Field(30.0, gt=0, description="longest wait in the queue, or for a starting replica")
+    max_surge: int = Field(1, ge=0, description="rolling update: new replicas started above the desired count at a time; 0 drains an old one first")
+    drain_timeout_seconds: float = Field(
+        120.0, ge=0, description="a replica leaving (scale-in, update, shutdown) gets this long to finish its requests"
+    )
+    idle_timeout_seconds: float | None = Field(
+        None, gt=0, description="scale to zero after this long without a request (needs min_replicas = 0); a request wakes it"
+    )
+    wake_timeout_seconds: float = Field(600.0, gt=0, description="longest a request waits for a scaled-to-zero endpoint to start")
+
+    @model_validator(mode="after")
+    def _idle_needs_zero(self) -> "EndpointSpec":
+        low = self.replicas if self.min_replicas is None else self.min_replicas
+        if self.idle_timeout_seconds is not None and low != 0:
+            raise ValueError(f"idle_timeout_seconds scales to zero, so it needs min_replicas = 0 (min_replicas is {low})")
+        return self
 
     @field_validator("min_replicas")
     @classmethod
@@ -190,7 +205,8 @@ EndpointPatch = _patch_model()
 NO_RESTART_FIELDS = frozenset(
     {
         "replicas", "min_replicas", "max_replicas", "public", "description", "aliases", "routing", "prefix_length",
-        "prefix_overload_factor", "max_concurrency", "queue_size", "queue_timeout_seconds",
+        "prefix_overload_factor", "max_concurrency", "queue_size", "queue_timeout_seconds", "max_surge", "drain_timeout_seconds",
+        "idle_timeout_seconds", "wake_timeout_seconds",
     }
 )
 
@@ -235,5 +251,9 @@ class EndpointConfig(Model):
     max_concurrency: int | None = None
     queue_size: int = 100
     queue_timeout_seconds: float = 30.0
+    max_surge: int = 1
+    drain_timeout_seconds: float = 120.0
+    idle_timeout_seconds: float | None = None
+    wake_timeout_seconds: float = 600.0
     environment: Environment | None = None
     inherited: list[str] = Field(default_factory=list, description="fields whose value came from the model folder's files")

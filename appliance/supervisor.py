@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -27,6 +27,7 @@ from appliance.definitions import find_definition_file, load_model_definition
 from appliance.errors import ApplianceError
 from appliance.gpu import Allocation, GpuInfo, GpuRequest, Unplaceable, place, visible
 from appliance.health import Health, HealthState, due_for_replacement, next_probe_delay, observe
+from appliance.load import Load
 from appliance.probe import probe
 from appliance.router import RoutableReplica, RoutingTable
 from appliance.runtimes import Placement, WorkerSpec, build_worker_spec
@@ -61,6 +62,7 @@ class Replica:
     next_start_at: float = 0.0
     started_at: float | None = None
     last_error: str = ""
+    waiting_for_capacity: bool = False  # no GPU room yet: during a roll an old replica makes way
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # retry or stop while parked
     task: asyncio.Task[None] | None = None
@@ -81,6 +83,7 @@ class EndpointRun:
     name: str
     config: EndpointConfig
     generation: int
+    desired: int  # the autoscaler's count, else config.replicas
     updated_at: str = ""
     error: str | None = None
     replicas: dict[str, Replica] = field(default_factory=dict)
@@ -117,8 +120,11 @@ def backoff_delay(failures: int, base: float, cap: float) -> float:
 
 class Supervisor:
     def __init__(
-        self, config: Config, store: Store, clock: Clock, gpus: GpuSource, unseal: Callable[[Mapping[str, str]], dict[str, str]] = dict
+        self, config: Config, store: Store, clock: Clock, gpus: GpuSource, unseal: Callable[[Mapping[str, str]], dict[str, str]] = dict,
+        load: Load | None = None,
     ) -> None:
+        self._load = load or Load(clock)  # requests in flight per replica, counted by the gateway
+        self._wakes: dict[str, asyncio.Future[None]] = {}
         self._unseal = unseal  # secret environ values are decrypted only into the worker's environment
         self._config = config
         self._store = store
@@ -151,8 +157,7 @@ class Supervisor:
             await asyncio.gather(self._loop_task, return_exceptions=True)
         replicas = [r for run in self._runs.values() for r in run.replicas.values()]
         for r in replicas:
-            r.stop_requested.set()
-            r.wake.set()
+            self._request_stop(r)  # HEALTHY ones drain first
         await asyncio.gather(*(r.task for r in replicas if r.task), return_exceptions=True)
         if self._session:
             await self._session.close()
@@ -213,8 +218,9 @@ class Supervisor:
                 self._dirty = True
         for name, row in rows.items():
             run = self._runs.get(name)
+            desired = row["desired_replicas"] if row.get("desired_replicas") is not None else row["config"]["replicas"]
             if run is None:
-                run = self._runs[name] = EndpointRun(name, EndpointConfig.model_validate(row["config"]), row["generation"], row["updated_at"])
+                run = self._runs[name] = EndpointRun(name, EndpointConfig.model_validate(row["config"]), row["generation"], desired, row["updated_at"])
                 if row["status"] == EndpointStatus.ERROR.value:
                     run.error = row["status_message"]  # stays in ERROR across restarts until retried
                 self._dirty = True
@@ -223,31 +229,54 @@ class Supervisor:
                     run.generation, run.error = row["generation"], None  # new workers: a new chance, ERROR clears
                 run.config, run.updated_at = EndpointConfig.model_validate(row["config"]), row["updated_at"]
                 self._dirty = True
+            if run.desired != desired:
+                run.desired, self._dirty = desired, True
             self._reconcile_endpoint(run)
             await self._publish_status(run)
         if self._dirty:
             self._publish_snapshot()
 
     def _reconcile_endpoint(self, run: EndpointRun) -> None:
-        desired = run.config.replicas
+        desired = run.desired
         live = [r for r in run.replicas.values() if r.live]
         current = [r for r in live if r.generation == run.generation]
-        old = [r for r in live if r.generation != run.generation]
-        for _ in range(0 if run.error else desired - len(current)):  # in ERROR nothing new starts until retried
-            self._create(run)
+        old = []
+        for r in live:
+            if r.generation == run.generation:
+                continue
+            if r.state is ReplicaState.HEALTHY:
+                old.append(r)
+            else:
+                self._request_stop(r)  # an old replica that serves nothing goes at once
+        if not run.error:  # in ERROR nothing new starts until retried
+            wanted = desired - len(current)
+            if old:  # rolling: at most max_surge replicas above the desired count
+                wanted = min(wanted, desired + run.config.max_surge - len(current) - len(old))
+            for _ in range(max(0, wanted)):
+                self._create(run)
         if len(current) > desired:
-            order = [ReplicaState.FAILED, ReplicaState.PROVISIONING, ReplicaState.STARTING, ReplicaState.UNHEALTHY, ReplicaState.HEALTHY]
-            surplus = sorted(current, key=lambda r: (order.index(r.state) if r.state in order else 0, -(r.started_at or 0)))
-            for r in surplus[: len(current) - desired]:
+            for r in self._leaving_order(run.name, current)[: len(current) - desired]:
                 self._request_stop(r)
-        # Roll: old replicas go once enough new ones are healthy; ones that serve nothing go at once.
+        # Old replicas leave (draining) once as many new ones are healthy…
         healthy_new = sum(r.state is ReplicaState.HEALTHY for r in current)
-        old_healthy = [r for r in old if r.state is ReplicaState.HEALTHY]
-        for r in old:
-            if r.state is not ReplicaState.HEALTHY:
-                self._request_stop(r)
-        for r in old_healthy[: max(0, len(old_healthy) + healthy_new - desired)]:
+        by_load = self._leaving_order(run.name, old)
+        for r in by_load[: max(0, len(old) + healthy_new - desired)]:
             self._request_stop(r)
+        # …or, one at a time, to make room when no new one can start beside them (max_surge 0, or GPUs full).
+        leaving_old = any(r.generation != run.generation and r.stop_requested.is_set() for r in run.replicas.values())
+        pending = [r for r in run.replicas.values() if r.live and r.generation == run.generation and r.state is not ReplicaState.HEALTHY]
+        blocked = (not pending and len(current) < desired) or any(r.waiting_for_capacity for r in pending)
+        if old and blocked and not leaving_old and not run.error and by_load[0].live:
+            self._request_stop(by_load[0])
+
+    def _leaving_order(self, endpoint: str, replicas: list[Replica]) -> list[Replica]:
+        """Who goes first: replicas that serve nothing, then the healthy one with the fewest requests in flight."""
+        order = [ReplicaState.FAILED, ReplicaState.PROVISIONING, ReplicaState.STARTING, ReplicaState.UNHEALTHY, ReplicaState.HEALTHY]
+        inflight = self._load.inflight(endpoint)
+        return sorted(
+            (r for r in replicas if r.live),
+            key=lambda r: (order.index(r.state) if r.state in order else 0, inflight.get(r.id, 0), -(r.started_at or 0)),
+        )
 
     def _create(self, run: EndpointRun) -> Replica:
         rid = f"{run.name}-{secrets.token_hex(3)}"
@@ -266,6 +295,8 @@ class Supervisor:
         if not r.stop_requested.is_set():
             r.stop_requested.set()
             r.wake.set()
+            if r.state is ReplicaState.HEALTHY:
+                self._publish_snapshot()  # out of routing now, before any new request can pick it
 
     # --- one replica ---------------------------------------------------------------------------
 
@@ -324,6 +355,9 @@ class Supervisor:
             spec, env = await self._provision(run, r)
         except Unplaceable as exc:
             self._release(r)  # hold nothing while waiting
+            r.waiting_for_capacity = not exc.permanent
+            if r.waiting_for_capacity:
+                self.poke()
             if exc.permanent:
                 run.error = exc.reason
                 r.last_error = exc.reason
@@ -337,6 +371,7 @@ class Supervisor:
             return "retry"
         except (ApplianceError, OSError) as exc:  # a failed start, counted: a lasting cause ends in ERROR
             return await self._failed(r, exc.message if isinstance(exc, ApplianceError) else f"could not prepare the replica: {exc}")
+        r.waiting_for_capacity = False
         try:
             r.log.note(f"starting: {' '.join(spec.argv)} (port {r.port})")
             r.process = await WorkerProcess.spawn(spec.argv, env=env, cwd=r.work_dir, sink=r.log)
@@ -373,6 +408,8 @@ class Supervisor:
                 return "stopped"
             early = " before becoming healthy" if r.health and not r.health.ever_healthy else ""
             return await self._failed(r, f"worker exited with code {code}{early}", {"exit_code": code, "last_log_lines": tail})
+        if r.stop_requested.is_set() and r.state is ReplicaState.HEALTHY:
+            await self._drain(run, r, exited)
         exited.cancel()
         if r.stop_requested.is_set():
             await self._record(r, ReplicaState.TERMINATING, "stopping")
@@ -384,6 +421,27 @@ class Supervisor:
         await self._record(r, ReplicaState.TERMINATING, "unhealthy for too long: replacing")
         await process.stop(self._config.workers.stop_grace_seconds)
         return await self._failed(r, f"replaced after {config.unhealthy_replace_after:g}s unhealthy ({r.health.last_result if r.health else ''})")
+
+    async def _drain(self, run: EndpointRun, r: Replica, exited: asyncio.Task[int]) -> None:
+        """Out of routing already; let the requests in flight finish (up to the drain timeout) before the stop."""
+        timeout = run.config.drain_timeout_seconds
+        n = self._load.inflight(r.endpoint).get(r.id, 0)
+        await self._record(r, ReplicaState.DRAINING, f"draining: {n} request(s) in flight, up to {timeout:g}s")
+        if not n:
+            return
+        started = self._clock()
+        idle = asyncio.ensure_future(self._load.wait_idle(r.endpoint, r.id, timeout))
+        try:
+            await asyncio.wait({idle, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            idle.cancel()
+        left = self._load.inflight(r.endpoint).get(r.id, 0)
+        took = self._clock() - started
+        if left:
+            r.log.note(f"drain ended after {took:.1f}s with {left} request(s) still in flight")
+            await self._record(r, ReplicaState.DRAINING, f"drain timeout: {left} request(s) still in flight after {took:.1f}s", {"in_flight": left})
+        else:
+            r.log.note(f"drained in {took:.1f}s")
 
     async def _failed(self, r: Replica, reason: str, details: dict[str, Any] | None = None) -> str:
         """A failed start or a crash: free what it held and say why. Counted by the caller."""
@@ -503,7 +561,7 @@ class Supervisor:
 
     async def _publish_status(self, run: EndpointRun) -> None:
         states = [r.state for r in run.replicas.values() if r.live]
-        status = derive_status(run.config.replicas, states, run.error)
+        status = derive_status(run.desired, states, run.error)
         if status != run.status and self._runs.get(run.name) is run:
             run.status = status
             self._dirty = True  # the table carries statuses too
@@ -531,6 +589,7 @@ class Supervisor:
             names=MappingProxyType(names),
             counts=MappingProxyType({name: MappingProxyType(self.counts(name)) for name in self._runs}),
             statuses=MappingProxyType({name: (run.status[0].value if run.status else "PENDING") for name, run in self._runs.items()}),
+            desired=MappingProxyType({name: run.desired for name, run in self._runs.items()}),
         )
         self._dirty = False
         self._changed.set()
@@ -559,6 +618,30 @@ class Supervisor:
         await self._store.events.add("endpoint.retry", f"endpoint {name}: error cleared, retrying", endpoint=name, details={"previous_error": previous})
         await self._publish_status(run)
         self.poke()
+
+    def desired(self, name: str) -> int | None:
+        run = self._runs.get(name)
+        return run.desired if run else None
+
+    async def scale(self, name: str, replicas: int, kind: str, message: str, details: dict[str, Any], rules: Sequence[str] = ()) -> None:
+        """Set the desired count (the autoscaler's one effect) and reconcile at once."""
+        if await self._store.endpoints.set_desired(name, replicas, kind, message, details, list(rules)):
+            await self.sync()
+
+    async def wake(self, name: str) -> None:
+        """A request for a scaled-to-zero endpoint: ask for one replica. Concurrent callers share one wake."""
+        waking = self._wakes.get(name)
+        if waking is None:
+            waking = self._wakes[name] = asyncio.ensure_future(self._wake(name))
+            waking.add_done_callback(lambda _: self._wakes.pop(name, None))
+        await asyncio.shield(waking)
+
+    async def _wake(self, name: str) -> None:
+        run = self._runs.get(name)
+        if run is None or run.desired != 0:
+            return
+        target = max(1, run.config.min_replicas)
+        await self.scale(name, target, "autoscale.wake", f"endpoint {name}: a request arrived while scaled to zero: 0 → {target}", {"from": 0, "to": target, "reason": "wake"})
 
     def replicas(self, name: str) -> list[Replica]:
         run = self._runs.get(name)

@@ -21,6 +21,7 @@ from appliance.store.codec import dumps, iso, parse_iso
 from appliance.store.migrations import migrations
 from appliance.store.access_repos import AccountsRepo, KeysRepo, UsageRepo
 from appliance.store.repos import EndpointsRepo, EventsRepo, ReplicasRepo
+from appliance.store.scaling_repos import RulesRepo
 
 __all__ = ["Clock", "Store", "open_database", "dumps", "iso", "parse_iso"]
 
@@ -55,6 +56,7 @@ class Store:
         self.keys = KeysRepo(self)
         self.accounts = AccountsRepo(self)
         self.usage = UsageRepo(self)
+        self.rules = RulesRepo(self)
         self.replicas = ReplicasRepo(self)
 
     @property

@@ -121,3 +121,33 @@ def m002_access(db: Database) -> None:
     )
     db["usage"].create_index(["key_id", "hour"])
     db["usage"].create_index(["endpoint", "hour"])
+
+
+@migrations(name="m003_autoscaling")
+def m003_autoscaling(db: Database) -> None:
+    # Set by the autoscaler (and wake/idle); null means the configured `replicas`. A user's change to
+    # `replicas` clears it.
+    db["endpoints"].add_column("desired_replicas", int)
+    db["autoscaling_rules"].create(
+        {
+            "id": str,
+            "endpoint": str,
+            "metric_source": str,  # gpu | kernel | inference | gateway
+            "metric_name": str,
+            "comparator": str,
+            "threshold": float,
+            "step_size": int,
+            "min_replicas": int,  # null: the endpoint's min_replicas
+            "max_replicas": int,  # null: the endpoint's max_replicas
+            "cooldown_seconds": float,
+            "window_seconds": float,
+            "enabled": int,
+            "created_at": str,
+            "updated_at": str,
+            "last_triggered_at": str,
+        },
+        pk="id",
+        not_null=["endpoint", "metric_source", "metric_name", "comparator", "threshold", "step_size", "cooldown_seconds",
+                  "window_seconds", "enabled", "created_at", "updated_at"],
+    )
+    db["autoscaling_rules"].create_index(["endpoint"])

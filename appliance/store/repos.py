@@ -100,6 +100,8 @@ class EndpointsRepo:
                     _check_names_free(db, name, fields["config"]["aliases"])
                     if worker_fingerprint(fields["config"]) != worker_fingerprint(current["config"]):
                         fields["generation"] = current["generation"] + 1  # new workers needed: replicas roll
+                    if fields["config"]["replicas"] != current["config"]["replicas"]:
+                        fields["desired_replicas"] = None  # the user's count replaces the autoscaler's
                     fields["config"] = dumps(fields["config"])
                 if "spec" in fields:
                     fields["spec"] = dumps(fields["spec"])
@@ -117,6 +119,7 @@ class EndpointsRepo:
                 if not db["endpoints"].count_where("name = ?", [name]):
                     raise ApplianceError(f"endpoint {name!r} not found", status=404, code="endpoint_not_found")
                 db["endpoints"].delete(name)
+                db["autoscaling_rules"].delete_where("endpoint = ?", [name])
                 db.execute(  # its tokens must not open a later endpoint of the same name
                     "update api_keys set revoked_at = ? where kind = 'endpoint_token' and revoked_at is null "
                     "and exists (select 1 from json_each(api_keys.endpoints) where value = ?)",
@@ -126,6 +129,23 @@ class EndpointsRepo:
 
         await self._store.run(tx)
 
+
+    async def set_desired(self, name: str, replicas: int, kind: str, message: str, details: dict[str, Any], rules: list[str]) -> bool:
+        """The autoscaler's count, its event and the firing rules' last_triggered_at, in one transaction.
+        False if the endpoint is gone."""
+        now = self._store.now()
+
+        def tx(db: Database) -> bool:
+            with db.atomic():
+                if not db["endpoints"].count_where("name = ?", [name]):
+                    return False
+                db.execute("update endpoints set desired_replicas = ? where name = ?", [replicas, name])
+                for rule in rules:
+                    db.execute("update autoscaling_rules set last_triggered_at = ? where id = ?", [now, rule])
+                _insert_event(db, now, kind, message, name, details)
+                return True
+
+        return await self._store.run(tx)
 
     async def set_status(self, name: str, status: str, message: str) -> None:
         """Derived status from the supervisor; an event only when the status itself changes."""

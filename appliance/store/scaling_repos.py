@@ -1,0 +1,90 @@
+"""Autoscaling rules: one row per rule, owned by its endpoint (deleted with it)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlite_utils import Database
+from sqlite_utils.db import NotFoundError
+
+from appliance.errors import ApplianceError
+from appliance.store.repos import _insert_event
+
+if TYPE_CHECKING:
+    from appliance.store import Store
+
+Row = dict[str, Any]
+
+
+def _decode(row: Row) -> Row:
+    return {**row, "enabled": bool(row["enabled"])}
+
+
+def _endpoint_exists(db: Database, name: str) -> None:
+    if not db["endpoints"].count_where("name = ?", [name]):
+        raise ApplianceError(f"endpoint {name!r} not found", status=404, code="endpoint_not_found", param="name")
+
+
+def _get(db: Database, endpoint: str, rule_id: str) -> Row:
+    try:
+        row = dict(db["autoscaling_rules"].get(rule_id))
+    except NotFoundError:
+        row = {}
+    if row.get("endpoint") != endpoint:
+        raise ApplianceError(f"endpoint {endpoint!r} has no autoscaling rule {rule_id!r}", status=404, code="rule_not_found", param="id")
+    return _decode(row)
+
+
+class RulesRepo:
+    def __init__(self, store: "Store") -> None:
+        self._store = store
+
+    async def insert(self, row: Row, message: str) -> Row:
+        now = self._store.now()
+
+        def tx(db: Database) -> Row:
+            with db.atomic():
+                _endpoint_exists(db, row["endpoint"])
+                db["autoscaling_rules"].insert({**row, "enabled": int(row["enabled"]), "created_at": now, "updated_at": now})
+                _insert_event(db, now, "autoscale.rule_created", message, row["endpoint"], {"rule": row["id"]})
+                return _get(db, row["endpoint"], row["id"])
+
+        return await self._store.run(tx)
+
+    async def get(self, endpoint: str, rule_id: str) -> Row:
+        return await self._store.run(lambda db: _get(db, endpoint, rule_id))
+
+    async def list(self, endpoint: str | None = None) -> list[Row]:
+        def q(db: Database) -> list[Row]:
+            if endpoint is None:
+                return [_decode(r) for r in db.query("select * from autoscaling_rules order by endpoint, created_at, id")]
+            _endpoint_exists(db, endpoint)
+            return [_decode(r) for r in db.query("select * from autoscaling_rules where endpoint = ? order by created_at, id", [endpoint])]
+
+        return await self._store.run(q)
+
+    async def update(self, endpoint: str, rule_id: str, fields: Row, message: str) -> Row:
+        now = self._store.now()
+
+        def tx(db: Database) -> Row:
+            with db.atomic():
+                _get(db, endpoint, rule_id)
+                values = {**fields, "updated_at": now}
+                if "enabled" in values:
+                    values["enabled"] = int(values["enabled"])
+                db["autoscaling_rules"].update(rule_id, values)
+                _insert_event(db, now, "autoscale.rule_updated", message, endpoint, {"rule": rule_id, "changed": sorted(fields)})
+                return _get(db, endpoint, rule_id)
+
+        return await self._store.run(tx)
+
+    async def delete(self, endpoint: str, rule_id: str, message: str) -> None:
+        now = self._store.now()
+
+        def tx(db: Database) -> None:
+            with db.atomic():
+                _get(db, endpoint, rule_id)
+                db["autoscaling_rules"].delete(rule_id)
+                _insert_event(db, now, "autoscale.rule_deleted", message, endpoint, {"rule": rule_id})
+
+        await self._store.run(tx)
