@@ -289,12 +289,14 @@ class Autoscaler:
         self._clock = clock
         self._notes: dict[str, Mapping[str, str]] = {}
         self._active_since: dict[str, float] = {}  # endpoint → when it was first seen with replicas
+        self.evaluations = 0  # completed passes
 
     async def evaluate(self) -> None:
         try:
             await self._evaluate()
         except Exception:  # one bad pass must not stop autoscaling
             log.exception("autoscaling evaluation failed")
+        self.evaluations += 1
 
     async def _evaluate(self) -> None:
         table = self._supervisor.table

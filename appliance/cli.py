@@ -135,6 +135,10 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
         "description": args.description,
         "public": args.public,
         "continuous_batching": args.continuous_batching,
+        "max_surge": args.max_surge,
+        "drain_timeout_seconds": args.drain_timeout,
+        "idle_timeout_seconds": args.idle_timeout,
+        "wake_timeout_seconds": args.wake_timeout,
     }
     body.update({k: v for k, v in simple.items() if v is not None})
     resources = {"gpus": args.gpus, "gpu_share": args.gpu_share, "cpu": args.cpu, "mem": args.mem}
@@ -175,7 +179,9 @@ def _show_endpoint(ep: dict[str, Any]) -> None:
         ("definition file", ep.get("definition_file") or "-"),
         ("served model name", ep["served_model_name"]),
         ("aliases", ", ".join(ep["aliases"]) or "-"),
-        ("replicas", f"{ep['replicas']} (min {ep['min_replicas']}, max {ep['max_replicas']})"),
+        ("replicas", f"{ep['desired_replicas']} desired; configured {ep['replicas']} (min {ep['min_replicas']}, max {ep['max_replicas']})"),
+        ("scaling", f"surge {ep['max_surge']}, drain {ep['drain_timeout_seconds']:g}s"
+         + (f", idle to zero after {ep['idle_timeout_seconds']:g}s, wake up to {ep['wake_timeout_seconds']:g}s" if ep.get("idle_timeout_seconds") else "")),
         ("resources", json.dumps({k: v for k, v in ep["resources"].items() if v not in (None, 0)}) or "{}"),
         ("environ", ", ".join(f"{k}={v}" for k, v in ep["environ"].items()) or "-"),
         ("extra args", " ".join(ep["extra_args"]) or "-"),
@@ -226,7 +232,7 @@ def cmd_endpoint_list(args: argparse.Namespace) -> int:
 
     def human(d: dict[str, Any]) -> None:
         rows = [
-            [e["name"], e["runtime"], e["status"], str(e["replicas"]), f"{e['min_replicas']}-{e['max_replicas']}",
+            [e["name"], e["runtime"], e["status"], str(e["desired_replicas"]), f"{e['min_replicas']}-{e['max_replicas']}",
              _gpu_text(e["resources"]), "public" if e["public"] else "private", e["source"], e["model_folder"]]
             for e in d["data"]
         ]
@@ -581,6 +587,10 @@ def _endpoint_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int)
     p.add_argument("--min-replicas", type=int)
     p.add_argument("--max-replicas", type=int)
+    p.add_argument("--max-surge", type=int, help="rolling update: replicas started above the desired count at a time (0: drain first)")
+    p.add_argument("--drain-timeout", type=float, metavar="SECONDS", help="a leaving replica gets this long to finish its requests")
+    p.add_argument("--idle-timeout", type=float, metavar="SECONDS", help="scale to zero after this long without a request (min replicas 0)")
+    p.add_argument("--wake-timeout", type=float, metavar="SECONDS", help="longest a request waits for a scaled-to-zero endpoint to start")
     p.add_argument("--gpus", type=int, help="whole GPUs per replica")
     p.add_argument("--gpu-share", type=float, help="fraction of one GPU per replica (0 < f < 1)")
     p.add_argument("--cpu", type=float)
@@ -656,6 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=50)
     e.set_defaults(func=cmd_endpoint_events)
     _token_commands(ep, client)
+    from appliance.cli_autoscale import autoscale_commands  # here: it uses this module's helpers
+
+    autoscale_commands(ep, client)
     _access_commands(sub, common, client)
     p = sub.add_parser("gpu", help="GPUs on this box")
     g = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -110,6 +110,8 @@ class Gateway:
                 return pick(config.routing, free, adm.inflight, key=key, overload_factor=config.prefix_overload_factor, rng=self._rng)
             counts = table.counts.get(endpoint, {})
             starting = sum(counts.get(s, 0) for s in _STARTING)
+            if woke and table.statuses.get(endpoint) != "ERROR":
+                starting += counts.get("FAILED", 0)  # a woken replica that failed is restarted; wait unless the endpoint gave up
             if not routable and not starting and not woke and config.idle_timeout_seconds is not None and table.desired.get(endpoint) == 0:
                 woke = True
                 await supervisor.wake(endpoint)  # requests arriving meanwhile see it STARTING and wait for the same replica

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 GpuSource = Callable[[], Awaitable[list[GpuInfo]]]
 _WAIT_FOR_CAPACITY = 2.0  # seconds between placement attempts while GPUs are busy
 _PORT_QUARANTINE = 60.0  # a port another program took is skipped this long
+_READY_POLL = 0.1  # seconds between readiness polls of a starting replica
 _KEEP_TERMINATED = 10  # finished replicas listed per endpoint, for their logs and last error
 
 
@@ -248,26 +249,27 @@ class Supervisor:
                 old.append(r)
             else:
                 self._request_stop(r)  # an old replica that serves nothing goes at once
+        # Rolling: new replicas start at most max_surge above the desired count. When none can start
+        # beside the old ones (max_surge 0, or GPUs full), one old replica makes way, one at a time.
+        wanted = desired - len(current)
+        room = desired + run.config.max_surge - len(current) - len(old) if old else wanted
+        by_load = self._leaving_order(run.name, old)
+        leaving_old = any(r.generation != run.generation and r.stop_requested.is_set() for r in run.replicas.values())
+        pending = any(r.state is not ReplicaState.HEALTHY for r in current)
+        stuck = (wanted > 0 and room <= 0 and not pending) or any(r.waiting_for_capacity for r in current)
+        if by_load and stuck and not leaving_old and not run.error:
+            self._request_stop(by_load.pop(0))
+            room += 1
         if not run.error:  # in ERROR nothing new starts until retried
-            wanted = desired - len(current)
-            if old:  # rolling: at most max_surge replicas above the desired count
-                wanted = min(wanted, desired + run.config.max_surge - len(current) - len(old))
-            for _ in range(max(0, wanted)):
+            for _ in range(max(0, min(wanted, room))):
                 self._create(run)
         if len(current) > desired:
             for r in self._leaving_order(run.name, current)[: len(current) - desired]:
                 self._request_stop(r)
-        # Old replicas leave (draining) once as many new ones are healthy…
+        # Old replicas leave (draining) as new ones become healthy.
         healthy_new = sum(r.state is ReplicaState.HEALTHY for r in current)
-        by_load = self._leaving_order(run.name, old)
-        for r in by_load[: max(0, len(old) + healthy_new - desired)]:
+        for r in by_load[: max(0, len(by_load) + healthy_new - desired)]:
             self._request_stop(r)
-        # …or, one at a time, to make room when no new one can start beside them (max_surge 0, or GPUs full).
-        leaving_old = any(r.generation != run.generation and r.stop_requested.is_set() for r in run.replicas.values())
-        pending = [r for r in run.replicas.values() if r.live and r.generation == run.generation and r.state is not ReplicaState.HEALTHY]
-        blocked = (not pending and len(current) < desired) or any(r.waiting_for_capacity for r in pending)
-        if old and blocked and not leaving_old and not run.error and by_load[0].live:
-            self._request_stop(by_load[0])
 
     def _leaving_order(self, endpoint: str, replicas: list[Replica]) -> list[Replica]:
         """Who goes first: replicas that serve nothing, then the healthy one with the fewest requests in flight."""
@@ -517,7 +519,24 @@ class Supervisor:
             if due_for_replacement(after, config.unhealthy_replace_after, now):
                 replace.set()
                 return
-            await asyncio.sleep(next_probe_delay(started, self._clock(), check.interval))
+            delay = next_probe_delay(started, self._clock(), check.interval)
+            if not after.ever_healthy:
+                delay = await self._poll_until_ready(r, check, deep, self._clock() + delay)
+            await asyncio.sleep(delay)
+
+    async def _poll_until_ready(self, r: Replica, check: Any, deep: str | None, until: float) -> float:
+        """Between the counted probes of a replica that was never healthy, poll every _READY_POLL:
+        a pass makes it HEALTHY at once (a wake or a roll waits less); failures here count for nothing.
+        Returns the time left until the next counted probe."""
+        assert self._session is not None and r.health is not None
+        while (left := until - self._clock()) > 0:
+            await asyncio.sleep(min(_READY_POLL, left))
+            passed, detail = await probe(self._session, r.url, check, deep_model=deep)
+            if passed:
+                r.health = observe(r.health, check, passed=True, detail=detail, now=self._clock())
+                await self._record(r, ReplicaState.HEALTHY, detail)
+                break
+        return max(0.0, until - self._clock())
 
     async def _finish(self, run: EndpointRun, r: Replica) -> None:
         if r.process is not None:

@@ -27,12 +27,14 @@ class EndpointView(EndpointConfig):
     updated_at: str
     spec: dict[str, Any] = Field(description="the fields as the user stated them, before the folder's defaults")
     replica_counts: dict[str, int] = Field(default_factory=dict, description="replicas by state")
+    desired_replicas: int = Field(description="replicas wanted now: set by autoscaling (and scale to zero), else `replicas`")
 
     @classmethod
     def of(cls, row: EndpointRow, counts: dict[str, int] | None = None) -> "EndpointView":
         keys = ("status", "status_message", "source", "generation", "created_at", "updated_at")
         return cls.model_validate(
-            {**masked(row["config"]), **{k: row[k] for k in keys}, "spec": masked(row["spec"]), "replica_counts": counts or {}}
+            {**masked(row["config"]), **{k: row[k] for k in keys}, "spec": masked(row["spec"]), "replica_counts": counts or {},
+             "desired_replicas": row["config"]["replicas"] if row.get("desired_replicas") is None else row["desired_replicas"]}
         )
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -74,7 +75,9 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, interval: f
 async def async_wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.02, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:
-        value = await predicate()
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:

@@ -5,7 +5,8 @@ Knobs: --startup-delay (seconds before listening), --latency (seconds before ans
 --fail-health-after K (503 from the K+1-th health probe on), --refuse-to-start (exit 1 at
 once with a message), --dead-generation (health passes, completions fail), --port-conflict-once
 FILE (the first start pretends its port was taken), --spawn-child (leave a grandchild in
-the process group, as engines with helper processes do). Each probe and event is printed
+the process group, as engines with helper processes do), --old-metric-names (/metrics with
+vLLM's pre-0.9 KV-cache gauge name). Each probe and event is printed
 with its time so tests can read them back from the replica log.
 """
 
@@ -67,6 +68,30 @@ def build(args: argparse.Namespace) -> web.Application:
 
     async def complete(request: web.Request) -> web.StreamResponse:
         state["requests"] += 1
+        state["running"] = state.get("running", 0) + 1
+        try:
+            return await _complete(request)
+        finally:
+            state["running"] -= 1
+
+    async def metrics(request: web.Request) -> web.Response:
+        # As vLLM exports them (gauges labelled by model); --old-metric-names uses the pre-0.9 KV-cache name.
+        kv = "vllm:gpu_cache_usage_perc" if args.old_metric_names else "vllm:kv_cache_usage_perc"
+        running = state.get("running", 0)
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+            f'vllm:num_requests_running{{model_name="{args.model}"}} {float(running)}',
+            "# TYPE vllm:num_requests_waiting gauge",
+            f'vllm:num_requests_waiting{{model_name="{args.model}"}} 0.0',
+            f"# TYPE {kv} gauge",
+            f'{kv}{{model_name="{args.model}"}} {min(1.0, running / 10):.3f}',
+            "# TYPE vllm:request_success counter",
+            f'vllm:request_success_total{{model_name="{args.model}"}} {float(state["requests"])}',
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def _complete(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         if args.dead_generation:
             return web.json_response({"error": {"message": "generation is dead", "type": "server_error"}}, status=500)
@@ -125,6 +150,7 @@ def build(args: argparse.Namespace) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/whoami", whoami)
     app.router.add_get("/stats", stats)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/_stop_listening", stop_listening)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", complete)
@@ -177,4 +203,5 @@ if __name__ == "__main__":
     p.add_argument("--report-gpu", action="store_true")
     p.add_argument("--slow-marker", help="the replica that creates this file first answers with --slow-latency")
     p.add_argument("--slow-latency", type=float, default=0.2)
+    p.add_argument("--old-metric-names", action="store_true")
     asyncio.run(main(p.parse_args()))

@@ -1,0 +1,241 @@
+"""Autoscaling, draining, rolling updates and scale to zero against real fake-worker processes.
+Every request the tests send is counted: none may fail."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.app import AUTOSCALER
+from appliance.services import SERVICES
+from conftest import Admin, async_wait_for
+from test_supervisor import WORKERS, create, endpoint, events, fake_folder, replicas, wait_status
+
+AUTOSCALING = {"interval_seconds": 0.2}
+
+
+@pytest.fixture
+async def admin(start_app: Any, make_config: Any) -> Admin:
+    return await start_app(make_config({"workers": WORKERS, "autoscaling": AUTOSCALING}))
+
+
+class Traffic:
+    """Clients that send chat requests back to back until stopped, counting every outcome."""
+
+    def __init__(self, admin: Admin, model: str, clients: int, max_tokens: int = 2) -> None:
+        self.admin, self.model, self.max_tokens = admin, model, max_tokens
+        self.ok = 0
+        self.failures: list[str] = []
+        self.served_by: Counter[str] = Counter()  # worker pid (the fake worker puts it in the id)
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._client()) for _ in range(clients)]
+
+    async def _client(self) -> None:
+        body = {"model": self.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": self.max_tokens}
+        while not self._stop.is_set():
+            resp = await self.admin.client.post("/v1/chat/completions", json=body, headers=self.admin.headers)
+            text = await resp.text()
+            if resp.status == 200:
+                self.ok += 1
+                self.served_by[json.loads(text)["id"]] += 1
+            else:
+                self.failures.append(f"{resp.status} {text}")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+
+async def add_rule(admin: Admin, name: str, **rule: Any) -> dict[str, Any]:
+    status, body = await admin.call("POST", f"/api/v1/endpoints/{name}/autoscaling-rules", json_body=rule)
+    assert status == 201, body
+    return body
+
+
+async def live(admin: Admin, name: str) -> list[dict[str, Any]]:
+    return [r for r in await replicas(admin, name) if r["state"] not in ("TERMINATED",)]
+
+
+async def decisions(admin: Admin, name: str) -> list[dict[str, Any]]:
+    status, body = await admin.call("GET", f"/api/v1/endpoints/{name}/decisions?limit=1000")
+    assert status == 200, body
+    return list(reversed(body["data"]))
+
+
+async def test_a_latency_rule_scales_out_under_load_and_back_in_after_it_with_no_failed_request(admin: Admin, tmp_path: Path) -> None:
+    await create(admin, "lat", fake_folder(tmp_path, "lat", "--latency", "0.25"), replicas=1, min_replicas=1, max_replicas=2)
+    await wait_status(admin, "lat", "HEALTHY")
+    out = await add_rule(admin, "lat", metric_source="gateway", metric_name="latency_p50", comparator="GREATER_THAN",
+                         threshold=0.2, step_size=1, window_seconds=2, cooldown_seconds=1)
+    back = await add_rule(admin, "lat", metric_source="gateway", metric_name="rps_per_replica", comparator="LESS_THAN",
+                          threshold=0.5, step_size=-1, window_seconds=2, cooldown_seconds=1)
+    traffic = Traffic(admin, "lat", clients=4)
+
+    async def two_serving() -> bool:
+        return (await endpoint(admin, "lat"))["desired_replicas"] == 2 and len(traffic.served_by) == 2
+
+    await async_wait_for(two_serving, timeout=30, what="a second replica to be started and serving")
+    await traffic.stop()
+
+    async def back_to_one() -> bool:
+        return (await endpoint(admin, "lat"))["desired_replicas"] == 1 and len(await live(admin, "lat")) == 1
+
+    await async_wait_for(back_to_one, timeout=30, what="scale-in after the load stopped")
+    assert traffic.failures == [] and traffic.ok > 10
+    taken = [d for d in await decisions(admin, "lat") if d["kind"] in ("autoscale.scale_out", "autoscale.scale_in")]
+    assert [(d["kind"], d["details"]["from"], d["details"]["to"], d["details"]["rule"]) for d in taken] == [
+        ("autoscale.scale_out", 1, 2, out["id"]), ("autoscale.scale_in", 2, 1, back["id"]),
+    ]
+    first = taken[0]["details"]
+    assert first["metric"] == "gateway/latency_p50" and first["value"] > 0.2 and first["threshold"] == 0.2
+    assert "latency_p50" in taken[0]["message"] and "1 → 2" in taken[0]["message"]
+    (rule,) = [r for r in (await admin.call("GET", "/api/v1/endpoints/lat/autoscaling-rules"))[1]["data"] if r["id"] == out["id"]]
+    assert rule["last_triggered_at"] is not None
+    # The scaled-in replica was drained, then stopped.
+    kinds = [e["kind"] for e in await events(admin, "lat")]
+    assert "replica.draining" in kinds
+
+
+async def test_scale_in_drains_a_replica_with_a_stream_in_flight(admin: Admin, tmp_path: Path) -> None:
+    await create(admin, "drain", fake_folder(tmp_path, "drain", "--tokens-per-second", "20"), replicas=2)
+    await wait_status(admin, "drain", "HEALTHY")
+
+    async def stream() -> str:
+        body = {"model": "drain", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "stream": True}
+        resp = await admin.client.post("/v1/chat/completions", json=body, headers=admin.headers)
+        assert resp.status == 200
+        return await resp.text()
+
+    streams = [asyncio.create_task(stream()) for _ in range(2)]  # least outstanding: one on each replica
+    await async_wait_for(lambda: _inflight_on_both(admin), timeout=10, what="a stream on each replica")
+    status, body = await admin.call("PATCH", "/api/v1/endpoints/drain", json_body={"replicas": 1})
+    assert status == 200 and body["desired_replicas"] == 1
+    await async_wait_for(lambda: _state_seen(admin, "drain", "DRAINING"), timeout=10, what="a DRAINING replica")
+    # A new request while one drains goes to the other replica and succeeds.
+    quick = await admin.client.post("/v1/chat/completions", json={"model": "drain", "messages": [], "max_tokens": 1}, headers=admin.headers)
+    assert quick.status == 200
+    for text in await asyncio.gather(*streams):
+        assert text.count("data: {") == 40 and text.rstrip().endswith("data: [DONE]")  # neither stream was cut
+    await async_wait_for(lambda: _count_live(admin, "drain", 1), timeout=15, what="the drained replica to stop")
+    drained = [e for e in await events(admin, "drain") if e["kind"] == "replica.draining"]
+    assert drained and "1 request(s) in flight" in drained[0]["message"]
+
+
+def _inflight_on_both(admin: Admin) -> bool:
+    return sorted(admin.client.app[SERVICES].load.inflight("drain").values()) == [1, 1]
+
+
+async def _state_seen(admin: Admin, name: str, state: str) -> bool:
+    return any(r["state"] == state for r in await replicas(admin, name))
+
+
+async def _count_live(admin: Admin, name: str, n: int) -> bool:
+    return len(await live(admin, name)) == n
+
+
+@pytest.mark.parametrize("surge", [1, 0])
+async def test_a_rolling_update_under_load_fails_no_request(admin: Admin, tmp_path: Path, surge: int) -> None:
+    await create(admin, "roll", fake_folder(tmp_path, "roll", "--latency", "0.05"), replicas=2, max_surge=surge)
+    await wait_status(admin, "roll", "HEALTHY")
+    before = {r["id"] for r in await live(admin, "roll")}
+    traffic = Traffic(admin, "roll", clients=3)
+    await async_wait_for(lambda: traffic.ok >= 10, timeout=10, what="traffic flowing")
+    status, body = await admin.call("PATCH", "/api/v1/endpoints/roll", json_body={"environ": {"FAKE_VERSION": "2"}})
+    assert status == 200 and body["generation"] == 2
+
+    async def rolled() -> bool:
+        now = await live(admin, "roll")
+        return len(now) == 2 and all(r["generation"] == 2 and r["state"] == "HEALTHY" for r in now)
+
+    await async_wait_for(rolled, timeout=40, what="both replicas replaced by generation 2")
+    served_before = traffic.ok
+    await async_wait_for(lambda: traffic.ok >= served_before + 10, timeout=10, what="traffic on the new generation")
+    await traffic.stop()
+    assert traffic.failures == []
+    assert not before & {r["id"] for r in await live(admin, "roll")}
+    assert len(traffic.served_by) >= 3  # old and new workers both answered
+    if surge == 0:  # never more than two replicas at a time: the roll drained before it started
+        started = [e for e in await events(admin, "roll") if e["message"].endswith("replica created")]
+        assert len(started) == 4
+
+
+async def test_scale_to_zero_after_idle_then_requests_share_one_wake(admin: Admin, tmp_path: Path) -> None:
+    await create(admin, "nap", fake_folder(tmp_path, "nap", "--startup-delay", "0.5"), replicas=1, min_replicas=0, idle_timeout_seconds=1)
+    await wait_status(admin, "nap", "HEALTHY")
+    ep = await wait_status(admin, "nap", "SCALED_TO_ZERO", timeout=20)
+    assert ep["desired_replicas"] == 0 and await live(admin, "nap") == []
+    body = {"model": "nap", "messages": [{"role": "user", "content": "wake up"}], "max_tokens": 2}
+    answers = await asyncio.gather(*(admin.client.post("/v1/chat/completions", json=body, headers=admin.headers) for _ in range(3)))
+    assert [a.status for a in answers] == [200, 200, 200]
+    kinds = [d["kind"] for d in await decisions(admin, "nap")]
+    assert kinds.count("autoscale.idle") == 1 and kinds.count("autoscale.wake") == 1
+    assert (await endpoint(admin, "nap"))["desired_replicas"] == 1 and len(await live(admin, "nap")) == 1
+
+
+async def test_a_wake_that_cannot_start_fails_clearly(admin: Admin, tmp_path: Path) -> None:
+    await create(admin, "never", fake_folder(tmp_path, "never", "--refuse-to-start"), replicas=0, min_replicas=0,
+                 idle_timeout_seconds=60, wake_timeout_seconds=30)
+    await wait_status(admin, "never", "SCALED_TO_ZERO")
+    resp = await admin.client.post("/v1/chat/completions", json={"model": "never", "messages": []}, headers=admin.headers)
+    body = await resp.json()
+    assert resp.status == 503 and body["error"]["code"] == "no_healthy_replica" and "ERROR" in body["error"]["message"]
+
+
+async def test_rule_api_validation_and_errors(admin: Admin, tmp_path: Path) -> None:
+    await create(admin, "r", fake_folder(tmp_path, "r"), replicas=0)
+    good = {"metric_source": "inference", "metric_name": "vllm:num_requests_waiting", "comparator": "GREATER_THAN", "threshold": 4, "step_size": 1}
+    rule = await add_rule(admin, "r", **good)
+    assert rule["id"].startswith("asr-") and rule["window_seconds"] == 30 and rule["cooldown_seconds"] == 300 and rule["enabled"] is True
+    status, body = await admin.call("PATCH", f"/api/v1/endpoints/r/autoscaling-rules/{rule['id']}", json_body={"enabled": False, "threshold": 8})
+    assert status == 200 and body["enabled"] is False and body["threshold"] == 8
+    status, body = await admin.call("PATCH", f"/api/v1/endpoints/r/autoscaling-rules/{rule['id']}", json_body={"min_replicas": 5, "max_replicas": 2})
+    assert status == 422 and "min_replicas (5) must be ≤ max_replicas (2)" in body["error"]["message"]
+    status, body = await admin.call("POST", "/api/v1/endpoints/r/autoscaling-rules", json_body={**good, "metric_source": "gpu"})
+    assert status == 422 and "gpu metrics are gpu_util, gpu_mem" in body["error"]["message"]
+    status, body = await admin.call("POST", "/api/v1/endpoints/r/autoscaling-rules", json_body={**good, "extra": 1})
+    assert status == 422 and body["error"]["param"] == "extra"
+    status, body = await admin.call("POST", "/api/v1/endpoints/r/autoscaling-rules", data=b"{not json")
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    status, body = await admin.call("POST", "/api/v1/endpoints/nope/autoscaling-rules", json_body=good)
+    assert status == 404 and body["error"]["code"] == "endpoint_not_found"
+    status, body = await admin.call("GET", "/api/v1/endpoints/r/autoscaling-rules/asr-00000000")
+    assert status == 404 and body["error"]["code"] == "rule_not_found"
+    status, body = await admin.call("GET", "/api/v1/endpoints/bad%20name/decisions")
+    assert status == 422 or status == 400
+    status, body = await admin.call("DELETE", f"/api/v1/endpoints/r/autoscaling-rules/{rule['id']}")
+    assert status == 200 and body == {"id": rule["id"], "object": "autoscaling_rule", "deleted": True}
+    assert (await admin.call("GET", "/api/v1/endpoints/r/autoscaling-rules"))[1]["data"] == []
+    # Rules go with their endpoint.
+    await add_rule(admin, "r", **good)
+    assert (await admin.call("DELETE", "/api/v1/endpoints/r"))[0] == 200
+    await create(admin, "r", fake_folder(tmp_path, "r2"), replicas=0)
+    assert (await admin.call("GET", "/api/v1/endpoints/r/autoscaling-rules"))[1]["data"] == []
+
+
+async def test_missing_metrics_and_bounds_are_recorded_once(admin: Admin, tmp_path: Path) -> None:
+    await create(admin, "quiet", fake_folder(tmp_path, "quiet"), replicas=1)
+    await wait_status(admin, "quiet", "HEALTHY")
+    await add_rule(admin, "quiet", metric_source="gpu", metric_name="gpu_util", comparator="GREATER_THAN", threshold=50, step_size=1)
+    await add_rule(admin, "quiet", metric_source="inference", metric_name="vllm:num_requests_running", comparator="GREATER_THAN_OR_EQUAL",
+                   threshold=0, step_size=1, cooldown_seconds=0)
+
+    async def recorded() -> list[dict[str, Any]] | None:
+        found = await decisions(admin, "quiet")
+        return found if {d["kind"] for d in found} >= {"autoscale.missing", "autoscale.suppressed"} else None
+
+    found = await async_wait_for(recorded, timeout=10, what="a missing metric and a bound recorded")
+    missing = [d for d in found if d["kind"] == "autoscale.missing"]
+    bound = [d for d in found if d["kind"] == "autoscale.suppressed"]
+    assert "gpu/gpu_util" in missing[0]["message"]  # no GPU held: no value, no decision
+    assert bound[0]["details"]["result"] == "bound" and "max_replicas 1" in bound[0]["message"]
+    assert bound[0]["details"]["value"] == 0.0  # read from the worker's own /metrics
+    # Recorded once each, however many intervals pass.
+    autoscaler = admin.client.app[AUTOSCALER]
+    seen = autoscaler.evaluations
+    await async_wait_for(lambda: autoscaler.evaluations >= seen + 5, timeout=10, what="five more evaluations")
+    assert len(await decisions(admin, "quiet")) == len(found)
