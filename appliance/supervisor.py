@@ -92,10 +92,12 @@ class EndpointRun:
     status: tuple[EndpointStatus, str] | None = None
 
 
-def derive_status(desired: int, states: list[ReplicaState], error: str | None) -> tuple[EndpointStatus, str]:
-    """Endpoint status from its replicas (pure)."""
+def derive_status(desired: int, states: list[ReplicaState], error: str | None, leaving: int = 0) -> tuple[EndpointStatus, str]:
+    """Endpoint status from its live replicas and the number still stopping (pure)."""
     if error:
         return EndpointStatus.ERROR, error
+    if desired == 0 and not states and leaving:
+        return EndpointStatus.HEALTHY, f"scaling to zero: {leaving} replica(s) draining or stopping"
     counts: dict[str, int] = {}
     for s in states:
         counts[s.value] = counts.get(s.value, 0) + 1
@@ -580,7 +582,7 @@ class Supervisor:
 
     async def _publish_status(self, run: EndpointRun) -> None:
         states = [r.state for r in run.replicas.values() if r.live]
-        status = derive_status(run.desired, states, run.error)
+        status = derive_status(run.desired, states, run.error, leaving=len(run.replicas) - len(states))
         if status != run.status and self._runs.get(run.name) is run:
             run.status = status
             self._dirty = True  # the table carries statuses too

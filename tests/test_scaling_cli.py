@@ -16,7 +16,8 @@ from test_supervisor import fake_folder
 
 
 def test_autoscale_rules_and_decisions_through_the_cli(server_factory: Any, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "config.toml", f'[server]\nport = 0\nstate_dir = "{tmp_path / "state"}"\n')
+    # No evaluation runs during this test (the first is one interval after the start).
+    config = write_config(tmp_path / "config.toml", f'[server]\nport = 0\nstate_dir = "{tmp_path / "state"}"\n[autoscaling]\ninterval_seconds = 600\n')
     server_factory(config).start()
     cli(config, "endpoint", "create", "chat", "--model-folder", str(fake_folder(tmp_path, "chat")), "--replicas", "0",
         "--min-replicas", "0", "--max-replicas", "3", "--idle-timeout", "600", "--max-surge", "0")
@@ -36,6 +37,8 @@ def test_autoscale_rules_and_decisions_through_the_cli(server_factory: Any, tmp_
     assert cli(config, "endpoint", "autoscale", "rm", "chat", down["id"])["deleted"] is True
     assert [r["id"] for r in cli(config, "endpoint", "autoscale", "list", "chat")["data"]] == [rule["id"]]
     assert "no autoscaling decisions yet" in run_cli("endpoint", "decisions", "chat", config=config).stdout
+    kinds = [e["kind"] for e in cli(config, "endpoint", "events", "chat", "--limit", "20")["data"]]
+    assert kinds.count("autoscaling_rule.created") == 2 and "autoscaling_rule.updated" in kinds and "autoscaling_rule.deleted" in kinds
 
     bad = run_cli("endpoint", "autoscale", "add", "chat", "--source", "gpu", "--metric", "temperature", "--comparator", ">",
                   "--threshold", "80", "--step", "1", config=config)

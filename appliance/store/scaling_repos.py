@@ -46,7 +46,7 @@ class RulesRepo:
             with db.atomic():
                 _endpoint_exists(db, row["endpoint"])
                 db["autoscaling_rules"].insert({**row, "enabled": int(row["enabled"]), "created_at": now, "updated_at": now})
-                _insert_event(db, now, "autoscale.rule_created", message, row["endpoint"], {"rule": row["id"]})
+                _insert_event(db, now, "autoscaling_rule.created", message, row["endpoint"], {"rule": row["id"]})
                 return _get(db, row["endpoint"], row["id"])
 
         return await self._store.run(tx)
@@ -73,7 +73,7 @@ class RulesRepo:
                 if "enabled" in values:
                     values["enabled"] = int(values["enabled"])
                 db["autoscaling_rules"].update(rule_id, values)
-                _insert_event(db, now, "autoscale.rule_updated", message, endpoint, {"rule": rule_id, "changed": sorted(fields)})
+                _insert_event(db, now, "autoscaling_rule.updated", message, endpoint, {"rule": rule_id, "changed": sorted(fields)})
                 return _get(db, endpoint, rule_id)
 
         return await self._store.run(tx)
@@ -85,6 +85,6 @@ class RulesRepo:
             with db.atomic():
                 _get(db, endpoint, rule_id)
                 db["autoscaling_rules"].delete(rule_id)
-                _insert_event(db, now, "autoscale.rule_deleted", message, endpoint, {"rule": rule_id})
+                _insert_event(db, now, "autoscaling_rule.deleted", message, endpoint, {"rule": rule_id})
 
         await self._store.run(tx)
