@@ -206,13 +206,16 @@ class EndpointService:
     async def update(self, name: str, patch: dict[str, Any]) -> EndpointRow:
         current = await self.get(name)
         spec = self._sealed(merge_patch(current["spec"], patch, name), current)
-        return await self._replace(current, spec, current["source"], f"endpoint {name} updated", {"patch": masked(patch)})
+        # Saying `replicas` (even the same number) replaces the autoscaler's count.
+        extra = {"desired_replicas": None} if "replicas" in patch else {}
+        return await self._replace(current, spec, current["source"], f"endpoint {name} updated", {"patch": masked(patch)}, extra=extra)
 
     async def _replace(
-        self, current: EndpointRow, spec: EndpointSpec, source: str, message: str, details: dict[str, Any], config: EndpointConfig | None = None
+        self, current: EndpointRow, spec: EndpointSpec, source: str, message: str, details: dict[str, Any], config: EndpointConfig | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> EndpointRow:
         config = config or await self._resolve(spec)
-        changes = {"spec": stated(spec), "config": config.model_dump(mode="json"), "source": source}
+        changes = {"spec": stated(spec), "config": config.model_dump(mode="json"), "source": source, **(extra or {})}
         updated = await self._store.endpoints.update(current["name"], changes, message, details)
         await self._on_change()
         return updated

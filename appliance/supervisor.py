@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 GpuSource = Callable[[], Awaitable[list[GpuInfo]]]
 _WAIT_FOR_CAPACITY = 2.0  # seconds between placement attempts while GPUs are busy
 _PORT_QUARANTINE = 60.0  # a port another program took is skipped this long
-_READY_POLL = 0.1  # seconds between readiness polls of a starting replica
+_READY_POLL = 0.05  # seconds between readiness polls of a starting replica
 _KEEP_TERMINATED = 10  # finished replicas listed per endpoint, for their logs and last error
 
 

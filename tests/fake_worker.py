@@ -6,7 +6,7 @@ Knobs: --startup-delay (seconds before listening), --latency (seconds before ans
 once with a message), --dead-generation (health passes, completions fail), --port-conflict-once
 FILE (the first start pretends its port was taken), --spawn-child (leave a grandchild in
 the process group, as engines with helper processes do), --old-metric-names (/metrics with
-vLLM's pre-0.9 KV-cache gauge name). Each probe and event is printed
+vLLM's pre-0.9 KV-cache gauge name); POST /_burn?seconds=N keeps its GPU busy. Each probe and event is printed
 with its time so tests can read them back from the replica log.
 """
 
@@ -141,6 +141,23 @@ def build(args: argparse.Namespace) -> web.Application:
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(state)
 
+    async def burn(request: web.Request) -> web.Response:
+        # Keep the replica's GPU busy for `seconds` (a real load for GPU autoscaling tests).
+        seconds = float(request.query.get("seconds", "10"))
+
+        def work() -> None:
+            import torch
+
+            a = torch.randn(4096, 4096, device="cuda")
+            until = time.time() + seconds
+            while time.time() < until:
+                for _ in range(20):
+                    a = torch.tanh(a @ a)  # tanh keeps values finite
+                torch.cuda.synchronize()
+
+        asyncio.get_running_loop().run_in_executor(None, work)
+        return web.json_response({"burning": seconds})
+
     async def stop_listening(request: web.Request) -> web.Response:
         # The process lives on but refuses new connections, as a worker whose server died would.
         await request.app["site"].stop()
@@ -152,6 +169,7 @@ def build(args: argparse.Namespace) -> web.Application:
     app.router.add_get("/stats", stats)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/_stop_listening", stop_listening)
+    app.router.add_post("/_burn", burn)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", complete)
     app.router.add_post("/v1/completions", complete)

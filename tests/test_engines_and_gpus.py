@@ -1,4 +1,4 @@
-"""A real engine under supervision (CPU), and real GPU pinning through NVML (-m gpu)."""
+"""A real engine under supervision (CPU); real GPU pinning through NVML and GPU-driven autoscaling (-m gpu)."""
 
 from __future__ import annotations
 
@@ -77,3 +77,29 @@ async def test_gpu_shares_and_whole_gpus_are_pinned_by_uuid(admin: Admin, tmp_pa
     (rep,) = await replicas(admin, "whole")
     assert rep["gpu_share"] is None and len(rep["gpus"]) == 1
     assert (await whoami(rep["port"]))["cuda_visible_devices"] == rep["gpus"][0]
+
+
+@pytest.mark.gpu
+async def test_a_gpu_utilisation_rule_reacts_to_a_real_gpu_load(start_app: Any, make_config: Any, tmp_path: Path) -> None:
+    admin = await start_app(make_config({"workers": WORKERS, "autoscaling": {"interval_seconds": 0.5}}))
+    folder = fake_folder(tmp_path, "burner", "--report-gpu", health={"initial_delay": 60.0})
+    await create(admin, "burner", folder, replicas=1, max_replicas=2, resources={"gpu_share": 0.4, "placement": "binpack"})
+    await wait_status(admin, "burner", "HEALTHY", timeout=120)
+    status, rule = await admin.call("POST", "/api/v1/endpoints/burner/autoscaling-rules", json_body={
+        "metric_source": "gpu", "metric_name": "gpu_util", "comparator": "GREATER_THAN", "threshold": 50, "step_size": 1,
+        "window_seconds": 2, "cooldown_seconds": 0,
+    })
+    assert status == 201, rule
+    (rep,) = await replicas(admin, "burner")
+    async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{rep['port']}/_burn?seconds=60") as resp:
+        assert resp.status == 200
+
+    async def scaled_out() -> list[dict[str, Any]] | None:
+        found = [d for d in (await admin.call("GET", "/api/v1/endpoints/burner/decisions"))[1]["data"] if d["kind"] == "autoscale.scale_out"]
+        return found or None
+
+    (decision,) = await async_wait_for(scaled_out, timeout=60, what="the GPU load to scale the endpoint out")
+    details = decision["details"]
+    assert details["metric"] == "gpu/gpu_util" and details["value"] > 50 and (details["from"], details["to"]) == (1, 2)
+    await wait_status(admin, "burner", "HEALTHY", timeout=120)
+    assert len(await replicas(admin, "burner")) == 2
