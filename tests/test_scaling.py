@@ -223,19 +223,29 @@ async def test_missing_metrics_and_bounds_are_recorded_once(admin: Admin, tmp_pa
     await add_rule(admin, "quiet", metric_source="gpu", metric_name="gpu_util", comparator="GREATER_THAN", threshold=50, step_size=1)
     await add_rule(admin, "quiet", metric_source="inference", metric_name="vllm:num_requests_running", comparator="GREATER_THAN_OR_EQUAL",
                    threshold=0, step_size=1, cooldown_seconds=0)
+    rss = await add_rule(admin, "quiet", metric_source="kernel", metric_name="mem_rss", comparator="GREATER_THAN", threshold=1e6,
+                         step_size=1, cooldown_seconds=0)
 
     async def recorded() -> list[dict[str, Any]] | None:
         found = await decisions(admin, "quiet")
-        return found if {d["kind"] for d in found} >= {"autoscale.missing", "autoscale.suppressed"} else None
+        return found if [d["kind"] for d in found].count("autoscale.suppressed") == 2 and "autoscale.missing" in {d["kind"] for d in found} else None
 
-    found = await async_wait_for(recorded, timeout=10, what="a missing metric and a bound recorded")
+    found = await async_wait_for(recorded, timeout=10, what="a missing metric and bounds recorded")
     missing = [d for d in found if d["kind"] == "autoscale.missing"]
     bound = [d for d in found if d["kind"] == "autoscale.suppressed"]
     assert "gpu/gpu_util" in missing[0]["message"]  # no GPU held: no value, no decision
-    assert bound[0]["details"]["result"] == "bound" and "max_replicas 1" in bound[0]["message"]
-    assert bound[0]["details"]["value"] == 0.0  # read from the worker's own /metrics
+    assert all(d["details"]["result"] == "bound" and "max_replicas 1" in d["message"] for d in bound)
+    by_rule = {d["details"]["rule"]: d["details"] for d in bound}
+    assert any(d["metric"] == "inference/vllm:num_requests_running" and d["value"] == 0.0 for d in by_rule.values())  # its /metrics
+    assert by_rule[rss["id"]]["value"] > 1e6  # the worker's resident memory, through psutil
     # Recorded once each, however many intervals pass.
     autoscaler = admin.client.app[AUTOSCALER]
     seen = autoscaler.evaluations
     await async_wait_for(lambda: autoscaler.evaluations >= seen + 5, timeout=10, what="five more evaluations")
     assert len(await decisions(admin, "quiet")) == len(found)
+
+
+async def test_idle_timeout_needs_min_replicas_zero(admin: Admin, tmp_path: Path) -> None:
+    status, body = await admin.call("POST", "/api/v1/endpoints", json_body={"name": "x", "model_folder": str(fake_folder(tmp_path, "x")),
+                                                                           "idle_timeout_seconds": 60})
+    assert status == 422 and "needs min_replicas = 0 (min_replicas is 1)" in body["error"]["message"]
