@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
+import psutil
 import pytest
 from pydantic import ValidationError
 
 from appliance.autoscaler import Rule, RuleSpec, ScaleState, decide, percentile, window_average
-from appliance.metrics import prometheus_value
+from appliance.metrics import _ProcessTree, prometheus_value
 
 NOW = 10_000.0
 LAT = ("gateway", "latency_p95", 30.0)
@@ -158,3 +164,24 @@ def test_invalid_rules_are_refused_with_the_reason(body: dict, problem: str) -> 
     with pytest.raises(ValidationError) as info:
         RuleSpec.model_validate(body)
     assert problem in str(info.value)
+
+
+def test_process_tree_cpu_needs_two_readings_and_memory_is_resident_bytes() -> None:
+    # A parent with a busy child: the child's CPU counts for the parent's tree.
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run([sys.executable, '-c', 'while True: pass'])"])
+    try:
+        tree = _ProcessTree()
+        first = tree.read([parent.pid, os.getpid()])
+        assert first[parent.pid][0] is None and first[os.getpid()][1] > 1e6
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            cpu, rss = tree.read([parent.pid])[parent.pid]
+            if cpu is not None and cpu > 20:
+                break
+            time.sleep(0.2)
+        assert cpu is not None and cpu > 20 and rss > 1e6
+    finally:
+        for child in psutil.Process(parent.pid).children(recursive=True):
+            child.kill()
+        parent.kill()
+        parent.wait()
