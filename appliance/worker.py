@@ -253,6 +253,9 @@ def stop_orphan(pid: int, started_at: float | None, grace: float) -> bool:
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As the servers that will listen on it do: a port whose old connections linger in TIME_WAIT
+        # is free; only a listener makes it taken.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -249,3 +249,26 @@ async def test_idle_timeout_needs_min_replicas_zero(admin: Admin, tmp_path: Path
     status, body = await admin.call("POST", "/api/v1/endpoints", json_body={"name": "x", "model_folder": str(fake_folder(tmp_path, "x")),
                                                                            "idle_timeout_seconds": 60})
     assert status == 422 and "needs min_replicas = 0 (min_replicas is 1)" in body["error"]["message"]
+
+
+async def test_a_roll_with_no_room_for_one_more_replica_makes_room_without_failures(start_app: Any, make_config: Any, tmp_path: Path) -> None:
+    # One worker port in all: the new replica cannot start beside the old one (as with a full GPU).
+    port = 31990
+    admin = await start_app(make_config({"workers": {**WORKERS, "port_range": [port, port]}, "autoscaling": AUTOSCALING}))
+    await create(admin, "tight", fake_folder(tmp_path, "tight"), replicas=1)
+    await wait_status(admin, "tight", "HEALTHY")
+    traffic = Traffic(admin, "tight", clients=2)
+    await async_wait_for(lambda: traffic.ok >= 5, timeout=10, what="traffic flowing")
+    await admin.call("PATCH", "/api/v1/endpoints/tight", json_body={"environ": {"FAKE_VERSION": "2"}})
+
+    async def rolled() -> bool:
+        now = await live(admin, "tight")
+        return len(now) == 1 and now[0]["generation"] == 2 and now[0]["state"] == "HEALTHY"
+
+    await async_wait_for(rolled, timeout=40, what="the old replica to make way and the new one to serve")
+    served = traffic.ok
+    await async_wait_for(lambda: traffic.ok >= served + 5, timeout=10, what="traffic on the new replica")
+    await traffic.stop()
+    assert traffic.failures == []
+    messages = [e["message"] for e in await events(admin, "tight")]
+    assert any("waiting for a free port" in m for m in messages) and any("draining" in m for m in messages)
