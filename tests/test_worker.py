@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
-from appliance.worker import ReplicaLog, _last_lines, pick_port
+from appliance.worker import ReplicaLog, _last_lines, pick_port, port_is_free
 
 
 def test_log_tail_reads_from_the_end_across_rotated_files(tmp_path: Path) -> None:
@@ -34,3 +35,18 @@ def test_pick_port_skips_taken_and_busy_ports_and_rotates() -> None:
     assert pick_port(20_000, 20_003, set(), start=20_002, is_free=lambda p: True) == 20_003
     assert pick_port(20_000, 20_003, set(), start=20_003, is_free=lambda p: True) == 20_000  # wraps around
     assert pick_port(20_000, 20_001, {20_000, 20_001}, is_free=lambda p: True) is None
+
+
+def test_a_port_is_taken_only_while_something_listens_on_it() -> None:
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    assert not port_is_free(port)
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    served.close()  # the server side closes first: its end of the connection lingers in TIME_WAIT
+    client.close()
+    listener.close()
+    assert port_is_free(port)  # a new worker can listen there at once
