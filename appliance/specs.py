@@ -104,8 +104,8 @@ class EndpointSpec(Model):
     served_model_name: str | None = Field(None, min_length=1, description="name the worker expects in `model`; default per runtime")
     aliases: list[Name] = Field(default_factory=list, description="other model names routed to this endpoint")
     replicas: int = Field(1, ge=0, description="desired replicas")
-    min_replicas: int | None = Field(None, ge=0, description="lower bound for scaling; default: replicas")
-    max_replicas: int | None = Field(None, ge=0, description="upper bound for scaling; default: replicas")
+    min_replicas: int | None = Field(None, ge=0, description="lower bound of autoscaling rules that state none; default: replicas")
+    max_replicas: int | None = Field(None, ge=0, description="upper bound of autoscaling rules that state none; default: replicas")
     resources: Resources | None = Field(None, description="per replica; default from service-definition.toml")
     environ: Environ = Field(default_factory=dict, description="environment for the worker; merged over service-definition.toml's")
     secret_environ: Environ = Field(
