@@ -114,10 +114,12 @@ class MetricsCollector:
             await self._session.close()
 
     def sample(self, now: float) -> None:
-        """Drop history older than the longest window."""
-        for samples in self._history.values():
+        """Drop history older than the longest window (and series that emptied: a deleted endpoint's)."""
+        for key, samples in list(self._history.items()):
             while samples and now - samples[0][0] > self._history_seconds:
                 samples.popleft()
+            if not samples:
+                del self._history[key]
 
     async def gather(self, endpoint: str, needed: set[MetricKey], now: float) -> dict[MetricKey, float]:
         """Each needed metric's value over its window; absent when there is none."""
