@@ -96,11 +96,12 @@ class Gateway:
             adm.released = asyncio.Event()
 
     async def _acquire(self, endpoint: str, config: EndpointConfig, key: str | None, exclude: set[str], adm: _Admission) -> RoutableReplica:
-        deadline = time.monotonic() + config.queue_timeout_seconds
+        now = time.monotonic()
+        deadline = now + config.queue_timeout_seconds
+        # With nothing routable after a wake, or a roll that had to stop the last serving replica first, the
+        # new replica is worth waiting for as long as a start may take; otherwise queue_timeout applies.
+        patient = now + max(config.queue_timeout_seconds, config.wake_timeout_seconds)
         supervisor = self._services.supervisor
-        if config.idle_timeout_seconds is not None:
-            # Scale to zero: a replica may have to start first; wait for it as long as a wake may take.
-            deadline = time.monotonic() + max(config.queue_timeout_seconds, config.wake_timeout_seconds)
         woke = False
         while True:
             table: RoutingTable = supervisor.table
@@ -123,7 +124,7 @@ class Gateway:
                     f"endpoint {endpoint} is at capacity: {adm.waiting} requests already waiting (queue_size {config.queue_size})",
                     status=429, code="queue_full", headers={"Retry-After": "1"},
                 )
-            remaining = deadline - time.monotonic()
+            remaining = (patient if not routable and (woke or endpoint in table.awaiting) else deadline) - time.monotonic()
             if remaining <= 0:
                 if routable:
                     raise ApplianceError(

@@ -32,6 +32,9 @@ class RoutingTable:
     counts: Mapping[str, Mapping[str, int]] = field(default_factory=lambda: MappingProxyType({}))  # replicas by state
     statuses: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     desired: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # replicas wanted now
+    # Endpoints whose serving capacity was taken away on purpose (a wake, a roll with no room for one
+    # more replica) until a new replica is HEALTHY: requests wait for it as long as a start may take.
+    awaiting: frozenset[str] = frozenset()
 
     def resolve(self, model: str) -> str | None:
         return self.names.get(model)

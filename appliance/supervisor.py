@@ -90,6 +90,7 @@ class EndpointRun:
     replicas: dict[str, Replica] = field(default_factory=dict)
     finished: list[Replica] = field(default_factory=list)
     status: tuple[EndpointStatus, str] | None = None
+    awaiting: bool = False  # capacity taken away on purpose (wake, roll without room) until a replica is HEALTHY
 
 
 def derive_status(desired: int, states: list[ReplicaState], error: str | None, leaving: int = 0) -> tuple[EndpointStatus, str]:
@@ -260,6 +261,7 @@ class Supervisor:
         pending = any(r.state is not ReplicaState.HEALTHY for r in current)
         stuck = (wanted > 0 and room <= 0 and not pending) or any(r.waiting_for_capacity for r in current)
         if by_load and stuck and not leaving_old and not run.error:
+            run.awaiting = len(by_load) == 1  # the last one that serves: requests wait for its successor
             self._request_stop(by_load.pop(0))
             room += 1
         if not run.error:  # in ERROR nothing new starts until retried
@@ -576,6 +578,8 @@ class Supervisor:
         await self._store.replicas.save(row, kind, f"replica {r.id}: {message}", {"replica": r.id, **(details or {})})
         run = self._runs.get(r.endpoint)
         if run is not None:
+            if state is ReplicaState.HEALTHY:
+                run.awaiting = False
             await self._publish_status(run)
         if changed:
             self._publish_snapshot()
@@ -611,6 +615,7 @@ class Supervisor:
             counts=MappingProxyType({name: MappingProxyType(self.counts(name)) for name in self._runs}),
             statuses=MappingProxyType({name: (run.status[0].value if run.status else "PENDING") for name, run in self._runs.items()}),
             desired=MappingProxyType({name: run.desired for name, run in self._runs.items()}),
+            awaiting=frozenset(name for name, run in self._runs.items() if run.awaiting),
         )
         self._dirty = False
         self._changed.set()
@@ -662,6 +667,7 @@ class Supervisor:
         if run is None or run.desired != 0:
             return
         target = max(1, run.config.min_replicas)
+        run.awaiting = True
         await self.scale(name, target, "autoscale.wake", f"endpoint {name}: a request arrived while scaled to zero: 0 → {target}", {"from": 0, "to": target, "reason": "wake"})
 
     def replicas(self, name: str) -> list[Replica]:

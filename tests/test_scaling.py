@@ -14,7 +14,7 @@ import pytest
 from appliance.app import AUTOSCALER
 from appliance.services import SERVICES
 from conftest import Admin, async_wait_for
-from test_supervisor import WORKERS, create, endpoint, events, fake_folder, replicas, wait_status
+from test_supervisor import PORTS, WORKERS, create, endpoint, events, fake_folder, replicas, wait_status
 
 AUTOSCALING = {"interval_seconds": 0.2}
 
@@ -253,9 +253,10 @@ async def test_idle_timeout_needs_min_replicas_zero(admin: Admin, tmp_path: Path
 
 async def test_a_roll_with_no_room_for_one_more_replica_makes_room_without_failures(start_app: Any, make_config: Any, tmp_path: Path) -> None:
     # One worker port in all: the new replica cannot start beside the old one (as with a full GPU).
-    port = 31990
+    port = PORTS[1]
     admin = await start_app(make_config({"workers": {**WORKERS, "port_range": [port, port]}, "autoscaling": AUTOSCALING}))
-    await create(admin, "tight", fake_folder(tmp_path, "tight"), replicas=1)
+    # The new replica takes longer to start than requests may queue: they wait for it all the same.
+    await create(admin, "tight", fake_folder(tmp_path, "tight", "--startup-delay", "1.5", health={"initial_delay": 10}), replicas=1, queue_timeout_seconds=0.5)
     await wait_status(admin, "tight", "HEALTHY")
     traffic = Traffic(admin, "tight", clients=2)
     await async_wait_for(lambda: traffic.ok >= 5, timeout=10, what="traffic flowing")

@@ -4,6 +4,7 @@ and retry, pre-start actions, port conflicts, scale, logs, no GPU."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 from pathlib import Path
@@ -20,6 +21,9 @@ from appliance.states import EndpointStatus, ReplicaState
 from conftest import SEED_DEFINITION, Admin, async_wait_for
 
 FAKE = Path(__file__).resolve().parent / "fake_worker.py"
+# A worker port range of its own per test run (below the kernel's ephemeral ports), so two runs on one
+# machine do not hand the same ports to their workers.
+PORTS = (10000 + (os.getpid() % 22) * 1000, 10000 + (os.getpid() % 22) * 1000 + 999)
 FAST = {"path": "/health", "interval": 0.2, "max_retries": 2, "max_wait_time": 1.0, "initial_delay": 0.5}
 WORKERS = {
     "restart_backoff_seconds": 0.2,
@@ -27,7 +31,7 @@ WORKERS = {
     "restart_backoff_reset_seconds": 30.0,
     "max_consecutive_failures": 3,
     "stop_grace_seconds": 3.0,
-    "port_range": [31000, 31999],
+    "port_range": list(PORTS),
 }
 
 
@@ -122,7 +126,7 @@ async def test_seed_http_server_folder_reaches_healthy(admin: Admin, seed_folder
     (rep,) = await replicas(admin, "seed")
     assert rep["command"][1:] == ["-m", "http.server", "--directory", rep["work_dir"], str(rep["port"])]
     assert rep["pid"] and rep["state"] == "HEALTHY" and rep["last_probe_result"] == "GET /: HTTP 200"
-    assert 31000 <= rep["port"] <= 31999 and rep["gpus"] == []
+    assert PORTS[0] <= rep["port"] <= PORTS[1] and rep["gpus"] == []
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{rep['port']}/") as resp:
         assert resp.status == 200  # the seed server lists the replica's work dir
 
