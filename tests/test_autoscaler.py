@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -13,6 +12,7 @@ from pydantic import ValidationError
 
 from appliance.autoscaler import Rule, RuleSpec, ScaleState, decide, percentile, window_average
 from appliance.metrics import _ProcessTree, prometheus_value
+from conftest import wait_for
 
 NOW = 10_000.0
 LAT = ("gateway", "latency_p95", 30.0)
@@ -173,13 +173,13 @@ def test_process_tree_cpu_needs_two_readings_and_memory_is_resident_bytes() -> N
         tree = _ProcessTree()
         first = tree.read([parent.pid, os.getpid()])
         assert first[parent.pid][0] is None and first[os.getpid()][1] > 1e6
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        def busy() -> tuple[float, float] | None:
             cpu, rss = tree.read([parent.pid])[parent.pid]
-            if cpu is not None and cpu > 20:
-                break
-            time.sleep(0.2)
-        assert cpu is not None and cpu > 20 and rss > 1e6
+            return (cpu, rss) if cpu is not None and cpu > 20 else None
+
+        # Readings need time between them: poll every 0.2 s until the child's CPU shows.
+        cpu, rss = wait_for(busy, timeout=10, interval=0.2, what="the busy child's CPU in its parent's tree")
+        assert cpu > 20 and rss > 1e6
     finally:
         for child in psutil.Process(parent.pid).children(recursive=True):
             child.kill()
