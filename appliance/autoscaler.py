@@ -14,12 +14,17 @@ import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from appliance.specs import Model
-from appliance.store import Store, parse_iso
+from appliance.load import Load
+from appliance.store import Clock, Store, parse_iso
+
+if TYPE_CHECKING:  # both import this module's pure helpers
+    from appliance.metrics import MetricsCollector
+    from appliance.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +286,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 class Autoscaler:
     """Every `interval`: gather each endpoint's metrics, decide, and hand a new count to the supervisor."""
 
-    def __init__(self, store: Store, supervisor: Any, metrics: Any, load: Any, clock: Any) -> None:
+    def __init__(self, store: Store, supervisor: "Supervisor", metrics: "MetricsCollector", load: Load, clock: Clock) -> None:
         self._store = store
         self._supervisor = supervisor
         self._metrics = metrics
@@ -306,7 +311,7 @@ class Autoscaler:
             by_endpoint.setdefault(row["endpoint"], []).append(Rule.of(row))
         last_fired = {row["id"]: parse_iso(row["last_triggered_at"]) for row in rows if row["last_triggered_at"]}
         now = self._clock()
-        self._metrics.sample(now)
+        self._metrics.prune(now)
         for name, config in table.endpoints.items():
             rules = by_endpoint.get(name, [])
             desired = self._supervisor.desired(name)

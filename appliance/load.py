@@ -8,8 +8,6 @@ metric and for idle detection. Everything runs on the event loop: no locks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-
 from appliance.store import Clock
 
 
@@ -58,6 +56,3 @@ class Load:
             return True
         except TimeoutError:
             return False
-
-    def snapshot(self) -> Mapping[str, Mapping[str, int]]:
-        return {name: dict(counts) for name, counts in self._inflight.items()}

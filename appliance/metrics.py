@@ -29,7 +29,7 @@ from appliance.states import ReplicaState
 
 if TYPE_CHECKING:
     from appliance.gateway import Gateway
-    from appliance.supervisor import Supervisor
+    from appliance.supervisor import Replica, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class MetricsCollector:
         if self._session is not None:
             await self._session.close()
 
-    def sample(self, now: float) -> None:
+    def prune(self, now: float) -> None:
         """Drop history older than the longest window (and series that emptied: a deleted endpoint's)."""
         for key, samples in list(self._history.items()):
             while samples and now - samples[0][0] > self._history_seconds:
@@ -146,7 +146,7 @@ class MetricsCollector:
 
     # --- sources ------------------------------------------------------------------------------
 
-    def _healthy(self, endpoint: str) -> list:  # type: ignore[type-arg]
+    def _healthy(self, endpoint: str) -> list["Replica"]:
         return [r for r in self._supervisor.replicas(endpoint) if r.state is ReplicaState.HEALTHY and r.live]
 
     async def _read(self, source: str, endpoint: str, names: set[str]) -> dict[tuple[str, str], float | None]:
