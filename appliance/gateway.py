@@ -96,19 +96,23 @@ class Gateway:
             adm.released = asyncio.Event()
 
     async def _acquire(self, endpoint: str, config: EndpointConfig, key: str | None, exclude: set[str], adm: _Admission) -> RoutableReplica:
-        now = time.monotonic()
-        deadline = now + config.queue_timeout_seconds
-        # With nothing routable after a wake, or a roll that had to stop the last serving replica first, the
-        # new replica is worth waiting for as long as a start may take; otherwise queue_timeout applies.
-        patient = now + max(config.queue_timeout_seconds, config.wake_timeout_seconds)
         supervisor = self._services.supervisor
+        deadline = patient = 0.0
         woke = False
         while True:
             table: RoutingTable = supervisor.table
-            routable = [r for r in table.routable.get(endpoint, ()) if r.id not in exclude]
+            routable = table.routable.get(endpoint, ())
+            if exclude:
+                routable = [r for r in routable if r.id not in exclude]
             free = routable if config.max_concurrency is None else [r for r in routable if adm.inflight.get(r.id, 0) < config.max_concurrency]
             if free:
                 return pick(config.routing, free, adm.inflight, key=key, overload_factor=config.prefix_overload_factor, rng=self._rng)
+            if not deadline:  # from here on the request waits: its clock starts
+                now = time.monotonic()
+                deadline = now + config.queue_timeout_seconds
+                # With nothing routable after a wake, or a roll that had to stop the last serving replica first, the
+                # new replica is worth waiting for as long as a start may take; otherwise queue_timeout applies.
+                patient = now + max(config.queue_timeout_seconds, config.wake_timeout_seconds)
             counts = table.counts.get(endpoint, {})
             starting = sum(counts.get(s, 0) for s in _STARTING)
             if woke and table.statuses.get(endpoint) != "ERROR":

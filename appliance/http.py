@@ -76,7 +76,7 @@ async def read_body(request: web.Request) -> bytes:
 
 
 def parse_json(raw: bytes) -> Any:
-    if not raw.strip():
+    if not raw or raw.isspace():  # no stripped copy of a large body
         raise ApplianceError("request body is empty; send a JSON object", status=400, code="invalid_json")
     try:
         return json.loads(raw)

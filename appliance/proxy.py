@@ -3,6 +3,7 @@ for streams, and a request is retried on another replica only if no byte has rea
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -29,7 +30,7 @@ _BUFFER_LIMIT = 1 << 20  # a non-streamed answer up to this size is sent in one 
 def make_session(connect_timeout: float, idle_read_timeout: float, max_connections: int) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, keepalive_timeout=60, enable_cleanup_closed=True)
     timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=idle_read_timeout)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent",))
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
 
 
 @dataclass
@@ -46,8 +47,18 @@ class UpstreamUnreachable(Exception):
     """Nothing was sent to the client: the caller may try another replica."""
 
 
+# What aiohttp would otherwise add for a client that did not send them: its own User-Agent, and
+# compression this client never asked for (bodies pass through undecoded). Filling the gaps here
+# is also cheaper than aiohttp's per-request skip_auto_headers.
+_DEFAULTS = (("Accept", "*/*"), ("Accept-Encoding", "identity"), ("User-Agent", "appliance"))
+
+
 def worker_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in _NOT_TO_WORKER}
+    out = {k: v for k, v in headers.items() if k.lower() not in _NOT_TO_WORKER}
+    for name, value in _DEFAULTS:
+        if name not in headers:  # case-insensitive on a request's headers
+            out[name] = value
+    return out
 
 
 _DECODER = json.JSONDecoder()
@@ -131,6 +142,37 @@ class UsageEventFilter:
         return False
 
 
+class IdleWatch:
+    """The idle-read timeout of a body being streamed. aiohttp's sock_read timeout re-arms a timer on
+    every chunk (a few µs for every token of every stream), so once the headers are in it is switched
+    off, as aiohttp does for websockets, and this keeps one timer per quiet period instead."""
+
+    __slots__ = ("last", "_loop", "_timeout", "_content", "_handle")
+    WRITING = float("inf")  # `last` while a chunk is being written to the client
+
+    def __init__(self, response: aiohttp.ClientResponse, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._timeout = timeout
+        self._content = response.content
+        protocol = response.connection.protocol if response.connection else None
+        if protocol is not None:
+            protocol.read_timeout = None  # the timer already armed still covers the first silence
+        self.last = self._loop.time()
+        self._handle = self._loop.call_at(self.last + timeout, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self.last == self.WRITING:
+            self._handle = self._loop.call_at(now + self._timeout, self._check)
+        elif now - self.last >= self._timeout - 0.01:  # timers may fire a little early
+            self._content.set_exception(aiohttp.SocketTimeoutError(f"no data for {now - self.last:.1f}s"))
+        else:
+            self._handle = self._loop.call_at(self.last + self._timeout, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 def sse_error_event(message: str, replica: str) -> bytes:
     body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": "worker_failed", "source": "worker", "replica": replica}}
     return f"data: {json.dumps(body)}\n\n".encode()
@@ -187,28 +229,37 @@ async def forward(
         previous = usage_at = b""
         sse = "text/event-stream" in ctype
         events = UsageEventFilter(outcome) if sse and drop_usage_event else None
+        idle = session.timeout.sock_read
+        watch = IdleWatch(upstream, idle) if idle else None
+        now = asyncio.get_running_loop().time
         try:
             async for chunk in upstream.content.iter_any():
+                if watch is not None:
+                    watch.last = IdleWatch.WRITING  # a slow client is not a silent worker
                 if outcome.ttfb is None:
                     outcome.ttfb = clock() - started
                 if events is not None:
                     chunk = events.feed(chunk)
-                    if chunk:
-                        await response.write(chunk)
-                    continue
-                await response.write(chunk)
-                if sse:
+                elif sse:
                     if b'"usage"' in chunk:
                         usage_at = previous + chunk
                     previous = chunk
+                if chunk:
+                    await response.write(chunk)
+                if watch is not None:
+                    watch.last = now()
             if events is not None and (rest := events.flush()):
                 await response.write(rest)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-            outcome.error = f"replica {replica} failed mid-stream: {exc.__class__.__name__}"
+            silent = f" (sent nothing for {idle:g}s, [gateway] idle_read_timeout_seconds)" if isinstance(exc, TimeoutError) else ""
+            outcome.error = f"replica {replica} failed mid-stream: {exc.__class__.__name__}{silent}"
             if sse:
                 if events is not None and (rest := events.flush()):
                     await response.write(rest)
                 await response.write(sse_error_event(outcome.error, replica))
+        finally:
+            if watch is not None:
+                watch.cancel()
         if usage_at:
             usage_from_sse(usage_at, outcome)
         await response.write_eof()

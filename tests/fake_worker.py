@@ -117,7 +117,7 @@ def build(args: argparse.Namespace) -> web.Application:
             for i in range(n):
                 delta = {"delta": {"content": f"tok{i} "}} if chat else {"text": f"tok{i} "}
                 await resp.write(f"data: {json.dumps({'choices': [{'index': 0, **delta}], **extra})}\n\n".encode())
-                await asyncio.sleep(1.0 / args.tokens_per_second)
+                await asyncio.sleep(3600 if i + 1 == body.get("stall_after") else 1.0 / args.tokens_per_second)
             if include_usage:
                 usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
                 await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())

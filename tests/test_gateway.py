@@ -124,8 +124,13 @@ async def test_endpoint_url_passes_everything_through(admin: Admin, tmp_path: Pa
     echo = await resp.json()
     assert resp.status == 200 and echo["method"] == "POST" and echo["path"] == "/v2/models/m/infer" and echo["query"] == "trace=1"
     assert echo["body"] == '{"inputs": []}' and echo["headers"]["X-Custom"] == "yes" and "Authorization" not in echo["headers"]
-    resp = await admin.client.delete("/endpoints/triton/echo/anything")
-    assert resp.status == 200 and (await resp.json())["method"] == "DELETE"
+    resp = await admin.client.delete("/endpoints/triton/echo/anything", headers={"user-agent": "custom/1"}, skip_auto_headers=["Accept-Encoding"])
+    echo = await resp.json()
+    seen = {k.lower(): v for k, v in echo["headers"].items()}
+    assert resp.status == 200 and echo["method"] == "DELETE"
+    assert seen["user-agent"] == "custom/1" and seen["accept-encoding"] == "identity"  # no compression it did not ask for
+    resp = await admin.client.get("/endpoints/triton/echo/x", skip_auto_headers=["User-Agent"])
+    assert {k.lower(): v for k, v in (await resp.json())["headers"].items()}["user-agent"] == "appliance"
     resp = await admin.client.get("/endpoints/nobody/x")
     assert resp.status == 404 and (await resp.json())["error"]["code"] == "endpoint_not_found"
 
@@ -240,6 +245,25 @@ async def _streaming_pid(reps: list[dict[str, Any]]) -> int:
         if (await stats(r["port"]))["requests"]:
             return int(r["pid"])
     raise AssertionError("no replica is streaming")
+
+
+async def test_a_worker_silent_mid_stream_ends_the_stream_with_an_error_event(start_app: Any, make_config: Any, tmp_path: Path) -> None:
+    admin = await start_app(make_config({"workers": WORKERS, "gateway": {"idle_read_timeout_seconds": 0.5}}))
+    (rep,) = await healthy(admin, "quiet", fake_folder(tmp_path, "quiet", "--tokens-per-second", "4"), public=True)
+    body = {"model": "quiet", "messages": [], "stream": True, "max_tokens": 10, "stall_after": 3}
+    resp = await admin.client.post("/v1/chat/completions", json=body)
+    events = [line for line in (await asyncio.wait_for(resp.content.read(), timeout=10)).split(b"\n\n") if line]
+    assert len(events) == 4 and b'"worker_failed"' in events[-1]  # three tokens, then the error; the stream ends
+    assert b"idle_read_timeout_seconds" in events[-1]
+
+    async def cancelled() -> bool:
+        return (await stats(rep["port"]))["cancelled"] == 1
+
+    await async_wait_for(cancelled, timeout=10, what="the silent worker to see its stream closed")
+    # gaps of 0.25 s, each below the timeout, for 1.25 s in all: the watch follows the stream
+    resp = await admin.client.post("/v1/chat/completions", json={**body, "stall_after": None, "max_tokens": 5})
+    answer = await resp.read()
+    assert b"worker_failed" not in answer and answer.endswith(b"data: [DONE]\n\n")
 
 
 async def test_a_silent_worker_is_a_504_not_a_retry_elsewhere(start_app: Any, make_config: Any, tmp_path: Path) -> None:
