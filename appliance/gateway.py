@@ -277,8 +277,11 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
         data["stream_options"] = {"include_usage": True}
         rewrite = drop_usage_event = True
     if rewrite:
-        data["model"] = config.served_model_name
-        body = json.dumps(data).encode()
+        exact = json.loads(body)  # every number as sent (the fast parser turns huge integers into floats)
+        exact["model"] = config.served_model_name
+        if drop_usage_event:
+            exact["stream_options"] = data["stream_options"]
+        body = json.dumps(exact).encode()
     session_key = None
     if config.routing == "session_affinity":
         session_key = request.headers.get("X-Session-ID") or (data.get("user") if isinstance(data.get("user"), str) else None)

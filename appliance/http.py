@@ -75,9 +75,22 @@ async def read_body(request: web.Request) -> bytes:
         ) from None
 
 
+try:  # extra `speed`: every gateway request body is parsed to find its model, 3-7x faster with orjson
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - optional
+    _fast_loads = None
+
+
 def parse_json(raw: bytes) -> Any:
+    """The body as JSON, or a 400. With orjson an integer past 64 bits comes back as a float: a
+    body that is re-encoded must be parsed again with `json.loads`."""
     if not raw or raw.isspace():  # no stripped copy of a large body
         raise ApplianceError("request body is empty; send a JSON object", status=400, code="invalid_json")
+    if _fast_loads is not None:
+        try:
+            return _fast_loads(raw)
+        except ValueError:
+            pass  # the standard parser decides, and words the error
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

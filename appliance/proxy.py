@@ -173,6 +173,13 @@ class IdleWatch:
         self._handle.cancel()
 
 
+class _HeadWithFirstChunk(web.StreamResponse):
+    """Holds the status line and headers back until the first body write, as aiohttp's own Response
+    does: with the first chunk already in hand, head and chunk reach the client in one packet."""
+
+    _send_headers_immediately = False
+
+
 def sse_error_event(message: str, replica: str) -> bytes:
     body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": "worker_failed", "source": "worker", "replica": replica}}
     return f"data: {json.dumps(body)}\n\n".encode()
@@ -222,7 +229,12 @@ async def forward(
                 usage_from_body(data, outcome)
             return web.Response(body=data, status=upstream.status, headers=out_headers)
         outcome.streamed = True
-        response = web.StreamResponse(status=upstream.status, headers=out_headers)
+        content = upstream.content
+        try:
+            chunk = content.read_nowait()  # a first chunk that came with the head
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            raise ApplianceError(f"replica {replica} failed while answering: {exc.__class__.__name__}", status=502, code="worker_failed", source="worker") from None
+        response = (_HeadWithFirstChunk if chunk else web.StreamResponse)(status=upstream.status, headers=out_headers)
         await response.prepare(request)
         # Usage rides in the final event(s): remember only the last chunk that mentions it (and the one
         # before, in case the event straddles two), found with one substring test per chunk.
@@ -233,7 +245,11 @@ async def forward(
         watch = IdleWatch(upstream, idle) if idle else None
         now = asyncio.get_running_loop().time
         try:
-            async for chunk in upstream.content.iter_any():
+            while True:
+                if not chunk:
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
                 if watch is not None:
                     watch.last = IdleWatch.WRITING  # a slow client is not a silent worker
                 if outcome.ttfb is None:
@@ -246,6 +262,7 @@ async def forward(
                     previous = chunk
                 if chunk:
                     await response.write(chunk)
+                    chunk = b""
                 if watch is not None:
                     watch.last = now()
             if events is not None and (rest := events.flush()):

@@ -69,6 +69,7 @@ def build(args: argparse.Namespace) -> web.Application:
     async def complete(request: web.Request) -> web.StreamResponse:
         state["requests"] += 1
         state["running"] = state.get("running", 0) + 1
+        state["last_body"] = (await request.read()).decode()
         try:
             return await _complete(request)
         finally:

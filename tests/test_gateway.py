@@ -59,6 +59,13 @@ async def test_openai_sdk_models_chat_stream_completions_embeddings(admin: Admin
     first = records["data"][-1]
     assert first["status"] == 200 and first["completion_tokens"] == 4 and first["prompt_tokens"] == 3 and first["replica"]
     assert first["ttfb"] is not None and first["latency"] >= first["ttfb"]
+    # A body rewritten for the worker (here: an alias) keeps every number as sent, huge integers included.
+    raw = '{"model": "chat-latest", "messages": [], "max_tokens": 1, "seed": 1180591620717411303424, "temperature": 0.5}'
+    resp = await admin.client.post("/v1/chat/completions", data=raw, headers={**admin.headers, "Content-Type": "application/json"})
+    assert resp.status == 200
+    (rep,) = await replicas(admin, "chat")
+    sent = (await stats(rep["port"]))["last_body"]
+    assert '"seed": 1180591620717411303424' in sent and '"model": "chat"' in sent and '"temperature": 0.5' in sent
 
 
 async def test_sdk_errors(admin: Admin, tmp_path: Path) -> None:
