@@ -9,6 +9,10 @@ reference and the appliance, interleaved in rounds so drift hits all three alike
   2. throughput at 32 concurrent clients → appliance / reference (target ≥ 0.9)
   3. 128 concurrent SSE streams of 50 tokens at 20 ms → TTFT p99 and inter-token p99 (target ≤ reference + 2 ms)
 
+It also prints what wall-clock figures on a shared box cannot attribute: the CPU time each proxy
+process spends per request (small JSON, 50-token stream), and the TTFT p99 gap burst by burst
+(paired: each burst of the appliance against the reference's burst of the same round).
+
 With --private the endpoint needs a key: every request carries an inference key that has
 rpm/tpm limits (set far above the load), so the key check, the limiter and usage accounting
 are all on the measured path.
