@@ -269,18 +269,15 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
         raise ApplianceError("you must provide a model parameter (an endpoint name)", status=400, code="missing_model", param="model")
     name, config = _lookup(request, model)
     principal = await _authorize(request, name, config)
-    rewrite = model != config.served_model_name  # re-encoded only when the worker knows the model by another name…
-    drop_usage_event = False
-    if principal is not None and data.get("stream") is True and "stream_options" not in data and request.path in _USAGE_IN_STREAM:
-        # …or to learn a keyed stream's token counts (usage, limits): ask for the final usage event and
-        # keep it from the client. Anonymous calls to public endpoints are spared the extra work.
-        data["stream_options"] = {"include_usage": True}
-        rewrite = drop_usage_event = True
-    if rewrite:
+    # The body is re-encoded only when the worker knows the model by another name, or to learn a keyed
+    # stream's token counts (usage, limits): then the gateway asks for the final usage event and keeps it
+    # from the client. Anonymous calls to public endpoints are spared the extra work.
+    drop_usage_event = principal is not None and data.get("stream") is True and "stream_options" not in data and request.path in _USAGE_IN_STREAM
+    if drop_usage_event or model != config.served_model_name:
         exact = json.loads(body)  # every number as sent (the fast parser turns huge integers into floats)
         exact["model"] = config.served_model_name
         if drop_usage_event:
-            exact["stream_options"] = data["stream_options"]
+            exact["stream_options"] = {"include_usage": True}
         body = json.dumps(exact).encode()
     session_key = None
     if config.routing == "session_affinity":
