@@ -180,6 +180,11 @@ class _HeadWithFirstChunk(web.StreamResponse):
     _send_headers_immediately = False
 
 
+def _failed_answering(replica: str, exc: Exception) -> ApplianceError:
+    """The worker failed before anything reached the client."""
+    return ApplianceError(f"replica {replica} failed while answering: {exc.__class__.__name__}", status=502, code="worker_failed", source="worker")
+
+
 def sse_error_event(message: str, replica: str) -> bytes:
     body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": "worker_failed", "source": "worker", "replica": replica}}
     return f"data: {json.dumps(body)}\n\n".encode()
@@ -221,9 +226,7 @@ async def forward(
             try:
                 data = await upstream.read()
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-                raise ApplianceError(
-                    f"replica {replica} failed while answering: {exc.__class__.__name__}", status=502, code="worker_failed", source="worker"
-                ) from None
+                raise _failed_answering(replica, exc) from None
             outcome.ttfb = clock() - started
             if "json" in ctype:
                 usage_from_body(data, outcome)
@@ -233,7 +236,7 @@ async def forward(
         try:
             chunk = content.read_nowait()  # a first chunk that came with the head
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise ApplianceError(f"replica {replica} failed while answering: {exc.__class__.__name__}", status=502, code="worker_failed", source="worker") from None
+            raise _failed_answering(replica, exc) from None
         response = (_HeadWithFirstChunk if chunk else web.StreamResponse)(status=upstream.status, headers=out_headers)
         await response.prepare(request)
         # Usage rides in the final event(s): remember only the last chunk that mentions it (and the one
