@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from appliance.domain.specs import ByteSize, EndpointSpec, Model
 from appliance.errors import ApplianceError, validation_problems
-from appliance.specs import ByteSize, EndpointSpec, Model
 
 CONFIG_ENV = "APPLIANCE_CONFIG"  # the only environment variable: where the config file is
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/config.toml")

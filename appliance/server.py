@@ -13,10 +13,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from appliance.app import make_app
+from appliance.api.app import make_app
+from appliance.api.services import SERVICES
 from appliance.config import Config
-from appliance.services import SERVICES
-from appliance.tls import server_context
+from appliance.security.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ async def _notify_when_ready(app: web.Application, *, freeze_heap: bool) -> None
 async def run(config: Config) -> None:
     app = make_app(config)
     # handler_cancellation: a client that disconnects cancels its request, and so the worker's generation.
-    access = logging.getLogger("appliance.access") if config.gateway.access_log else None
+    access = logging.getLogger("appliance.api.access") if config.gateway.access_log else None
     runner = web.AppRunner(
         app, handle_signals=False, access_log=access, handler_cancellation=True, shutdown_timeout=config.server.shutdown_timeout_seconds
     )

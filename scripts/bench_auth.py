@@ -17,7 +17,15 @@ from pathlib import Path
 
 from aiohttp.test_utils import make_mocked_request
 
-from appliance.auth import INFERENCE, TOKEN_PREFIX, Account, Authenticator, TokenSigner, key_row, new_key
+from appliance.security.auth import (
+    INFERENCE,
+    TOKEN_PREFIX,
+    Account,
+    Authenticator,
+    TokenSigner,
+    key_row,
+    new_key,
+)
 from appliance.store import Store
 
 TARGET_US = 20.0

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from appliance.app import make_app
+from appliance.api.app import make_app
 from appliance.config import Config, parse_config
 
 REPO = Path(__file__).resolve().parent.parent

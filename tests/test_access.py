@@ -13,7 +13,6 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-
 from conftest import Admin, async_wait_for
 from test_gateway import healthy, sdk
 from test_supervisor import WORKERS, fake_folder, replicas

@@ -11,9 +11,8 @@ from typing import Any
 
 import openai
 import pytest
-from cryptography import x509
-
 from conftest import run_cli, wait_for, write_config
+from cryptography import x509
 
 
 def cli(config: Path, *args: str) -> Any:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import Admin
 
 pytestmark = pytest.mark.usefixtures("slow_callback_guard")
@@ -190,7 +189,7 @@ async def test_unknown_routes_and_methods(admin: Admin) -> None:
 
 
 async def test_openapi_describes_every_route_and_schema(admin: Admin) -> None:
-    from appliance.app import all_routes
+    from appliance.api.app import all_routes
 
     resp = await admin.client.get("/api/v1/openapi.json")
     doc = await resp.json()

@@ -8,11 +8,18 @@ import sys
 
 import psutil
 import pytest
+from conftest import wait_for
 from pydantic import ValidationError
 
-from appliance.autoscaler import Rule, RuleSpec, ScaleState, decide, percentile, window_average
-from appliance.metrics import _ProcessTree, prometheus_value
-from conftest import wait_for
+from appliance.control.signals import _ProcessTree, prometheus_value
+from appliance.domain.scaling import (
+    Rule,
+    RuleSpec,
+    ScaleState,
+    decide,
+    percentile,
+    window_average,
+)
 
 NOW = 10_000.0
 LAT = ("gateway", "latency_p95", 30.0)

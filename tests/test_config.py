@@ -3,10 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import REPO, run_cli, write_config
 
 from appliance.config import load_config, parse_config
 from appliance.errors import ApplianceError
-from conftest import REPO, run_cli, write_config
 
 
 def problems(raw: dict, base: Path = Path("/etc/appliance")) -> list[str]:
@@ -25,8 +25,16 @@ def test_example_config_loads_and_documents_every_key() -> None:
     (ep,) = config.endpoints
     assert ep.name == "llama-8b" and ep.runtime == "vllm" and ep.resources is not None and ep.resources.mem == 32 << 30
     text = (REPO / "config.example.toml").read_text()
-    from appliance.config import AuthConfig, AutoscalingConfig, Config, GatewayConfig, GpusConfig, ServerConfig, WorkersConfig
-    from appliance.specs import EndpointSpec, HealthCheck, Resources
+    from appliance.config import (
+        AuthConfig,
+        AutoscalingConfig,
+        Config,
+        GatewayConfig,
+        GpusConfig,
+        ServerConfig,
+        WorkersConfig,
+    )
+    from appliance.domain.specs import EndpointSpec, HealthCheck, Resources
 
     for model in (ServerConfig, WorkersConfig, GpusConfig, GatewayConfig, AuthConfig, AutoscalingConfig, EndpointSpec, Resources, HealthCheck):
         for key in model.model_fields:

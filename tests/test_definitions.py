@@ -4,13 +4,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from appliance.definitions import find_definition_file, load_model_definition, parse_model_definition, parse_service_definition
-from appliance.endpoints import resolve
-from appliance.errors import ApplianceError
-from appliance.runtimes import Placement, build_worker_spec, fill
-from appliance.specs import EndpointSpec, HealthCheck
 from conftest import SEED_DEFINITION, SEED_SERVICE_DEFINITION
+
+from appliance.control.endpoints import resolve
+from appliance.domain.definitions import (
+    find_definition_file,
+    load_model_definition,
+    parse_model_definition,
+    parse_service_definition,
+)
+from appliance.domain.runtimes import Placement, build_worker_spec, fill
+from appliance.domain.specs import EndpointSpec, HealthCheck
+from appliance.errors import ApplianceError
 
 
 def definition_problems(text: str) -> list[str]:

@@ -11,7 +11,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli, wait_for
 
 pytestmark = pytest.mark.slow

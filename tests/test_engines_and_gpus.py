@@ -7,7 +7,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-
 from conftest import Admin, async_wait_for, run_cli
 from test_supervisor import WORKERS, create, fake_folder, replicas, wait_status
 

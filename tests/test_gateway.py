@@ -13,7 +13,6 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-
 from conftest import Admin, async_wait_for
 from test_supervisor import WORKERS, create, fake_folder, replicas, wait_status
 

@@ -6,9 +6,22 @@ import random
 
 import pytest
 
-from appliance.gpu import Allocation, GpuInfo, GpuRequest, Unplaceable, place, visible
-from appliance.health import Health, HealthState, due_for_replacement, next_probe_delay, observe
-from appliance.specs import HealthCheck
+from appliance.domain.health import (
+    Health,
+    HealthState,
+    due_for_replacement,
+    next_probe_delay,
+    observe,
+)
+from appliance.domain.placement import (
+    Allocation,
+    GpuInfo,
+    GpuRequest,
+    Unplaceable,
+    place,
+    visible,
+)
+from appliance.domain.specs import HealthCheck
 
 
 def run_probes(check: HealthCheck, results: list[bool], start: float = 0.0) -> tuple[HealthState, float | None]:

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from appliance.api.proxy import Outcome, UsageEventFilter
+from appliance.domain.limits import Limits, RateLimiter
+from appliance.domain.timefmt import parse_deadline, parse_duration, parse_instant
 from appliance.errors import ApplianceError
-from appliance.limits import Limits, RateLimiter
-from appliance.proxy import Outcome, UsageEventFilter
-from appliance.timefmt import parse_deadline, parse_duration, parse_instant
 
 
 def test_rpm_is_a_sliding_window_not_a_fixed_one() -> None:

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Admin
 
 from appliance.store import open_database
 from appliance.store.migrations import migrations
-from conftest import Admin
 
 
 async def test_endpoints_and_key_survive_an_app_restart(start_app: Any, make_config: Any, model_folder: Path) -> None:
@@ -95,7 +95,7 @@ def test_a_corrupt_database_fails_with_a_clear_error(tmp_path: Path) -> None:
 def test_an_older_database_upgrades_and_keeps_its_keys(tmp_path: Path) -> None:
     import sqlite_utils
 
-    from appliance.auth import hash_key
+    from appliance.security.auth import hash_key
 
     path = tmp_path / "old.db"
     old = sqlite_utils.Database(path)

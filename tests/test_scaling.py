@@ -10,11 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from appliance.app import AUTOSCALER
-from appliance.services import SERVICES
 from conftest import Admin, async_wait_for
-from test_supervisor import PORTS, WORKERS, create, endpoint, events, fake_folder, replicas, wait_status
+from test_supervisor import (
+    PORTS,
+    WORKERS,
+    create,
+    endpoint,
+    events,
+    fake_folder,
+    replicas,
+    wait_status,
+)
+
+from appliance.api.app import AUTOSCALER
+from appliance.api.services import SERVICES
 
 AUTOSCALING = {"interval_seconds": 0.2}
 

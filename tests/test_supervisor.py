@@ -14,11 +14,11 @@ import aiohttp
 import psutil
 import pytest
 import yaml
-
-from appliance.store import parse_iso
-from appliance.supervisor import backoff_delay, derive_status
-from appliance.states import EndpointStatus, ReplicaState
 from conftest import SEED_DEFINITION, Admin, async_wait_for
+
+from appliance.domain.rollout import backoff_delay
+from appliance.domain.states import EndpointStatus, ReplicaState, derive_status
+from appliance.store import parse_iso
 
 FAKE = Path(__file__).resolve().parent / "fake_worker.py"
 # A worker port range of its own per test run (below the kernel's ephemeral ports), so two runs on one

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from appliance.worker import ReplicaLog, _last_lines, pick_port, port_is_free
+from appliance.control.process import ReplicaLog, _last_lines, pick_port, port_is_free
 
 
 def test_log_tail_reads_from_the_end_across_rotated_files(tmp_path: Path) -> None:

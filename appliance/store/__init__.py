@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 from sqlite_utils import Database
 
 from appliance.errors import ApplianceError
+from appliance.store.access_repos import AccountsRepo, KeysRepo, UsageRepo
 from appliance.store.codec import dumps, iso, parse_iso
 from appliance.store.migrations import migrations
-from appliance.store.access_repos import AccountsRepo, KeysRepo, UsageRepo
 from appliance.store.repos import EndpointsRepo, EventsRepo, ReplicasRepo
 from appliance.store.scaling_repos import RulesRepo
 

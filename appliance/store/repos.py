@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING, Any
 from sqlite_utils import Database
 from sqlite_utils.db import NotFoundError
 
+from appliance.domain.specs import worker_fingerprint
 from appliance.errors import ApplianceError
-from appliance.specs import worker_fingerprint
-
 from appliance.store.codec import dumps
 
 if TYPE_CHECKING:

@@ -1,0 +1,1 @@
+"""aiohttp handlers and the application they make up, thin over control."""

@@ -1,0 +1,250 @@
+"""Admin API (/api/v1): thin handlers over the endpoint service and the event log."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+
+from aiohttp import web
+
+from appliance.api.gateway import GATEWAY
+from appliance.api.http import (
+    Query,
+    Route,
+    endpoint_name,
+    int_query,
+    json_response,
+    read_model,
+)
+from appliance.api.services import SERVICES
+from appliance.api.views import (
+    Deleted,
+    EndpointList,
+    EndpointView,
+    EventList,
+    EventView,
+    GpuHolder,
+    GpuList,
+    GpuView,
+    ReplicaList,
+    ReplicaView,
+    RequestList,
+    RequestView,
+)
+from appliance.control.replica import Replica
+from appliance.domain.placement import visible
+from appliance.domain.specs import EndpointPatch, EndpointSpec
+from appliance.errors import ApplianceError
+from appliance.store import iso
+
+PREFIX = "/api/v1"
+_EVENT_QUERY = (
+    Query("limit", "how many events, newest first (1–1000, default 100)", "integer"),
+    Query("before", "only events with a smaller id (paging)", "integer"),
+    Query("kind", "only this kind, or kinds under it (endpoint → endpoint.created, …)"),
+)
+
+
+def _view(request: web.Request, row: dict) -> EndpointView:  # type: ignore[type-arg]
+    return EndpointView.of(row, request.app[SERVICES].supervisor.counts(row["name"]))
+
+
+async def create_endpoint(request: web.Request) -> web.Response:
+    spec = await read_model(request, EndpointSpec, "endpoint")
+    row = await request.app[SERVICES].endpoints.create(spec)
+    return json_response(_view(request, row), status=201)
+
+
+async def list_endpoints(request: web.Request) -> web.Response:
+    rows = await request.app[SERVICES].endpoints.list()
+    return json_response(EndpointList(data=[_view(request, r) for r in rows]))
+
+
+async def get_endpoint(request: web.Request) -> web.Response:
+    row = await request.app[SERVICES].endpoints.get(endpoint_name(request))
+    return json_response(_view(request, row))
+
+
+async def update_endpoint(request: web.Request) -> web.Response:
+    name = endpoint_name(request)
+    patch = await read_model(request, EndpointPatch, "endpoint update")
+    changes = patch.model_dump(mode="json", include=patch.model_fields_set)
+    row = await request.app[SERVICES].endpoints.update(name, changes)
+    return json_response(_view(request, row))
+
+
+async def delete_endpoint(request: web.Request) -> web.Response:
+    name = endpoint_name(request)
+    await request.app[SERVICES].endpoints.delete(name)
+    return json_response(Deleted(id=name, object="endpoint"))
+
+
+async def _events(request: web.Request, endpoint: str | None) -> web.Response:
+    limit = int_query(request, "limit", 100, low=1, high=1000) or 100
+    before = int_query(request, "before", None, low=1)
+    await request.app[SERVICES].accounting.flush()  # auth failures still in memory
+    rows = await request.app[SERVICES].store.events.list(endpoint=endpoint, kind=request.query.get("kind"), limit=limit + 1, before=before)
+    return json_response(EventList(data=[EventView(**r) for r in rows[:limit]], has_more=len(rows) > limit))
+
+
+async def endpoint_events(request: web.Request) -> web.Response:
+    name = endpoint_name(request)
+    services = request.app[SERVICES]
+    if await services.store.endpoints.get(name) is None and not await services.store.events.list(endpoint=name, limit=1):
+        raise ApplianceError(f"endpoint {name!r} not found and has no recorded events", status=404, code="endpoint_not_found")
+    return await _events(request, name)
+
+
+async def all_events(request: web.Request) -> web.Response:
+    return await _events(request, request.query.get("endpoint"))
+
+
+def _replica_view(r: Replica) -> ReplicaView:
+    health = r.health
+    return ReplicaView(
+        id=r.id,
+        endpoint=r.endpoint,
+        generation=r.generation,
+        state=r.state,
+        pid=r.process.pid if r.process else None,
+        port=r.port,
+        gpus=list(r.allocation.uuids) if r.allocation else [],
+        gpu_share=r.allocation.share if r.allocation else None,
+        command=list(r.argv),
+        started_at=iso(r.started_at) if r.started_at else None,
+        restarts=r.restarts,
+        consecutive_failures=health.consecutive_failures if health else 0,
+        last_probe_at=iso(health.last_probe_at) if health and health.last_probe_at else None,
+        last_probe_result=health.last_result if health else "",
+        last_error=r.last_error,
+        work_dir=str(r.work_dir),
+        log_path=str(r.log.path),
+    )
+
+
+async def list_replicas(request: web.Request) -> web.Response:
+    name = endpoint_name(request)
+    services = request.app[SERVICES]
+    await services.endpoints.get(name)
+    return json_response(ReplicaList(data=[_replica_view(r) for r in services.supervisor.replicas(name)]))
+
+
+async def replica_logs(request: web.Request) -> web.StreamResponse:
+    name = endpoint_name(request)
+    rid = request.match_info["replica"]
+    replica = request.app[SERVICES].supervisor.replica(name, rid)
+    if replica is None:
+        raise ApplianceError(f"replica {rid!r} of endpoint {name!r} not found", status=404, code="replica_not_found", param="replica")
+    tail = int_query(request, "tail", 100, low=0, high=100_000) or 0
+    if request.query.get("follow", "0").lower() not in ("1", "true", "yes"):
+        lines = await asyncio.to_thread(replica.log.read_tail, tail)
+        return web.Response(text="".join(f"{line}\n" for line in lines), content_type="text/plain")
+    lines, queue = await asyncio.to_thread(replica.log.follow_from, tail, asyncio.get_running_loop())
+    resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        await resp.prepare(request)
+        if lines:
+            await resp.write("".join(f"{line}\n" for line in lines).encode())
+        while True:
+            try:
+                line = await asyncio.wait_for(queue.get(), timeout=1.0)
+            except TimeoutError:
+                if request.transport is None or request.transport.is_closing():
+                    break  # the client went away
+                continue
+            if line is None:
+                break  # the replica is gone for good
+            await resp.write(f"{line}\n".encode())
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        replica.log.unfollow(queue)
+    return resp
+
+
+async def retry_endpoint(request: web.Request) -> web.Response:
+    name = endpoint_name(request)
+    services = request.app[SERVICES]
+    await services.endpoints.get(name)
+    await services.supervisor.retry(name)
+    return json_response(_view(request, await services.endpoints.get(name)))
+
+
+async def list_gpus(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    try:
+        gpus = await services.gpus.inventory()
+    except ApplianceError as exc:
+        return json_response(GpuList(available=False, reason=exc.message, data=[]))
+    allowed = {g.uuid for g in visible(gpus, services.config.gpus.devices)}
+    holders: dict[str, list[GpuHolder]] = {}
+    for rid, alloc in services.supervisor.held().items():
+        for uuid in alloc.uuids:
+            holders.setdefault(uuid, []).append(GpuHolder(replica=rid, share=alloc.share))
+    data = [
+        GpuView(
+            index=g.index, uuid=g.uuid, name=g.name, memory_total=g.memory_total, memory_used=g.memory_used,
+            utilization_gpu=g.utilization_gpu, utilization_memory=g.utilization_memory, mig_mode=g.mig_mode,
+            processes=[{"pid": p.pid, "used_memory": p.used_memory} for p in g.processes],
+            allowed=g.uuid in allowed, held_by=holders.get(g.uuid, []),
+        )
+        for g in gpus
+    ]
+    return json_response(GpuList(available=True, data=data))
+
+
+async def list_requests(request: web.Request) -> web.Response:
+    limit = int_query(request, "limit", 100, low=1, high=10_000) or 100
+    endpoint = request.query.get("endpoint")
+    records = [r for r in reversed(request.app[GATEWAY].records) if endpoint is None or r.endpoint == endpoint][:limit]
+    return json_response(RequestList(data=[RequestView(**{**asdict(r), "time": iso(r.time)}) for r in records]))
+
+
+ROUTES = [
+    Route("POST", f"{PREFIX}/endpoints", create_endpoint, "Create an endpoint", body=EndpointSpec, response=EndpointView, status=201, tags=("endpoints",)),
+    Route("GET", f"{PREFIX}/endpoints", list_endpoints, "List endpoints", response=EndpointList, tags=("endpoints",)),
+    Route("GET", f"{PREFIX}/endpoints/{{name}}", get_endpoint, "Show one endpoint", response=EndpointView, tags=("endpoints",)),
+    Route(
+        "PATCH",
+        f"{PREFIX}/endpoints/{{name}}",
+        update_endpoint,
+        "Change an endpoint (JSON merge: given fields replace, null resets to the default)",
+        body=EndpointPatch,
+        response=EndpointView,
+        tags=("endpoints",),
+    ),
+    Route("DELETE", f"{PREFIX}/endpoints/{{name}}", delete_endpoint, "Delete an endpoint", response=Deleted, tags=("endpoints",)),
+    Route(
+        "GET",
+        f"{PREFIX}/endpoints/{{name}}/events",
+        endpoint_events,
+        "Audit events of one endpoint, newest first",
+        response=EventList,
+        query=_EVENT_QUERY,
+        tags=("events",),
+    ),
+    Route("GET", f"{PREFIX}/endpoints/{{name}}/replicas", list_replicas, "Replicas of an endpoint (live, then recently finished)", response=ReplicaList, tags=("replicas",)),
+    Route(
+        "GET",
+        f"{PREFIX}/endpoints/{{name}}/replicas/{{replica}}/logs",
+        replica_logs,
+        "A replica's log as text: the last `tail` lines, then new lines as they come with follow=1",
+        query=(Query("tail", "lines from the end (default 100)", "integer"), Query("follow", "1: keep streaming new lines")),
+        tags=("replicas",),
+    ),
+    Route("POST", f"{PREFIX}/endpoints/{{name}}/retry", retry_endpoint, "Clear the error and retry (restart failed replicas now)", response=EndpointView, tags=("endpoints",)),
+    Route(
+        "GET", f"{PREFIX}/requests", list_requests, "Recent gateway requests, newest first (kept in memory)", response=RequestList,
+        query=(Query("endpoint", "only this endpoint"), Query("limit", "how many (default 100)", "integer")), tags=("gateway",),
+    ),
+    Route("GET", f"{PREFIX}/gpus", list_gpus, "GPUs seen through NVML, and which replicas hold them", response=GpuList, tags=("gpus",)),
+    Route(
+        "GET",
+        f"{PREFIX}/events",
+        all_events,
+        "All audit events, newest first",
+        response=EventList,
+        query=(*_EVENT_QUERY, Query("endpoint", "only this endpoint's events")),
+        tags=("events",),
+    ),
+]

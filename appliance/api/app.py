@@ -1,0 +1,175 @@
+"""make_app: the one aiohttp application, wired from one Config."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from appliance.api import access, admin, gateway, oauth
+from appliance.api import scaling as autoscaling_api
+from appliance.api.gateway import GATEWAY, Gateway
+from appliance.api.http import (
+    MAX_BODY,
+    Handler,
+    Route,
+    add_routes,
+    error_middleware,
+    error_response,
+    json_response,
+)
+from appliance.api.openapi import build_openapi
+from appliance.api.services import SERVICES, Services
+from appliance.api.views import Health
+from appliance.config import Config
+from appliance.control.autoscaler import Autoscaler
+from appliance.control.endpoints import EndpointService
+from appliance.control.gpus import GpuMonitor
+from appliance.control.load import Load
+from appliance.control.process import Launcher, WorkerProcess
+from appliance.control.signals import Signals
+from appliance.control.supervisor import Supervisor
+from appliance.errors import ApplianceError
+from appliance.security.auth import Authenticator, TokenSigner, bootstrap_admin_key
+from appliance.security.usage import Accounting
+from appliance.security.vault import Vault
+from appliance.store import Clock, Store
+
+log = logging.getLogger(__name__)
+
+STARTUP_TASK = web.AppKey("startup_task", asyncio.Task)
+METRICS = web.AppKey("metrics", Signals)
+AUTOSCALER = web.AppKey("autoscaler", Autoscaler)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process and its event loop answer."""
+    return json_response(Health(status="ok"))
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the store is open and startup reconciliation ran."""
+    readiness = request.app[SERVICES].readiness
+    if readiness.ready:
+        return json_response(Health(status="ok"))
+    if readiness.failure:
+        return json_response(Health(status="failed", detail=readiness.failure), status=503)
+    return json_response(Health(status="starting", detail="opening the store and reconciling endpoints"), status=503)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(build_openapi(all_routes()))
+
+
+def all_routes() -> list[Route]:
+    return [
+        Route("GET", "/healthz", healthz, "Liveness", response=Health, auth=False, tags=("system",)),
+        Route("GET", "/readyz", readyz, "Readiness (503 until startup reconciliation ran)", response=Health, auth=False, tags=("system",)),
+        Route("GET", f"{admin.PREFIX}/openapi.json", openapi, "This document", auth=False, tags=("system",)),
+        *admin.ROUTES,
+        *autoscaling_api.ROUTES,
+        *access.ROUTES,
+        *oauth.ROUTES,
+    ]
+
+
+def admin_only(route: Route) -> Handler:
+    """Admin routes answer only when ready, and only to a caller with the route's scope."""
+    handler, scope = route.handler, route.required_scope
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        services = request.app[SERVICES]
+        if not services.readiness.ready:
+            detail = services.readiness.failure or "the appliance is starting"
+            return error_response(ApplianceError(f"not ready: {detail}", status=503, code="not_ready", headers={"Retry-After": "1"}))
+        await services.auth.authenticate(request, scope)
+        return await handler(request)
+
+    return guarded
+
+
+async def _startup(app: web.Application) -> None:
+    services = app[SERVICES]
+    config = services.config
+    try:
+        await bootstrap_admin_key(services.store, config.admin_key_path)
+        await services.auth.reload()
+        services.jobs.every("auth.reload", config.auth.reload_seconds, services.auth.reload)
+        services.jobs.every("usage.flush", config.auth.usage_flush_seconds, services.accounting.flush)
+        services.jobs.start()
+        problems = await services.endpoints.apply_declared(list(config.endpoints))
+        await app[GATEWAY].start()
+        await services.supervisor.start()  # stops orphans of an earlier run, then reconciles
+        services.jobs.every("autoscale", config.autoscaling.interval_seconds, app[AUTOSCALER].evaluate)
+        await services.store.events.add(
+            "server.started",
+            f"appliance started on {config.server.host}:{config.server.port}",
+            details={"config": str(config.source) if config.source else None, "declared_problems": problems},
+        )
+        services.readiness.ready = True
+    except Exception as exc:  # readiness says why; the process stays up for /healthz and the log
+        log.exception("startup reconciliation failed")
+        services.readiness.failure = str(exc)
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    await services.store.open()  # before listening: a broken database must fail the start
+    app[STARTUP_TASK] = asyncio.create_task(_startup(app))
+    yield
+    task = app[STARTUP_TASK]
+    if not task.done():
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    services.jobs.stop()  # no scaling decision while everything stops
+    await services.supervisor.stop()  # every worker drains and stops before the appliance does
+    await app[GATEWAY].stop()
+    await app[METRICS].stop()
+    if services.store.is_open:
+        await services.accounting.flush()
+        await services.store.events.add("server.stopped", "appliance stopped")
+    await services.store.close()
+
+
+def make_app(
+    config: Config, *, clock: Clock = time.time, gpus: GpuMonitor | None = None, launcher: Launcher = WorkerProcess.spawn
+) -> web.Application:
+    """The whole appliance as one aiohttp application. `launcher` starts replica workers (tests run
+    them in-process); `gpus` reads the inventory (tests give a fixed one)."""
+    store = Store(config.db_path, clock)
+    gpus = gpus or GpuMonitor()
+    vault = Vault(config.secret_key_path)
+    accounting = Accounting(store, clock, config.auth.auth_failure_events_per_minute)
+    auth = Authenticator(store, clock, TokenSigner(config.jwt_key_path), on_failure=accounting.auth_failure)
+    load = Load(clock)
+    supervisor = Supervisor(config, store, clock, gpus.inventory, unseal=vault.open_all, load=load, launcher=launcher)
+    services = Services(
+        config=config,
+        clock=clock,
+        store=store,
+        endpoints=EndpointService(store, on_change=supervisor.sync, vault=vault, on_delete=functools.partial(auth.reload, force=True)),
+        auth=auth,
+        gpus=gpus,
+        supervisor=supervisor,
+        vault=vault,
+        accounting=accounting,
+        load=load,
+    )
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[error_middleware])
+    app[SERVICES] = services
+    app[MAX_BODY] = config.server.max_body_bytes
+    app[GATEWAY] = Gateway(services)
+    app[METRICS] = Signals(
+        supervisor, app[GATEWAY], load, gpus.inventory,
+        scrape_timeout=config.autoscaling.scrape_timeout_seconds, history_seconds=config.autoscaling.history_seconds,
+    )
+    app[AUTOSCALER] = Autoscaler(store, supervisor, app[METRICS], load, clock)
+    add_routes(app, all_routes(), guard=admin_only)
+    add_routes(app, gateway.ROUTES)
+    app.cleanup_ctx.append(_lifecycle)
+    return app

@@ -1,0 +1,330 @@
+"""The OpenAI-compatible gateway (/v1/*) and each endpoint's own URL (/endpoints/{name}/*).
+
+Handlers only: the routing table comes from the supervisor, the pick from router.py, the
+forwarding from proxy.py. Admission lives here: requests in flight per replica, a bounded
+queue per endpoint, and a wait for a starting replica instead of an instant 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from appliance.api.http import Route, parse_json, read_body
+from appliance.api.proxy import (
+    Outcome,
+    UpstreamUnreachable,
+    forward,
+    make_session,
+    worker_headers,
+)
+from appliance.api.services import SERVICES, Services
+from appliance.domain.limits import retry_after_header
+from appliance.domain.routing import RoutableReplica, RoutingTable, pick, prefix_key
+from appliance.domain.specs import EndpointConfig
+from appliance.errors import ApplianceError
+from appliance.security.auth import INFERENCE, READ, Principal
+
+_STARTING = ("PROVISIONING", "STARTING")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One answered request, kept in memory for metrics, autoscaling and usage."""
+
+    time: float
+    endpoint: str
+    replica: str | None
+    key_id: str | None
+    status: int
+    latency: float
+    ttfb: float | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    streamed: bool
+    error_source: str | None  # "appliance" or "worker" for failures
+
+
+@dataclass
+class _Admission:
+    inflight: dict[str, int]  # the live counts kept by Load
+    waiting: int = 0
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Gateway:
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        cfg = services.config.gateway
+        self._session: aiohttp.ClientSession | None = None
+        self._admission: dict[str, _Admission] = {}
+        self._rng = random.Random()
+        self.records: deque[RequestRecord] = deque(maxlen=cfg.request_records)
+
+    async def start(self) -> None:
+        cfg = self._services.config.gateway
+        self._session = make_session(cfg.connect_timeout_seconds, cfg.idle_read_timeout_seconds, cfg.max_connections)
+
+    async def stop(self) -> None:
+        if self._session:
+            await self._session.close()
+
+    def inflight(self, endpoint: str) -> dict[str, int]:
+        return dict(self._services.load.inflight(endpoint))
+
+    def queue_length(self, endpoint: str) -> int:
+        adm = self._admission.get(endpoint)
+        return adm.waiting if adm else 0
+
+    # --- admission -------------------------------------------------------------------------------
+
+    async def acquire(self, endpoint: str, config: EndpointConfig, key: str | None, exclude: set[str]) -> tuple[_Admission, RoutableReplica]:
+        """A replica with room for one more request, counted in flight until release()."""
+        adm = self._admission.get(endpoint)
+        if adm is None:
+            adm = self._admission[endpoint] = _Admission(self._services.load.inflight(endpoint))
+        replica = await self._acquire(endpoint, config, key, exclude, adm)
+        self._services.load.begin(endpoint, replica.id)  # no await since the pick: a DRAINING replica is never chosen
+        return adm, replica
+
+    def release(self, adm: _Admission, replica: RoutableReplica) -> None:
+        self._services.load.end(replica.endpoint, replica.id)
+        if adm.waiting:  # wake the queue only when someone waits
+            adm.released.set()
+            adm.released = asyncio.Event()
+
+    async def _acquire(self, endpoint: str, config: EndpointConfig, key: str | None, exclude: set[str], adm: _Admission) -> RoutableReplica:
+        supervisor = self._services.supervisor
+        deadline = patient = 0.0
+        woke = False
+        while True:
+            table: RoutingTable = supervisor.table
+            routable = table.routable.get(endpoint, ())
+            if exclude:
+                routable = [r for r in routable if r.id not in exclude]
+            free = routable if config.max_concurrency is None else [r for r in routable if adm.inflight.get(r.id, 0) < config.max_concurrency]
+            if free:
+                return pick(config.routing, free, adm.inflight, key=key, overload_factor=config.prefix_overload_factor, rng=self._rng)
+            if not deadline:  # from here on the request waits: its clock starts
+                now = time.monotonic()
+                deadline = now + config.queue_timeout_seconds
+                # With nothing routable after a wake, or a roll that had to stop the last serving replica first, the
+                # new replica is worth waiting for as long as a start may take; otherwise queue_timeout applies.
+                patient = now + max(config.queue_timeout_seconds, config.wake_timeout_seconds)
+            counts = table.counts.get(endpoint, {})
+            starting = sum(counts.get(s, 0) for s in _STARTING)
+            if woke and table.statuses.get(endpoint) != "ERROR":
+                starting += counts.get("FAILED", 0)  # a woken replica that failed is restarted; wait unless the endpoint gave up
+            if not routable and not starting and not woke and config.idle_timeout_seconds is not None and table.desired.get(endpoint) == 0:
+                woke = True
+                await supervisor.wake(endpoint)  # requests arriving meanwhile see it STARTING and wait for the same replica
+                continue
+            if not routable and not starting:
+                raise self._no_replica(endpoint, counts, table)
+            if adm.waiting >= config.queue_size:
+                raise ApplianceError(
+                    f"endpoint {endpoint} is at capacity: {adm.waiting} requests already waiting (queue_size {config.queue_size})",
+                    status=429, code="queue_full", headers={"Retry-After": "1"},
+                )
+            remaining = (patient if not routable and (woke or endpoint in table.awaiting) else deadline) - time.monotonic()
+            if remaining <= 0:
+                if routable:
+                    raise ApplianceError(
+                        f"endpoint {endpoint} is at capacity: waited {config.queue_timeout_seconds:g}s for a free replica",
+                        status=429, code="queue_timeout", headers={"Retry-After": "1"},
+                    )
+                raise self._no_replica(endpoint, counts, table)
+            adm.waiting += 1
+            try:
+                released = asyncio.ensure_future(adm.released.wait())
+                changed = asyncio.ensure_future(supervisor.wait_for_change(remaining))
+                await asyncio.wait({released, changed}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                for t in (released, changed):
+                    t.cancel()
+            finally:
+                adm.waiting -= 1
+
+    def _no_replica(self, endpoint: str, counts: Any, table: RoutingTable) -> ApplianceError:
+        detail = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()) if s != "HEALTHY") or "none running"
+        status = table.statuses.get(endpoint, "")
+        extra = f"; endpoint status {status}" if status == "ERROR" else ""
+        return ApplianceError(f"endpoint {endpoint} has no healthy replica ({detail}){extra}", status=503, code="no_healthy_replica", headers={"Retry-After": "5"})
+
+    # --- one request ----------------------------------------------------------------------------
+
+    def _admit(self, principal: Principal | None) -> dict[str, str] | None:
+        """Count the request against the key's limits; x-ratelimit-* headers for the answer, or a 429."""
+        if principal is None or not principal.limits.any:
+            return None
+        refusal, headers = self._services.limiter.admit(principal.id, principal.limits, self._services.clock())
+        if refusal is not None:
+            raise ApplianceError(
+                refusal.message, status=429, code="rate_limit_exceeded",
+                headers={"Retry-After": retry_after_header(refusal.retry_after), **refusal.headers},
+            )
+        return headers
+
+    async def proxy(
+        self, request: web.Request, endpoint: str, config: EndpointConfig, path: str, body: bytes, key: str | None,
+        principal: Principal | None, *, drop_usage_event: bool = False,
+    ) -> web.StreamResponse:
+        assert self._session is not None
+        started = time.monotonic()
+        self._services.load.arrived(endpoint)
+        outcome = Outcome()
+        replica_id: str | None = None
+        error_source: str | None = None
+        tried: set[str] = set()
+        headers = worker_headers(request.headers)
+        limited = False
+        try:
+            extra = self._admit(principal)
+            limited = extra is not None
+            while True:
+                adm, replica = await self.acquire(endpoint, config, key, tried)
+                replica_id = replica.id
+                url = replica.url + path + (f"?{request.query_string}" if request.query_string else "")
+                try:
+                    response = await forward(
+                        self._session, request, method=request.method, url=url, body=body, headers=headers, replica=replica.id,
+                        outcome=outcome, extra_headers=extra, drop_usage_event=drop_usage_event,
+                    )
+                except UpstreamUnreachable as exc:
+                    tried.add(replica.id)  # nothing reached the client yet: another replica may answer
+                    if not [r for r in self._services.supervisor.table.routable.get(endpoint, ()) if r.id not in tried]:
+                        raise ApplianceError(
+                            f"replica {replica.id} of endpoint {endpoint} could not be reached: {exc}",
+                            status=502, code="worker_unreachable", source="worker",
+                        ) from None
+                    continue
+                finally:
+                    self.release(adm, replica)
+                if outcome.error:
+                    error_source = "worker"
+                return response
+        except ApplianceError as exc:
+            outcome.status = exc.status
+            error_source = exc.source
+            raise
+        finally:
+            now = self._services.clock()
+            key_id = principal.id if principal else None
+            if limited and principal is not None:
+                tokens = (outcome.prompt_tokens or 0) + (outcome.completion_tokens or 0)
+                self._services.limiter.finish(principal.id, tokens, self._services.clock())
+            failed = outcome.status >= 400 or bool(outcome.error) or outcome.status == 0
+            self._services.accounting.record(
+                now, key_id, endpoint, failed=failed, prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens
+            )
+            self.records.append(
+                RequestRecord(
+                    time=now, endpoint=endpoint, replica=replica_id, key_id=key_id, status=outcome.status,
+                    latency=time.monotonic() - started, ttfb=outcome.ttfb, prompt_tokens=outcome.prompt_tokens,
+                    completion_tokens=outcome.completion_tokens, streamed=outcome.streamed,
+                    error_source=error_source if (error_source or outcome.status >= 500) else None,
+                )
+            )
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+async def _authorize(request: web.Request, name: str, config: EndpointConfig) -> Principal | None:
+    """Private endpoints need a credential allowed to use them. On a public one a valid credential
+    still counts (limits, usage); a missing or wrong one is simply anonymous."""
+    auth = request.app[SERVICES].auth
+    if config.public:
+        if "Authorization" not in request.headers:
+            return None
+        try:
+            principal = await auth.identify(request, record=False)
+        except ApplianceError:
+            return None
+        return principal if principal.has(INFERENCE) and principal.allows(name) else None
+    principal = await auth.authenticate(request, INFERENCE)
+    auth.check_endpoint(request, principal, name)
+    return principal
+
+
+def _lookup(request: web.Request, model: str) -> tuple[str, EndpointConfig]:
+    table = request.app[SERVICES].supervisor.table
+    name = table.resolve(model)
+    if name is None or name not in table.endpoints:
+        raise ApplianceError(f"The model '{model}' does not exist", status=404, code="model_not_found", param="model")
+    return name, table.endpoints[name]
+
+
+_USAGE_IN_STREAM = ("/v1/chat/completions", "/v1/completions")
+
+
+async def openai_route(request: web.Request) -> web.StreamResponse:
+    body = await read_body(request)
+    data = parse_json(body)
+    if not isinstance(data, dict):
+        raise ApplianceError(f"request body must be a JSON object, got {type(data).__name__}", status=400, code="invalid_json")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApplianceError("you must provide a model parameter (an endpoint name)", status=400, code="missing_model", param="model")
+    name, config = _lookup(request, model)
+    principal = await _authorize(request, name, config)
+    # The body is re-encoded only when the worker knows the model by another name, or to learn a keyed
+    # stream's token counts (usage, limits): then the gateway asks for the final usage event and keeps it
+    # from the client. Anonymous calls to public endpoints are spared the extra work.
+    drop_usage_event = principal is not None and data.get("stream") is True and "stream_options" not in data and request.path in _USAGE_IN_STREAM
+    if drop_usage_event or model != config.served_model_name:
+        exact = json.loads(body)  # every number as sent (the fast parser turns huge integers into floats)
+        exact["model"] = config.served_model_name
+        if drop_usage_event:
+            exact["stream_options"] = {"include_usage": True}
+        body = json.dumps(exact).encode()
+    session_key = None
+    if config.routing == "session_affinity":
+        session_key = request.headers.get("X-Session-ID") or (data.get("user") if isinstance(data.get("user"), str) else None)
+    elif config.routing == "prefix":
+        session_key = prefix_key(data, config.prefix_length)
+    return await request.app[GATEWAY].proxy(request, name, config, request.path, body, session_key, principal, drop_usage_event=drop_usage_event)
+
+
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    table = request.app[SERVICES].supervisor.table
+    if name not in table.endpoints:
+        raise ApplianceError(f"endpoint {name!r} not found", status=404, code="endpoint_not_found", param="name")
+    config = table.endpoints[name]
+    principal = await _authorize(request, name, config)
+    body = await read_body(request)
+    key = request.headers.get("X-Session-ID") if config.routing == "session_affinity" else None
+    return await request.app[GATEWAY].proxy(request, name, config, "/" + request.match_info["path"], body, key, principal)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    table = services.supervisor.table
+    principal = None
+    if request.headers.get("Authorization"):
+        # a wrong key is an error, not a silent public list
+        principal = await services.auth.authenticate(request, INFERENCE, also=READ)
+    data = [
+        {
+            "id": name, "object": "model", "created": 0, "owned_by": "appliance", "status": table.statuses.get(name, "PENDING"),
+            "aliases": list(cfg.aliases), "runtime": cfg.runtime,
+        }
+        for name, cfg in sorted(table.endpoints.items())
+        if cfg.public or (principal is not None and principal.allows(name))
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+ROUTES = [
+    Route("GET", "/v1/models", list_models, "Models (endpoints) the caller may use", auth=False, tags=("gateway",)),
+    Route("POST", "/v1/{tail:.*}", openai_route, "OpenAI-compatible call routed by the body's model", auth=False, tags=("gateway",)),
+    Route("*", "/endpoints/{name}/{path:.*}", passthrough, "The endpoint's own URL: any method and path, passed through", auth=False, tags=("gateway",)),
+]

@@ -1,0 +1,152 @@
+"""Response bodies of the admin API, as models (so openapi.json describes exactly what is sent)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from appliance.domain.specs import EndpointConfig
+from appliance.domain.states import EndpointStatus, ReplicaState
+from appliance.security.vault import masked
+from appliance.store.repos import EndpointRow
+
+
+class View(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class EndpointView(EndpointConfig):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+    status: EndpointStatus
+    status_message: str = ""
+    source: Literal["api", "config"] = Field(description="config: declared in the config file and managed by it")
+    generation: int = Field(description="bumped when a change needs new worker processes (replicas then roll)")
+    created_at: str
+    updated_at: str
+    spec: dict[str, Any] = Field(description="the fields as the user stated them, before the folder's defaults")
+    replica_counts: dict[str, int] = Field(default_factory=dict, description="replicas by state")
+    desired_replicas: int = Field(description="replicas wanted now: set by autoscaling (and scale to zero), else `replicas`")
+
+    @classmethod
+    def of(cls, row: EndpointRow, counts: dict[str, int] | None = None) -> "EndpointView":
+        keys = ("status", "status_message", "source", "generation", "created_at", "updated_at")
+        return cls.model_validate(
+            {**masked(row["config"]), **{k: row[k] for k in keys}, "spec": masked(row["spec"]), "replica_counts": counts or {},
+             "desired_replicas": row["config"]["replicas"] if row.get("desired_replicas") is None else row["desired_replicas"]}
+        )
+
+
+class EndpointList(View):
+    object: Literal["list"] = "list"
+    data: list[EndpointView]
+
+
+class Deleted(View):
+    id: str
+    object: str
+    deleted: bool = True
+
+
+class EventView(View):
+    id: int
+    time: str
+    endpoint: str | None
+    kind: str
+    message: str
+    details: dict[str, Any]
+
+
+class EventList(View):
+    object: Literal["list"] = "list"
+    data: list[EventView]
+    has_more: bool = Field(description="older events exist: ask again with before=<last id>")
+
+
+class ErrorBody(View):
+    message: str
+    type: str
+    param: str | None
+    code: str
+    source: Literal["appliance", "worker"]
+    problems: list[str] | None = None
+
+
+class ErrorResponse(View):
+    error: ErrorBody
+
+
+class Health(View):
+    status: Literal["ok", "starting", "failed"]
+    detail: str = ""
+
+
+class ReplicaView(View):
+    id: str
+    endpoint: str
+    generation: int
+    state: ReplicaState
+    pid: int | None
+    port: int | None
+    gpus: list[str] = Field(description="UUIDs of the GPUs the replica is pinned to (CUDA_VISIBLE_DEVICES)")
+    gpu_share: float | None
+    command: list[str]
+    started_at: str | None
+    restarts: int
+    consecutive_failures: int = Field(description="failed health probes in a row (counted ones)")
+    last_probe_at: str | None
+    last_probe_result: str
+    last_error: str
+    work_dir: str
+    log_path: str
+
+
+class ReplicaList(View):
+    object: Literal["list"] = "list"
+    data: list[ReplicaView]
+
+
+class GpuHolder(View):
+    replica: str
+    share: float | None = Field(description="null: the GPU is held whole")
+
+
+class GpuView(View):
+    index: int
+    uuid: str
+    name: str
+    memory_total: int
+    memory_used: int
+    utilization_gpu: int | None
+    utilization_memory: int | None
+    mig_mode: str
+    processes: list[dict[str, int | None]]
+    allowed: bool = Field(description="listed in [gpus] devices")
+    held_by: list[GpuHolder]
+
+
+class GpuList(View):
+    object: Literal["list"] = "list"
+    available: bool
+    reason: str = ""
+    data: list[GpuView]
+
+
+class RequestView(View):
+    time: str
+    endpoint: str
+    replica: str | None
+    key_id: str | None
+    status: int
+    latency: float = Field(description="seconds, to the last byte")
+    ttfb: float | None = Field(description="seconds to the first byte from the worker")
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    streamed: bool
+    error_source: str | None
+
+
+class RequestList(View):
+    object: Literal["list"] = "list"
+    data: list[RequestView]

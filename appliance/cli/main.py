@@ -1,0 +1,47 @@
+"""The `appliance` command: the top-level parser, dispatch to the chosen command, and exit codes.
+
+Server-side commands run here; the others talk to the running server's admin API with the admin key file.
+Each command group lives in its own module and adds its subcommands through a `register` function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from appliance import __version__
+from appliance.cli import access, autoscale, endpoint, gpu, server_side, tls
+from appliance.cli.options import shared_options
+from appliance.errors import ApplianceError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    shared = shared_options()
+    parser = argparse.ArgumentParser(prog="appliance", description="Single-node model-serving appliance.")
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # The order of registration is the order in which --help lists the commands.
+    server_side.register(sub, shared)
+    endpoint_actions = endpoint.register(sub, shared)
+    access.register_tokens(endpoint_actions, shared)
+    autoscale.register(endpoint_actions, shared)
+    access.register(sub, shared)
+    tls.register(sub, shared)
+    gpu.register(sub, shared)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ApplianceError as exc:
+        if len(exc.problems) > 1:
+            print(f"error: {len(exc.problems)} problems:", file=sys.stderr)
+            for problem in exc.problems:
+                print(f"  - {problem}", file=sys.stderr)
+        else:
+            print(f"error: {exc.message}", file=sys.stderr)
+        return 2 if exc.code == "usage" else 1  # 2, like argparse's own usage errors
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,1 @@
+"""The owners of mutable runtime state: supervisor, replicas, processes, autoscaler, signals, endpoints."""

@@ -1,0 +1,80 @@
+"""The autoscaling job: gather each endpoint's metrics, call scaling.decide(), hand the new
+count to the supervisor. The supervisor does the rest."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from appliance.control.load import Load
+from appliance.control.signals import Signals
+from appliance.control.supervisor import Supervisor
+from appliance.domain.scaling import Decision, Rule, ScaleState, decide
+from appliance.store import Clock, Store, parse_iso
+
+log = logging.getLogger(__name__)
+
+
+class Autoscaler:
+    """Every `interval`: gather each endpoint's metrics, decide, and hand a new count to the supervisor."""
+
+    def __init__(self, store: Store, supervisor: Supervisor, metrics: Signals, load: Load, clock: Clock) -> None:
+        self._store = store
+        self._supervisor = supervisor
+        self._metrics = metrics
+        self._load = load
+        self._clock = clock
+        self._notes: dict[str, Mapping[str, str]] = {}
+        self._active_since: dict[str, float] = {}  # endpoint → when it was first seen with replicas
+        self.evaluations = 0  # completed passes
+
+    async def evaluate(self) -> None:
+        try:
+            await self._evaluate()
+        except Exception:  # one bad pass must not stop autoscaling
+            log.exception("autoscaling evaluation failed")
+        self.evaluations += 1
+
+    async def _evaluate(self) -> None:
+        table = self._supervisor.table
+        rows = await self._store.rules.list()
+        by_endpoint: dict[str, list[Rule]] = {}
+        for row in rows:
+            by_endpoint.setdefault(row["endpoint"], []).append(Rule.of(row))
+        last_fired = {row["id"]: parse_iso(row["last_triggered_at"]) for row in rows if row["last_triggered_at"]}
+        now = self._clock()
+        self._metrics.prune(now)
+        for name, config in table.endpoints.items():
+            rules = by_endpoint.get(name, [])
+            desired = self._supervisor.desired(name)
+            if desired is None or (not rules and config.idle_timeout_seconds is None):
+                continue
+            needed = {r.metric for r in rules if r.enabled}
+            metrics = await self._metrics.gather(name, needed, now) if needed else {}
+            if desired == 0:
+                self._active_since.pop(name, None)
+            else:
+                self._active_since.setdefault(name, now)
+            activity = max(self._load.last_request.get(name, 0.0), self._active_since.get(name, now))
+            state = ScaleState(
+                replicas=desired, min_replicas=config.min_replicas, max_replicas=config.max_replicas, last_fired=last_fired,
+                notes=self._notes.get(name, {}), idle_timeout=config.idle_timeout_seconds, last_activity=activity,
+                inflight=self._load.total(name),
+            )
+            decision = decide(rules, metrics, state, now)
+            self._notes[name] = decision.notes
+            await self._apply(name, decision)
+
+    async def _apply(self, name: str, decision: Decision) -> None:
+        for v in decision.record:
+            kind = "autoscale.missing" if v.result == "missing" else "autoscale.suppressed"
+            await self._store.events.add(kind, f"endpoint {name}: rule {v.rule}: {v.reason}", endpoint=name, details=v.details())
+        w = decision.winner
+        if w is None or w.to_replicas == w.from_replicas:
+            return
+        way = "out" if w.to_replicas > w.from_replicas else "in"
+        kind = "autoscale.idle" if w.rule is None else f"autoscale.scale_{way}"
+        who = "idle timeout" if w.rule is None else f"rule {w.rule}"
+        others = [v.details() for v in decision.verdicts if v.result == "outvoted"]
+        details = {**w.details(), **({"outvoted": others} if others else {})}
+        await self._supervisor.scale(name, w.to_replicas, kind, f"endpoint {name}: scale {way} by {who}: {w.reason}", details, [w.rule] if w.rule else [])

@@ -1,0 +1,275 @@
+"""Endpoints: resolve what a user stated against the model folder, and keep the store in step.
+
+`resolve` is where Backend.AI's rule lives: service-definition.toml supplies defaults,
+explicit fields win. The service writes through the store (one transaction per change,
+with its audit event) and never touches processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from appliance.domain.definitions import (
+    ModelDefinition,
+    RuntimeSection,
+    find_definition_file,
+    load_model_definition,
+    load_service_definition,
+)
+from appliance.domain.runtimes import default_health_check, default_served_model_name
+from appliance.domain.specs import EndpointConfig, EndpointSpec, Environment, Resources
+from appliance.domain.states import EndpointStatus
+from appliance.errors import ApplianceError, validation_error
+from appliance.security.vault import Vault, masked
+from appliance.store import Store
+from appliance.store.repos import EndpointRow
+
+log = logging.getLogger(__name__)
+
+
+def _folder(spec: EndpointSpec) -> Path:
+    folder = Path(spec.model_folder)
+    problem = None
+    if not folder.is_absolute():
+        problem = f"must be an absolute path (got {spec.model_folder!r})"
+    elif not folder.exists():
+        problem = f"{folder} does not exist"
+    elif not folder.is_dir():
+        problem = f"{folder} is not a directory"
+    if problem:
+        raise ApplianceError(f"model_folder: {problem}", status=422, code="invalid_model_folder", param="model_folder")
+    return folder
+
+
+def _resources(spec: EndpointSpec, section: RuntimeSection | None, inherited: list[str]) -> Resources:
+    stated = spec.resources or Resources()
+    if section is None:
+        return stated
+    slots, given = section.resource_slots, stated.model_fields_set
+    values: dict[str, Any] = stated.model_dump(include=given)
+    if "cpu" not in given and slots.cpu is not None:
+        values["cpu"] = slots.cpu
+        inherited.append("resources.cpu")
+    if "mem" not in given and slots.mem is not None:
+        values["mem"] = slots.mem
+        inherited.append("resources.mem")
+    if not given & {"gpus", "gpu_share"}:
+        share = slots.cuda_shares
+        if share is not None and share < 1:
+            values["gpu_share"] = share
+            inherited.append("resources.gpu_share")
+        elif share is not None or slots.cuda_device is not None:
+            whole = slots.cuda_device if slots.cuda_device is not None else share
+            if whole != int(whole):  # type: ignore[arg-type]
+                raise ApplianceError(
+                    f"service-definition.toml: cuda.shares {share} above 1 must be a whole number of GPUs",
+                    status=422,
+                    code="invalid_definition",
+                )
+            values["gpus"] = int(whole)  # type: ignore[arg-type]
+            inherited.append("resources.gpus")
+    return Resources.model_validate(values)
+
+
+def resolve(spec: EndpointSpec) -> tuple[EndpointConfig, ModelDefinition | None]:
+    """Apply the model folder's defaults. Reads small files: call it off the event loop."""
+    folder = _folder(spec)
+    def_path = find_definition_file(folder, spec.definition_file)
+    definition = load_model_definition(def_path) if def_path else None
+    runtime = spec.runtime or ("custom" if definition else "vllm")
+    if runtime == "custom" and definition is None:
+        raise ApplianceError(
+            f"the custom runtime needs a model definition in {folder} (model-definition.yml or .yaml, or set definition_file)",
+            status=422,
+            code="definition_required",
+            param="definition_file",
+        )
+    service = load_service_definition(folder)
+    section = service.for_runtime(runtime) if service else None
+    inherited: list[str] = []
+    resources = _resources(spec, section, inherited)
+    environ = dict(section.environ) if section else {}
+    inherited += [f"environ.{k}" for k in environ if k not in spec.environ]
+    environ.update(spec.environ)
+    health = spec.health_check or default_health_check(runtime, definition)
+    config = EndpointConfig(
+        name=spec.name,
+        model_folder=str(folder),
+        runtime=runtime,
+        definition_file=def_path.name if def_path else None,
+        served_model_name=spec.served_model_name or default_served_model_name(runtime, spec.name, str(folder), definition),
+        aliases=list(spec.aliases),
+        replicas=spec.replicas,
+        min_replicas=spec.replicas if spec.min_replicas is None else spec.min_replicas,
+        max_replicas=spec.replicas if spec.max_replicas is None else spec.max_replicas,
+        resources=resources,
+        environ=environ,
+        secret_environ=dict(spec.secret_environ),
+        extra_args=list(spec.extra_args),
+        continuous_batching=spec.continuous_batching,
+        health_check=health,
+        deep_probe=spec.deep_probe,
+        unhealthy_replace_after=spec.unhealthy_replace_after or health.interval * (health.max_retries + 1),
+        public=spec.public,
+        description=spec.description,
+        routing=spec.routing,
+        prefix_length=spec.prefix_length,
+        prefix_overload_factor=spec.prefix_overload_factor,
+        max_concurrency=spec.max_concurrency,
+        queue_size=spec.queue_size,
+        queue_timeout_seconds=spec.queue_timeout_seconds,
+        max_surge=spec.max_surge,
+        drain_timeout_seconds=spec.drain_timeout_seconds,
+        idle_timeout_seconds=spec.idle_timeout_seconds,
+        wake_timeout_seconds=spec.wake_timeout_seconds,
+        environment=Environment(**section.environment.model_dump()) if section else None,
+        inherited=inherited,
+    )
+    return config, definition
+
+
+def stated(spec: EndpointSpec) -> dict[str, Any]:
+    """Only the fields the user gave, as JSON: what an update merges into."""
+    return spec.model_dump(mode="json", exclude_unset=True)
+
+
+def merge_patch(current: dict[str, Any], patch: dict[str, Any], name: str) -> EndpointSpec:
+    """JSON-merge a patch into the stated spec; null removes a field (back to its default)."""
+    if "name" in patch and patch["name"] != name:
+        raise ApplianceError("name cannot be changed; create a new endpoint instead", status=422, code="immutable_field", param="name")
+    merged = {**current}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    merged["name"] = name
+    try:
+        return EndpointSpec.model_validate(merged)
+    except ValidationError as exc:
+        raise validation_error(exc, what="endpoint") from None
+
+
+class EndpointService:
+    def __init__(
+        self,
+        store: Store,
+        on_change: Callable[[], Awaitable[None]] | None = None,
+        *,
+        vault: Vault,
+        on_delete: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._store = store
+        self._notify = on_change  # the supervisor reconciles before the API answers: what it returns is live
+        self._vault = vault
+        self._on_delete = on_delete  # the deleted endpoint's tokens were revoked: drop them from the key cache
+
+    def _sealed(self, spec: EndpointSpec, current: EndpointRow | None) -> EndpointSpec:
+        """Secrets encrypted before anything is stored; unchanged ones keep their ciphertext (no restart)."""
+        if not spec.secret_environ:
+            return spec
+        old = (current or {}).get("spec", {}).get("secret_environ", {})
+        return spec.model_copy(update={"secret_environ": self._vault.seal_all(spec.secret_environ, old, param="secret_environ")})
+
+    async def _on_change(self) -> None:
+        if self._notify is not None:
+            await self._notify()
+
+    async def _resolve(self, spec: EndpointSpec) -> EndpointConfig:
+        config, _ = await asyncio.to_thread(resolve, spec)
+        return config
+
+    async def get(self, name: str) -> EndpointRow:
+        row = await self._store.endpoints.get(name)
+        if row is None:
+            raise ApplianceError(f"endpoint {name!r} not found", status=404, code="endpoint_not_found", param="name")
+        return row
+
+    async def list(self) -> list[EndpointRow]:
+        return await self._store.endpoints.list()
+
+    async def create(self, spec: EndpointSpec, *, source: str = "api") -> EndpointRow:
+        spec = self._sealed(spec, None)
+        config = await self._resolve(spec)
+        row = {
+            "name": spec.name,
+            "spec": stated(spec),
+            "config": config.model_dump(mode="json"),
+            "source": source,
+            "status": EndpointStatus.PENDING.value,
+            "status_message": "waiting for replicas",
+        }
+        created = await self._store.endpoints.create(row, f"endpoint {spec.name} created ({source})", {"spec": masked(row["spec"])})
+        await self._on_change()
+        return created
+
+    async def update(self, name: str, patch: dict[str, Any]) -> EndpointRow:
+        current = await self.get(name)
+        spec = self._sealed(merge_patch(current["spec"], patch, name), current)
+        # Saying `replicas` (even the same number) replaces the autoscaler's count.
+        extra = {"desired_replicas": None} if "replicas" in patch else {}
+        return await self._replace(current, spec, current["source"], f"endpoint {name} updated", {"patch": masked(patch)}, extra=extra)
+
+    async def _replace(
+        self, current: EndpointRow, spec: EndpointSpec, source: str, message: str, details: dict[str, Any], config: EndpointConfig | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> EndpointRow:
+        config = config or await self._resolve(spec)
+        changes = {"spec": stated(spec), "config": config.model_dump(mode="json"), "source": source, **(extra or {})}
+        updated = await self._store.endpoints.update(current["name"], changes, message, details)
+        await self._on_change()
+        return updated
+
+    async def delete(self, name: str, message: str = "deleted") -> None:
+        await self._store.endpoints.delete(name, f"endpoint {name} {message}")
+        if self._on_delete is not None:
+            await self._on_delete()
+        await self._on_change()
+
+    async def apply_declared(self, specs: list[EndpointSpec]) -> list[str]:
+        """Make the store match the config file's [[endpoints]]; returns the problems met.
+
+        Declared endpoints are created or updated; endpoints that came from the config file
+        and are no longer in it are deleted. Endpoints created through the API are left alone.
+        """
+        problems: list[str] = []
+        declared = {s.name for s in specs}
+        for spec in specs:
+            try:
+                current = await self._store.endpoints.get(spec.name)
+                if current is None:
+                    await self.create(spec, source="config")
+                    continue
+                spec = self._sealed(spec, current)
+                config = await self._resolve(spec)  # resolved once: the folder's files may have changed since
+                if current["spec"] != stated(spec) or current["source"] != "config":
+                    await self._replace(current, spec, "config", f"endpoint {spec.name} updated from the config file", {"spec": masked(stated(spec))}, config)
+                elif config.model_dump(mode="json") != current["config"]:
+                    await self._replace(current, spec, "config", f"endpoint {spec.name} picked up changes in its model folder", {}, config)
+            except ApplianceError as exc:
+                problems.append(f"endpoints.{spec.name}: {exc.message}")
+                await self._store.events.add("config.error", exc.message, endpoint=spec.name, details={"code": exc.code})
+        for row in await self._store.endpoints.list():
+            if row["source"] == "config" and row["name"] not in declared:
+                await self.delete(row["name"], "removed from the config file")
+        for p in problems:
+            log.error("declared endpoint not applied: %s", p)
+        return problems
+
+
+def check_declared(specs: list[EndpointSpec]) -> list[str]:
+    """Offline check of declared endpoints against their folders (for check-config)."""
+    problems = []
+    for i, spec in enumerate(specs):
+        try:
+            resolve(spec)
+        except ApplianceError as exc:
+            details = exc.problems or [exc.message]
+            problems += [f"endpoints[{i}] ({spec.name}): {d}" for d in details]
+    return problems

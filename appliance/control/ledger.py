@@ -1,0 +1,58 @@
+"""The GPU and port ledger: which replica holds which GPUs and which port. The one record of
+holdings; only replica runners change it, on the event loop, so a GPU or a port is never handed
+out twice."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from appliance.control.process import pick_port
+from appliance.domain.placement import (
+    Allocation,
+    GpuInfo,
+    GpuRequest,
+    Unplaceable,
+    place,
+)
+
+PORT_QUARANTINE = 60.0  # a port another program took is skipped this long
+
+
+class Ledger:
+    def __init__(self, port_range: tuple[int, int]) -> None:
+        self._range = port_range
+        self._held: dict[str, Allocation] = {}  # replica id → the GPUs it holds
+        self._ports: set[int] = set()
+        self._quarantine: dict[int, float] = {}
+        self._last_port: int | None = None
+
+    def hold_gpus(self, replica: str, request: GpuRequest, inventory: Sequence[GpuInfo]) -> Allocation:
+        """Place `request` beside what the other replicas hold, and record it. Raises Unplaceable."""
+        allocation = Allocation(uuids=())
+        if request.wants_gpu:
+            allocation = place(request, inventory, {k: v for k, v in self._held.items() if k != replica})
+        self._held[replica] = allocation
+        return allocation
+
+    def take_port(self, now: float) -> int:
+        """The next free port of the range, reserved at once: replicas starting together never share one."""
+        self._quarantine = {p: t for p, t in self._quarantine.items() if t > now}
+        first, last = self._range
+        port = pick_port(first, last, self._ports | set(self._quarantine), start=self._last_port)
+        if port is None:
+            raise Unplaceable(f"waiting for a free port in {first}-{last}")
+        self._ports.add(port)
+        self._last_port = port
+        return port
+
+    def quarantine(self, port: int, now: float) -> None:
+        """Another program took `port` before our worker bound it: skip it for a while."""
+        self._quarantine[port] = now + PORT_QUARANTINE
+
+    def release(self, replica: str, port: int | None) -> None:
+        self._held.pop(replica, None)
+        if port is not None:
+            self._ports.discard(port)
+
+    def held(self) -> dict[str, Allocation]:
+        return dict(self._held)

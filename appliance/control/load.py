@@ -1,0 +1,59 @@
+"""Requests in flight per replica, and when each endpoint last got one.
+
+The gateway counts (begin/end); the supervisor reads the counts to pick the replica to
+scale in and to wait for a DRAINING replica to go idle; the autoscaler reads them as a
+metric and for idle detection. Everything runs on the event loop: no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from appliance.store import Clock
+
+
+class Load:
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._inflight: dict[str, dict[str, int]] = {}
+        self._idle: dict[tuple[str, str], asyncio.Event] = {}
+        self.last_request: dict[str, float] = {}  # endpoint → wall time its last request arrived
+
+    def inflight(self, endpoint: str) -> dict[str, int]:
+        """The live counts of one endpoint (the gateway's pick reads this dict; do not change it)."""
+        counts = self._inflight.get(endpoint)
+        if counts is None:
+            counts = self._inflight[endpoint] = {}
+        return counts
+
+    def total(self, endpoint: str) -> int:
+        return sum(self._inflight.get(endpoint, {}).values())
+
+    def arrived(self, endpoint: str) -> None:
+        self.last_request[endpoint] = self._clock()
+
+    def begin(self, endpoint: str, replica: str) -> None:
+        counts = self.inflight(endpoint)
+        counts[replica] = counts.get(replica, 0) + 1
+
+    def end(self, endpoint: str, replica: str) -> None:
+        counts = self._inflight[endpoint]
+        left = counts[replica] - 1
+        if left:
+            counts[replica] = left
+            return
+        del counts[replica]
+        idle = self._idle.pop((endpoint, replica), None)
+        if idle is not None:
+            idle.set()
+
+    async def wait_idle(self, endpoint: str, replica: str, timeout: float) -> bool:
+        """True once `replica` has no request in flight; False if `timeout` seconds pass first."""
+        if not self._inflight.get(endpoint, {}).get(replica):
+            return True
+        idle = self._idle.setdefault((endpoint, replica), asyncio.Event())
+        try:
+            await asyncio.wait_for(idle.wait(), timeout=timeout)
+            return True
+        except TimeoutError:
+            return False

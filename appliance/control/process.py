@@ -1,0 +1,298 @@
+"""One worker subprocess: spawn, logs, stop, and the stop of one left by an earlier run.
+No decisions are made here.
+
+Each worker runs in its own session (so its process group can be signalled as a whole),
+dies with the appliance (parent-death signal), and writes stdout+stderr into a pipe that a
+thread copies into a size-capped, rotating log file — the event loop never touches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
+from typing import Protocol
+
+import psutil
+
+from appliance.errors import ApplianceError
+
+log = logging.getLogger(__name__)
+
+TAIL_LINES = 200
+
+
+class ReplicaLog:
+    """A replica's log file (kept across restarts of the replica) plus its recent lines and live followers."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._handler = RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        self._handler.setFormatter(logging.Formatter("%(message)s"))
+        self._lock = threading.Lock()
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self._followers: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[str | None]]] = set()
+        self._closed = False
+
+    def write(self, line: str) -> None:
+        """Thread-safe; called from pump threads and from the event loop (short appliance notes)."""
+        with self._lock:
+            self._handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO, "levelname": "INFO"}))
+            self.tail.append(line)
+            followers = list(self._followers)
+        for loop, queue in followers:
+            loop.call_soon_threadsafe(queue.put_nowait, line)
+
+    def note(self, message: str) -> None:
+        self.write(f"[appliance {time.strftime('%Y-%m-%dT%H:%M:%S')}] {message}")
+
+    def follow_from(self, n: int, loop: asyncio.AbstractEventLoop) -> tuple[list[str], asyncio.Queue[str | None]]:
+        """The last n lines and a queue of every line after them, with none lost or repeated (blocking)."""
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        with self._lock:
+            self._handler.flush()
+            lines = self.read_tail(n)
+            if self._closed:
+                queue.put_nowait(None)  # a finished replica: its tail, then the end
+            else:
+                self._followers.add((loop, queue))
+        return lines, queue
+
+    def unfollow(self, queue: asyncio.Queue[str | None]) -> None:
+        with self._lock:
+            self._followers = {f for f in self._followers if f[1] is not queue}
+
+    def last_lines(self, n: int = 20) -> list[str]:
+        with self._lock:
+            return list(self.tail)[-n:]
+
+    def read_tail(self, n: int) -> list[str]:
+        """The last n lines from disk, rotated files included (blocking: call off the loop).
+        Reads from the end, so a 50 MB log costs what its last lines cost."""
+        lines: list[str] = []
+        files = [self.path] + [Path(f"{self.path}.{i}") for i in range(1, self._handler.backupCount + 1)]
+        for f in files:
+            if len(lines) >= n or not f.exists():
+                break
+            lines = _last_lines(f, n - len(lines)) + lines
+        return lines[-n:] if n else []
+
+    def close(self) -> None:
+        with self._lock:
+            followers, self._followers = list(self._followers), set()
+            self._handler.close()
+            self._closed = True
+        for loop, queue in followers:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+
+def _last_lines(path: Path, n: int, block: int = 64 << 10) -> list[str]:
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        data = b""
+        while end > 0 and data.count(b"\n") <= n:
+            step = min(block, end)
+            end -= step
+            f.seek(end)
+            data = f.read(step) + data
+    return data.decode("utf-8", errors="replace").splitlines()[-n:]
+
+
+def _pump(fd: int, sink: ReplicaLog) -> None:
+    partial = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            break
+        partial += chunk
+        *lines, partial = partial.split(b"\n")
+        for raw in lines:
+            sink.write(raw.decode("utf-8", errors="replace").rstrip("\r"))
+    if partial:
+        sink.write(partial.decode("utf-8", errors="replace"))
+    os.close(fd)
+
+
+# Runs as the worker's pid before exec: asks the kernel to SIGKILL it when the appliance dies
+# (the setting survives exec), then becomes the worker. A preexec_fn would do the same inside
+# fork, where a lock held by another thread of the appliance can deadlock the child.
+_DIE_WITH_PARENT = (
+    "import ctypes,os,sys\n"
+    "ctypes.CDLL(None).prctl(1, 9)\n"
+    "os.getppid() == int(sys.argv[1]) or os._exit(1)\n"
+    "try:\n    os.execv(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as e:\n    print(f'could not start {sys.argv[2]}: {e.strerror}', flush=True); os._exit(127)\n"
+)
+
+
+def resolve_executable(name: str) -> str:
+    """`python` is the appliance's own interpreter; other bare names are looked up beside it, then on PATH."""
+    if name in ("python", "python3"):
+        return sys.executable
+    if "/" in name:
+        return name
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if not found:
+        raise ApplianceError(f"command not found: {name!r} (is its runtime installed next to the appliance?)", status=422, code="command_not_found")
+    return found
+
+
+class Worker(Protocol):
+    """A replica's running worker, as the runner sees it."""
+
+    pid: int | None  # None: not an OS process of its own (nothing to find again after a restart)
+    started_at: float | None
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    async def stop(self, grace: float) -> int: ...
+
+
+class Launcher(Protocol):
+    """Starts a replica's worker; WorkerProcess.spawn is the one the appliance uses."""
+
+    async def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, sink: "ReplicaLog") -> Worker: ...
+
+
+class WorkerProcess:
+    def __init__(self, proc: asyncio.subprocess.Process, started_at: float, pump: threading.Thread) -> None:
+        self._proc = proc
+        self.pid: int | None = proc.pid
+        self.started_at: float | None = started_at  # kernel start time, to tell our process from a reused pid
+        self._pump = pump
+
+    @classmethod
+    async def spawn(cls, argv: Iterable[str], *, env: Mapping[str, str], cwd: Path, sink: ReplicaLog) -> "WorkerProcess":
+        args = list(argv)
+        args[0] = resolve_executable(args[0])
+        read_fd, write_fd = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *args,
+                cwd=str(cwd),
+                env=dict(env),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=write_fd,
+                stderr=write_fd,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            os.close(read_fd)
+            raise ApplianceError(f"could not start {args[0]}: {exc.strerror or exc}", status=422, code="spawn_failed") from None
+        finally:
+            os.close(write_fd)
+        pump = threading.Thread(target=_pump, args=(read_fd, sink), name=f"log-{proc.pid}", daemon=True)
+        pump.start()
+        try:
+            started = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            started = time.time()
+        return cls(proc, started, pump)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    async def wait(self) -> int:
+        code = await self._proc.wait()
+        await asyncio.to_thread(self._pump.join, 5.0)  # the last lines are in the log before anyone reads it
+        return code
+
+    async def stop(self, grace: float) -> int:
+        """SIGTERM to the whole process group, SIGKILL after `grace` seconds."""
+        if self._proc.returncode is None:
+            _signal_group(self._proc.pid, signal.SIGTERM)
+            try:
+                return await asyncio.wait_for(self.wait(), timeout=grace)
+            except TimeoutError:
+                pass
+        _signal_group(self._proc.pid, signal.SIGKILL)  # also whatever the worker left behind in its group
+        return await self.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_orphan(pid: int, started_at: float | None, grace: float) -> bool:
+    """Stop a worker left by an earlier run of the appliance (blocking). True if something was stopped.
+
+    The pid counts as ours only if the process started when we recorded it; otherwise the
+    pid was reused and only stray members of our old process group are stopped.
+    """
+    members = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(p.pid) == pid:
+                members.append(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    try:
+        leader = psutil.Process(pid)
+        if started_at is None or abs(leader.create_time() - started_at) > 1.0:
+            members = [m for m in members if m.pid != pid]
+    except psutil.Error:
+        pass
+    if not members:
+        return False
+    for m in members:
+        try:
+            m.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(members, timeout=grace)
+    for m in alive:
+        try:
+            m.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return True
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As the servers that will listen on it do: a port whose old connections linger in TIME_WAIT
+        # is free; only a listener makes it taken.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_port(first: int, last: int, taken: set[int], *, start: int | None = None, is_free: Callable[[int], bool] = port_is_free) -> int | None:
+    """The next port of [first, last] after `start` that no replica holds and nothing listens on."""
+    span = last - first + 1
+    offset = 0 if start is None else (start - first + 1) % span
+    for i in range(span):
+        port = first + (offset + i) % span
+        if port not in taken and is_free(port):
+            return port
+    return None
+
+
+def looks_like_port_conflict(lines: Iterable[str]) -> bool:
+    text = "\n".join(lines).lower()
+    return "address already in use" in text or "errno 98" in text or "eaddrinuse" in text

@@ -1,0 +1,304 @@
+"""The supervisor: the only code that changes replica state, through its replica runners.
+
+It reconciles each endpoint's desired replicas with the running ones by asking
+domain.rollout.plan() what to do and applying the plan: it creates runners and asks them to
+stop. It keeps the GPU/port ledger, derives endpoint statuses, and publishes the routable
+replicas as an immutable routing table for the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+from appliance.config import Config
+from appliance.control.ledger import Ledger
+from appliance.control.load import Load
+from appliance.control.process import Launcher, ReplicaLog, WorkerProcess, stop_orphan
+from appliance.control.replica import EndpointRun, GpuSource, Replica, ReplicaRunner
+from appliance.domain.placement import Allocation
+from appliance.domain.rollout import ReplicaView, plan, wake_target
+from appliance.domain.routing import RoutableReplica, RoutingTable
+from appliance.domain.specs import EndpointConfig
+from appliance.domain.states import EndpointStatus, ReplicaState, derive_status
+from appliance.errors import ApplianceError
+from appliance.store import Clock, Store
+
+log = logging.getLogger(__name__)
+
+_KEEP_TERMINATED = 10  # finished replicas listed per endpoint, for their logs and last error
+
+
+class Supervisor:
+    def __init__(
+        self, config: Config, store: Store, clock: Clock, gpus: GpuSource, unseal: Callable[[Mapping[str, str]], dict[str, str]] = dict,
+        load: Load | None = None, launcher: Launcher = WorkerProcess.spawn,
+    ) -> None:
+        self._load = load or Load(clock)  # requests in flight per replica, counted by the gateway
+        self._wakes: dict[str, asyncio.Future[None]] = {}
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._runs: dict[str, EndpointRun] = {}
+        self._ledger = Ledger(config.workers.port_range)
+        self._runner = ReplicaRunner(config, store, clock, self._load, self._ledger, gpus, launcher, unseal, host=self)
+        self._poke = asyncio.Event()
+        self._reconcile_lock = asyncio.Lock()
+        self._dirty = True  # the routing table must be published again
+        self._loop_task: asyncio.Task[None] | None = None
+        self.table = RoutingTable()
+        self._changed = asyncio.Event()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._runner.open()
+        await self._stop_orphans()
+        await self._reconcile()
+        self._loop_task = asyncio.create_task(self._loop(), name="supervisor")
+
+    async def stop(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        replicas = [r for run in self._runs.values() for r in run.replicas.values()]
+        for r in replicas:
+            self._request_stop(r)  # those that serve drain first
+        await asyncio.gather(*(r.task for r in replicas if r.task), return_exceptions=True)
+        await self._runner.close()
+
+    def poke(self) -> None:
+        """Something changed: reconcile soon (from the loop)."""
+        self._poke.set()
+
+    async def sync(self) -> None:
+        """Reconcile now and return once the routing table reflects the store (after an API change).
+        Before start() (declared endpoints being applied) there is nothing to do: start() reconciles."""
+        if self._loop_task is not None:
+            await self._reconcile()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._poke.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+            self._poke.clear()
+            try:
+                await self._reconcile()
+            except Exception:  # one bad pass must not end supervision
+                log.exception("reconcile failed")
+
+    async def _stop_orphans(self) -> None:
+        rows = [r for r in await self._store.replicas.all() if r["pid"] and r["state"] != ReplicaState.TERMINATED.value]
+        grace = self._config.workers.stop_grace_seconds
+
+        async def stop(row: dict[str, Any]) -> None:
+            if await asyncio.to_thread(stop_orphan, row["pid"], row["pid_started_at"], grace):
+                await self._store.events.add(
+                    "replica.orphan_stopped",
+                    f"stopped worker pid {row['pid']} of replica {row['id']} left by an earlier run",
+                    endpoint=row["endpoint"],
+                    details={"replica": row["id"], "pid": row["pid"]},
+                )
+
+        await asyncio.gather(*(stop(row) for row in rows))  # one grace period in all, not one each
+        await self._store.replicas.clear()
+
+    # --- reconciliation ----------------------------------------------------------------------
+
+    async def _reconcile(self) -> None:
+        async with self._reconcile_lock:  # the loop and API calls never reconcile at the same time
+            await self._reconcile_once()
+
+    async def _reconcile_once(self) -> None:
+        rows = {row["name"]: row for row in await self._store.endpoints.list()}
+        for name in list(self._runs):
+            if name not in rows:
+                run = self._runs[name]
+                for r in run.replicas.values():
+                    self._request_stop(r)
+                if not run.replicas:
+                    del self._runs[name]
+                self._dirty = True
+        for name, row in rows.items():
+            run = self._runs.get(name)
+            desired = row["desired_replicas"] if row.get("desired_replicas") is not None else row["config"]["replicas"]
+            if run is None:
+                run = self._runs[name] = EndpointRun(name, EndpointConfig.model_validate(row["config"]), row["generation"], desired, row["updated_at"])
+                if row["status"] == EndpointStatus.ERROR.value:
+                    run.error = row["status_message"]  # stays in ERROR across restarts until retried
+                self._dirty = True
+            elif row["updated_at"] != run.updated_at:  # validated again only when it changed
+                if row["generation"] != run.generation:
+                    run.generation, run.error = row["generation"], None  # new workers: a new chance, ERROR clears
+                run.config, run.updated_at = EndpointConfig.model_validate(row["config"]), row["updated_at"]
+                self._dirty = True
+            if run.desired != desired:
+                run.desired, self._dirty = desired, True
+            self._apply_plan(run)
+            await self._publish_status(run)
+        if self._dirty:
+            self._publish_snapshot()
+
+    def _apply_plan(self, run: EndpointRun) -> None:
+        inflight = self._load.inflight(run.name)
+        views = [
+            ReplicaView(r.id, r.generation, r.state, inflight.get(r.id, 0), r.started_at, r.stop_requested.is_set(), r.waiting_for_capacity)
+            for r in run.replicas.values()
+        ]
+        step = plan(run.desired, run.generation, views, max_surge=run.config.max_surge, error=run.error is not None)
+        if step.awaiting is not None:
+            run.awaiting = step.awaiting
+        for rid in step.stop:
+            self._request_stop(run.replicas[rid])
+        for _ in range(step.start):
+            self._create(run)
+
+    def _create(self, run: EndpointRun) -> Replica:
+        rid = f"{run.name}-{secrets.token_hex(3)}"
+        replica = Replica(
+            id=rid,
+            endpoint=run.name,
+            generation=run.generation,
+            work_dir=self._config.server.state_dir / "replicas" / rid,
+            log=ReplicaLog(self._config.log_dir / f"{rid}.log", self._config.workers.log_max_bytes, self._config.workers.log_backups),
+        )
+        run.replicas[rid] = replica
+        replica.task = asyncio.create_task(self._runner.run(run, replica), name=f"replica-{rid}")
+        return replica
+
+    def _request_stop(self, r: Replica) -> None:
+        if not r.stop_requested.is_set():
+            r.stop_requested.set()
+            r.wake.set()
+            if r.state is ReplicaState.HEALTHY:
+                self._publish_snapshot()  # out of routing now, before any new request can pick it
+
+    # --- what runners report (RunnerHost) ------------------------------------------------------
+
+    async def recorded(self, r: Replica, changed: bool) -> None:
+        run = self._runs.get(r.endpoint)
+        if run is not None:
+            if r.state is ReplicaState.HEALTHY:
+                run.awaiting = False
+            await self._publish_status(run)
+        if changed:
+            self._publish_snapshot()
+
+    def finished(self, run: EndpointRun, r: Replica) -> None:
+        run.replicas.pop(r.id, None)
+        run.finished = (run.finished + [r])[-_KEEP_TERMINATED:]
+        if self._runs.get(run.name) is run:
+            self.poke()
+
+    # --- status and the routing table ----------------------------------------------------------
+
+    async def _publish_status(self, run: EndpointRun) -> None:
+        states = [r.state for r in run.replicas.values() if r.live]
+        status = derive_status(run.desired, states, run.error, leaving=len(run.replicas) - len(states))
+        if status != run.status and self._runs.get(run.name) is run:
+            run.status = status
+            self._dirty = True  # the table carries statuses too
+            await self._store.endpoints.set_status(run.name, status[0].value, status[1])
+
+    def _publish_snapshot(self) -> None:
+        """A new immutable routing table; waiters (requests waiting for a replica) wake up."""
+        names: dict[str, str] = {}
+        for name, run in self._runs.items():
+            names[name] = name
+            for alias in run.config.aliases:
+                names.setdefault(alias, name)
+        self.table = RoutingTable(
+            routable=MappingProxyType(
+                {
+                    name: tuple(
+                        RoutableReplica(r.id, name, r.url, run.config.served_model_name)
+                        for r in run.replicas.values()
+                        if r.state is ReplicaState.HEALTHY and not r.stop_requested.is_set()
+                    )
+                    for name, run in self._runs.items()
+                }
+            ),
+            endpoints=MappingProxyType({name: run.config for name, run in self._runs.items()}),
+            names=MappingProxyType(names),
+            counts=MappingProxyType({name: MappingProxyType(self.counts(name)) for name in self._runs}),
+            statuses=MappingProxyType({name: (run.status[0].value if run.status else "PENDING") for name, run in self._runs.items()}),
+            desired=MappingProxyType({name: run.desired for name, run in self._runs.items()}),
+            awaiting=frozenset(name for name, run in self._runs.items() if run.awaiting),
+        )
+        self._dirty = False
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for_change(self, timeout: float) -> None:
+        """Until the next routing table is published, or `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout=timeout)
+        except TimeoutError:
+            pass
+
+    # --- operator actions and views ------------------------------------------------------------
+
+    async def retry(self, name: str) -> None:
+        run = self._runs.get(name)
+        if run is None:
+            raise ApplianceError(f"endpoint {name!r} not found", status=404, code="endpoint_not_found")
+        previous = run.error
+        run.error = None
+        for r in run.replicas.values():
+            r.failures = 0
+            r.next_start_at = 0.0
+            r.wake.set()
+        run.status = None
+        await self._store.events.add("endpoint.retry", f"endpoint {name}: error cleared, retrying", endpoint=name, details={"previous_error": previous})
+        await self._publish_status(run)
+        self.poke()
+
+    def desired(self, name: str) -> int | None:
+        run = self._runs.get(name)
+        return run.desired if run else None
+
+    async def scale(self, name: str, replicas: int, kind: str, message: str, details: dict[str, Any], rules: Sequence[str] = ()) -> None:
+        """Set the desired count (the autoscaler's one effect) and reconcile at once."""
+        if await self._store.endpoints.set_desired(name, replicas, kind, message, details, list(rules)):
+            await self.sync()
+
+    async def wake(self, name: str) -> None:
+        """A request for a scaled-to-zero endpoint: ask for one replica. Concurrent callers share one wake."""
+        waking = self._wakes.get(name)
+        if waking is None:
+            waking = self._wakes[name] = asyncio.ensure_future(self._wake(name))
+            waking.add_done_callback(lambda _: self._wakes.pop(name, None))
+        await asyncio.shield(waking)
+
+    async def _wake(self, name: str) -> None:
+        run = self._runs.get(name)
+        target = wake_target(run.desired, run.config.min_replicas) if run else None
+        if run is None or target is None:
+            return
+        run.awaiting = True
+        await self.scale(name, target, "autoscale.wake", f"endpoint {name}: a request arrived while scaled to zero: 0 → {target}", {"from": 0, "to": target, "reason": "wake"})
+
+    def replicas(self, name: str) -> list[Replica]:
+        run = self._runs.get(name)
+        if run is None:
+            return []
+        return list(run.replicas.values()) + list(reversed(run.finished))
+
+    def replica(self, name: str, rid: str) -> Replica | None:
+        return next((r for r in self.replicas(name) if r.id == rid), None)
+
+    def counts(self, name: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        run = self._runs.get(name)
+        for r in run.replicas.values() if run else ():
+            out[r.state.value] = out.get(r.state.value, 0) + 1
+        return out
+
+    def held(self) -> dict[str, Allocation]:
+        return self._ledger.held()

@@ -1,0 +1,1 @@
+"""Keys, tokens, OAuth2 accounts, the vault, TLS and usage accounting."""
