@@ -12,14 +12,7 @@ from conftest import wait_for
 from pydantic import ValidationError
 
 from appliance.control.signals import _ProcessTree, prometheus_value
-from appliance.domain.scaling import (
-    Rule,
-    RuleSpec,
-    ScaleState,
-    decide,
-    percentile,
-    window_average,
-)
+from appliance.domain.scaling import Rule, RuleSpec, ScaleState, decide, percentile, window_average
 
 NOW = 10_000.0
 LAT = ("gateway", "latency_p95", 30.0)

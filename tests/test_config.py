@@ -25,15 +25,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
     (ep,) = config.endpoints
     assert ep.name == "llama-8b" and ep.runtime == "vllm" and ep.resources is not None and ep.resources.mem == 32 << 30
     text = (REPO / "config.example.toml").read_text()
-    from appliance.config import (
-        AuthConfig,
-        AutoscalingConfig,
-        Config,
-        GatewayConfig,
-        GpusConfig,
-        ServerConfig,
-        WorkersConfig,
-    )
+    from appliance.config import AuthConfig, AutoscalingConfig, Config, GatewayConfig, GpusConfig, ServerConfig, WorkersConfig
     from appliance.domain.specs import EndpointSpec, HealthCheck, Resources
 
     for model in (ServerConfig, WorkersConfig, GpusConfig, GatewayConfig, AuthConfig, AutoscalingConfig, EndpointSpec, Resources, HealthCheck):

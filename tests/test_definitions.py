@@ -7,12 +7,8 @@ import yaml
 from conftest import SEED_DEFINITION, SEED_SERVICE_DEFINITION
 
 from appliance.control.endpoints import resolve
-from appliance.domain.definitions import (
-    find_definition_file,
-    load_model_definition,
-    parse_model_definition,
-    parse_service_definition,
-)
+from appliance.control.folders import find_definition_file, load_model_definition
+from appliance.domain.definitions import parse_model_definition, parse_service_definition
 from appliance.domain.runtimes import Placement, build_worker_spec, fill
 from appliance.domain.specs import EndpointSpec, HealthCheck
 from appliance.errors import ApplianceError

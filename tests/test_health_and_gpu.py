@@ -6,21 +6,8 @@ import random
 
 import pytest
 
-from appliance.domain.health import (
-    Health,
-    HealthState,
-    due_for_replacement,
-    next_probe_delay,
-    observe,
-)
-from appliance.domain.placement import (
-    Allocation,
-    GpuInfo,
-    GpuRequest,
-    Unplaceable,
-    place,
-    visible,
-)
+from appliance.domain.health import Health, HealthState, due_for_replacement, next_probe_delay, observe
+from appliance.domain.placement import Allocation, GpuInfo, GpuRequest, Unplaceable, place, visible
 from appliance.domain.specs import HealthCheck
 
 

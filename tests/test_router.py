@@ -5,13 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from appliance.domain.routing import (
-    RoutableReplica,
-    by_hash,
-    least_outstanding,
-    pick,
-    prefix_key,
-)
+from appliance.domain.routing import RoutableReplica, by_hash, least_outstanding, pick, prefix_key
 
 
 def reps(n: int) -> list[RoutableReplica]:

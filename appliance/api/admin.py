@@ -8,29 +8,9 @@ from dataclasses import asdict
 from aiohttp import web
 
 from appliance.api.gateway import GATEWAY
-from appliance.api.http import (
-    Query,
-    Route,
-    endpoint_name,
-    int_query,
-    json_response,
-    read_model,
-)
+from appliance.api.http import Query, Route, endpoint_name, int_query, json_response, read_model
 from appliance.api.services import SERVICES
-from appliance.api.views import (
-    Deleted,
-    EndpointList,
-    EndpointView,
-    EventList,
-    EventView,
-    GpuHolder,
-    GpuList,
-    GpuView,
-    ReplicaList,
-    ReplicaView,
-    RequestList,
-    RequestView,
-)
+from appliance.api.views import Deleted, EndpointList, EndpointView, EventList, EventView, GpuHolder, GpuList, GpuView, ReplicaList, ReplicaView, RequestList, RequestView
 from appliance.control.replica import Replica
 from appliance.domain.placement import visible
 from appliance.domain.specs import EndpointPatch, EndpointSpec

@@ -10,18 +10,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from appliance.api import access, admin, gateway, oauth
-from appliance.api import scaling as autoscaling_api
+from appliance.api import access, admin, gateway, oauth, scaling
 from appliance.api.gateway import GATEWAY, Gateway
-from appliance.api.http import (
-    MAX_BODY,
-    Handler,
-    Route,
-    add_routes,
-    error_middleware,
-    error_response,
-    json_response,
-)
+from appliance.api.http import MAX_BODY, Handler, Route, add_routes, error_middleware, error_response, json_response
 from appliance.api.openapi import build_openapi
 from appliance.api.services import SERVICES, Services
 from appliance.api.views import Health
@@ -71,7 +62,7 @@ def all_routes() -> list[Route]:
         Route("GET", "/readyz", readyz, "Readiness (503 until startup reconciliation ran)", response=Health, auth=False, tags=("system",)),
         Route("GET", f"{admin.PREFIX}/openapi.json", openapi, "This document", auth=False, tags=("system",)),
         *admin.ROUTES,
-        *autoscaling_api.ROUTES,
+        *scaling.ROUTES,
         *access.ROUTES,
         *oauth.ROUTES,
     ]

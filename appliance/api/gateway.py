@@ -19,13 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from appliance.api.http import Route, parse_json, read_body
-from appliance.api.proxy import (
-    Outcome,
-    UpstreamUnreachable,
-    forward,
-    make_session,
-    worker_headers,
-)
+from appliance.api.proxy import Outcome, UpstreamUnreachable, forward, make_session, worker_headers
 from appliance.api.services import SERVICES, Services
 from appliance.domain.limits import retry_after_header
 from appliance.domain.routing import RoutableReplica, RoutingTable, pick, prefix_key

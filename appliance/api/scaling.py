@@ -7,14 +7,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import Field, ValidationError
 
-from appliance.api.http import (
-    Query,
-    Route,
-    endpoint_name,
-    int_query,
-    json_response,
-    read_model,
-)
+from appliance.api.http import Query, Route, endpoint_name, int_query, json_response, read_model
 from appliance.api.services import SERVICES
 from appliance.api.views import Deleted, EventList, EventView, View
 from appliance.domain.scaling import RulePatch, RuleSpec, new_rule_id

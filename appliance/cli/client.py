@@ -34,7 +34,7 @@ class AdminClient:
         self._tls = client_context(ca_file) if self.url.startswith("https:") else None
 
     @classmethod
-    def from_config(cls, config: Config, *, url: str | None = None, key_file: Path | None = None) -> "AdminClient":
+    def from_config(cls, config: Config, *, url: str | None = None, key_file: Path | None = None) -> AdminClient:
         return cls(url or server_url(config), read_key_file(key_file or config.admin_key_path), ca_file=config.server.tls_cert)
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None, query: dict[str, Any] | None = None) -> Any:

@@ -15,13 +15,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from appliance.domain.definitions import (
-    ModelDefinition,
-    RuntimeSection,
-    find_definition_file,
-    load_model_definition,
-    load_service_definition,
-)
+from appliance.control.folders import find_definition_file, load_model_definition, load_service_definition
+from appliance.domain.definitions import ModelDefinition, RuntimeSection
 from appliance.domain.runtimes import default_health_check, default_served_model_name
 from appliance.domain.specs import EndpointConfig, EndpointSpec, Environment, Resources
 from appliance.domain.states import EndpointStatus

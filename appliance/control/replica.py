@@ -21,31 +21,14 @@ from typing import Any, Literal, Protocol
 import aiohttp
 
 from appliance.config import Config
+from appliance.control.folders import find_definition_file, load_model_definition
 from appliance.control.ledger import Ledger
 from appliance.control.load import Load
 from appliance.control.prestart import run_pre_start_actions
 from appliance.control.probe import probe
-from appliance.control.process import (
-    Launcher,
-    ReplicaLog,
-    Worker,
-    looks_like_port_conflict,
-)
-from appliance.domain.definitions import find_definition_file, load_model_definition
-from appliance.domain.health import (
-    Health,
-    HealthState,
-    due_for_replacement,
-    next_probe_delay,
-    observe,
-)
-from appliance.domain.placement import (
-    Allocation,
-    GpuInfo,
-    GpuRequest,
-    Unplaceable,
-    visible,
-)
+from appliance.control.process import Launcher, ReplicaLog, Worker, looks_like_port_conflict
+from appliance.domain.health import Health, HealthState, due_for_replacement, next_probe_delay, observe
+from appliance.domain.placement import Allocation, GpuInfo, GpuRequest, Unplaceable, visible
 from appliance.domain.rollout import backoff_delay, drains
 from appliance.domain.runtimes import Placement, WorkerSpec, build_worker_spec
 from appliance.domain.specs import EndpointConfig, HealthCheck

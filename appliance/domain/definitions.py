@@ -11,14 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from appliance.domain.specs import ByteSize, Environ, HealthCheck, Model
 from appliance.errors import ApplianceError, validation_items, validation_problems
@@ -184,25 +177,6 @@ def parse_model_definition(text: str, *, path: Path) -> ModelDefinition:
         raise _definition_error(path, problems) from None
 
 
-def find_definition_file(folder: Path, name: str | None) -> Path | None:
-    """The model definition in `folder`: the named one (must exist) or a default name."""
-    if name:
-        candidate = folder / name
-        if not candidate.is_file():
-            raise ApplianceError(
-                f"model definition file {name!r} not found in {folder}",
-                status=422,
-                code="definition_not_found",
-                param="definition_file",
-            )
-        return candidate
-    return next((folder / n for n in DEFINITION_NAMES if (folder / n).is_file()), None)
-
-
-def load_model_definition(path: Path) -> ModelDefinition:
-    return parse_model_definition(path.read_text(encoding="utf-8"), path=path)
-
-
 def parse_service_definition(text: str, *, path: Path) -> ServiceDefinition:
     try:
         data = tomllib.loads(text)
@@ -216,10 +190,3 @@ def parse_service_definition(text: str, *, path: Path) -> ServiceDefinition:
     except ValidationError as exc:
         problems = [p.removeprefix("runtimes.") for p in validation_problems(exc)]
         raise _definition_error(path, problems) from None
-
-
-def load_service_definition(folder: Path) -> ServiceDefinition | None:
-    path = folder / SERVICE_DEFINITION_NAME
-    if not path.is_file():
-        return None
-    return parse_service_definition(path.read_text(encoding="utf-8"), path=path)

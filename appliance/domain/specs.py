@@ -10,16 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationInfo,
-    create_model,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,50}$")
 NAME_RULE = "must be 1–50 characters of A–Z, a–z, 0–9, '_' or '-'"

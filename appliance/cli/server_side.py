@@ -1,0 +1,105 @@
+"""Commands that act on this box directly, not through the admin API: serve, check-config, demo-model, demo,
+admin-key reset. Their heavy imports happen inside each command, so `appliance --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from appliance.cli.options import SharedOptions, Subcommands, load_cli_config
+from appliance.config import default_config_path, load_config
+from appliance.errors import ApplianceError
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.server import serve
+
+    return serve(load_cli_config(args))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from appliance.control.endpoints import check_declared
+
+    path = Path(args.path or args.config or default_config_path())
+    try:
+        config = load_config(path)
+    except ApplianceError as exc:
+        for p in exc.problems or [exc.message]:
+            print(f"{path}: {p}" if not p.startswith(str(path)) else p, file=sys.stderr)
+        return 1
+    problems = check_declared(list(config.endpoints))
+    for p in problems:
+        print(f"{path}: {p}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{path}: OK ({len(config.endpoints)} endpoint(s) declared, state in {config.server.state_dir})")
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from appliance.demo_model import write_demo_model
+
+    folder = write_demo_model(Path(args.dir), seed=args.seed, overwrite=args.force)
+    print(f"wrote a tiny random-weight causal LM to {folder}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from appliance.demo_model import write_demo_config, write_demo_model
+    from appliance.server import serve
+
+    state = Path(args.state_dir).resolve()
+    folder = state / "models" / "demo"
+    if not (folder / "config.json").exists():
+        write_demo_model(folder, seed=0, overwrite=True)
+    path = write_demo_config(state, folder, port=args.port)
+    key = state / "admin.key"
+    url = f"http://127.0.0.1:{args.port}"
+    print(
+        f"demo: model folder {folder}\ndemo: config {path}\ndemo: admin key in {key}\n"
+        f"demo: try (the first call waits until the replica is up):\n"
+        f"  curl -s {url}/v1/chat/completions -H \"Authorization: Bearer $(cat {key})\" -H 'Content-Type: application/json' "
+        f"-d '{{\"model\": \"demo\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'\n"
+        f"  {sys.executable} -c 'from openai import OpenAI; c = OpenAI(base_url=\"{url}/v1\", api_key=open(\"{key}\").read().strip()); "
+        f"print(c.chat.completions.create(model=\"demo\", messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}], max_tokens=16))'",
+        flush=True,
+    )
+    return serve(load_config(path))
+
+
+def cmd_admin_key_reset(args: argparse.Namespace) -> int:
+    from appliance.security.auth import reset_admin_key
+    from appliance.store import open_database
+
+    config = load_cli_config(args)
+    db = open_database(config.db_path)
+    try:
+        reset_admin_key(db, config.admin_key_path, time.time())
+    finally:
+        db.close()
+    print(f"a new admin key is in {config.admin_key_path}; the old bootstrap key no longer works")
+    return 0
+
+
+def register(sub: Subcommands, shared: SharedOptions) -> None:
+    p = sub.add_parser("serve", parents=[shared.config], help="run the appliance")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("check-config", parents=[shared.config], help="validate a config file and print every problem")
+    p.add_argument("path", nargs="?")
+    p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("demo-model", help="write a tiny random-weight model folder (needs the transformers extra)")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite an existing folder")
+    p.set_defaults(func=cmd_demo_model)
+    p = sub.add_parser("demo", help="serve the tiny demo model on CPU from a fresh state dir")
+    p.add_argument("--state-dir", default="demo-state")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("admin-key", help="admin key recovery")
+    ak = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    r = ak.add_parser("reset", parents=[shared.config], help="revoke the bootstrap admin key and write a new one (works offline)")
+    r.set_defaults(func=cmd_admin_key_reset)
