@@ -154,6 +154,11 @@ class Config(Model):
     def jwt_key_path(self) -> Path:
         return self.server.state_dir / "jwt.key"
 
+    @property
+    def server_file(self) -> Path:
+        """Where a running server says where it listens (port 0 picks one); the CLI reads it."""
+        return self.server.state_dir / "server.json"
+
 
 def _absolutise(raw: dict[str, Any], base: Path) -> None:
     """Relative paths in a config file are relative to the file, not to the cwd of systemd."""

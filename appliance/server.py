@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import socket
-from pathlib import Path
 
 from aiohttp import web
 
@@ -20,11 +19,6 @@ from appliance.security.tls import server_context
 
 log = logging.getLogger(__name__)
 
-SERVER_FILE = "server.json"  # where a running server says where it listens (port 0 picks one)
-
-
-def server_file(config: Config) -> Path:
-    return config.server.state_dir / SERVER_FILE
 
 
 def sd_notify(message: str) -> None:
@@ -72,7 +66,7 @@ async def run(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    path = server_file(config)
+    path = config.server_file
     try:
         tls = server_context(config.server.tls_cert, config.server.tls_key) if config.server.tls_cert and config.server.tls_key else None
         site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True, ssl_context=tls)

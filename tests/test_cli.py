@@ -148,3 +148,29 @@ def test_serve_tells_systemd_when_ready_and_stopping(server_factory: Any, config
         assert sock.recv(256) == b"READY=1"
         server.stop(signal.SIGTERM)
         assert sock.recv(256) == b"STOPPING=1"
+
+
+def test_an_answer_that_is_not_json_is_a_clear_error_not_a_traceback() -> None:
+    import http.server
+    import threading
+
+    from appliance.cli.client import AdminClient
+    from appliance.errors import ApplianceError
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>a proxy page</html>")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ApplianceError) as info:
+            AdminClient(f"http://127.0.0.1:{server.server_port}", "ak-x").request("GET", "/api/v1/endpoints")
+    finally:
+        server.shutdown()
+    assert info.value.code == "bad_answer" and "not JSON" in info.value.message and "a proxy page" in info.value.message

@@ -14,13 +14,12 @@ from appliance.config import Config
 from appliance.errors import ApplianceError
 from appliance.security.auth import read_key_file
 from appliance.security.tls import client_context
-from appliance.server import server_file
 
 
 def server_url(config: Config) -> str:
     """Where the running server listens: what it wrote at start, else the configured address."""
     try:
-        return str(json.loads(server_file(config).read_text())["url"])
+        return str(json.loads(config.server_file.read_text())["url"])
     except (OSError, ValueError, KeyError):
         host = config.server.host if config.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
         return f"{config.server.scheme}://{host}:{config.server.port}"
@@ -39,7 +38,11 @@ class AdminClient:
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None, query: dict[str, Any] | None = None) -> Any:
         with self._open(method, path, body, query, self.timeout) as resp:
-            return json.loads(resp.read() or b"null")
+            raw = resp.read()
+        try:
+            return json.loads(raw or b"null")
+        except ValueError:  # not the appliance answering (a proxy's page, another server on the port)
+            raise ApplianceError(f"{method} {path}: the answer from {self.url} is not JSON: {raw[:200]!r}", status=502, code="bad_answer") from None
 
     def lines(self, path: str, query: dict[str, Any] | None = None) -> Iterator[str]:
         """A text response line by line as it arrives (for follow=1), with no read timeout."""
