@@ -11,15 +11,17 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from inprocess import InProcessLauncher
 
 from appliance.api.app import make_app
 from appliance.config import Config, parse_config
+from appliance.control.process import Launcher
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -145,10 +147,12 @@ class Admin:
 
 @pytest.fixture
 async def start_app(aiohttp_client: Any) -> Callable[..., Any]:
-    """Start make_app(config) on 127.0.0.1:0 and wait until /readyz says ready."""
+    """Start make_app(config) on 127.0.0.1:0 and wait until /readyz says ready. Workers are processes
+    unless a `launcher` is given (see start_inprocess_app)."""
 
-    async def start(config: Config) -> Admin:
-        client = await aiohttp_client(make_app(config), server_kwargs={"handler_cancellation": True})
+    async def start(config: Config, *, launcher: Launcher | None = None) -> Admin:
+        app = make_app(config) if launcher is None else make_app(config, launcher=launcher)
+        client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
 
         async def ready() -> bool:
             resp = await client.get("/readyz")
@@ -156,6 +160,28 @@ async def start_app(aiohttp_client: Any) -> Callable[..., Any]:
 
         await async_wait_for(ready, timeout=10, what="/readyz")
         return Admin(client, config)
+
+    return start
+
+
+@pytest.fixture
+async def launcher() -> AsyncIterator[InProcessLauncher]:
+    """The in-process worker launcher of one test. Set up before the app and torn down after it, so the
+    app's own shutdown stops its workers first; what it left running is stopped here and fails the test."""
+    launcher = InProcessLauncher()
+    yield launcher
+    left = await launcher.close()
+    assert not launcher.refused, f"the in-process launcher was asked to run something else: {launcher.refused}"
+    assert not left, f"the appliance left in-process workers running after shutdown: {left}"
+
+
+@pytest.fixture
+async def start_inprocess_app(launcher: InProcessLauncher, start_app: Callable[..., Any]) -> Callable[[Config], Awaitable[Admin]]:
+    """start_app with fake workers run in the test's event loop (tests/inprocess.py): no worker process."""
+
+    async def start(config: Config) -> Admin:
+        admin: Admin = await start_app(config, launcher=launcher)
+        return admin
 
     return start
 
@@ -260,7 +286,11 @@ def _nvml_gpu_count() -> int:
         return 0
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: a process test is slow
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "process" in item.keywords:
+            item.add_marker(pytest.mark.slow)
     if any("gpu" in item.keywords for item in items) and _nvml_gpu_count() == 0:
         skip = pytest.mark.skip(reason="needs NVML and at least one GPU")
         for item in items:

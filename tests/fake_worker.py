@@ -8,6 +8,9 @@ FILE (the first start pretends its port was taken), --spawn-child (leave a grand
 the process group, as engines with helper processes do), --old-metric-names (/metrics with
 vLLM's pre-0.9 KV-cache gauge name); POST /_burn?seconds=N keeps its GPU busy. Each probe and event is printed
 with its time so tests can read them back from the replica log.
+
+Run as a script it is a worker process of its own; tests/inprocess.py runs the same `parser()`,
+`build()` and `serve()` inside the test's event loop, with a `Runtime` that writes to the replica log.
 """
 
 from __future__ import annotations
@@ -19,16 +22,62 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
+Out = Callable[[str], None]
+SITES = web.AppKey("sites", list)  # the listening sites, so /_stop_listening can close them after startup
 
-def say(message: str) -> None:
-    print(f"{time.time():.3f} {message}", flush=True)
+
+def _stdout(line: str) -> None:
+    print(line, flush=True)
 
 
-def build(args: argparse.Namespace) -> web.Application:
+def say(message: str, out: Out = _stdout) -> None:
+    out(f"{time.time():.3f} {message}")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where the worker runs. The defaults are its own process; tests/inprocess.py runs it inside the test's
+    event loop and passes what the launcher was given instead (log sink, environment, cwd, no pid of its own)."""
+
+    out: Out = _stdout
+    env: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    cwd: str | None = None  # None: the process's own
+    pid: int | None = field(default_factory=os.getpid)
+    ident: str = field(default_factory=lambda: str(os.getpid()))  # in completion ids, telling replicas apart
+
+    def say(self, message: str) -> None:
+        say(message, self.out)
+
+
+def parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fake_worker.py")
+    p.add_argument("--port", type=int, default=int(env.get("PORT", "8000")))
+    p.add_argument("--model", default="fake-model")
+    p.add_argument("--startup-delay", type=float, default=0.0)
+    p.add_argument("--latency", type=float, default=0.0)
+    p.add_argument("--tokens-per-second", type=float, default=1000.0)
+    p.add_argument("--crash-after", type=float)
+    p.add_argument("--fail-health-after", type=int)
+    p.add_argument("--refuse-to-start", action="store_true")
+    p.add_argument("--dead-generation", action="store_true")
+    p.add_argument("--port-conflict-once")
+    p.add_argument("--spawn-child", action="store_true")
+    p.add_argument("--report-gpu", action="store_true")
+    p.add_argument("--slow-marker", help="the replica that creates this file first answers with --slow-latency")
+    p.add_argument("--slow-latency", type=float, default=0.2)
+    p.add_argument("--old-metric-names", action="store_true")
+    return p
+
+
+def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Application:
+    rt = rt or Runtime()
+    say = rt.say
     state = {"probes": 0, "cancelled": 0, "requests": 0, "listening": True}
     started = time.time()
     latency = args.latency
@@ -41,18 +90,18 @@ def build(args: argparse.Namespace) -> web.Application:
 
     async def health(request: web.Request) -> web.Response:
         state["probes"] += 1
-        ok = args.fail_health_after is None or state["probes"] <= args.fail_health_after
+        ok = not state.get("sick") and (args.fail_health_after is None or state["probes"] <= args.fail_health_after)
         say(f"health {200 if ok else 503}")
         return web.json_response({"ok": ok}, status=200 if ok else 503)
 
     async def whoami(request: web.Request) -> web.Response:
         info = {
-            "pid": os.getpid(),
-            "pgid": os.getpgid(0),
-            "cwd": os.getcwd(),
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "cuda_device_order": os.environ.get("CUDA_DEVICE_ORDER"),
-            "env": {k: v for k, v in os.environ.items() if k.startswith("FAKE_")},
+            "pid": rt.pid,
+            "pgid": os.getpgid(0) if rt.pid is not None else None,
+            "cwd": rt.cwd or os.getcwd(),
+            "cuda_visible_devices": rt.env.get("CUDA_VISIBLE_DEVICES"),
+            "cuda_device_order": rt.env.get("CUDA_DEVICE_ORDER"),
+            "env": {k: v for k, v in rt.env.items() if k.startswith("FAKE_")},
             "uptime": time.time() - started,
         }
         if args.report_gpu:
@@ -103,7 +152,7 @@ def build(args: argparse.Namespace) -> web.Application:
             text = " ".join(f"tok{i}" for i in range(n))
             choice = {"index": 0, "finish_reason": "length", **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
             return web.json_response(
-                {"id": f"fake-{os.getpid()}", "object": "chat.completion" if chat else "text_completion", "model": body.get("model"), "choices": [choice],
+                {"id": f"fake-{rt.ident}", "object": "chat.completion" if chat else "text_completion", "model": body.get("model"), "choices": [choice],
                  "usage": {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}}
             )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -159,17 +208,25 @@ def build(args: argparse.Namespace) -> web.Application:
         asyncio.get_running_loop().run_in_executor(None, work)
         return web.json_response({"burning": seconds})
 
+    async def fail_health(request: web.Request) -> web.Response:
+        # Health answers 503 from now on while requests in flight go on: a replica turning sick mid-stream.
+        state["sick"] = True
+        return web.json_response({"sick": True})
+
     async def stop_listening(request: web.Request) -> web.Response:
         # The process lives on but refuses new connections, as a worker whose server died would.
-        await request.app["site"].stop()
+        for site in request.app[SITES]:
+            await site.stop()
         return web.json_response({"listening": False})
 
     app = web.Application()
+    app[SITES] = []
     app.router.add_get("/health", health)
     app.router.add_get("/whoami", whoami)
     app.router.add_get("/stats", stats)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/_stop_listening", stop_listening)
+    app.router.add_post("/_fail_health", fail_health)
     app.router.add_post("/_burn", burn)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", complete)
@@ -180,47 +237,42 @@ def build(args: argparse.Namespace) -> web.Application:
     return app
 
 
-async def main(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace, rt: Runtime, *, on_runner: Callable[[web.AppRunner], None] = lambda runner: None) -> int:
+    """The worker's life, process or not: returns the exit code when it ends by itself (a refusal,
+    a pretended port conflict, --crash-after); otherwise serves until cancelled or killed.
+    `on_runner` sees the runner before it listens, so an in-process host can shut it down."""
     if args.refuse_to_start:
-        say("refusing to start: model weights are corrupt (fake)")
-        sys.exit(3)
+        rt.say("refusing to start: model weights are corrupt (fake)")
+        return 3
     if args.port_conflict_once and not Path(args.port_conflict_once).exists():
         Path(args.port_conflict_once).write_text("taken")
-        say(f"OSError: [Errno 98] error while attempting to bind on address ('127.0.0.1', {args.port}): address already in use")
-        sys.exit(1)
+        rt.say(f"OSError: [Errno 98] error while attempting to bind on address ('127.0.0.1', {args.port}): address already in use")
+        return 1
     if args.spawn_child:
         child = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(1)"])
-        say(f"child {child.pid}")
+        rt.say(f"child {child.pid}")
     await asyncio.sleep(args.startup_delay)
-    app = build(args)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    app = build(args, rt)
+    # shutdown_timeout bounds an in-process stop; a worker process never cleans up (it is signalled)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
+    on_runner(runner)
     site = web.TCPSite(runner, "127.0.0.1", args.port)
-    app["site"] = site
+    app[SITES].append(site)
     await site.start()
-    say(f"listening on {args.port} pid {os.getpid()}")
+    rt.say(f"listening on {args.port} pid {rt.pid}")
     if args.crash_after is not None:
         await asyncio.sleep(args.crash_after)
-        say("crashing now")
-        os._exit(1)
+        rt.say("crashing now")
+        return 1
     await asyncio.Event().wait()
+    return 0
+
+
+async def main(args: argparse.Namespace) -> None:
+    code = await serve(args, Runtime())
+    os._exit(code)  # abrupt, as before: --crash-after must look like a crash, not a clean shutdown
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
-    p.add_argument("--model", default="fake-model")
-    p.add_argument("--startup-delay", type=float, default=0.0)
-    p.add_argument("--latency", type=float, default=0.0)
-    p.add_argument("--tokens-per-second", type=float, default=1000.0)
-    p.add_argument("--crash-after", type=float)
-    p.add_argument("--fail-health-after", type=int)
-    p.add_argument("--refuse-to-start", action="store_true")
-    p.add_argument("--dead-generation", action="store_true")
-    p.add_argument("--port-conflict-once")
-    p.add_argument("--spawn-child", action="store_true")
-    p.add_argument("--report-gpu", action="store_true")
-    p.add_argument("--slow-marker", help="the replica that creates this file first answers with --slow-latency")
-    p.add_argument("--slow-latency", type=float, default=0.2)
-    p.add_argument("--old-metric-names", action="store_true")
-    asyncio.run(main(p.parse_args()))
+    asyncio.run(main(parser().parse_args()))

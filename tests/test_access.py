@@ -1,5 +1,5 @@
 """Keys, endpoint tokens, service accounts with OAuth2, scopes, limits, usage and secrets, against the
-running application and real fake-worker processes on loopback."""
+running application and fake workers run in-process (tests/inprocess.py) on loopback ports."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 @pytest.fixture
-async def admin(start_app: Any, make_config: Any) -> Admin:
-    return await start_app(make_config({"workers": WORKERS, "auth": {"auth_failure_events_per_minute": 5}}))
+async def admin(start_inprocess_app: Any, make_config: Any) -> Admin:
+    return await start_inprocess_app(make_config({"workers": WORKERS, "auth": {"auth_failure_events_per_minute": 5}}))
 
 
 async def chat(admin: Admin, model: str, headers: dict[str, str] | None = None, **extra: Any) -> tuple[int, Any, Any]:

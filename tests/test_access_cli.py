@@ -14,6 +14,8 @@ import pytest
 from conftest import run_cli, wait_for, write_config
 from cryptography import x509
 
+pytestmark = pytest.mark.process
+
 
 def cli(config: Path, *args: str) -> Any:
     result = run_cli(*args, "--json", config=config)

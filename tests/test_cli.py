@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from conftest import ServerProcess, run_cli, write_config
 
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture
 def config_path(tmp_path: Path) -> Path:

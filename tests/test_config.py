@@ -120,6 +120,7 @@ def test_toml_syntax_error_and_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml")
 
 
+@pytest.mark.process
 def test_check_config_prints_every_problem(tmp_path: Path) -> None:
     bad = write_config(
         tmp_path / "bad.toml",
@@ -136,6 +137,7 @@ def test_check_config_prints_every_problem(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.process
 def test_check_config_checks_declared_folders(tmp_path: Path, seed_folder: Path) -> None:
     ok = write_config(tmp_path / "ok.toml", f'[[endpoints]]\nname = "seed"\nmodel_folder = "{seed_folder}"\n')
     result = run_cli("check-config", str(ok))

@@ -1,11 +1,10 @@
 """The gateway with the official openai SDK and raw HTTP: routing, streaming, errors, balancing,
-cancellation and failures, against real fake-worker processes on loopback."""
+cancellation and failures, against fake workers run in-process (tests/inprocess.py) on loopback ports.
+A fake worker's completion id is fake-<port>: it tells replicas apart and leads to its worker."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,12 +13,13 @@ import aiohttp
 import openai
 import pytest
 from conftest import Admin, async_wait_for
+from inprocess import InProcessLauncher, InProcessWorker
 from test_supervisor import WORKERS, create, fake_folder, replicas, wait_status
 
 
 @pytest.fixture
-async def admin(start_app: Any, make_config: Any) -> Admin:
-    return await start_app(make_config({"workers": WORKERS, "server": {"max_body_bytes": 1 << 20}}))
+async def admin(start_inprocess_app: Any, make_config: Any) -> Admin:
+    return await start_inprocess_app(make_config({"workers": WORKERS, "server": {"max_body_bytes": 1 << 20}}))
 
 
 def sdk(admin: Admin, key: str | None = None) -> openai.AsyncOpenAI:
@@ -184,7 +184,7 @@ async def test_least_outstanding_prefers_the_fast_replica(admin: Admin, tmp_path
     assert n_fast + n_slow == 32 and n_fast > 2 * n_slow, seen
 
 
-async def test_session_affinity_sticks_and_moves_when_the_replica_dies(admin: Admin, tmp_path: Path) -> None:
+async def test_session_affinity_sticks_and_moves_when_the_replica_dies(admin: Admin, launcher: InProcessLauncher, tmp_path: Path) -> None:
     await healthy(admin, "sticky", fake_folder(tmp_path, "sticky"), replicas=2, max_replicas=2, public=True, routing="session_affinity")
 
     async def ask(session: str) -> str:
@@ -199,7 +199,7 @@ async def test_session_affinity_sticks_and_moves_when_the_replica_dies(admin: Ad
         resp = await admin.client.post("/v1/chat/completions", json={"model": "sticky", "messages": [], "user": "bob", "max_tokens": 1})
         by_user.add((await resp.json())["id"])
     assert len(by_user) == 1
-    os.kill(int(owners.pop().split("-")[1]), signal.SIGKILL)
+    await launcher.on_port(int(owners.pop().split("-")[1])).crash()
     moved = {await ask("alice") for _ in range(6)}  # every call succeeds: retried or rerouted
     assert len(moved) == 1
 
@@ -230,7 +230,7 @@ async def test_client_disconnect_cancels_the_worker_stream(admin: Admin, tmp_pat
     await async_wait_for(cancelled, timeout=10, what="the worker to see the stream cancelled")
 
 
-async def test_worker_killed_mid_stream_ends_the_stream_cleanly(admin: Admin, tmp_path: Path) -> None:
+async def test_worker_killed_mid_stream_ends_the_stream_cleanly(admin: Admin, launcher: InProcessLauncher, tmp_path: Path) -> None:
     reps = await healthy(admin, "fragile", fake_folder(tmp_path, "fragile", "--tokens-per-second", "20"), replicas=2, max_replicas=2, public=True)
     client = sdk(admin, key="unused")
     stream = await client.chat.completions.create(model="fragile", messages=[{"role": "user", "content": "x"}], stream=True, max_tokens=200)
@@ -239,22 +239,22 @@ async def test_worker_killed_mid_stream_ends_the_stream_cleanly(admin: Admin, tm
         async for chunk in stream:
             got += 1
             if got == 3:
-                os.kill(await _streaming_pid(reps), signal.SIGKILL)
+                await (await _streaming_worker(launcher, reps)).crash()
     assert "failed mid-stream" in str(info.value)
     for _ in range(5):  # later requests succeed on the other replica
         reply = await client.chat.completions.create(model="fragile", messages=[{"role": "user", "content": "x"}], max_tokens=1)
         assert reply.choices
 
 
-async def _streaming_pid(reps: list[dict[str, Any]]) -> int:
+async def _streaming_worker(launcher: InProcessLauncher, reps: list[dict[str, Any]]) -> InProcessWorker:
     for r in reps:
         if (await stats(r["port"]))["requests"]:
-            return int(r["pid"])
+            return launcher.on_port(r["port"])
     raise AssertionError("no replica is streaming")
 
 
-async def test_a_worker_silent_mid_stream_ends_the_stream_with_an_error_event(start_app: Any, make_config: Any, tmp_path: Path) -> None:
-    admin = await start_app(make_config({"workers": WORKERS, "gateway": {"idle_read_timeout_seconds": 0.5}}))
+async def test_a_worker_silent_mid_stream_ends_the_stream_with_an_error_event(start_inprocess_app: Any, make_config: Any, tmp_path: Path) -> None:
+    admin = await start_inprocess_app(make_config({"workers": WORKERS, "gateway": {"idle_read_timeout_seconds": 0.5}}))
     (rep,) = await healthy(admin, "quiet", fake_folder(tmp_path, "quiet", "--tokens-per-second", "4"), public=True)
     body = {"model": "quiet", "messages": [], "stream": True, "max_tokens": 10, "stall_after": 3}
     resp = await admin.client.post("/v1/chat/completions", json=body)
@@ -272,8 +272,8 @@ async def test_a_worker_silent_mid_stream_ends_the_stream_with_an_error_event(st
     assert b"worker_failed" not in answer and answer.endswith(b"data: [DONE]\n\n")
 
 
-async def test_a_silent_worker_is_a_504_not_a_retry_elsewhere(start_app: Any, make_config: Any, tmp_path: Path) -> None:
-    admin = await start_app(make_config({"workers": WORKERS, "gateway": {"idle_read_timeout_seconds": 0.5}}))
+async def test_a_silent_worker_is_a_504_not_a_retry_elsewhere(start_inprocess_app: Any, make_config: Any, tmp_path: Path) -> None:
+    admin = await start_inprocess_app(make_config({"workers": WORKERS, "gateway": {"idle_read_timeout_seconds": 0.5}}))
     reps = await healthy(admin, "stall", fake_folder(tmp_path, "stall", "--latency", "2.0"), replicas=2, max_replicas=2, public=True)
     resp = await admin.client.post("/v1/chat/completions", json={"model": "stall", "messages": [], "max_tokens": 1})
     err = await resp.json()

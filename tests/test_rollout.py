@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.domain.rollout import Plan, ReplicaView, backoff_delay, drains, leaving_order, plan, wake_target
-from appliance.domain.states import TRANSITIONS, ReplicaState, check_transition
+from appliance.domain.states import TRANSITIONS, EndpointStatus, ReplicaState, check_transition, derive_status
 from appliance.errors import ApplianceError
 
 S = ReplicaState
@@ -117,6 +117,19 @@ def test_in_error_nothing_starts_and_nothing_makes_way() -> None:
 def test_wake_and_backoff() -> None:
     assert wake_target(0, 0) == 1 and wake_target(0, 2) == 2 and wake_target(1, 0) is None
     assert [backoff_delay(n, 1.0, 10.0) for n in (1, 2, 3, 4, 5)] == [1.0, 2.0, 4.0, 8.0, 10.0]
+
+
+def test_derive_status_and_backoff() -> None:
+    H, S, U, F = ReplicaState.HEALTHY, ReplicaState.STARTING, ReplicaState.UNHEALTHY, ReplicaState.FAILED
+    assert derive_status(2, [H, H], None) == (EndpointStatus.HEALTHY, "2/2 healthy")
+    assert derive_status(2, [H, S], None) == (EndpointStatus.DEGRADED, "1 healthy, 1 not (1 starting); 2 desired")
+    assert derive_status(2, [U, U], None)[0] is EndpointStatus.UNHEALTHY
+    assert derive_status(1, [S], None)[0] is EndpointStatus.PROVISIONING
+    assert derive_status(1, [F], None)[0] is EndpointStatus.UNHEALTHY
+    assert derive_status(1, [], None)[0] is EndpointStatus.PENDING
+    assert derive_status(0, [], None)[0] is EndpointStatus.SCALED_TO_ZERO
+    assert derive_status(1, [H], "boom") == (EndpointStatus.ERROR, "boom")
+    assert [backoff_delay(n, 1.0, 300.0) for n in range(1, 11)] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]
 
 
 # --- the transition table -----------------------------------------------------------------------------

@@ -9,21 +9,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from conftest import Admin, async_wait_for
-from test_supervisor import (
-    PORTS,
-    WORKERS,
-    create,
-    endpoint,
-    events,
-    fake_folder,
-    replicas,
-    wait_status,
-)
+from test_supervisor import PORTS, WORKERS, create, endpoint, events, fake_folder, replicas, wait_status
 
 from appliance.api.app import AUTOSCALER
 from appliance.api.services import SERVICES
+
+pytestmark = pytest.mark.process
 
 AUTOSCALING = {"interval_seconds": 0.2}
 
@@ -133,6 +127,44 @@ async def test_scale_in_drains_a_replica_with_a_stream_in_flight(admin: Admin, t
     await async_wait_for(lambda: _count_live(admin, "drain", 1), timeout=15, what="the drained replica to stop")
     drained = [e for e in await events(admin, "drain") if e["kind"] == "replica.draining"]
     assert drained and "1 request(s) in flight" in drained[0]["message"]
+
+
+async def test_scale_in_keeps_an_unhealthy_replica_with_a_stream_and_drains_it_when_it_goes(admin: Admin, tmp_path: Path) -> None:
+    await create(admin, "sick", fake_folder(tmp_path, "sick", "--tokens-per-second", "10"), replicas=2, unhealthy_replace_after=600)
+    await wait_status(admin, "sick", "HEALTHY")
+    body = {"model": "sick", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "stream": True}
+
+    async def stream() -> str:
+        resp = await admin.client.post("/v1/chat/completions", json=body, headers=admin.headers)
+        assert resp.status == 200
+        return await resp.text()
+
+    task = asyncio.create_task(stream())
+    load = admin.client.app[SERVICES].load
+    (busy,) = await async_wait_for(lambda: list(load.inflight("sick")), timeout=10, what="the stream to reach a replica")
+    port = next(r["port"] for r in await replicas(admin, "sick") if r["id"] == busy)
+    async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{port}/_fail_health") as resp:
+        assert resp.status == 200  # its probes fail from now on; the open stream goes on
+    await async_wait_for(lambda: _state_of(admin, "sick", busy, "UNHEALTHY"), timeout=10, what="the streaming replica to be UNHEALTHY")
+    status, _ = await admin.call("PATCH", "/api/v1/endpoints/sick", json_body={"replicas": 1})
+    assert status == 200
+    # The idle healthy replica goes; the unhealthy one keeps its stream.
+    await async_wait_for(lambda: _live_ids(admin, "sick", {busy}), timeout=15, what="only the streaming replica left")
+    assert not task.done()
+    status, _ = await admin.call("PATCH", "/api/v1/endpoints/sick", json_body={"replicas": 0})
+    assert status == 200
+    text = await task
+    assert text.count("data: {") == 40 and text.rstrip().endswith("data: [DONE]")  # not cut
+    drained = [e for e in await events(admin, "sick") if e["kind"] == "replica.draining" and e["details"]["replica"] == busy]
+    assert drained and "1 request(s) in flight" in drained[0]["message"]
+
+
+async def _state_of(admin: Admin, name: str, rid: str, state: str) -> bool:
+    return any(r["id"] == rid and r["state"] == state for r in await replicas(admin, name))
+
+
+async def _live_ids(admin: Admin, name: str, ids: set[str]) -> bool:
+    return {r["id"] for r in await live(admin, name)} == ids
 
 
 def _inflight_on_both(admin: Admin) -> bool:

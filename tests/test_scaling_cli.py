@@ -10,9 +10,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import run_cli, wait_for, write_config
 from test_access_cli import cli
 from test_supervisor import fake_folder
+
+pytestmark = pytest.mark.process
 
 
 def test_autoscale_rules_and_decisions_through_the_cli(server_factory: Any, tmp_path: Path) -> None:

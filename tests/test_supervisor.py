@@ -16,9 +16,9 @@ import pytest
 import yaml
 from conftest import SEED_DEFINITION, Admin, async_wait_for
 
-from appliance.domain.rollout import backoff_delay
-from appliance.domain.states import EndpointStatus, ReplicaState, derive_status
 from appliance.store import parse_iso
+
+pytestmark = pytest.mark.process
 
 FAKE = Path(__file__).resolve().parent / "fake_worker.py"
 # A worker port range of its own per test run (below the kernel's ephemeral ports), so two runs on one
@@ -103,19 +103,6 @@ async def logs(admin: Admin, name: str, rid: str, tail: int = 1000) -> list[str]
     resp = await admin.client.get(f"/api/v1/endpoints/{name}/replicas/{rid}/logs?tail={tail}", headers=admin.headers)
     assert resp.status == 200
     return (await resp.text()).splitlines()
-
-
-def test_derive_status_and_backoff() -> None:
-    H, S, U, F = ReplicaState.HEALTHY, ReplicaState.STARTING, ReplicaState.UNHEALTHY, ReplicaState.FAILED
-    assert derive_status(2, [H, H], None) == (EndpointStatus.HEALTHY, "2/2 healthy")
-    assert derive_status(2, [H, S], None) == (EndpointStatus.DEGRADED, "1 healthy, 1 not (1 starting); 2 desired")
-    assert derive_status(2, [U, U], None)[0] is EndpointStatus.UNHEALTHY
-    assert derive_status(1, [S], None)[0] is EndpointStatus.PROVISIONING
-    assert derive_status(1, [F], None)[0] is EndpointStatus.UNHEALTHY
-    assert derive_status(1, [], None)[0] is EndpointStatus.PENDING
-    assert derive_status(0, [], None)[0] is EndpointStatus.SCALED_TO_ZERO
-    assert derive_status(1, [H], "boom") == (EndpointStatus.ERROR, "boom")
-    assert [backoff_delay(n, 1.0, 300.0) for n in range(1, 11)] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]
 
 
 async def test_seed_http_server_folder_reaches_healthy(admin: Admin, seed_folder: Path, tmp_path: Path) -> None:
