@@ -79,8 +79,8 @@ def write_demo_model(folder: Path, *, seed: int = 0, overwrite: bool = False) ->
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=1,  # head_dim 64: vLLM's CPU attention needs head_dim ≥ 32
+        num_key_value_heads=1,
         max_position_embeddings=512,
         bos_token_id=ids["<|bos|>"],
         eos_token_id=ids["<|im_end|>"],

@@ -125,6 +125,7 @@ async def test_events_paging_and_filters(admin: Admin, model_folder: Path) -> No
         ({"name": "a", "model_folder": "{folder}", "replicas": -1}, 422, "validation_error", "replicas: must be ≥ 0"),
         ({"name": "a", "model_folder": "{folder}", "runtime": "docker"}, 422, "validation_error", "runtime: must be one of"),
         ({"name": "a", "model_folder": "{folder}", "runtime": "custom"}, 422, "definition_required", "custom runtime needs a model definition"),
+        ({"name": "a", "model_folder": "{folder}", "runtime": "sglang"}, 422, "runtime_not_installed", "needs the Python package 'sglang'"),
         ({"name": "a", "model_folder": "{folder}", "replicas": "2"}, 422, "validation_error", "replicas: must be an integer (got a string)"),
         ({"name": "a", "model_folder": "{folder}", "gpus": 1}, 422, "validation_error", "gpus: unknown key"),
         ({"name": "a", "model_folder": "{folder}", "environ": {"1BAD": "x"}}, 422, "validation_error", "'1BAD' is not a valid environment variable name"),

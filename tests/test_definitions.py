@@ -6,6 +6,7 @@ import pytest
 import yaml
 from conftest import SEED_DEFINITION, SEED_SERVICE_DEFINITION
 
+from appliance.control import endpoints
 from appliance.control.endpoints import resolve
 from appliance.control.folders import find_definition_file, load_model_definition
 from appliance.domain.definitions import parse_model_definition, parse_service_definition
@@ -198,11 +199,13 @@ def test_custom_runtime_string_command_model_path_and_placeholders(tmp_path: Pat
     assert spec.env["OUT"] == "/w/out"
 
 
-def test_engine_runtimes_build_their_commands(model_folder: Path) -> None:
+def test_engine_runtimes_build_their_commands(model_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(endpoints, "_check_installed", lambda runtime: None)  # commands are built whatever is installed here
     place = Placement(port=20001, replica_id="e-1", work_dir="/w", gpu_share=0.5)
     vllm, _ = resolve(EndpointSpec(name="e", model_folder=str(model_folder), runtime="vllm", extra_args=["--max-model-len", "4096"]))
     assert build_worker_spec(vllm, None, place).argv == (
-        "vllm", "serve", str(model_folder), "--host", "127.0.0.1", "--port", "20001", "--served-model-name", "e",
+        "python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_folder), "--host", "127.0.0.1", "--port", "20001",
+        "--served-model-name", "e",
         "--gpu-memory-utilization", "0.450", "--max-model-len", "4096",
     )
     tf, _ = resolve(EndpointSpec(name="t", model_folder=str(model_folder), runtime="transformers", continuous_batching=True))
@@ -219,3 +222,14 @@ def test_engine_runtimes_build_their_commands(model_folder: Path) -> None:
 def test_placeholders_leave_other_braces_alone() -> None:
     values = {"port": "1", "host": "h", "model_path": "/m", "name": "n", "served_model_name": "s", "replica_id": "r", "work_dir": "/w", "gpu_share": ""}
     assert fill('{port}-{name}-{"json": {unknown}}', values) == '1-n-{"json": {unknown}}'
+
+
+def test_an_engine_that_is_not_installed_is_refused_with_the_install_command(model_folder: Path) -> None:
+    import importlib.util
+
+    assert importlib.util.find_spec("sglang") is None  # not installed on this box: the real condition
+    with pytest.raises(ApplianceError) as info:
+        resolve(EndpointSpec(name="g", model_folder=str(model_folder), runtime="sglang"))
+    err = info.value
+    assert err.status == 422 and err.code == "runtime_not_installed" and err.param == "runtime"
+    assert "'sglang'" in err.message and "pip install" in err.message

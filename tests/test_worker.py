@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
-from appliance.control.process import ReplicaLog, _last_lines, pick_port, port_is_free
+import psutil
+from conftest import wait_for
+
+from appliance.control.process import ReplicaLog, _last_lines, group_members, pick_port, port_is_free, stop_orphan, wait_group_gone
 
 
 def test_log_tail_reads_from_the_end_across_rotated_files(tmp_path: Path) -> None:
@@ -50,3 +57,38 @@ def test_a_port_is_taken_only_while_something_listens_on_it() -> None:
     client.close()
     listener.close()
     assert port_is_free(port)  # a new worker can listen there at once
+
+
+def _session_with_child() -> subprocess.Popen[bytes]:
+    """A process leading its own session and process group, with a child in that group."""
+    code = "import subprocess,sys,time\nsubprocess.Popen([sys.executable,'-c','import time\\nwhile True: time.sleep(1)'])\nwhile True: time.sleep(1)"
+    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+
+
+def test_an_orphan_group_is_stopped_but_never_a_process_that_only_reused_the_pid() -> None:
+    leader = _session_with_child()
+    try:
+        wait_for(lambda: len(group_members(leader.pid)) == 2, timeout=10, what="the leader and its child")
+        started = psutil.Process(leader.pid).create_time()
+        # Recorded with another start time: this pid now belongs to someone else; nothing is touched.
+        assert stop_orphan(leader.pid, started - 100, grace=1.0) is False
+        assert len(group_members(leader.pid)) == 2
+        # The leader died (kill -9) and left its child: the group is still ours and is ended.
+        child = next(p for p in group_members(leader.pid) if p != leader.pid)
+        os.kill(leader.pid, signal.SIGKILL)
+        leader.wait()
+        assert stop_orphan(leader.pid, started, grace=1.0) is True
+        assert group_members(leader.pid) == []
+        assert child not in group_members(leader.pid) and (not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE)
+    finally:
+        leader.kill()
+        leader.wait()
+
+
+def test_wait_group_gone() -> None:
+    leader = _session_with_child()
+    wait_for(lambda: len(group_members(leader.pid)) == 2, timeout=10, what="the leader and its child")
+    assert wait_group_gone(leader.pid, 0.2) is False
+    os.killpg(leader.pid, signal.SIGKILL)
+    leader.wait()
+    assert wait_group_gone(leader.pid, 10.0) is True

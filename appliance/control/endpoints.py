@@ -8,6 +8,7 @@ with its audit event) and never touches processes.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 
 from appliance.control.folders import find_definition_file, load_model_definition, load_service_definition
 from appliance.domain.definitions import ModelDefinition, RuntimeSection
-from appliance.domain.runtimes import default_health_check, default_served_model_name
+from appliance.domain.runtimes import RUNTIME_PACKAGES, default_health_check, default_served_model_name
 from appliance.domain.specs import EndpointConfig, EndpointSpec, Environment, Resources
 from appliance.domain.states import EndpointStatus
 from appliance.errors import ApplianceError, validation_error
@@ -72,6 +73,20 @@ def _resources(spec: EndpointSpec, section: RuntimeSection | None, inherited: li
     return Resources.model_validate(values)
 
 
+def _check_installed(runtime: str) -> None:
+    """An engine runtime whose package is missing is refused at once, not left to crash-loop."""
+    if runtime not in RUNTIME_PACKAGES:
+        return
+    module, install = RUNTIME_PACKAGES[runtime]
+    if importlib.util.find_spec(module) is None:
+        raise ApplianceError(
+            f"runtime {runtime!r} needs the Python package {module!r}, which is not installed next to the appliance: {install}",
+            status=422,
+            code="runtime_not_installed",
+            param="runtime",
+        )
+
+
 def resolve(spec: EndpointSpec) -> tuple[EndpointConfig, ModelDefinition | None]:
     """Apply the model folder's defaults. Reads small files: call it off the event loop."""
     folder = _folder(spec)
@@ -85,6 +100,7 @@ def resolve(spec: EndpointSpec) -> tuple[EndpointConfig, ModelDefinition | None]
             code="definition_required",
             param="definition_file",
         )
+    _check_installed(runtime)
     service = load_service_definition(folder)
     section = service.for_runtime(runtime) if service else None
     inherited: list[str] = []

@@ -216,15 +216,47 @@ class WorkerProcess:
         return code
 
     async def stop(self, grace: float) -> int:
-        """SIGTERM to the whole process group, SIGKILL after `grace` seconds."""
+        """End the worker's whole process tree, also when its leader already exited: SIGTERM to the
+        process group, SIGKILL to whatever is left of it after `grace` seconds. Returns (the leader's
+        exit code) only once no process of the group is left, so what it held can be handed out again."""
+        pgid = self._proc.pid
+        deadline = time.monotonic() + grace
+        _signal_group(pgid, signal.SIGTERM)
         if self._proc.returncode is None:
-            _signal_group(self._proc.pid, signal.SIGTERM)
             try:
-                return await asyncio.wait_for(self.wait(), timeout=grace)
+                await asyncio.wait_for(self._proc.wait(), timeout=grace)
             except TimeoutError:
                 pass
-        _signal_group(self._proc.pid, signal.SIGKILL)  # also whatever the worker left behind in its group
+        if not await asyncio.to_thread(wait_group_gone, pgid, max(0.0, deadline - time.monotonic())):
+            _signal_group(pgid, signal.SIGKILL)
+            if not await asyncio.to_thread(wait_group_gone, pgid, _KILL_WAIT):
+                log.warning("process group %d still has members %s after SIGKILL", pgid, group_members(pgid))
         return await self.wait()
+
+
+_KILL_WAIT = 10.0  # seconds for the kernel to tear down SIGKILLed processes (a GPU context takes a while)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes of a process group (blocking; zombies are already dead and hold nothing)."""
+    found = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
+                found.append(p.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return found
+
+
+def wait_group_gone(pgid: int, timeout: float, interval: float = 0.05) -> bool:
+    """True once the group has no live process; False if `timeout` seconds pass first (blocking)."""
+    deadline = time.monotonic() + timeout
+    while group_members(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -235,38 +267,25 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 
 def stop_orphan(pid: int, started_at: float | None, grace: float) -> bool:
-    """Stop a worker left by an earlier run of the appliance (blocking). True if something was stopped.
+    """End the process group of a worker left by an earlier run of the appliance (blocking): TERM,
+    then KILL after `grace` seconds. True if something was stopped.
 
-    The pid counts as ours only if the process started when we recorded it; otherwise the
-    pid was reused and only stray members of our old process group are stopped.
+    The group's id is the old leader's pid. The kernel gives a new process a pid only when no
+    process group has it as its id, so a live process with that pid but another start time means
+    our group ended long ago, and whatever is in a group of that id now is someone else's.
     """
-    members = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(p.pid) == pid:
-                members.append(p)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            continue
     try:
         leader = psutil.Process(pid)
         if started_at is None or abs(leader.create_time() - started_at) > 1.0:
-            members = [m for m in members if m.pid != pid]
+            return False
     except psutil.Error:
-        pass
-    if not members:
+        pass  # the leader is gone; its helpers may still run in its group
+    if not group_members(pid):
         return False
-    for m in members:
-        try:
-            m.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(members, timeout=grace)
-    for m in alive:
-        try:
-            m.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    _signal_group(pid, signal.SIGTERM)
+    if not wait_group_gone(pid, grace):
+        _signal_group(pid, signal.SIGKILL)
+        wait_group_gone(pid, _KILL_WAIT)
     return True
 
 

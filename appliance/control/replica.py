@@ -209,6 +209,9 @@ class ReplicaRunner:
             await asyncio.gather(prober, stop, swap, return_exceptions=True)
         process = r.process
         if exited.done():
+            # The leader is gone; its helpers (an engine's core and workers) may not be. The replica ends
+            # with its whole tree, before its GPUs and port are handed out again.
+            await process.stop(self._config.workers.stop_grace_seconds)
             return await self._exited(r, spec, exited.result())
         if r.stop_requested.is_set() and drains(r.state, self._load.inflight(r.endpoint).get(r.id, 0)):
             await self._drain(run, r, exited)

