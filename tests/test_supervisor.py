@@ -16,6 +16,8 @@ import pytest
 import yaml
 from conftest import SEED_DEFINITION, Admin, async_wait_for
 
+from appliance.api.services import SERVICES
+from appliance.control.process import group_members
 from appliance.store import parse_iso
 
 pytestmark = pytest.mark.process
@@ -241,6 +243,29 @@ async def test_failing_pre_start_command_aborts_the_start(admin: Admin, tmp_path
     ep = await wait_status(admin, "badprep", "ERROR", timeout=30)
     assert "pre-start action 0 (run_command)" in ep["status_message"] and "exited with code 7" in ep["status_message"]
     assert "migration failed" in ep["status_message"]
+
+
+async def test_deleting_an_endpoint_ends_a_hanging_pre_start_command_and_its_tree(admin: Admin, tmp_path: Path) -> None:
+    marker = tmp_path / "prep.pid"
+    hang = f"import os,subprocess,sys,time\nsubprocess.Popen([sys.executable,'-c','import time\\ntime.sleep(600)'])\nopen({str(marker)!r},'w').write(str(os.getpid()))\ntime.sleep(600)"
+    pre = [{"action": "run_command", "args": {"command": ["python", "-c", hang]}}]
+    await create(admin, "hung", fake_folder(tmp_path, "hung", pre_start=pre))
+    await async_wait_for(lambda: marker.exists() and marker.read_text(), timeout=30, what="the pre-start command to run")
+    pgid = int(marker.read_text())
+    assert len(group_members(pgid)) == 2  # the command and the child it started
+    started = asyncio.get_running_loop().time()
+    status, _ = await admin.call("DELETE", "/api/v1/endpoints/hung")
+    assert status == 200
+    grace = WORKERS["stop_grace_seconds"]
+    await async_wait_for(lambda: not group_members(pgid), timeout=grace + 10, what="the pre-start command's tree to end")
+    assert asyncio.get_running_loop().time() - started < grace + 10
+    await async_wait_for(lambda: _no_replicas(admin, "hung"), timeout=10, what="the replica to finish")
+
+
+async def _no_replicas(admin: Admin, name: str) -> bool:
+    return not admin.client.app[SERVICES].supervisor.replicas(name) or all(
+        r.state.value == "TERMINATED" for r in admin.client.app[SERVICES].supervisor.replicas(name)
+    )
 
 
 async def test_port_conflict_respawns_on_another_port_without_counting_a_failure(admin: Admin, tmp_path: Path) -> None:

@@ -15,9 +15,11 @@ from appliance.errors import ApplianceError
 
 
 async def run_pre_start_actions(
-    actions: Iterable[PreStartAction], *, work_dir: Path, values: dict[str, str], env: Mapping[str, str], sink: ReplicaLog
+    actions: Iterable[PreStartAction], *, work_dir: Path, values: dict[str, str], env: Mapping[str, str], sink: ReplicaLog,
+    grace: float = 10.0,
 ) -> None:
-    """Backend.AI pre-start actions, in order. `values` gains {tempfile} / {tempfile_N} for later use."""
+    """Backend.AI pre-start actions, in order. `values` gains {tempfile} / {tempfile_N} for later use.
+    Cancelled (the replica is stopped), a running command's process tree is ended within `grace` seconds."""
     temp_count = 0
     for number, action in enumerate(actions):
         args = action.args
@@ -71,7 +73,12 @@ async def run_pre_start_actions(
                 argv = [fill(str(a), values) for a in args["command"]]
                 sink.note(f"{where}: running {argv}")
                 proc = await WorkerProcess.spawn(argv, env=env, cwd=work_dir, sink=sink)
-                code = await proc.wait()
+                try:
+                    code = await proc.wait()
+                except asyncio.CancelledError:
+                    sink.note(f"{where}: stopped with the replica")
+                    await proc.stop(grace)
+                    raise
                 if code != 0:
                     raise ApplianceError(f"{where}: {argv[0]} exited with code {code}", status=422, code="pre_start_failed")
         except ApplianceError as exc:

@@ -19,7 +19,8 @@ from appliance.config import Config
 from appliance.control.ledger import Ledger
 from appliance.control.load import Load
 from appliance.control.process import Launcher, ReplicaLog, WorkerProcess, stop_orphan
-from appliance.control.replica import EndpointRun, GpuSource, Replica, ReplicaRunner
+from appliance.control.replica import EndpointRun, Replica
+from appliance.control.runner import GpuSource, ReplicaRunner
 from appliance.domain.placement import Allocation
 from appliance.domain.rollout import ReplicaView, plan, wake_target
 from appliance.domain.routing import RoutableReplica, RoutingTable

@@ -1,0 +1,353 @@
+"""A replica's runner: the task that walks one replica through its states.
+
+PROVISIONING → STARTING → HEALTHY ⇄ UNHEALTHY and, on a crash, FAILED → (backoff) →
+PROVISIONING again; a stop takes it through DRAINING (when it serves or has requests in flight)
+and TERMINATING to TERMINATED. Every change goes through `_record`, which refuses a transition
+that is not in domain.states.TRANSITIONS. The runner owns the replica's worker process; the
+supervisor only creates runners and asks them to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+
+from appliance.config import Config
+from appliance.control.folders import find_definition_file, load_model_definition
+from appliance.control.ledger import Ledger
+from appliance.control.load import Load
+from appliance.control.prestart import run_pre_start_actions
+from appliance.control.probe import probe
+from appliance.control.process import Launcher, looks_like_port_conflict
+from appliance.control.replica import EndpointRun, Replica, RunnerHost
+from appliance.domain.health import Health, HealthState, due_for_replacement, next_probe_delay, observe
+from appliance.domain.placement import GpuInfo, GpuRequest, Unplaceable, visible
+from appliance.domain.rollout import backoff_delay, drains
+from appliance.domain.runtimes import Placement, WorkerSpec, build_worker_spec
+from appliance.domain.specs import EndpointConfig, HealthCheck
+from appliance.domain.states import ReplicaState, check_transition
+from appliance.errors import ApplianceError
+from appliance.store import Clock, Store
+
+log = logging.getLogger(__name__)
+
+GpuSource = Callable[[], Awaitable[list[GpuInfo]]]
+Outcome = Literal["stopped", "crashed", "retry"]
+_WAIT_FOR_CAPACITY = 2.0  # seconds between placement attempts while GPUs are busy
+_READY_POLL = 0.05  # seconds between readiness polls of a starting replica
+
+
+class ReplicaRunner:
+    def __init__(
+        self, config: Config, store: Store, clock: Clock, load: Load, ledger: Ledger, gpus: GpuSource, launcher: Launcher,
+        unseal: Callable[[Mapping[str, str]], dict[str, str]], host: RunnerHost,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._load = load
+        self._ledger = ledger
+        self._gpus = gpus
+        self._launch = launcher
+        self._unseal = unseal  # secret environ values are decrypted only into the worker's environment
+        self._host = host
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        self._session = aiohttp.ClientSession()
+
+    async def close(self) -> None:
+        if self._session:
+            await self._session.close()
+
+    async def run(self, run: EndpointRun, r: Replica) -> None:
+        try:
+            await self._record(r, ReplicaState.PROVISIONING, "replica created")
+            while not r.stop_requested.is_set():
+                if run.error and r.failures:
+                    r.wake.clear()
+                    await r.wake.wait()  # restart budget spent: wait for retry or stop
+                    continue
+                delay = r.next_start_at - self._clock()
+                if delay > 0 and await _wait_or_stop(r, delay):
+                    break
+                outcome = await self._run_once(run, r)
+                if outcome == "stopped":
+                    break
+                if outcome == "crashed":
+                    self._count_failure(run, r)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not leave a worker unsupervised
+            log.exception("replica %s runner failed", r.id)
+            r.last_error = f"internal error: {exc}"
+        finally:
+            await self._finish(run, r)
+
+    def _count_failure(self, run: EndpointRun, r: Replica) -> None:
+        w = self._config.workers
+        r.failures += 1
+        r.restarts += 1
+        if r.failures >= w.max_consecutive_failures:
+            tail = "\n".join(r.log.last_lines(10))
+            run.error = f"replica {r.id} failed {r.failures} times in a row; last error: {r.last_error}" + (f"\nlast log lines:\n{tail}" if tail else "")
+            r.next_start_at = 0.0
+        else:
+            r.next_start_at = self._clock() + backoff_delay(r.failures, w.restart_backoff_seconds, w.restart_backoff_max_seconds)
+        self._host.poke()
+
+    async def _run_once(self, run: EndpointRun, r: Replica) -> Outcome:
+        """Provision, spawn and watch one worker of `r`."""
+        if r.state is not ReplicaState.PROVISIONING:
+            await self._record(r, ReplicaState.PROVISIONING, f"restarting (attempt {r.restarts + 1})")
+        config = run.config
+        try:
+            prepared = await self._provision_unless_stopped(run, r)
+            if prepared is None:
+                self._release(r)
+                return "stopped"
+            spec, env = prepared
+        except Unplaceable as exc:
+            self._release(r)  # hold nothing while waiting
+            r.waiting_for_capacity = not exc.permanent
+            if r.waiting_for_capacity:
+                self._host.poke()
+            if exc.permanent:
+                run.error = exc.reason
+                r.last_error = exc.reason
+                r.failures = max(r.failures, 1)
+                await self._record(r, ReplicaState.FAILED, exc.reason)
+                return "retry"
+            if r.last_error != exc.reason:
+                r.last_error = exc.reason
+                await self._record(r, ReplicaState.PROVISIONING, exc.reason)
+            await _wait_or_stop(r, _WAIT_FOR_CAPACITY)
+            return "retry"
+        except (ApplianceError, OSError) as exc:  # a failed start, counted: a lasting cause ends in ERROR
+            return await self._failed(r, exc.message if isinstance(exc, ApplianceError) else f"could not prepare the replica: {exc}")
+        r.waiting_for_capacity = False
+        try:
+            r.log.note(f"starting: {' '.join(spec.argv)} (port {r.port})")
+            r.process = await self._launch(spec.argv, env=env, cwd=r.work_dir, sink=r.log)
+        except ApplianceError as exc:
+            return await self._failed(r, exc.message)
+        r.started_at = self._clock()
+        r.health = HealthState(spawned_at=r.started_at)
+        await self._record(r, ReplicaState.STARTING, f"spawned pid {r.process.pid} on port {r.port}" if r.process.pid else f"started on port {r.port}")
+        replace = asyncio.Event()
+        prober = asyncio.create_task(self._probe_loop(config, spec, r, replace), name=f"probe-{r.id}")
+        exited = asyncio.create_task(r.process.wait())
+        stop = asyncio.create_task(r.stop_requested.wait())
+        swap = asyncio.create_task(replace.wait())
+        try:
+            await asyncio.wait({exited, stop, swap}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            prober.cancel()
+            for t in (stop, swap):
+                t.cancel()
+            await asyncio.gather(prober, stop, swap, return_exceptions=True)
+        process = r.process
+        if exited.done():
+            # The leader is gone; its helpers (an engine's core and workers) may not be. The replica ends
+            # with its whole tree, before its GPUs and port are handed out again.
+            await process.stop(self._config.workers.stop_grace_seconds)
+            return await self._exited(r, spec, exited.result())
+        if r.stop_requested.is_set() and drains(r.state, self._load.inflight(r.endpoint).get(r.id, 0)):
+            await self._drain(run, r, exited)
+        exited.cancel()
+        if r.stop_requested.is_set():
+            await self._record(r, ReplicaState.TERMINATING, "stopping")
+            code = await process.stop(self._config.workers.stop_grace_seconds)
+            self._release(r)
+            r.log.note(f"stopped (exit code {code})")
+            return "stopped"
+        # Unhealthy for too long: replace it.
+        await self._record(r, ReplicaState.TERMINATING, "unhealthy for too long: replacing")
+        await process.stop(self._config.workers.stop_grace_seconds)
+        return await self._failed(r, f"replaced after {config.unhealthy_replace_after:g}s unhealthy ({r.health.last_result if r.health else ''})")
+
+    async def _exited(self, r: Replica, spec: WorkerSpec, code: int) -> Outcome:
+        tail = r.log.last_lines(10)
+        if not r.stop_requested.is_set() and r.health and not r.health.ever_healthy and looks_like_port_conflict(tail):
+            self._release(r)
+            bad = spec.port
+            self._ledger.quarantine(bad, self._clock())
+            r.log.note(f"port {bad} was taken by another program; starting again on another port")
+            await self._record(r, ReplicaState.PROVISIONING, f"port {bad} in use by another program; respawning on another port")
+            return "retry"
+        if r.stop_requested.is_set():
+            self._release(r)
+            return "stopped"
+        early = " before becoming healthy" if r.health and not r.health.ever_healthy else ""
+        return await self._failed(r, f"worker exited with code {code}{early}", {"exit_code": code, "last_log_lines": tail})
+
+    async def _drain(self, run: EndpointRun, r: Replica, exited: asyncio.Task[int]) -> None:
+        """Out of routing already; let the requests in flight finish (up to the drain timeout) before the stop."""
+        timeout = run.config.drain_timeout_seconds
+        n = self._load.inflight(r.endpoint).get(r.id, 0)
+        await self._record(r, ReplicaState.DRAINING, f"draining: {n} request(s) in flight, up to {timeout:g}s")
+        if not n:
+            return
+        started = self._clock()
+        idle = asyncio.ensure_future(self._load.wait_idle(r.endpoint, r.id, timeout))
+        try:
+            await asyncio.wait({idle, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            idle.cancel()
+        left = self._load.inflight(r.endpoint).get(r.id, 0)
+        took = self._clock() - started
+        if left:
+            r.log.note(f"drain ended after {took:.1f}s with {left} request(s) still in flight")
+            await self._record(r, ReplicaState.DRAINING, f"drain timeout: {left} request(s) still in flight after {took:.1f}s", {"in_flight": left})
+        else:
+            r.log.note(f"drained in {took:.1f}s")
+
+    async def _failed(self, r: Replica, reason: str, details: dict[str, Any] | None = None) -> Outcome:
+        """A failed start or a crash: free what it held and say why. Counted by the caller."""
+        self._release(r)
+        r.last_error = reason
+        await self._record(r, ReplicaState.FAILED, reason, details)
+        return "crashed"
+
+    async def _provision_unless_stopped(self, run: EndpointRun, r: Replica) -> tuple[WorkerSpec, dict[str, str]] | None:
+        """_provision, abandoned (a hanging pre-start command ended with its tree) when a stop comes first."""
+        work = asyncio.ensure_future(self._provision(run, r))
+        stop = asyncio.ensure_future(r.stop_requested.wait())
+        try:
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return None
+
+    async def _provision(self, run: EndpointRun, r: Replica) -> tuple[WorkerSpec, dict[str, str]]:
+        config = run.config
+        res = config.resources
+        request = GpuRequest(count=res.gpus, share=res.gpu_share, name=res.gpu_name, min_free_memory=res.gpu_min_free_mem, placement=res.placement)
+        inventory: list[GpuInfo] = []
+        if request.wants_gpu:
+            try:
+                inventory = visible(await self._gpus(), self._config.gpus.devices)
+            except ApplianceError as exc:
+                raise Unplaceable(exc.message, permanent=True) from None
+        r.allocation = allocation = self._ledger.hold_gpus(r.id, request, inventory)
+        r.port = port = self._ledger.take_port(self._clock())
+        await asyncio.to_thread(r.work_dir.mkdir, parents=True, exist_ok=True)
+        definition = None
+        if config.runtime == "custom":
+            folder = Path(config.model_folder)
+            path = await asyncio.to_thread(find_definition_file, folder, config.definition_file)
+            definition = await asyncio.to_thread(load_model_definition, path) if path else None
+        spec = build_worker_spec(config, definition, Placement(port=port, replica_id=r.id, work_dir=str(r.work_dir), gpu_share=allocation.share))
+        r.argv = spec.argv
+        env = {**_base_env(), **spec.env, **self._unseal(config.secret_environ), "CUDA_VISIBLE_DEVICES": allocation.cuda_visible_devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        if spec.pre_start_actions:
+            await run_pre_start_actions(
+                spec.pre_start_actions, work_dir=r.work_dir, values=dict(spec.values), env=env, sink=r.log, grace=self._config.workers.stop_grace_seconds
+            )
+        return spec, env
+
+    def _release(self, r: Replica) -> None:
+        self._ledger.release(r.id, r.port)
+        r.allocation = None
+        r.process = None
+
+    async def _probe_loop(self, config: EndpointConfig, spec: WorkerSpec, r: Replica, replace: asyncio.Event) -> None:
+        assert self._session is not None
+        check = config.health_check
+        deep = spec.served_model_name if config.deep_probe else None  # asked for: the operator knows it speaks OpenAI
+        w = self._config.workers
+        while True:
+            started = self._clock()
+            passed, detail = await probe(self._session, r.url, check, deep_model=deep)
+            now = self._clock()
+            before = r.health
+            assert before is not None
+            r.health = after = observe(before, check, passed=passed, detail=detail, now=now)
+            if after.status is not before.status:
+                if after.status is Health.HEALTHY:
+                    await self._record(r, ReplicaState.HEALTHY, detail)
+                elif after.status is Health.UNHEALTHY:
+                    await self._record(r, ReplicaState.UNHEALTHY, f"{after.consecutive_failures} failed probes in a row: {detail}")
+            if after.healthy_since is not None and now - after.healthy_since >= w.restart_backoff_reset_seconds:
+                r.failures = 0
+            if due_for_replacement(after, config.unhealthy_replace_after, now):
+                replace.set()
+                return
+            delay = next_probe_delay(started, self._clock(), check.interval)
+            if not after.ever_healthy:
+                delay = await self._poll_until_ready(r, check, deep, self._clock() + delay)
+            await asyncio.sleep(delay)
+
+    async def _poll_until_ready(self, r: Replica, check: HealthCheck, deep: str | None, until: float) -> float:
+        """Between the counted probes of a replica that was never healthy, poll every _READY_POLL:
+        a pass makes it HEALTHY at once (a wake or a roll waits less); failures here count for nothing.
+        Returns the time left until the next counted probe."""
+        assert self._session is not None and r.health is not None
+        while (left := until - self._clock()) > 0:
+            await asyncio.sleep(min(_READY_POLL, left))
+            passed, detail = await probe(self._session, r.url, check, deep_model=deep)
+            if passed:
+                r.health = observe(r.health, check, passed=True, detail=detail, now=self._clock())
+                await self._record(r, ReplicaState.HEALTHY, detail)
+                break
+        return max(0.0, until - self._clock())
+
+    async def _finish(self, run: EndpointRun, r: Replica) -> None:
+        if r.process is not None:
+            await r.process.stop(self._config.workers.stop_grace_seconds)
+        self._release(r)
+        await self._record(r, ReplicaState.TERMINATED, "replica stopped")
+        r.log.close()
+        await asyncio.to_thread(shutil.rmtree, r.work_dir, True)  # its log stays in log_dir
+        self._host.finished(run, r)
+
+    async def _record(self, r: Replica, state: ReplicaState, message: str, details: dict[str, Any] | None = None) -> None:
+        check_transition(r.state, state)
+        changed = r.state is not state
+        r.state = state
+        row = {
+            "id": r.id,
+            "endpoint": r.endpoint,
+            "generation": r.generation,
+            "state": state.value,
+            "pid": r.process.pid if r.process else None,
+            "pid_started_at": r.process.started_at if r.process else None,
+            "port": r.port,
+            "gpus": list(r.allocation.uuids) if r.allocation else [],
+            "gpu_share": r.allocation.share if r.allocation else None,
+            "work_dir": str(r.work_dir),
+            "log_path": str(r.log.path),
+            "restarts": r.restarts,
+            "last_error": r.last_error,
+        }
+        kind = f"replica.{state.value.lower()}" if changed else "replica.note"
+        await self._store.replicas.save(row, kind, f"replica {r.id}: {message}", {"replica": r.id, **(details or {})})
+        await self._host.recorded(r, changed)
+
+
+async def _wait_or_stop(r: Replica, seconds: float) -> bool:
+    """Wait `seconds`; True if a stop was asked for meanwhile."""
+    try:
+        await asyncio.wait_for(r.stop_requested.wait(), timeout=seconds)
+        return True
+    except TimeoutError:
+        return False
+
+
+def _base_env() -> dict[str, str]:
+    """What a worker inherits from the appliance: only what programs need to run, not its settings."""
+    keep = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    return env

@@ -1,0 +1,75 @@
+"""Real vLLM (the CPU build here) as a supervised replica: serving through the gateway with the openai
+SDK, and a kill -9 of the replica's leader leaving no process of its tree behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import openai
+import psutil
+import pytest
+from conftest import Admin, async_wait_for
+from test_supervisor import WORKERS, create, replicas, wait_status
+
+from appliance.control.process import group_members
+from appliance.demo_model import write_demo_model
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache on CPU: plenty for the tiny model
+READY = 400  # seconds: a replica is ready in about a minute on 2 idle cores
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_model(tmp_path_factory.mktemp("vllm") / "tiny")
+
+
+@pytest.fixture
+async def admin(start_app: Any, make_config: Any) -> Admin:
+    return await start_app(make_config({"workers": {**WORKERS, "restart_backoff_seconds": 0.5}}))
+
+
+def sdk(admin: Admin) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=str(admin.client.make_url("/v1")), api_key=admin.headers["Authorization"].split()[1], max_retries=0)
+
+
+async def serves(admin: Admin) -> None:
+    client = sdk(admin)
+    reply = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+    assert reply.model == "tiny" and reply.usage is not None and reply.usage.completion_tokens == 4
+    done = await client.completions.create(model="tiny", prompt="once upon", max_tokens=3, temperature=0)
+    assert done.choices[0].text is not None and done.usage is not None and done.usage.completion_tokens == 3
+    stream = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True)
+    chunks = [c async for c in stream]
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content is not None) >= 1
+
+
+async def test_a_vllm_replica_serves_and_a_killed_leader_takes_its_whole_tree(admin: Admin, tiny_model: Path) -> None:
+    await create(admin, "tiny", tiny_model, runtime="vllm", environ=VLLM_ENV)
+    await wait_status(admin, "tiny", "HEALTHY", timeout=READY)
+    (rep,) = await replicas(admin, "tiny")
+    assert rep["command"][1:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model"]
+    await serves(admin)
+    # The engine runs as several processes (API server, EngineCore, Worker), all in the replica's group.
+    leader = rep["pid"]
+    tree = group_members(leader)
+    assert len(tree) >= 3, f"expected vLLM's API server, engine core and worker in group {leader}: {tree}"
+    os.kill(leader, signal.SIGKILL)
+    await async_wait_for(lambda: not any(_alive(p) for p in tree), timeout=10, what="every process of the killed replica's tree to end")
+    # A replacement starts (a new leader) and serves.
+    await async_wait_for(lambda: _replacement_healthy(admin, leader), timeout=READY, what="a healthy replacement")
+    await serves(admin)
+
+
+async def _replacement_healthy(admin: Admin, old: int) -> bool:
+    return any(r["state"] == "HEALTHY" and r["pid"] != old for r in await replicas(admin, "tiny"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
