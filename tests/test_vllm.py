@@ -4,10 +4,12 @@ SDK, and a kill -9 of the replica's leader leaving no process of its tree behind
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import psutil
 import pytest
@@ -15,6 +17,7 @@ from conftest import Admin, async_wait_for
 from test_supervisor import WORKERS, create, replicas, wait_status
 
 from appliance.control.process import group_members
+from appliance.control.signals import prometheus_value
 from appliance.demo_model import write_demo_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -53,6 +56,14 @@ async def test_a_vllm_replica_serves_and_a_killed_leader_takes_its_whole_tree(ad
     (rep,) = await replicas(admin, "tiny")
     assert rep["command"][1:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model"]
     await serves(admin)
+    # A client that goes away mid-stream frees the engine: its running count returns to 0.
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "stream": True, "ignore_eos": True}
+    resp = await admin.client.post("/v1/chat/completions", json=body, headers=admin.headers)
+    assert resp.status == 200
+    await resp.content.readline()
+    await async_wait_for(lambda: _running(rep["port"], lambda n: n >= 1), timeout=30, what="the stream to run in the engine")
+    resp.close()
+    await async_wait_for(lambda: _running(rep["port"], lambda n: n == 0), timeout=30, what="vllm:num_requests_running back to 0")
     # The engine runs as several processes (API server, EngineCore, Worker), all in the replica's group.
     leader = rep["pid"]
     tree = group_members(leader)
@@ -73,3 +84,20 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+async def _running(port: int, ok: Any) -> bool:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        value = prometheus_value(await resp.text(), "vllm:num_requests_running")
+    return value is not None and bool(ok(value))
+
+
+async def test_a_folder_vllm_cannot_load_ends_in_error_with_the_engines_last_lines(admin: Admin, tiny_model: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": "not a number"}')
+    await create(admin, "broken", broken, runtime="vllm", environ=VLLM_ENV)
+    ep = await wait_status(admin, "broken", "ERROR", timeout=READY)
+    message = ep["status_message"]
+    assert "failed 3 times in a row" in message and "worker exited with code" in message
+    assert "last log lines:" in message and "Error" in message  # the engine's own words
