@@ -104,8 +104,18 @@ def write_demo_model(folder: Path, *, seed: int = 0, overwrite: bool = False) ->
     return folder
 
 
-def write_demo_config(state_dir: Path, model_folder: Path, *, port: int) -> Path:
-    """A config that serves the demo model on CPU with the transformers runtime."""
+def is_current_demo_model(folder: Path) -> bool:
+    """A demo model folder this version wrote (older ones had head_dim 16, which vLLM's CPU attention refuses)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        return int(config["hidden_size"]) // int(config["num_attention_heads"]) >= 32
+    except (OSError, ValueError, KeyError, ZeroDivisionError):
+        return False
+
+
+def write_demo_config(state_dir: Path, model_folder: Path, *, port: int, engine: str = "transformers") -> Path:
+    """A config that serves the demo model on CPU with `engine`: transformers (starts in seconds) or
+    vllm (vLLM's CPU build; about a minute)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / "config.toml"
     path.write_text(
@@ -118,8 +128,9 @@ def write_demo_config(state_dir: Path, model_folder: Path, *, port: int) -> Path
         "[[endpoints]]\n"
         'name = "demo"\n'
         f'model_folder = "{model_folder}"\n'
-        'runtime = "transformers"\n'
-        'description = "tiny random-weight demo model on CPU"\n'
-        "health_check = { path = \"/health\", interval = 1.0, max_retries = 5, max_wait_time = 5.0, initial_delay = 120.0 }\n"
+        f'runtime = "{engine}"\n'
+        + ('environ = { VLLM_CPU_KVCACHE_SPACE = "1" }\n' if engine == "vllm" else "")
+        + f'description = "tiny random-weight demo model on CPU ({engine})"\n'
+        "health_check = { path = \"/health\", interval = 1.0, max_retries = 5, max_wait_time = 5.0, initial_delay = 300.0 }\n"
     )
     return path

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from appliance.demo_model import write_demo_model  # noqa: E402
 
-PROMPT = " ".join(["the quick brown fox jumps over the lazy dog"] * 4)  # about 32 tokens for the demo tokenizer
+PROMPT = " ".join(["the quick brown fox jumps over the lazy dog"] * 2)  # about 32 prompt tokens with the chat template
 OUTPUT_TOKENS = 32
 
 

@@ -147,3 +147,21 @@ def test_check_config_checks_declared_folders(tmp_path: Path, seed_folder: Path)
     result = run_cli("check-config", str(missing))
     assert result.returncode == 1
     assert "endpoints[0] (gone): model_folder: /does/not/exist does not exist" in result.stderr
+
+
+def test_the_demo_config_for_each_engine(tmp_path: Path) -> None:
+    from appliance.config import load_config
+    from appliance.demo_model import is_current_demo_model, write_demo_config
+
+    for engine in ("transformers", "vllm"):
+        config = load_config(write_demo_config(tmp_path / engine, tmp_path / "model", port=8123, engine=engine))
+        (ep,) = config.endpoints
+        assert ep.runtime == engine and config.server.port == 8123
+        assert ep.environ == ({"VLLM_CPU_KVCACHE_SPACE": "1"} if engine == "vllm" else {})
+    folder = tmp_path / "old"
+    folder.mkdir()
+    assert not is_current_demo_model(folder)
+    (folder / "config.json").write_text('{"hidden_size": 64, "num_attention_heads": 4}')  # head_dim 16: written by an older version
+    assert not is_current_demo_model(folder)
+    (folder / "config.json").write_text('{"hidden_size": 64, "num_attention_heads": 1}')
+    assert is_current_demo_model(folder)

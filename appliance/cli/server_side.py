@@ -47,14 +47,14 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from appliance.demo_model import write_demo_config, write_demo_model
+    from appliance.demo_model import is_current_demo_model, write_demo_config, write_demo_model
     from appliance.server import serve
 
     state = Path(args.state_dir).resolve()
     folder = state / "models" / "demo"
-    if not (folder / "config.json").exists():
+    if not is_current_demo_model(folder):
         write_demo_model(folder, seed=0, overwrite=True)
-    path = write_demo_config(state, folder, port=args.port)
+    path = write_demo_config(state, folder, port=args.port, engine=args.engine)
     key = state / "admin.key"
     url = f"http://127.0.0.1:{args.port}"
     print(
@@ -97,6 +97,8 @@ def register(sub: Subcommands, shared: SharedOptions) -> None:
     p = sub.add_parser("demo", help="serve the tiny demo model on CPU from a fresh state dir")
     p.add_argument("--state-dir", default="demo-state")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                   help="transformers serve (ready in seconds, the default) or real vLLM on CPU (about a minute)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("admin-key", help="admin key recovery")
