@@ -3,9 +3,11 @@ SDK, and a kill -9 of the replica's leader leaving no process of its tree behind
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,9 @@ import aiohttp
 import openai
 import psutil
 import pytest
-from conftest import Admin, async_wait_for
-from test_supervisor import WORKERS, create, replicas, wait_status
+from conftest import Admin, async_wait_for, wait_for
+from test_access import new_key
+from test_supervisor import WORKERS, create, replicas, server_config, wait_status
 
 from appliance.control.process import group_members
 from appliance.control.signals import prometheus_value
@@ -56,6 +59,16 @@ async def test_a_vllm_replica_serves_and_a_killed_leader_takes_its_whole_tree(ad
     (rep,) = await replicas(admin, "tiny")
     assert rep["command"][1:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model"]
     await serves(admin)
+    # A keyed stream's tokens are counted: the gateway asks the engine for the stream's usage event.
+    key = await new_key(admin, name="meter")
+    keyed = openai.AsyncOpenAI(base_url=str(admin.client.make_url("/v1")), api_key=key["key"], max_retries=0)
+    stream = await keyed.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=7, stream=True, extra_body={"ignore_eos": True}
+    )
+    assert all(c.choices for c in [c async for c in stream])  # the usage event stays with the gateway
+    status, usage = await admin.call("GET", f"/api/v1/usage?key={key['id']}&since=1h")
+    assert status == 200 and usage["data"][0]["requests"] == 1 and usage["data"][0]["completion_tokens"] == 7
+    assert usage["data"][0]["prompt_tokens"] > 0
     # A client that goes away mid-stream frees the engine: its running count returns to 0.
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "stream": True, "ignore_eos": True}
     resp = await admin.client.post("/v1/chat/completions", json=body, headers=admin.headers)
@@ -101,3 +114,33 @@ async def test_a_folder_vllm_cannot_load_ends_in_error_with_the_engines_last_lin
     message = ep["status_message"]
     assert "failed 3 times in a row" in message and "worker exited with code" in message
     assert "last log lines:" in message and "Error" in message  # the engine's own words
+
+
+def test_kill_9_of_the_appliance_then_a_restart_leaves_no_engine_process_and_the_endpoint_returns(
+    server_factory: Any, tmp_path: Path, tiny_model: Path
+) -> None:
+    declared = f'[[endpoints]]\nname = "tiny"\nmodel_folder = "{tiny_model}"\nruntime = "vllm"\nenviron = {{ VLLM_CPU_KVCACHE_SPACE = "1" }}\n'
+    config = server_config(tmp_path, declared)
+    key_file = tmp_path / "state" / "admin.key"
+
+    def healthy(server: Any) -> dict[str, Any] | None:
+        req = urllib.request.Request(server.url + "/api/v1/endpoints/tiny/replicas", headers={"Authorization": f"Bearer {key_file.read_text().strip()}"})
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            reps = [r for r in json.loads(resp.read())["data"] if r["state"] == "HEALTHY"]
+        return reps[0] if reps else None
+
+    first = server_factory(config).start()
+    rep = wait_for(lambda: healthy(first), timeout=READY, interval=0.5, what="a HEALTHY vLLM replica")
+    tree = group_members(rep["pid"])
+    assert len(tree) >= 3
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    second = server_factory(config).start()
+    wait_for(lambda: not any(_alive(p) for p in tree), timeout=30, what="every engine process of the killed appliance to end")
+    again = wait_for(lambda: healthy(second), timeout=READY, interval=0.5, what="the endpoint back with a new replica")
+    assert again["pid"] != rep["pid"]
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    req = urllib.request.Request(second.url + "/v1/chat/completions", data=body, headers={
+        "Authorization": f"Bearer {key_file.read_text().strip()}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] >= 1
