@@ -13,11 +13,10 @@ from typing import Any
 
 import aiohttp
 import openai
-import psutil
 import pytest
 from conftest import Admin, async_wait_for, wait_for
 from test_access import new_key
-from test_supervisor import WORKERS, create, replicas, server_config, wait_status
+from test_supervisor import WORKERS, _alive, create, replicas, server_config, wait_status
 
 from appliance.control.process import group_members
 from appliance.control.signals import prometheus_value
@@ -90,13 +89,6 @@ async def test_a_vllm_replica_serves_and_a_killed_leader_takes_its_whole_tree(ad
 
 async def _replacement_healthy(admin: Admin, old: int) -> bool:
     return any(r["state"] == "HEALTHY" and r["pid"] != old for r in await replicas(admin, "tiny"))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 async def _running(port: int, ok: Any) -> bool:

@@ -216,21 +216,10 @@ class WorkerProcess:
         return code
 
     async def stop(self, grace: float) -> int:
-        """End the worker's whole process tree, also when its leader already exited: SIGTERM to the
-        process group, SIGKILL to whatever is left of it after `grace` seconds. Returns (the leader's
-        exit code) only once no process of the group is left, so what it held can be handed out again."""
-        pgid = self._proc.pid
-        deadline = time.monotonic() + grace
-        _signal_group(pgid, signal.SIGTERM)
-        if self._proc.returncode is None:
-            try:
-                await asyncio.wait_for(self._proc.wait(), timeout=grace)
-            except TimeoutError:
-                pass
-        if not await asyncio.to_thread(wait_group_gone, pgid, max(0.0, deadline - time.monotonic())):
-            _signal_group(pgid, signal.SIGKILL)
-            if not await asyncio.to_thread(wait_group_gone, pgid, _KILL_WAIT):
-                log.warning("process group %d still has members %s after SIGKILL", pgid, group_members(pgid))
+        """End the worker's whole process tree, also when its leader already exited (see end_group).
+        Returns the leader's exit code once no process of the group is left, so what it held can be
+        handed out again."""
+        await asyncio.to_thread(end_group, self._proc.pid, grace)
         return await self.wait()
 
 
@@ -282,11 +271,19 @@ def stop_orphan(pid: int, started_at: float | None, grace: float) -> bool:
         pass  # the leader is gone; its helpers may still run in its group
     if not group_members(pid):
         return False
-    _signal_group(pid, signal.SIGTERM)
-    if not wait_group_gone(pid, grace):
-        _signal_group(pid, signal.SIGKILL)
-        wait_group_gone(pid, _KILL_WAIT)
+    end_group(pid, grace)
     return True
+
+
+def end_group(pgid: int, grace: float) -> None:
+    """SIGTERM to a process group, SIGKILL to whatever is left of it after `grace` seconds; returns
+    once no live process of the group is left (blocking)."""
+    _signal_group(pgid, signal.SIGTERM)
+    if wait_group_gone(pgid, grace):
+        return
+    _signal_group(pgid, signal.SIGKILL)
+    if not wait_group_gone(pgid, _KILL_WAIT):
+        log.warning("process group %d still has members %s after SIGKILL", pgid, group_members(pgid))
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
