@@ -34,7 +34,7 @@ class ServerConfig(Model):
         return Path(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> "ServerConfig":
+    def _tls_pair(self) -> ServerConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: set both or neither")
         return self
@@ -48,6 +48,9 @@ class WorkersConfig(Model):
     port_range: tuple[int, int] = Field((20000, 20999), description="[first, last] ports handed to worker replicas")
     log_dir: Path | None = Field(None, description="replica logs; default state_dir/logs")
     stop_grace_seconds: float = Field(30.0, ge=0, description="SIGTERM, then SIGKILL after this long")
+    isolation: Literal["auto", "cgroup", "process-group"] = Field(
+        "auto", description="how a replica's processes are held and ended: a cgroup v2 each (needs a delegated cgroup), process groups, or auto"
+    )
     log_max_bytes: ByteSize = Field(50 << 20, ge=4096, description="a replica log rotates at this size")
     log_backups: int = Field(3, ge=0, description="rotated replica logs kept")
     restart_backoff_seconds: float = Field(1.0, gt=0, description="first delay before restarting a failed replica; doubles each time")
@@ -125,7 +128,7 @@ class Config(Model):
     source: Path | None = Field(None, exclude=True, description="the file this came from (not a key)")
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "Config":
+    def _unique_names(self) -> Config:
         seen: dict[str, int] = {}
         for i, ep in enumerate(self.endpoints):
             for name in (ep.name, *ep.aliases):

@@ -10,11 +10,14 @@ both alike. It prints, per concurrency:
   - the TTFT p50 the appliance adds (target ≤ +2 ms at concurrency 1);
   - the appliance process's own CPU seconds per 1,000 output tokens.
 
-On a small CPU box the engine and the gateway share the cores: every CPU millisecond the
-gateway spends is one the engine does not get, so the throughput ratio there includes the
-gateway's CPU cost, not only its latency.
+On a small CPU box the engine, the gateway and the load generator would otherwise share the
+cores, and the engine's pace would swing with whatever else runs. With --pin (the default where
+there are at least 2 CPUs) the engine's whole tree, every thread, runs on the last CPU and the
+appliance and this script on the others: the engine's pace is then the same for both paths, and
+the gateway pays for its own CPU time as it would on a GPU box with cores to spare. Ratios are
+taken per round (a direct run and an appliance run back to back) and the median is reported.
 
-Usage: .venv/bin/python scripts/bench_engine.py [--requests 64] [--concurrency 1 8 32] [--rounds 2]
+Usage: .venv/bin/python scripts/bench_engine.py [--requests 64] [--concurrency 1 8 32] [--rounds 6] [--no-pin]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -104,12 +108,34 @@ async def run(url: str, headers: dict[str, str], model: str, requests: int, conc
     return {"tps": out_tokens / wall, "ttft": [r[0] for r in results], "tokens": out_tokens, "prompt": statistics.mean(r[1] for r in results)}
 
 
+def pin(pid: int, cpus: set[int]) -> int:
+    """Every thread of `pid` onto `cpus` (sched_setaffinity on a pid moves only its main thread)."""
+    n = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+def engine_tree(leader: int) -> list[int]:
+    root = psutil.Process(leader)
+    return [root.pid] + [c.pid for c in root.children(recursive=True)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--rounds", type=int, default=2, help="direct/appliance pairs per concurrency, order alternating")
+    parser.add_argument("--rounds", type=int, default=6, help="direct/appliance pairs per concurrency, order alternating")
+    parser.add_argument("--no-pin", dest="pin", action="store_false", help="let the engine, the appliance and this script share every CPU")
     args = parser.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    args.pin = args.pin and len(cpus) >= 2
+    engine_cpus, rest = ({cpus[-1]}, set(cpus[:-1])) if args.pin else (set(cpus), set(cpus))
+    omp = str(cpus[-1]) if args.pin else "auto"  # vLLM's CPU worker binds its OpenMP threads to these CPUs
     work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
     model = write_demo_model(work / "tiny")
     state = work / "state"
@@ -117,7 +143,7 @@ def main() -> int:
     config.write_text(
         f'[server]\nport = 0\nstate_dir = "{state}"\n[gpus]\ndevices = "none"\n'
         f'[[endpoints]]\nname = "tiny"\nmodel_folder = "{model}"\nruntime = "vllm"\nmax_concurrency = 256\nqueue_size = 1024\n'
-        'environ = { VLLM_CPU_KVCACHE_SPACE = "1" }\n'
+        'environ = { VLLM_CPU_KVCACHE_SPACE = "1", VLLM_CPU_OMP_THREADS_BIND = "' + omp + '" }\n'
     )
     log = open(work / "server.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
@@ -129,38 +155,48 @@ def main() -> int:
         (rep,) = [r for r in api(url, "/api/v1/endpoints/tiny/replicas", key)["data"] if r["state"] == "HEALTHY"]
         direct = f"http://127.0.0.1:{rep['port']}"
         me = psutil.Process(server.pid)
+        if args.pin:
+            threads = sum(pin(p, engine_cpus) for p in engine_tree(rep["pid"]))
+            pin(server.pid, rest)
+            pin(os.getpid(), rest)
+            print(f"engine: {threads} threads on CPU {sorted(engine_cpus)}; appliance and load generator on CPU {sorted(rest)}")
         headers = {"Authorization": f"Bearer {key}"}
         asyncio.run(run(url, headers, "tiny", 8, 4))  # warm both paths
         print(f"{'conc':>4} {'direct tok/s':>12} {'appl. tok/s':>11} {'ratio':>6} {'TTFT p50 direct':>15} {'added':>9} {'appl. CPU s/1k tok':>18}")
         for conc in args.concurrency:
+            ratios: list[float] = []
+            added: list[float] = []
             d_tps: list[float] = []
             a_tps: list[float] = []
             d_ttft: list[float] = []
-            a_ttft: list[float] = []
             cpu = 0.0
             tokens = 0
             for rnd in range(args.rounds):
                 order = ("direct", "appliance") if rnd % 2 == 0 else ("appliance", "direct")
+                got: dict[str, dict[str, Any]] = {}
                 for path in order:
                     if path == "direct":
-                        r = asyncio.run(run(direct, {}, "tiny", args.requests, conc))
-                        d_tps.append(r["tps"])
-                        d_ttft += r["ttft"]
+                        got[path] = asyncio.run(run(direct, {}, "tiny", args.requests, conc))
                     else:
                         before = sum(me.cpu_times()[:2])
-                        r = asyncio.run(run(url, headers, "tiny", args.requests, conc))
+                        got[path] = asyncio.run(run(url, headers, "tiny", args.requests, conc))
                         cpu += sum(me.cpu_times()[:2]) - before
-                        tokens += r["tokens"]
-                        a_tps.append(r["tps"])
-                        a_ttft += r["ttft"]
-            ratio = statistics.mean(a_tps) / statistics.mean(d_tps)
-            added = (statistics.median(a_ttft) - statistics.median(d_ttft)) * 1000
+                        tokens += got[path]["tokens"]
+                d, a = got["direct"], got["appliance"]
+                ratios.append(a["tps"] / d["tps"])
+                added.append((statistics.median(a["ttft"]) - statistics.median(d["ttft"])) * 1000)
+                d_tps.append(d["tps"])
+                a_tps.append(a["tps"])
+                d_ttft += d["ttft"]
+            r = a
             print(
-                f"{conc:>4} {statistics.mean(d_tps):>12.1f} {statistics.mean(a_tps):>11.1f} {ratio:>6.3f} "
-                f"{statistics.median(d_ttft) * 1000:>13.1f}ms {added:>+7.2f}ms {cpu / tokens * 1000:>18.3f}",
+                f"{conc:>4} {statistics.median(d_tps):>12.1f} {statistics.median(a_tps):>11.1f} {statistics.median(ratios):>6.3f} "
+                f"{statistics.median(d_ttft) * 1000:>13.1f}ms {statistics.median(added):>+7.2f}ms {cpu / tokens * 1000:>18.3f}",
                 flush=True,
             )
-        print(f"prompt ≈ {r['prompt']:.0f} tokens, {OUTPUT_TOKENS} output tokens per request, {args.requests} requests per run, {args.rounds} rounds")
+            print(f"     per round: ratio {' '.join(f'{x:.3f}' for x in ratios)}; added ms {' '.join(f'{x:+.2f}' for x in added)}", flush=True)
+        print(f"prompt ≈ {r['prompt']:.0f} tokens, {OUTPUT_TOKENS} output tokens per request, {args.requests} requests per run, {args.rounds} rounds, "
+              f"{'pinned' if args.pin else 'not pinned'}; tok/s, ratio and added TTFT are medians over rounds")
         return 0
     finally:
         server.send_signal(signal.SIGTERM)

@@ -68,6 +68,7 @@ def parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     p.add_argument("--dead-generation", action="store_true")
     p.add_argument("--port-conflict-once")
     p.add_argument("--spawn-child", action="store_true")
+    p.add_argument("--spawn-detached", action="store_true", help="a grandchild in a session of its own: out of the worker's process group")
     p.add_argument("--report-gpu", action="store_true")
     p.add_argument("--slow-marker", help="the replica that creates this file first answers with --slow-latency")
     p.add_argument("--slow-latency", type=float, default=0.2)
@@ -251,6 +252,9 @@ async def serve(args: argparse.Namespace, rt: Runtime, *, on_runner: Callable[[w
     if args.spawn_child:
         child = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(1)"])
         rt.say(f"child {child.pid}")
+    if args.spawn_detached:
+        loner = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(1)"], start_new_session=True)
+        rt.say(f"detached child {loner.pid}")
     await asyncio.sleep(args.startup_delay)
     app = build(args, rt)
     # shutdown_timeout bounds an in-process stop; a worker process never cleans up (it is signalled)

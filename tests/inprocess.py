@@ -19,7 +19,7 @@ import fake_worker
 from aiohttp import web
 from fake_worker import Runtime, parser, serve
 
-from appliance.control.process import ReplicaLog
+from appliance.control.process import ReplicaLog, Slot
 from appliance.errors import ApplianceError
 
 FAKE = Path(fake_worker.__file__).resolve()
@@ -41,6 +41,7 @@ class InProcessWorker:
     def __init__(self, args: argparse.Namespace, *, env: Mapping[str, str], cwd: Path, sink: ReplicaLog) -> None:
         self.pid: int | None = None  # no OS process: the supervisor has no orphan to look for after a restart
         self.started_at: float | None = None
+        self.cgroup: Path | None = None
         self.port: int = args.port
         self._sink = sink
         self._runner: web.AppRunner | None = None
@@ -134,7 +135,7 @@ class InProcessLauncher:
         self.refused: list[str] = []  # argv it could not run, for the fixture to report
         self._by_port: dict[int, InProcessWorker] = {}
 
-    async def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, sink: ReplicaLog) -> InProcessWorker:
+    async def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, sink: ReplicaLog, slot: Slot) -> InProcessWorker:
         try:
             args = self.parse(argv, env)
         except NotInProcess as exc:
@@ -155,7 +156,7 @@ class InProcessLauncher:
             args = parser(env).parse_args(list(argv[2:]))
         except SystemExit:  # argparse printed why on stderr
             raise NotInProcess(f"the fake worker does not accept `{command}`") from None
-        for knob in ("spawn_child", "report_gpu"):  # about a process of its own: nothing to emulate in-process
+        for knob in ("spawn_child", "spawn_detached", "report_gpu"):  # about a process of its own: nothing to emulate in-process
             if getattr(args, knob):
                 raise NotInProcess(f"--{knob.replace('_', '-')} needs a worker process: `{command}`")
         return args

@@ -3,6 +3,7 @@ SDK, and a kill -9 of the replica's leader leaving no process of its tree behind
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -14,7 +15,9 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+import yaml
 from conftest import Admin, async_wait_for, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 from test_access import new_key
 from test_supervisor import WORKERS, _alive, create, replicas, server_config, wait_status
 
@@ -25,16 +28,21 @@ from appliance.demo_model import write_demo_model
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache on CPU: plenty for the tiny model
 READY = 400  # seconds: a replica is ready in about a minute on 2 idle cores
+LONG = 65536  # tokens of context for the test model
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_demo_model(tmp_path_factory.mktemp("vllm") / "tiny")
+    folder = write_demo_model(tmp_path_factory.mktemp("vllm") / "tiny")
+    # A long context lets a stream run for seconds even on a fast CPU, so a disconnect lands mid-generation.
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": LONG}))
+    return folder
 
 
 @pytest.fixture
 async def admin(start_app: Any, make_config: Any) -> Admin:
-    return await start_app(make_config({"workers": {**WORKERS, "restart_backoff_seconds": 0.5}}))
+    return await start_app(make_config({"workers": {**WORKERS, "restart_backoff_seconds": 0.5}, "autoscaling": {"interval_seconds": 0.5}}))
 
 
 def sdk(admin: Admin) -> openai.AsyncOpenAI:
@@ -68,14 +76,16 @@ async def test_a_vllm_replica_serves_and_a_killed_leader_takes_its_whole_tree(ad
     status, usage = await admin.call("GET", f"/api/v1/usage?key={key['id']}&since=1h")
     assert status == 200 and usage["data"][0]["requests"] == 1 and usage["data"][0]["completion_tokens"] == 7
     assert usage["data"][0]["prompt_tokens"] > 0
-    # A client that goes away mid-stream frees the engine: its running count returns to 0.
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "stream": True, "ignore_eos": True}
+    # A client that goes away mid-stream frees the engine: vLLM stops generating for it long before its max_tokens.
+    generated = await _metric(rep["port"], "vllm:generation_tokens_total")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": LONG - 64, "stream": True, "ignore_eos": True}
     resp = await admin.client.post("/v1/chat/completions", json=body, headers=admin.headers)
     assert resp.status == 200
     await resp.content.readline()
     await async_wait_for(lambda: _running(rep["port"], lambda n: n >= 1), timeout=30, what="the stream to run in the engine")
     resp.close()
     await async_wait_for(lambda: _running(rep["port"], lambda n: n == 0), timeout=30, what="vllm:num_requests_running back to 0")
+    assert await _metric(rep["port"], "vllm:generation_tokens_total") - generated < LONG - 64  # aborted, not finished
     # The engine runs as several processes (API server, EngineCore, Worker), all in the replica's group.
     leader = rep["pid"]
     tree = group_members(leader)
@@ -83,12 +93,18 @@ async def test_a_vllm_replica_serves_and_a_killed_leader_takes_its_whole_tree(ad
     os.kill(leader, signal.SIGKILL)
     await async_wait_for(lambda: not any(_alive(p) for p in tree), timeout=10, what="every process of the killed replica's tree to end")
     # A replacement starts (a new leader) and serves.
-    await async_wait_for(lambda: _replacement_healthy(admin, leader), timeout=READY, what="a healthy replacement")
+    await async_wait_for(lambda: _healthy_other_pid(admin, "tiny", leader), timeout=READY, what="a healthy replacement")
     await serves(admin)
 
 
-async def _replacement_healthy(admin: Admin, old: int) -> bool:
-    return any(r["state"] == "HEALTHY" and r["pid"] != old for r in await replicas(admin, "tiny"))
+async def _metric(port: int, name: str, **labels: str) -> float:
+    """Sum of `name`'s samples whose labels include `labels`."""
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 async def _running(port: int, ok: Any) -> bool:
@@ -136,3 +152,86 @@ def test_kill_9_of_the_appliance_then_a_restart_leaves_no_engine_process_and_the
         "Authorization": f"Bearer {key_file.read_text().strip()}", "Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as resp:
         assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] >= 1
+
+
+async def test_an_inference_rule_on_vllm_num_requests_running_scales_out_under_load(admin: Admin, tiny_model: Path) -> None:
+    await create(admin, "tiny", tiny_model, runtime="vllm", environ=VLLM_ENV, min_replicas=1, max_replicas=2)
+    await wait_status(admin, "tiny", "HEALTHY", timeout=READY)
+    (first,) = await replicas(admin, "tiny")
+    status, rule = await admin.call("POST", "/api/v1/endpoints/tiny/autoscaling-rules", json_body={
+        "metric_source": "inference", "metric_name": "vllm:num_requests_running", "comparator": "GREATER_THAN_OR_EQUAL",
+        "threshold": 1, "step_size": 1, "cooldown_seconds": 0, "window_seconds": 1,
+    })
+    assert status == 201, rule
+    # One long stream keeps the engine's running count at 1 until the second replica serves.
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": LONG - 64, "stream": True, "ignore_eos": True}
+    resp = await admin.client.post("/v1/chat/completions", json=body, headers=admin.headers)
+    assert resp.status == 200
+    reading = asyncio.create_task(_drain(resp))
+    try:
+        second = await async_wait_for(lambda: _other_healthy(admin, first["id"]), timeout=READY, what="a second replica, started by the rule")
+    finally:
+        reading.cancel()
+        resp.close()
+    status, found = await admin.call("GET", "/api/v1/endpoints/tiny/decisions?limit=100")
+    outs = [d for d in found["data"] if d["kind"] == "autoscale.scale_out"]
+    assert any(d["details"]["rule"] == rule["id"] and d["details"]["to"] == 2 for d in outs), found
+    assert second["pid"] != first["pid"]
+    await serves(admin)
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> None:
+    async for _ in resp.content:
+        pass
+
+
+async def _other_healthy(admin: Admin, first: str) -> dict[str, Any] | None:
+    return next((r for r in await replicas(admin, "tiny") if r["state"] == "HEALTHY" and r["id"] != first), None)
+
+
+def _definition_folder(tiny_model: Path, root: Path) -> Path:
+    """A Backend.AI model folder: the weights, and a definition whose start_command is vLLM's server."""
+    folder = root / "bai-vllm"
+    shutil.copytree(tiny_model, folder)
+    service = {
+        "start_command": ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "/models", "--host", "0.0.0.0", "--port", "8000",
+                          "--served-model-name", "tiny-bai"],
+        "port": 8000,
+        "health_check": {"path": "/health", "interval": 2, "max_retries": 5, "max_wait_time": 5, "initial_delay": READY},
+    }
+    (folder / "model-definition.yaml").write_text(yaml.safe_dump({"models": [{"name": "tiny-bai", "model_path": "/models", "service": service}]}))
+    return folder
+
+
+async def test_a_backend_ai_folder_that_starts_vllm_ends_its_whole_tree_on_kill_and_on_delete(admin: Admin, tiny_model: Path, tmp_path: Path) -> None:
+    folder = _definition_folder(tiny_model, tmp_path)
+    await create(admin, "bai", folder, environ=VLLM_ENV)
+    await wait_status(admin, "bai", "HEALTHY", timeout=READY)
+    (rep,) = await replicas(admin, "bai")
+    assert rep["command"][1:6] == ["-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host"]
+
+    async def chat() -> None:
+        body = {"model": "tiny-bai", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        resp = await admin.client.post("/endpoints/bai/v1/chat/completions", json=body, headers=admin.headers)
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["usage"]["completion_tokens"] == 3
+
+    await chat()
+    tree = group_members(rep["pid"])
+    assert len(tree) >= 3, tree
+    os.kill(rep["pid"], signal.SIGKILL)
+    await async_wait_for(lambda: not any(_alive(p) for p in tree), timeout=10, what="every process of the killed replica's tree to end")
+    again = await async_wait_for(lambda: _healthy_other_pid(admin, "bai", rep["pid"]), timeout=READY, what="a healthy replacement")
+    await chat()
+    tree = group_members(again["pid"])
+    assert len(tree) >= 3, tree
+    status, _ = await admin.call("DELETE", "/api/v1/endpoints/bai")
+    assert status == 200
+    grace = WORKERS["stop_grace_seconds"]
+    await async_wait_for(lambda: not any(_alive(p) for p in tree), timeout=grace + 10, what="the deleted endpoint's engine processes to end")
+    if again["cgroup"]:
+        assert not Path(again["cgroup"]).exists()
+
+
+async def _healthy_other_pid(admin: Admin, name: str, old: int) -> dict[str, Any] | None:
+    return next((r for r in await replicas(admin, name) if r["state"] == "HEALTHY" and r["pid"] != old), None)

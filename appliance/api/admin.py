@@ -87,6 +87,7 @@ def _replica_view(r: Replica) -> ReplicaView:
         generation=r.generation,
         state=r.state,
         pid=r.process.pid if r.process else None,
+        cgroup=str(r.process.cgroup) if r.process and r.process.cgroup else None,
         port=r.port,
         gpus=list(r.allocation.uuids) if r.allocation else [],
         gpu_share=r.allocation.share if r.allocation else None,

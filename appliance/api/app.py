@@ -18,10 +18,11 @@ from appliance.api.services import SERVICES, Services
 from appliance.api.views import Health
 from appliance.config import Config
 from appliance.control.autoscaler import Autoscaler
+from appliance.control.cgroups import open_isolation
 from appliance.control.endpoints import EndpointService
 from appliance.control.gpus import GpuMonitor
 from appliance.control.load import Load
-from appliance.control.process import Launcher, WorkerProcess
+from appliance.control.process import Launcher
 from appliance.control.signals import Signals
 from appliance.control.supervisor import Supervisor
 from appliance.errors import ApplianceError
@@ -128,7 +129,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 def make_app(
-    config: Config, *, clock: Clock = time.time, gpus: GpuMonitor | None = None, launcher: Launcher = WorkerProcess.spawn
+    config: Config, *, clock: Clock = time.time, gpus: GpuMonitor | None = None, launcher: Launcher | None = None
 ) -> web.Application:
     """The whole appliance as one aiohttp application. `launcher` starts replica workers (tests run
     them in-process); `gpus` reads the inventory (tests give a fixed one)."""
@@ -138,7 +139,8 @@ def make_app(
     accounting = Accounting(store, clock, config.auth.auth_failure_events_per_minute)
     auth = Authenticator(store, clock, TokenSigner(config.jwt_key_path), on_failure=accounting.auth_failure)
     load = Load(clock)
-    supervisor = Supervisor(config, store, clock, gpus.inventory, unseal=vault.open_all, load=load, launcher=launcher)
+    isolation = open_isolation(config.workers.isolation, config.server.state_dir)
+    supervisor = Supervisor(config, store, clock, gpus.inventory, unseal=vault.open_all, load=load, launcher=launcher, isolation=isolation)
     services = Services(
         config=config,
         clock=clock,

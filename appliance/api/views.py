@@ -30,7 +30,7 @@ class EndpointView(EndpointConfig):
     desired_replicas: int = Field(description="replicas wanted now: set by autoscaling (and scale to zero), else `replicas`")
 
     @classmethod
-    def of(cls, row: EndpointRow, counts: dict[str, int] | None = None) -> "EndpointView":
+    def of(cls, row: EndpointRow, counts: dict[str, int] | None = None) -> EndpointView:
         keys = ("status", "status_message", "source", "generation", "created_at", "updated_at")
         return cls.model_validate(
             {**masked(row["config"]), **{k: row[k] for k in keys}, "spec": masked(row["spec"]), "replica_counts": counts or {},
@@ -88,6 +88,7 @@ class ReplicaView(View):
     generation: int
     state: ReplicaState
     pid: int | None
+    cgroup: str | None = Field(None, description="the replica's cgroup v2 directory, when replicas are isolated by cgroups")
     port: int | None
     gpus: list[str] = Field(description="UUIDs of the GPUs the replica is pinned to (CUDA_VISIBLE_DEVICES)")
     gpu_share: float | None

@@ -19,12 +19,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Protocol
 
 import psutil
 
+from appliance.control.cgroups import KILL_WAIT, Cgroups, Isolation
 from appliance.errors import ApplianceError
 
 log = logging.getLogger(__name__)
@@ -128,14 +130,17 @@ def _pump(fd: int, sink: ReplicaLog) -> None:
 
 
 # Runs as the worker's pid before exec: asks the kernel to SIGKILL it when the appliance dies
-# (the setting survives exec), then becomes the worker. A preexec_fn would do the same inside
-# fork, where a lock held by another thread of the appliance can deadlock the child.
-_DIE_WITH_PARENT = (
+# (the setting survives exec), joins the replica's cgroup when it has one (before any child
+# exists, so none can start outside it), then becomes the worker. A preexec_fn would do the same
+# inside fork, where a lock held by another thread of the appliance can deadlock the child.
+_TRAMPOLINE = (
     "import ctypes,os,sys\n"
     "ctypes.CDLL(None).prctl(1, 9)\n"
     "os.getppid() == int(sys.argv[1]) or os._exit(1)\n"
-    "try:\n    os.execv(sys.argv[2], sys.argv[2:])\n"
-    "except OSError as e:\n    print(f'could not start {sys.argv[2]}: {e.strerror}', flush=True); os._exit(127)\n"
+    "try:\n    sys.argv[2] and open(sys.argv[2] + '/cgroup.procs', 'w').write(str(os.getpid()))\n"
+    "except OSError as e:\n    print(f'could not join cgroup {sys.argv[2]}: {e.strerror}', flush=True); os._exit(126)\n"
+    "try:\n    os.execv(sys.argv[3], sys.argv[3:])\n"
+    "except OSError as e:\n    print(f'could not start {sys.argv[3]}: {e.strerror}', flush=True); os._exit(127)\n"
 )
 
 
@@ -156,6 +161,7 @@ class Worker(Protocol):
 
     pid: int | None  # None: not an OS process of its own (nothing to find again after a restart)
     started_at: float | None
+    cgroup: Path | None  # the cgroup holding its whole tree, if it has one
 
     @property
     def returncode(self) -> int | None: ...
@@ -165,27 +171,62 @@ class Worker(Protocol):
     async def stop(self, grace: float) -> int: ...
 
 
-class Launcher(Protocol):
-    """Starts a replica's worker; WorkerProcess.spawn is the one the appliance uses."""
+@dataclass(frozen=True)
+class Slot:
+    """Who a worker is for and what it may use: its replica's name and resources."""
 
-    async def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, sink: "ReplicaLog") -> Worker: ...
+    name: str
+    cpu: float | None = None
+    mem: int | None = None
+
+
+class Launcher(Protocol):
+    """Starts a replica's worker; ProcessLauncher is the one the appliance uses."""
+
+    async def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, sink: ReplicaLog, slot: Slot) -> Worker: ...
+
+
+class ProcessLauncher:
+    """Workers as OS processes, each in a cgroup of its own when `isolation` has cgroups."""
+
+    def __init__(self, isolation: Isolation) -> None:
+        self.isolation = isolation
+
+    async def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, sink: ReplicaLog, slot: Slot) -> WorkerProcess:
+        cgroups = self.isolation.cgroups
+        leaf = None
+        if cgroups is not None:
+            try:
+                leaf = await asyncio.to_thread(cgroups.leaf, slot.name, cpu=slot.cpu, mem=slot.mem)
+            except OSError as exc:
+                raise ApplianceError(f"could not set up the replica's cgroup: {exc.strerror or exc}", status=500, code="spawn_failed") from None
+        try:
+            return await WorkerProcess.spawn(argv, env=env, cwd=cwd, sink=sink, cgroup=leaf, cgroups=cgroups)
+        except ApplianceError:
+            if leaf is not None and cgroups is not None:
+                await asyncio.to_thread(cgroups.end, leaf, 0.0)
+            raise
 
 
 class WorkerProcess:
-    def __init__(self, proc: asyncio.subprocess.Process, started_at: float, pump: threading.Thread) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, started_at: float, pump: threading.Thread, cgroup: Path | None, cgroups: Cgroups | None) -> None:
         self._proc = proc
         self.pid: int | None = proc.pid
         self.started_at: float | None = started_at  # kernel start time, to tell our process from a reused pid
         self._pump = pump
+        self.cgroup = cgroup
+        self._cgroups = cgroups
 
     @classmethod
-    async def spawn(cls, argv: Iterable[str], *, env: Mapping[str, str], cwd: Path, sink: ReplicaLog) -> "WorkerProcess":
+    async def spawn(
+        cls, argv: Iterable[str], *, env: Mapping[str, str], cwd: Path, sink: ReplicaLog, cgroup: Path | None = None, cgroups: Cgroups | None = None
+    ) -> WorkerProcess:
         args = list(argv)
         args[0] = resolve_executable(args[0])
         read_fd, write_fd = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *args,
+                sys.executable, "-I", "-S", "-c", _TRAMPOLINE, str(os.getpid()), str(cgroup or ""), *args,
                 cwd=str(cwd),
                 env=dict(env),
                 stdin=asyncio.subprocess.DEVNULL,
@@ -204,7 +245,7 @@ class WorkerProcess:
             started = psutil.Process(proc.pid).create_time()
         except psutil.Error:
             started = time.time()
-        return cls(proc, started, pump)
+        return cls(proc, started, pump, cgroup, cgroups)
 
     @property
     def returncode(self) -> int | None:
@@ -216,14 +257,14 @@ class WorkerProcess:
         return code
 
     async def stop(self, grace: float) -> int:
-        """End the worker's whole process tree, also when its leader already exited (see end_group).
-        Returns the leader's exit code once no process of the group is left, so what it held can be
-        handed out again."""
-        await asyncio.to_thread(end_group, self._proc.pid, grace)
+        """End the worker's whole process tree, also when its leader already exited: its cgroup
+        (Cgroups.end) or else its process group (end_group). Returns the leader's exit code once no
+        process of the tree is left, so what it held can be handed out again."""
+        if self.cgroup is not None and self._cgroups is not None:
+            await asyncio.to_thread(self._cgroups.end, self.cgroup, grace)
+        else:
+            await asyncio.to_thread(end_group, self._proc.pid, grace)
         return await self.wait()
-
-
-_KILL_WAIT = 10.0  # seconds for the kernel to tear down SIGKILLed processes (a GPU context takes a while)
 
 
 def group_members(pgid: int) -> list[int]:
@@ -282,7 +323,7 @@ def end_group(pgid: int, grace: float) -> None:
     if wait_group_gone(pgid, grace):
         return
     _signal_group(pgid, signal.SIGKILL)
-    if not wait_group_gone(pgid, _KILL_WAIT):
+    if not wait_group_gone(pgid, KILL_WAIT):
         log.warning("process group %d still has members %s after SIGKILL", pgid, group_members(pgid))
 
 

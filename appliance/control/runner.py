@@ -25,7 +25,7 @@ from appliance.control.ledger import Ledger
 from appliance.control.load import Load
 from appliance.control.prestart import run_pre_start_actions
 from appliance.control.probe import probe
-from appliance.control.process import Launcher, looks_like_port_conflict
+from appliance.control.process import Launcher, Slot, looks_like_port_conflict
 from appliance.control.replica import EndpointRun, Replica, RunnerHost
 from appliance.domain.health import Health, HealthState, due_for_replacement, next_probe_delay, observe
 from appliance.domain.placement import GpuInfo, GpuRequest, Unplaceable, visible
@@ -135,7 +135,9 @@ class ReplicaRunner:
         r.waiting_for_capacity = False
         try:
             r.log.note(f"starting: {' '.join(spec.argv)} (port {r.port})")
-            r.process = await self._launch(spec.argv, env=env, cwd=r.work_dir, sink=r.log)
+            res = config.resources
+            slot = Slot(r.id, cpu=res.cpu, mem=int(res.mem) if res.mem else None)
+            r.process = await self._launch(spec.argv, env=env, cwd=r.work_dir, sink=r.log, slot=slot)
         except ApplianceError as exc:
             return await self._failed(r, exc.message)
         r.started_at = self._clock()

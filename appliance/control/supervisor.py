@@ -12,13 +12,15 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from appliance.config import Config
+from appliance.control.cgroups import Isolation
 from appliance.control.ledger import Ledger
 from appliance.control.load import Load
-from appliance.control.process import Launcher, ReplicaLog, WorkerProcess, stop_orphan
+from appliance.control.process import Launcher, ProcessLauncher, ReplicaLog, stop_orphan
 from appliance.control.replica import EndpointRun, Replica
 from appliance.control.runner import GpuSource, ReplicaRunner
 from appliance.domain.placement import Allocation
@@ -37,8 +39,10 @@ _KEEP_TERMINATED = 10  # finished replicas listed per endpoint, for their logs a
 class Supervisor:
     def __init__(
         self, config: Config, store: Store, clock: Clock, gpus: GpuSource, unseal: Callable[[Mapping[str, str]], dict[str, str]] = dict,
-        load: Load | None = None, launcher: Launcher = WorkerProcess.spawn,
+        load: Load | None = None, launcher: Launcher | None = None, isolation: Isolation | None = None,
     ) -> None:
+        self.isolation = isolation or Isolation("process-group", "process groups")
+        launcher = launcher or ProcessLauncher(self.isolation)
         self._load = load or Load(clock)  # requests in flight per replica, counted by the gateway
         self._wakes: dict[str, asyncio.Future[None]] = {}
         self._config = config
@@ -58,6 +62,7 @@ class Supervisor:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        log.info("replica isolation: %s", self.isolation.detail)
         await self._runner.open()
         await self._stop_orphans()
         await self._reconcile()
@@ -75,6 +80,8 @@ class Supervisor:
             self._request_stop(r)  # those that serve drain first
         await asyncio.gather(*(r.task for r in replicas if r.task), return_exceptions=True)
         await self._runner.close()
+        if self.isolation.cgroups:
+            await asyncio.to_thread(self.isolation.cgroups.close)
 
     def poke(self) -> None:
         """Something changed: reconcile soon (from the loop)."""
@@ -101,7 +108,10 @@ class Supervisor:
                 log.exception("reconcile failed")
 
     async def _stop_orphans(self) -> None:
-        rows = [r for r in await self._store.replicas.all() if r["pid"] and r["state"] != ReplicaState.TERMINATED.value]
+        cgroups = self.isolation.cgroups
+        leaves = await asyncio.to_thread(cgroups.leftovers) if cgroups else []
+        held = {leaf.name for leaf in leaves}  # a leaf holds its replica's whole tree: ending it is enough
+        rows = [r for r in await self._store.replicas.all() if r["pid"] and r["state"] != ReplicaState.TERMINATED.value and r["id"] not in held]
         grace = self._config.workers.stop_grace_seconds
 
         async def stop(row: dict[str, Any]) -> None:
@@ -113,7 +123,18 @@ class Supervisor:
                     details={"replica": row["id"], "pid": row["pid"]},
                 )
 
-        await asyncio.gather(*(stop(row) for row in rows))  # one grace period in all, not one each
+        async def stop_leaf(leaf: Path) -> None:
+            assert cgroups is not None
+            populated = await asyncio.to_thread(cgroups.populated, leaf)
+            await asyncio.to_thread(cgroups.end, leaf, grace)
+            if not populated:
+                return
+            await self._store.events.add(
+                "replica.orphan_stopped", f"ended cgroup {leaf} of replica {leaf.name} left by an earlier run",
+                endpoint=leaf.name.rsplit("-", 1)[0], details={"replica": leaf.name, "cgroup": str(leaf)},
+            )
+
+        await asyncio.gather(*(stop_leaf(leaf) for leaf in leaves), *(stop(row) for row in rows))  # one grace period in all, not one each
         await self._store.replicas.clear()
 
     # --- reconciliation ----------------------------------------------------------------------
