@@ -5,7 +5,8 @@ Knobs: --startup-delay (seconds before listening), --latency (seconds before ans
 --fail-health-after K (503 from the K+1-th health probe on), --refuse-to-start (exit 1 at
 once with a message), --dead-generation (health passes, completions fail), --port-conflict-once
 FILE (the first start pretends its port was taken), --spawn-child (leave a grandchild in
-the process group, as engines with helper processes do), --old-metric-names (/metrics with
+the process group, as engines with helper processes do), --health-path PATH (health served there too; /moved
+redirects to /health), --old-metric-names (/metrics with
 vLLM's pre-0.9 KV-cache gauge name); POST /_burn?seconds=N keeps its GPU busy. Each probe and event is printed
 with its time so tests can read them back from the replica log.
 
@@ -73,6 +74,7 @@ def parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     p.add_argument("--slow-marker", help="the replica that creates this file first answers with --slow-latency")
     p.add_argument("--slow-latency", type=float, default=0.2)
     p.add_argument("--old-metric-names", action="store_true")
+    p.add_argument("--health-path", default="/health", help="serve the health check here too (a runtime's own path, e.g. /info)")
     return p
 
 
@@ -95,6 +97,9 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
         say(f"health {200 if ok else 503}")
         return web.json_response({"ok": ok}, status=200 if ok else 503)
 
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect("/health")
+
     async def whoami(request: web.Request) -> web.Response:
         info = {
             "pid": rt.pid,
@@ -102,7 +107,7 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
             "cwd": rt.cwd or os.getcwd(),
             "cuda_visible_devices": rt.env.get("CUDA_VISIBLE_DEVICES"),
             "cuda_device_order": rt.env.get("CUDA_DEVICE_ORDER"),
-            "env": {k: v for k, v in rt.env.items() if k.startswith("FAKE_")},
+            "env": {k: v for k, v in rt.env.items() if k.startswith(("FAKE_", "BACKEND_", "NIM_")) or k in ("PORT", "ROOT_VAR", "VARIANT_VAR")},
             "uptime": time.time() - started,
         }
         if args.report_gpu:
@@ -223,6 +228,9 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
     app = web.Application()
     app[SITES] = []
     app.router.add_get("/health", health)
+    if args.health_path != "/health":
+        app.router.add_get(args.health_path, health)
+    app.router.add_get("/moved", moved)  # a health path that redirects
     app.router.add_get("/whoami", whoami)
     app.router.add_get("/stats", stats)
     app.router.add_get("/metrics", metrics)

@@ -10,8 +10,9 @@ from appliance.control import endpoints
 from appliance.control.endpoints import resolve
 from appliance.control.folders import find_definition_file, load_model_definition
 from appliance.domain.definitions import parse_model_definition, parse_service_definition
-from appliance.domain.runtimes import Placement, build_worker_spec, fill
+from appliance.domain.runtimes import Placement, WorkerSpec, build_worker_spec
 from appliance.domain.specs import EndpointSpec, HealthCheck
+from appliance.domain.templates import render, render_all
 from appliance.errors import ApplianceError
 
 
@@ -29,7 +30,7 @@ def test_seed_model_definition_parses_unchanged() -> None:
     assert m.service is not None
     assert m.service.start_command == ["python", "-m", "http.server", "--directory", "/home/work", "8000"]
     assert m.service.port == 8000
-    assert m.service.health_check == HealthCheck(
+    assert m.service.check == HealthCheck(
         path="/", interval=10.0, max_retries=10, max_wait_time=15.0, expected_status_code=200, initial_delay=60.0
     )
 
@@ -42,7 +43,7 @@ def test_health_check_defaults_are_backend_ai_defaults() -> None:
     )
     assert d.model.service is not None
     assert d.model.service.start_command == "serve --port 9000"
-    assert d.model.service.health_check == HealthCheck(
+    assert d.model.service.check == HealthCheck(
         path="/v1/health", interval=10.0, max_retries=10, max_wait_time=15.0, expected_status_code=200, initial_delay=60.0
     )
 
@@ -71,7 +72,7 @@ def test_pre_start_actions_parse_and_are_checked() -> None:
     )
     service = d.model.service
     assert service is not None
-    assert [a.action for a in service.pre_start_actions] == ["write_file", "write_tempfile", "run_command", "mkdir", "log"]
+    assert [a.action for a in service.actions] == ["write_file", "write_tempfile", "run_command", "mkdir", "log"]
     assert service.start_command == ["python", "-m", "http.server", "8000"]  # unquoted 8000 became a string
 
 
@@ -96,8 +97,7 @@ def test_broken_definitions_name_file_field_and_line() -> None:
         "'run_command', 'mkdir' or 'log' (got 'explode')",
         "/m/model-definition.yaml: line 4: models[0].service.start_command: must not be empty",
         "/m/model-definition.yaml: line 4: models[0].service.port: required",
-        "/m/model-definition.yaml: line 6: models[0].service.health_check.path: required",
-        "/m/model-definition.yaml: line 6: models[0].service.health_check.interval: must be > 0",
+        "/m/model-definition.yaml: line 6: models[0].service.health_check.interval: must be ≥ 0",
     ]
 
 
@@ -117,7 +117,7 @@ def test_definition_file_name_is_configurable(tmp_path: Path) -> None:
     (tmp_path / "model-definition.yaml").write_text(SEED_DEFINITION)
     assert find_definition_file(tmp_path, None) == tmp_path / "model-definition.yaml"
     (tmp_path / "model-definition.yml").write_text(SEED_DEFINITION)
-    assert find_definition_file(tmp_path, None) == tmp_path / "model-definition.yml"  # .yml first, as Backend.AI
+    assert find_definition_file(tmp_path, None) == tmp_path / "model-definition.yaml"  # .yaml first, as Backend.AI
     (tmp_path / "serve.yaml").write_text(SEED_DEFINITION)
     assert load_model_definition(find_definition_file(tmp_path, "serve.yaml")).model.name == "simple-http-server"  # type: ignore[arg-type]
     with pytest.raises(ApplianceError, match="'other.yaml' not found"):
@@ -136,15 +136,17 @@ def test_seed_service_definition_parses() -> None:
 
 def test_broken_service_definitions() -> None:
     with pytest.raises(ApplianceError) as info:
-        parse_service_definition('[vllm.resource_slots]\n"cuda.shares" = "half"\ngpu = 1\n', path=Path("/m/service-definition.toml"))
+        parse_service_definition('[vllm.resource_slots]\n"cuda.shares" = "half"\nmem = "lots"\n', path=Path("/m/service-definition.toml"))
     assert info.value.problems == [
+        "/m/service-definition.toml: vllm.resource_slots.mem: must be a size such as 8gb or 512mb (got 'lots')",
         '/m/service-definition.toml: vllm.resource_slots."cuda.shares": must be a number (got \'half\')',
-        "/m/service-definition.toml: vllm.resource_slots.gpu: unknown key",
     ]
     with pytest.raises(ApplianceError, match=r"service-definition.toml: not valid TOML: .*line 1"):
         parse_service_definition("[vllm\n", path=Path("service-definition.toml"))
-    with pytest.raises(ApplianceError, match=r"image: must be a \[image.\*\] table"):
+    with pytest.raises(ApplianceError, match=r"image: must be a table"):
         parse_service_definition('image = "x"\n', path=Path("service-definition.toml"))
+    with pytest.raises(ApplianceError, match=r"\[vlm\]: neither a runtime"):
+        parse_service_definition('[vlm.environ]\nA = "1"\n', path=Path("service-definition.toml"))
 
 
 def test_service_definition_supplies_defaults_and_explicit_fields_win(seed_folder: Path) -> None:
@@ -181,10 +183,16 @@ def test_runtime_defaults_from_folder(seed_folder: Path, model_folder: Path) -> 
         resolve(EndpointSpec(name="p", model_folder="relative/path"))
 
 
+def argv(spec: WorkerSpec) -> tuple[str, ...]:
+    return tuple(render_all(spec.argv, spec.variables, where="start command"))
+
+
 def test_custom_runtime_maps_container_paths_and_port(seed_folder: Path) -> None:
     config, definition = resolve(EndpointSpec(name="s", model_folder=str(seed_folder)))
     spec = build_worker_spec(config, definition, Placement(port=20007, replica_id="s-1", work_dir="/var/lib/appliance/work/s-1"))
-    assert spec.argv == ("python", "-m", "http.server", "--directory", "/var/lib/appliance/work/s-1", "20007")
+    assert argv(spec) == ("python", "-m", "http.server", "--directory", "/var/lib/appliance/work/s-1", "20007")
+    assert spec.cwd == str(seed_folder)  # model_path /models: the folder
+    assert spec.env["BACKEND_MODEL_NAME"] == "simple-http-server" and spec.env["BACKEND_MODEL_PATH"] == str(seed_folder)
     assert spec.port == 20007 and spec.env["PORT"] == "20007"
     assert spec.health_check.path == "/" and not spec.openai_compatible
 
@@ -195,33 +203,40 @@ def test_custom_runtime_string_command_model_path_and_placeholders(tmp_path: Pat
     (tmp_path / "model-definition.yml").write_text(yaml.safe_dump(definition_text))
     config, definition = resolve(EndpointSpec(name="m", model_folder=str(tmp_path), environ={"OUT": "{work_dir}/out"}))
     spec = build_worker_spec(config, definition, Placement(port=21000, replica_id="m-3", work_dir="/w"))
-    assert spec.argv == ("server", "--weights", f"{tmp_path}/w.bin", "--listen=0.0.0.0:21000", "--id", "m-3", "--json", '{"a": 1}')
-    assert spec.env["OUT"] == "/w/out"
+    # a string runs through the shell: paths and the port are mapped inside it, JSON is left as written
+    assert argv(spec) == ("/bin/bash", "-c", f"server --weights {tmp_path}/w.bin --listen=0.0.0.0:21000 --id m-3 --json '{{\"a\": 1}}'")
+    assert render(spec.env["OUT"], spec.variables, where="environ.OUT") == "/w/out"
 
 
 def test_engine_runtimes_build_their_commands(model_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(endpoints, "_check_installed", lambda runtime: None)  # commands are built whatever is installed here
     place = Placement(port=20001, replica_id="e-1", work_dir="/w", gpu_share=0.5)
     vllm, _ = resolve(EndpointSpec(name="e", model_folder=str(model_folder), runtime="vllm", extra_args=["--max-model-len", "4096"]))
-    assert build_worker_spec(vllm, None, place).argv == (
+    assert argv(build_worker_spec(vllm, None, place)) == (
         "python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_folder), "--host", "127.0.0.1", "--port", "20001",
         "--served-model-name", "e",
         "--gpu-memory-utilization", "0.450", "--max-model-len", "4096",
     )
     tf, _ = resolve(EndpointSpec(name="t", model_folder=str(model_folder), runtime="transformers", continuous_batching=True))
     spec = build_worker_spec(tf, None, Placement(port=20002, replica_id="t-1", work_dir="/w"))
-    assert spec.argv == ("transformers", "serve", str(model_folder), "--host", "127.0.0.1", "--port", "20002", "--continuous-batching")
+    assert argv(spec) == ("transformers", "serve", str(model_folder), "--host", "127.0.0.1", "--port", "20002", "--continuous-batching")
     assert spec.served_model_name == str(model_folder) and spec.health_check.path == "/health"
     sg, _ = resolve(EndpointSpec(name="g", model_folder=str(model_folder), runtime="sglang", served_model_name="org/model"))
-    assert build_worker_spec(sg, None, place).argv == (
+    assert argv(build_worker_spec(sg, None, place)) == (
         "python", "-m", "sglang.launch_server", "--model-path", str(model_folder), "--host", "127.0.0.1", "--port", "20001",
         "--served-model-name", "org/model", "--mem-fraction-static", "0.450",
     )
 
 
-def test_placeholders_leave_other_braces_alone() -> None:
-    values = {"port": "1", "host": "h", "model_path": "/m", "name": "n", "served_model_name": "s", "replica_id": "r", "work_dir": "/w", "gpu_share": ""}
-    assert fill('{port}-{name}-{"json": {unknown}}', values) == '1-n-{"json": {unknown}}'
+def test_templates_fill_backend_ai_expressions_and_leave_other_braces_alone() -> None:
+    values = {"port": 1, "name": "n", "ports": [20001], "runtime_path": "/py", "out": {"out": "x\n"}}
+    assert render('{port}-{name}-{"json": 2}-${VAR}-${{ ports[0] }}-{ports[0]}-{runtime_path}-{out[out]!r}', values, where="w") == (
+        '1-n-{"json": 2}-${VAR}-20001-20001-/py-\'x\\n\''
+    )
+    with pytest.raises(ApplianceError, match=r"start command: undefined template variable 'nope' in '\{nope\}' \(defined: name, out, port"):
+        render("--x {nope}", values, where="start command")
+    with pytest.raises(ApplianceError, match=r"cannot fill '\{ports\[3\]\}'"):
+        render("{ports[3]}", values, where="w")
 
 
 def test_an_engine_that_is_not_installed_is_refused_with_the_install_command(model_folder: Path) -> None:
@@ -233,3 +248,24 @@ def test_an_engine_that_is_not_installed_is_refused_with_the_install_command(mod
     err = info.value
     assert err.status == 422 and err.code == "runtime_not_installed" and err.param == "runtime"
     assert "'sglang'" in err.message and "pip install" in err.message
+
+
+def test_runtime_variants_use_backend_ai_ports_and_health_paths() -> None:
+    from appliance.domain.runtimes import VARIANTS, default_health_check
+
+    table = {name: (v.port, default_health_check(name, None).path) for name, v in VARIANTS.items() if name != "custom"}
+    assert table == {
+        "vllm": (8000, "/health"), "sglang": (9001, "/health"), "nim": (8000, "/v1/health/ready"), "huggingface-tgi": (3000, "/info"),
+        "modular-max": (8000, "/health"), "llama-cpp": (8080, "/health"), "cmd": (8000, None), "transformers": (None, "/health"),
+    }
+
+
+def test_service_definition_slots_beyond_one_gpu_and_unknown_slots(tmp_path: Path) -> None:
+    (tmp_path / "service-definition.toml").write_text('[resource_slots]\n"cuda.shares" = 2\n[vllm.resource_slots]\n"tpu.device" = 1\n')
+    endpoints_mod = endpoints
+    config, _ = resolve(EndpointSpec(name="two", model_folder=str(tmp_path), runtime="transformers"))
+    assert config.resources.gpus == 2 and config.unenforced_slots == {}
+    (tmp_path / "service-definition.toml").write_text('[transformers.resource_slots]\n"cuda.shares" = 1.5\n"tpu.device" = 1\n')
+    config, _ = resolve(EndpointSpec(name="frac", model_folder=str(tmp_path), runtime="transformers"))
+    assert config.resources.gpus == 2 and config.unenforced_slots == {"tpu.device": 1}  # 1.5 GPUs are held as 2 whole ones
+    assert endpoints_mod is endpoints

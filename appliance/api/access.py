@@ -13,7 +13,7 @@ from appliance.api.services import SERVICES, Services
 from appliance.api.views import Deleted, View
 from appliance.domain.limits import Limits
 from appliance.domain.specs import Model, Name
-from appliance.domain.timefmt import parse_duration, parse_instant, parse_since
+from appliance.domain.timefmt import BAI_DURATION_HELP, parse_duration, parse_instant, parse_since, token_expiry
 from appliance.errors import ApplianceError
 from appliance.security.auth import ADMIN, INFERENCE, TOKEN_PREFIX, key_row, new_key
 from appliance.security.usage import hour_label
@@ -80,8 +80,13 @@ class KeyList(View):
 class TokenCreate(Model):
     """Backend.AI's "Generate Token": a credential for one endpoint that ends at a set time."""
 
-    valid_until: str | None = Field(None, description="ISO 8601 date or time")
-    duration: Duration | None = Field(None, description="instead of valid_until: 30d, 12h, 15m or seconds")
+    valid_until: int | float | str | None = Field(
+        None, description="when it ends: Unix epoch seconds (1767225600 or \"1767225600\", as Backend.AI) or ISO 8601 "
+        "(2027-01-01T09:00:00+09:00; no zone: UTC); wins over duration",
+    )
+    duration: int | float | str | None = Field(
+        None, description=f"Backend.AI TimeDuration from now: {BAI_DURATION_HELP}; e.g. 3600, 90m, 1.5h, 7d, 2w, 2mo, 1yr",
+    )
     name: str | None = Field(None, max_length=100)
 
 
@@ -247,9 +252,7 @@ async def create_token(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     await services.endpoints.get(name)
     now = services.clock()
-    if body.valid_until is None and body.duration is None:
-        raise ApplianceError("a token needs valid_until or duration", status=422, code="invalid_expiry", param="valid_until")
-    expires = _expiry(body.valid_until, body.duration, now, at_name="valid_until", within_name="duration")
+    expires = iso(token_expiry(body.valid_until, body.duration, now))
     token = new_key(TOKEN_PREFIX)
     row = key_row(token, body.name or f"token for {name}", [INFERENCE], kind="endpoint_token", endpoints=[name], expires_at=expires)
     stored = await services.store.keys.insert(row, f"token for endpoint {name} created, valid until {expires}", endpoint=name)

@@ -147,7 +147,7 @@ class IdleWatch:
     every chunk (a few µs for every token of every stream), so once the headers are in it is switched
     off, as aiohttp does for websockets, and this keeps one timer per quiet period instead."""
 
-    __slots__ = ("last", "_loop", "_timeout", "_content", "_handle")
+    __slots__ = ("_content", "_handle", "_loop", "_timeout", "last")
     WRITING = float("inf")  # `last` while a chunk is being written to the client
 
     def __init__(self, response: aiohttp.ClientResponse, timeout: float) -> None:

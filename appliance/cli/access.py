@@ -87,9 +87,10 @@ def cmd_key_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    if (args.duration is None) == (args.valid_until is None):
-        raise ApplianceError("give --duration (e.g. 7d) or --valid-until (e.g. 2027-01-01)", code="usage")
-    body: dict[str, Any] = {"duration": args.duration} if args.duration else {"valid_until": args.valid_until}
+    if args.duration is None and args.valid_until is None:
+        raise ApplianceError("give --duration (e.g. 7d, 90m, 2mo, 1yr) or --valid-until (epoch seconds or e.g. 2027-01-01)", code="usage")
+    # both may go: the server, like Backend.AI, lets valid_until win (and still checks the duration)
+    body: dict[str, Any] = {k: v for k, v in (("valid_until", args.valid_until), ("duration", args.duration)) if v is not None}
     if args.token_name:
         body["name"] = args.token_name
     tok = admin_client(args).request("POST", f"/api/v1/endpoints/{args.name}/tokens", body)
@@ -176,8 +177,9 @@ def register_tokens(endpoint_actions: Subcommands, shared: SharedOptions) -> Non
     t = p.add_subparsers(dest="token_action", required=True, metavar="ACTION")
     q = t.add_parser("create", parents=[shared.client], help="generate a token (printed once)")
     q.add_argument("name", help="endpoint")
-    q.add_argument("--duration", help="e.g. 7d, 12h")
-    q.add_argument("--valid-until", help="e.g. 2027-01-01")
+    q.add_argument("--duration", help="from now, Backend.AI units: 3600 (seconds), 90m (minutes), 1.5h, 7d, 2w, 2mo, 1yr")
+    q.add_argument("--valid-until", help="Unix epoch seconds (1767225600) or ISO 8601 (2027-01-01, 2027-01-01T09:00:00+09:00); "
+                   "wins over --duration")
     q.add_argument("--token-name", help="a label")
     q.set_defaults(func=cmd_token_create)
     q = t.add_parser("list", parents=[shared.client], help="the endpoint's tokens")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from appliance.control.folders import find_definition_file, load_model_definition, load_service_definition
+from appliance.control.process import resolve_executable
 from appliance.domain.definitions import ModelDefinition, RuntimeSection
-from appliance.domain.runtimes import RUNTIME_PACKAGES, default_health_check, default_served_model_name
+from appliance.domain.runtimes import NEEDS_COMMAND, VARIANTS, default_health_check, default_served_model_name
 from appliance.domain.specs import EndpointConfig, EndpointSpec, Environment, Resources
 from appliance.domain.states import EndpointStatus
 from appliance.errors import ApplianceError, validation_error
@@ -61,30 +63,59 @@ def _resources(spec: EndpointSpec, section: RuntimeSection | None, inherited: li
             values["gpu_share"] = share
             inherited.append("resources.gpu_share")
         elif share is not None or slots.cuda_device is not None:
-            whole = slots.cuda_device if slots.cuda_device is not None else share
-            if whole != int(whole):  # type: ignore[arg-type]
-                raise ApplianceError(
-                    f"service-definition.toml: cuda.shares {share} above 1 must be a whole number of GPUs",
-                    status=422,
-                    code="invalid_definition",
-                )
-            values["gpus"] = int(whole)  # type: ignore[arg-type]
+            # cuda.shares above 1 spans several GPUs; a fraction of several (1.5) is held as whole GPUs here (2)
+            whole = slots.cuda_device if slots.cuda_device is not None else math.ceil(share or 0)
+            values["gpus"] = int(whole)
             inherited.append("resources.gpus")
     return Resources.model_validate(values)
 
 
 def _check_installed(runtime: str) -> None:
-    """An engine runtime whose package is missing is refused at once, not left to crash-loop."""
-    if runtime not in RUNTIME_PACKAGES:
+    """An engine runtime whose package or program is missing is refused at once, not left to crash-loop."""
+    needs = VARIANTS[runtime].needs
+    if needs is None:
         return
-    module, install = RUNTIME_PACKAGES[runtime]
-    if importlib.util.find_spec(module) is None:
+    kind, _, what = needs[0].partition(":")
+    found = importlib.util.find_spec(what) is not None if kind == "module" else _on_path(what)
+    if not found:
+        noun = "Python package" if kind == "module" else "program"
         raise ApplianceError(
-            f"runtime {runtime!r} needs the Python package {module!r}, which is not installed next to the appliance: {install}",
+            f"runtime {runtime!r} needs the {noun} {what!r}, which is not installed next to the appliance: {needs[1]}",
             status=422,
             code="runtime_not_installed",
             param="runtime",
         )
+
+
+def _on_path(name: str) -> bool:
+    try:
+        resolve_executable(name)
+        return True
+    except ApplianceError:
+        return False
+
+
+def _model_file(runtime: str, folder: Path) -> str | None:
+    if runtime != "llama-cpp":
+        return None
+    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+    if not ggufs:
+        raise ApplianceError(f"runtime 'llama-cpp' serves a .gguf file, and {folder} has none", status=422, code="model_file_required", param="model_folder")
+    return ggufs[0]
+
+
+def _command(spec: EndpointSpec, runtime: str) -> list[str]:
+    if runtime not in NEEDS_COMMAND:
+        if spec.command:
+            raise ApplianceError(f"command is for runtimes {' and '.join(NEEDS_COMMAND)}; runtime {runtime!r} has its own", status=422, code="invalid_field", param="command")
+        return []
+    if not spec.command:
+        raise ApplianceError(
+            f"runtime {runtime!r} runs a container image's own command on Backend.AI; here give the server's command as `command`",
+            status=422, code="command_required", param="command",
+        )
+    resolve_executable(spec.command[0])  # 422 command_not_found now, not a crash loop later
+    return list(spec.command)
 
 
 def resolve(spec: EndpointSpec) -> tuple[EndpointConfig, ModelDefinition | None]:
@@ -108,6 +139,8 @@ def resolve(spec: EndpointSpec) -> tuple[EndpointConfig, ModelDefinition | None]
     environ = dict(section.environ) if section else {}
     inherited += [f"environ.{k}" for k in environ if k not in spec.environ]
     environ.update(spec.environ)
+    command = _command(spec, runtime)
+    model_file = _model_file(runtime, folder)
     health = spec.health_check or default_health_check(runtime, definition)
     config = EndpointConfig(
         name=spec.name,
@@ -125,6 +158,10 @@ def resolve(spec: EndpointSpec) -> tuple[EndpointConfig, ModelDefinition | None]
         extra_args=list(spec.extra_args),
         continuous_batching=spec.continuous_batching,
         health_check=health,
+        command=command,
+        model_file=model_file,
+        unenforced_slots=section.resource_slots.others if section else {},
+        unused_models=definition.unused if definition and runtime == "custom" else [],
         deep_probe=spec.deep_probe,
         unhealthy_replace_after=spec.unhealthy_replace_after or health.interval * (health.max_retries + 1),
         public=spec.public,
@@ -139,6 +176,7 @@ def resolve(spec: EndpointSpec) -> tuple[EndpointConfig, ModelDefinition | None]
         drain_timeout_seconds=spec.drain_timeout_seconds,
         idle_timeout_seconds=spec.idle_timeout_seconds,
         wake_timeout_seconds=spec.wake_timeout_seconds,
+        autoscaling_policy=spec.autoscaling_policy,
         environment=Environment(**section.environment.model_dump()) if section else None,
         inherited=inherited,
     )

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+from urllib.parse import urlsplit
+
 import aiohttp
 
 from appliance.domain.specs import HealthCheck
 
 
+async def _accepts(base_url: str, timeout: float) -> tuple[bool, str]:
+    url = urlsplit(base_url)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(url.hostname, url.port), timeout)
+    except TimeoutError:
+        return False, f"TCP connect timed out after {timeout:g}s"
+    except OSError as exc:
+        return False, f"TCP connect failed: {exc.strerror or exc}"
+    writer.close()
+    return True, f"port {url.port} accepts connections"
+
+
 async def probe(session: aiohttp.ClientSession, base_url: str, check: HealthCheck, *, deep_model: str | None = None) -> tuple[bool, str]:
-    """GET the health path within max_wait_time; pass = expected status. Deep: then a 1-token completion."""
+    """GET the health path within max_wait_time, following redirects as Backend.AI's prober does;
+    pass = expected status. Deep: then a 1-token completion. No path: the port accepts a connection."""
+    if check.path is None:
+        return await _accepts(base_url, check.max_wait_time)
     timeout = aiohttp.ClientTimeout(total=check.max_wait_time)
     try:
-        async with session.get(base_url + check.path, timeout=timeout, allow_redirects=False) as resp:
+        async with session.get(base_url + check.path, timeout=timeout) as resp:
             status = resp.status
         if status != check.expected_status_code:
             return False, f"GET {check.path}: HTTP {status} (expected {check.expected_status_code})"

@@ -10,9 +10,11 @@ supervisor only creates runners and asks them to stop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +35,7 @@ from appliance.domain.rollout import backoff_delay, drains
 from appliance.domain.runtimes import Placement, WorkerSpec, build_worker_spec
 from appliance.domain.specs import EndpointConfig, HealthCheck
 from appliance.domain.states import ReplicaState, check_transition
+from appliance.domain.templates import render, render_all
 from appliance.errors import ApplianceError
 from appliance.store import Clock, Store
 
@@ -42,6 +45,7 @@ GpuSource = Callable[[], Awaitable[list[GpuInfo]]]
 Outcome = Literal["stopped", "crashed", "retry"]
 _WAIT_FOR_CAPACITY = 2.0  # seconds between placement attempts while GPUs are busy
 _READY_POLL = 0.05  # seconds between readiness polls of a starting replica
+_MIN_INTERVAL = 0.1  # seconds: Backend.AI allows interval 0, which would probe in a busy loop
 
 
 class ReplicaRunner:
@@ -137,7 +141,7 @@ class ReplicaRunner:
             r.log.note(f"starting: {' '.join(spec.argv)} (port {r.port})")
             res = config.resources
             slot = Slot(r.id, cpu=res.cpu, mem=int(res.mem) if res.mem else None)
-            r.process = await self._launch(spec.argv, env=env, cwd=r.work_dir, sink=r.log, slot=slot)
+            r.process = await self._launch(spec.argv, env=env, cwd=Path(spec.cwd) if spec.cwd else r.work_dir, sink=r.log, slot=slot)
         except ApplianceError as exc:
             return await self._failed(r, exc.message)
         r.started_at = self._clock()
@@ -250,13 +254,22 @@ class ReplicaRunner:
             folder = Path(config.model_folder)
             path = await asyncio.to_thread(find_definition_file, folder, config.definition_file)
             definition = await asyncio.to_thread(load_model_definition, path) if path else None
-        spec = build_worker_spec(config, definition, Placement(port=port, replica_id=r.id, work_dir=str(r.work_dir), gpu_share=allocation.share))
-        r.argv = spec.argv
-        env = {**_base_env(), **spec.env, **self._unseal(config.secret_environ), "CUDA_VISIBLE_DEVICES": allocation.cuda_visible_devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        placement = Placement(port=port, replica_id=r.id, work_dir=str(r.work_dir), gpu_share=allocation.share, runtime_path=sys.executable)
+        spec = build_worker_spec(config, definition, placement)
+        if definition is not None and definition.unused:
+            r.log.note(f"model definition: serving {definition.model.name!r}; entries not started here: {', '.join(definition.unused)}")
+        variables = dict(spec.variables)
+        stated = {k: render(v, variables, where=f"environ.{k}") for k, v in spec.env.items()}
+        env = {**_base_env(), **stated, **self._unseal(config.secret_environ), "CUDA_VISIBLE_DEVICES": allocation.cuda_visible_devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
         if spec.pre_start_actions:
             await run_pre_start_actions(
-                spec.pre_start_actions, work_dir=r.work_dir, values=dict(spec.values), env=env, sink=r.log, grace=self._config.workers.stop_grace_seconds
+                spec.pre_start_actions, work_dir=r.work_dir, variables=variables, env=env, sink=r.log, grace=self._config.workers.stop_grace_seconds
             )
+        argv = tuple(render_all(spec.argv, variables, where="start command"))
+        if spec.cwd is not None and not await asyncio.to_thread(Path(spec.cwd).is_dir):
+            raise ApplianceError(f"the model directory does not exist: {spec.cwd}", status=422, code="model_path_missing")
+        spec = dataclasses.replace(spec, argv=argv)
+        r.argv = argv
         return spec, env
 
     def _release(self, r: Replica) -> None:
@@ -286,7 +299,7 @@ class ReplicaRunner:
             if due_for_replacement(after, config.unhealthy_replace_after, now):
                 replace.set()
                 return
-            delay = next_probe_delay(started, self._clock(), check.interval)
+            delay = next_probe_delay(started, self._clock(), max(check.interval, _MIN_INTERVAL))
             if not after.ever_healthy:
                 delay = await self._poll_until_ready(r, check, deep, self._clock() + delay)
             await asyncio.sleep(delay)

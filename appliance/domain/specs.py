@@ -14,8 +14,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,50}$")
 NAME_RULE = "must be 1–50 characters of A–Z, a–z, 0–9, '_' or '-'"
-RUNTIMES = ("custom", "vllm", "transformers", "sglang")
-Runtime = Literal["custom", "vllm", "transformers", "sglang"]
+# Backend.AI's runtime variants a box can run, and `transformers` (the appliance's own).
+RUNTIMES = ("custom", "vllm", "sglang", "nim", "huggingface-tgi", "modular-max", "llama-cpp", "cmd", "transformers")
+Runtime = Literal["custom", "vllm", "sglang", "nim", "huggingface-tgi", "modular-max", "llama-cpp", "cmd", "transformers"]
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -63,17 +64,17 @@ class Model(BaseModel):
 class HealthCheck(Model):
     """Backend.AI health_check block; defaults are Backend.AI's."""
 
-    path: str = Field(description="HTTP path probed with GET, e.g. /health")
-    interval: float = Field(10.0, gt=0, description="seconds between probes")
-    max_retries: int = Field(10, ge=0, description="consecutive failures tolerated; the next one marks the replica UNHEALTHY")
+    path: str | None = Field(description="HTTP path probed with GET (redirects followed), e.g. /health; null: healthy once the port accepts TCP connections")
+    interval: float = Field(10.0, ge=0, description="seconds between probes")
+    max_retries: int = Field(10, ge=1, description="consecutive failures tolerated; the next one marks the replica UNHEALTHY")
     max_wait_time: float = Field(15.0, gt=0, description="total timeout of one probe, seconds")
     expected_status_code: int = Field(200, ge=100, le=599)
     initial_delay: float = Field(60.0, ge=0, description="seconds after spawn during which failures do not count")
 
     @field_validator("path")
     @classmethod
-    def _path(cls, v: str) -> str:
-        if not v.startswith("/"):
+    def _path(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
             raise ValueError(f"must start with '/' (got {v!r})")
         return v
 
@@ -88,7 +89,7 @@ class Resources(Model):
     placement: Literal["spread", "binpack"] = Field("spread", description="spread: least-loaded GPU first; binpack: fill a GPU before the next")
 
     @model_validator(mode="after")
-    def _gpu_exclusive(self) -> "Resources":
+    def _gpu_exclusive(self) -> Resources:
         if self.gpus and self.gpu_share is not None:
             raise ValueError("give either gpus (whole GPUs) or gpu_share (a fraction of one GPU), not both")
         return self
@@ -99,7 +100,12 @@ class EndpointSpec(Model):
 
     name: Name = Field(description="1–50 characters of [A-Za-z0-9_-]; also the model name clients send")
     model_folder: str = Field(min_length=1, description="absolute path of the model folder on this box")
-    runtime: Runtime | None = Field(None, description="custom | vllm | transformers | sglang; default: custom when the folder has a model definition, else vllm")
+    runtime: Runtime | None = Field(
+        None, description=f"{' | '.join(RUNTIMES)}; default: custom when the folder has a model definition, else vllm"
+    )
+    command: list[str] | None = Field(
+        None, min_length=1, description="runtimes nim and cmd: the server's command (on Backend.AI, the container image's own command)"
+    )
     definition_file: str | None = Field(None, min_length=1, description="model definition file in the folder; default model-definition.yml, then .yaml")
     served_model_name: str | None = Field(None, min_length=1, description="name the worker expects in `model`; default per runtime")
     aliases: list[Name] = Field(default_factory=list, description="other model names routed to this endpoint")
@@ -136,9 +142,14 @@ class EndpointSpec(Model):
         None, gt=0, description="scale to zero after this long without a request (needs min_replicas = 0); a request wakes it"
     )
     wake_timeout_seconds: float = Field(600.0, gt=0, description="longest a request waits for a scaled-to-zero endpoint to start")
+    autoscaling_policy: Literal["appliance", "backend.ai"] = Field(
+        "appliance",
+        description="how autoscaling rules combine: appliance (scale-out wins, largest step, clamp, cooldown per direction) "
+        "or backend.ai (first rule that fires wins, out-of-bounds steps skipped, cooldown per rule)",
+    )
 
     @model_validator(mode="after")
-    def _idle_needs_zero(self) -> "EndpointSpec":
+    def _idle_needs_zero(self) -> EndpointSpec:
         low = self.replicas if self.min_replicas is None else self.min_replicas
         if self.idle_timeout_seconds is not None and low != 0:
             raise ValueError(f"idle_timeout_seconds scales to zero, so it needs min_replicas = 0 (min_replicas is {low})")
@@ -206,7 +217,7 @@ NO_RESTART_FIELDS = frozenset(
     {
         "replicas", "min_replicas", "max_replicas", "public", "description", "aliases", "routing", "prefix_length",
         "prefix_overload_factor", "max_concurrency", "queue_size", "queue_timeout_seconds", "max_surge", "drain_timeout_seconds",
-        "idle_timeout_seconds", "wake_timeout_seconds",
+        "idle_timeout_seconds", "wake_timeout_seconds", "autoscaling_policy",
     }
 )
 
@@ -241,6 +252,10 @@ class EndpointConfig(Model):
     extra_args: list[str]
     continuous_batching: bool
     health_check: HealthCheck
+    command: list[str] = Field(default_factory=list, description="nim and cmd: the server's command")
+    model_file: str | None = Field(None, description="llama-cpp: the .gguf file served (the first in the folder by name)")
+    unenforced_slots: dict[str, Any] = Field(default_factory=dict, description="service-definition.toml resource slots the appliance does not act on")
+    unused_models: list[str] = Field(default_factory=list, description="model-definition entries with a service that this endpoint does not start")
     deep_probe: bool = False
     unhealthy_replace_after: float
     public: bool
@@ -255,5 +270,6 @@ class EndpointConfig(Model):
     drain_timeout_seconds: float = 120.0
     idle_timeout_seconds: float | None = None
     wake_timeout_seconds: float = 600.0
+    autoscaling_policy: str = "appliance"
     environment: Environment | None = None
     inherited: list[str] = Field(default_factory=list, description="fields whose value came from the model folder's files")

@@ -23,7 +23,7 @@ from appliance.store.migrations import migrations
 from appliance.store.repos import EndpointsRepo, EventsRepo, ReplicasRepo
 from appliance.store.scaling_repos import RulesRepo
 
-__all__ = ["Clock", "Store", "open_database", "dumps", "iso", "parse_iso"]
+__all__ = ["Clock", "Store", "dumps", "iso", "open_database", "parse_iso"]
 
 T = TypeVar("T")
 Clock = Callable[[], float]

@@ -20,7 +20,7 @@ Row = dict[str, Any]
 class KeysRepo:
     """API keys and endpoint tokens (one table: one lookup on the hot path)."""
 
-    def __init__(self, store: "Store") -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
 
     async def insert(self, row: Row, message: str, endpoint: str | None = None) -> Row:
@@ -83,7 +83,7 @@ class KeysRepo:
 
 
 class AccountsRepo:
-    def __init__(self, store: "Store") -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
 
     async def insert(self, row: Row, message: str) -> Row:
@@ -143,7 +143,7 @@ class AccountsRepo:
 class UsageRepo:
     """Hourly totals per key and endpoint; written in batches by the flush job."""
 
-    def __init__(self, store: "Store") -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
 
     async def add(self, rows: list[tuple[str, str, str, int, int, int, int]], events: list[tuple[str, str, str, dict[str, Any]]]) -> None:

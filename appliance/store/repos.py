@@ -47,7 +47,7 @@ def _check_names_free(db: Database, name: str, aliases: list[str]) -> None:
 
 
 class EndpointsRepo:
-    def __init__(self, store: "Store") -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
 
     async def get(self, name: str) -> EndpointRow | None:
@@ -165,7 +165,7 @@ class EndpointsRepo:
 class ReplicasRepo:
     """The supervisor's record of its workers: what a restarted appliance must clean up."""
 
-    def __init__(self, store: "Store") -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
 
     async def save(self, row: dict[str, Any], kind: str, message: str, details: dict[str, Any]) -> None:
@@ -189,7 +189,7 @@ class ReplicasRepo:
 
 
 class EventsRepo:
-    def __init__(self, store: "Store") -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
 
     async def add(self, kind: str, message: str, *, endpoint: str | None = None, details: dict[str, Any] | None = None) -> None:
