@@ -314,3 +314,82 @@ async def test_a_roll_with_no_room_for_one_more_replica_makes_room_without_failu
     assert traffic.failures == []
     messages = [e["message"] for e in await events(admin, "tight")]
     assert any("waiting for a free port" in m for m in messages) and any("draining" in m for m in messages)
+
+
+# --- Backend.AI's terms ----------------------------------------------------------------------------
+
+
+async def test_an_inference_framework_rule_in_backend_ais_terms_scales_out_under_load(admin: Admin, tmp_path: Path) -> None:
+    await create(admin, "bai", fake_folder(tmp_path, "bai", "--latency", "0.3"), replicas=1, min_replicas=1, max_replicas=2,
+                 autoscaling_policy="backend.ai")
+    await wait_status(admin, "bai", "HEALTHY")
+    # As a Backend.AI user writes it: enum names in any case, the appproxy's renamed vLLM metric.
+    rule = await add_rule(admin, "bai", metric_source="INFERENCE_FRAMEWORK", metric_name="vllm_num_requests_running", comparator="greater_than",
+                          threshold="0.5", step_size=1, window_seconds=2, cooldown_seconds=60)
+    assert (rule["metric_source"], rule["comparator"], rule["threshold"], rule["bounds"], rule["warnings"]) == (
+        "inference_framework", "GREATER_THAN", 0.5, [1, 2], [])
+    traffic = Traffic(admin, "bai", clients=4)
+
+    async def two_serving() -> bool:
+        return (await endpoint(admin, "bai"))["desired_replicas"] == 2 and len(traffic.served_by) == 2
+
+    await async_wait_for(two_serving, timeout=30, what="a second replica started by the INFERENCE_FRAMEWORK rule, serving")
+    await traffic.stop()
+    assert traffic.failures == []
+    (out,) = [d for d in await decisions(admin, "bai") if d["kind"] == "autoscale.scale_out"]
+    details = out["details"]
+    assert (details["rule"], details["metric"], details["policy"], details["from"], details["to"]) == (
+        rule["id"], "inference_framework/vllm_num_requests_running", "backend.ai", 1, 2)
+    # vllm:num_requests_running summed over the replicas ÷ routes: the four clients' requests on the one replica.
+    assert details["value"] > 0.5
+    (shown,) = (await admin.call("GET", "/api/v1/endpoints/bai/autoscaling-rules"))[1]["data"]
+    assert shown["last_triggered_at"] is not None
+
+
+@pytest.mark.parametrize("policy", ["appliance", "backend.ai"])
+async def test_a_rule_without_min_or_max_scales_out_to_the_endpoints_max(admin: Admin, tmp_path: Path, policy: str) -> None:
+    await create(admin, "free", fake_folder(tmp_path, "free"), replicas=1, min_replicas=1, max_replicas=3, autoscaling_policy=policy)
+    await wait_status(admin, "free", "HEALTHY")
+    # KERNEL mem: % of the replica's memory limit (here the box's memory) resident in its process tree; always > 0.
+    rule = await add_rule(admin, "free", metric_source="KERNEL", metric_name="mem", comparator="GREATER_THAN", threshold=0, step_size=1,
+                          window_seconds=1, cooldown_seconds=0)
+    assert rule["min_replicas"] is None and rule["max_replicas"] is None and rule["bounds"] == [1, 3]
+
+    async def held_at_max() -> list[dict[str, Any]] | None:
+        found = await decisions(admin, "free")
+        return found if any(d["kind"] == "autoscale.suppressed" for d in found) else None
+
+    found = await async_wait_for(held_at_max, timeout=20, what="scale-out to the endpoint's max_replicas, then held there")
+    assert [(d["details"]["from"], d["details"]["to"]) for d in found if d["kind"] == "autoscale.scale_out"] == [(1, 2), (2, 3)]
+    assert all(0 < d["details"]["value"] < 100 and d["details"]["policy"] == policy for d in found)
+    (held,) = [d for d in found if d["kind"] == "autoscale.suppressed"]
+    words = "already at the endpoint's max_replicas 3" if policy == "appliance" else "3 → 4 would leave the endpoint's bounds [1, 3]: rule skipped"
+    assert held["details"]["result"] == "bound" and words in held["message"]
+    await async_wait_for(lambda: _count_live(admin, "free", 3), timeout=20, what="three replicas")
+    assert (await endpoint(admin, "free"))["desired_replicas"] == 3
+
+
+async def test_backend_ai_names_the_policy_and_bad_input_through_the_api(admin: Admin, tmp_path: Path) -> None:
+    ep = await create(admin, "names", fake_folder(tmp_path, "names"), replicas=0)
+    assert ep["autoscaling_policy"] == "appliance"
+    rule = await add_rule(admin, "names", metric_source="kernel", metric_name="cpu_util", comparator="Greater_Than", threshold=80, step_size=1)
+    assert (rule["metric_source"], rule["comparator"], rule["bounds"]) == ("kernel", "GREATER_THAN", [0, 0])
+    # The endpoint states no range, so it is held at its replicas: the rule is accepted, as Backend.AI would, and says why it cannot act.
+    (warning,) = rule["warnings"]
+    assert "no max_replicas of its own and the endpoint's range is [0, 0]" in warning and "cannot scale out" in warning
+    status, body = await admin.call("PATCH", "/api/v1/endpoints/names", json_body={"max_replicas": 3, "autoscaling_policy": "backend.ai"})
+    assert status == 200 and body["autoscaling_policy"] == "backend.ai" and body["generation"] == 1  # no worker restarts for it
+    status, body = await admin.call("PATCH", f"/api/v1/endpoints/names/autoscaling-rules/{rule['id']}", json_body={"comparator": "less_than_or_equal"})
+    assert status == 200 and body["comparator"] == "LESS_THAN_OR_EQUAL" and body["bounds"] == [0, 3] and body["warnings"] == []
+    good = {"metric_source": "KERNEL", "metric_name": "mem", "comparator": "greater_than", "threshold": 90, "step_size": 1}
+    status, body = await admin.call("POST", "/api/v1/endpoints/names/autoscaling-rules", json_body={**good, "metric_source": "DISK"})
+    assert status == 422 and body["error"]["param"] == "metric_source"
+    assert "unknown metric source 'DISK': the appliance's gpu, kernel, inference, gateway, or Backend.AI's KERNEL, INFERENCE_FRAMEWORK, PROMETHEUS" in body["error"]["message"]
+    status, body = await admin.call("POST", "/api/v1/endpoints/names/autoscaling-rules", json_body={**good, "metric_name": "gpu_util"})
+    assert status == 422 and "kernel metrics are cpu_util, mem, cuda_util, cuda_mem, mem_rss (got 'gpu_util')" in body["error"]["message"]
+    status, body = await admin.call("PATCH", f"/api/v1/endpoints/names/autoscaling-rules/{rule['id']}", json_body={"metric_source": "nope"})
+    assert status == 422 and "unknown metric source 'nope'" in body["error"]["message"]
+    status, body = await admin.call("PATCH", "/api/v1/endpoints/names", json_body={"autoscaling_policy": "kubernetes"})
+    assert status == 422 and body["error"]["param"] == "autoscaling_policy"
+    prom = await add_rule(admin, "names", **{**good, "metric_source": "Prometheus", "metric_name": "vllm:num_requests_waiting"})
+    assert prom["metric_source"] == "prometheus"

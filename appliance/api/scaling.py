@@ -1,4 +1,5 @@
-"""Admin API for autoscaling: an endpoint's rules, and the decisions taken on them."""
+"""Admin API for autoscaling: an endpoint's rules, and the decisions taken on them. Rules are shown
+normalised (sources lowercase, comparators uppercase) with the bounds they act within now."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pydantic import Field, ValidationError
 from appliance.api.http import Query, Route, endpoint_name, int_query, json_response, read_model
 from appliance.api.services import SERVICES
 from appliance.api.views import Deleted, EventList, EventView, View
-from appliance.domain.scaling import RulePatch, RuleSpec, new_rule_id
+from appliance.domain.scaling import Rule, RulePatch, RuleSpec, ScaleState, bounds, new_rule_id
 from appliance.errors import ApplianceError, validation_error
 
 PREFIX = "/api/v1/endpoints/{name}"
@@ -23,6 +24,8 @@ class RuleView(RuleSpec):
     created_at: str
     updated_at: str
     last_triggered_at: str | None = Field(description="when the rule last changed the replica count")
+    bounds: list[int] = Field(description="[min, max] the rule acts within now: its own min/max_replicas, else the endpoint's")
+    warnings: list[str] = Field(default_factory=list, description="why the rule, as it stands, can never change the replica count")
 
 
 class RuleList(View):
@@ -30,8 +33,26 @@ class RuleList(View):
     data: list[RuleView]
 
 
-def _view(row: dict[str, Any]) -> RuleView:
-    return RuleView.model_validate(row, strict=False)
+def _view(row: dict[str, Any], endpoint: dict[str, Any] | None) -> RuleView:
+    config = endpoint["config"] if endpoint else {"min_replicas": 0, "max_replicas": 0, "replicas": 0}
+    rule = Rule.of(row)
+    low, high, _ = bounds(rule, ScaleState(replicas=config["replicas"], min_replicas=config["min_replicas"], max_replicas=config["max_replicas"]))
+    warnings: list[str] = []
+    own = rule.max_replicas if rule.direction > 0 else rule.min_replicas
+    if own is None and config["min_replicas"] == config["max_replicas"]:
+        # An endpoint that states no min/max_replicas has the range [replicas, replicas]: a rule without a
+        # bound of its own there has no room, where Backend.AI would let it scale unbounded. Say so.
+        side, way = ("max_replicas", "out") if rule.direction > 0 else ("min_replicas", "in")
+        warnings.append(
+            f"this rule has no {side} of its own and the endpoint's range is [{config['min_replicas']}, {config['max_replicas']}] "
+            f"(an endpoint that states no min_replicas/max_replicas is held at its replicas): it cannot scale {way}; "
+            f"give the rule or the endpoint a {side}"
+        )
+    return RuleView.model_validate({**row, "bounds": [low, high], "warnings": warnings}, strict=False)
+
+
+async def _endpoint(request: web.Request, name: str) -> dict[str, Any] | None:
+    return await request.app[SERVICES].store.endpoints.get(name)
 
 
 def _rule_id(request: web.Request) -> str:
@@ -43,16 +64,19 @@ async def create_rule(request: web.Request) -> web.Response:
     spec = await read_model(request, RuleSpec, "autoscaling rule")
     row = {"id": new_rule_id(), "endpoint": name, **spec.model_dump()}
     created = await request.app[SERVICES].store.rules.insert(row, f"endpoint {name}: autoscaling rule {row['id']} created: {_summary(spec)}")
-    return json_response(_view(created), status=201)
+    return json_response(_view(created, await _endpoint(request, name)), status=201)
 
 
 async def list_rules(request: web.Request) -> web.Response:
-    rows = await request.app[SERVICES].store.rules.list(endpoint_name(request))
-    return json_response(RuleList(data=[_view(r) for r in rows]))
+    name = endpoint_name(request)
+    rows = await request.app[SERVICES].store.rules.list(name)
+    endpoint = await _endpoint(request, name)
+    return json_response(RuleList(data=[_view(r, endpoint) for r in rows]))
 
 
 async def get_rule(request: web.Request) -> web.Response:
-    return json_response(_view(await request.app[SERVICES].store.rules.get(endpoint_name(request), _rule_id(request))))
+    name = endpoint_name(request)
+    return json_response(_view(await request.app[SERVICES].store.rules.get(name, _rule_id(request)), await _endpoint(request, name)))
 
 
 async def update_rule(request: web.Request) -> web.Response:
@@ -67,7 +91,7 @@ async def update_rule(request: web.Request) -> web.Response:
         raise validation_error(exc, what="autoscaling rule") from None
     fields = {k: v for k, v in spec.model_dump().items() if k in changes}
     row = await store.rules.update(name, rule_id, fields, f"endpoint {name}: autoscaling rule {rule_id} changed: {_summary(spec)}")
-    return json_response(_view(row))
+    return json_response(_view(row, await _endpoint(request, name)))
 
 
 async def delete_rule(request: web.Request) -> web.Response:

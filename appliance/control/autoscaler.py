@@ -1,5 +1,5 @@
-"""The autoscaling job: gather each endpoint's metrics, call scaling.decide(), hand the new
-count to the supervisor. The supervisor does the rest."""
+"""The autoscaling job: gather each endpoint's metrics, call scaling.decide() under the endpoint's
+autoscaling_policy, hand the new count to the supervisor. The supervisor does the rest."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class Autoscaler:
 
     async def _evaluate(self) -> None:
         table = self._supervisor.table
-        rows = await self._store.rules.list()
+        rows = await self._store.rules.list()  # in creation order: Backend.AI's policy takes the first rule that fires
         by_endpoint: dict[str, list[Rule]] = {}
         for row in rows:
             by_endpoint.setdefault(row["endpoint"], []).append(Rule.of(row))
@@ -59,16 +59,17 @@ class Autoscaler:
             state = ScaleState(
                 replicas=desired, min_replicas=config.min_replicas, max_replicas=config.max_replicas, last_fired=last_fired,
                 notes=self._notes.get(name, {}), idle_timeout=config.idle_timeout_seconds, last_activity=activity,
-                inflight=self._load.total(name),
+                inflight=self._load.total(name), policy=config.autoscaling_policy,
             )
             decision = decide(rules, metrics, state, now)
             self._notes[name] = decision.notes
-            await self._apply(name, decision)
+            await self._apply(name, decision, config.autoscaling_policy)
 
-    async def _apply(self, name: str, decision: Decision) -> None:
+    async def _apply(self, name: str, decision: Decision, policy: str) -> None:
         for v in decision.record:
             kind = "autoscale.missing" if v.result == "missing" else "autoscale.suppressed"
-            await self._store.events.add(kind, f"endpoint {name}: rule {v.rule}: {v.reason}", endpoint=name, details=v.details())
+            details = {**v.details(), "policy": policy}
+            await self._store.events.add(kind, f"endpoint {name}: rule {v.rule}: {v.reason}", endpoint=name, details=details)
         w = decision.winner
         if w is None or w.to_replicas == w.from_replicas:
             return
@@ -76,5 +77,5 @@ class Autoscaler:
         kind = "autoscale.idle" if w.rule is None else f"autoscale.scale_{way}"
         who = "idle timeout" if w.rule is None else f"rule {w.rule}"
         others = [v.details() for v in decision.verdicts if v.result == "outvoted"]
-        details = {**w.details(), **({"outvoted": others} if others else {})}
+        details = {**w.details(), "policy": policy, **({"outvoted": others} if others else {})}
         await self._supervisor.scale(name, w.to_replicas, kind, f"endpoint {name}: scale {way} by {who}: {w.reason}", details, [w.rule] if w.rule else [])

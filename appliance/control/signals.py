@@ -3,8 +3,12 @@ trees, and takes the gateway's own figures. Each value is per replica, averaged 
 endpoint's replicas.
 
 - gpu: NVML utilisation and memory of the GPUs a replica holds;
-- kernel: CPU and resident memory of a replica's process tree (psutil);
-- inference: a replica's own Prometheus /metrics (vLLM, SGLang, TGI…);
+- kernel (Backend.AI's KERNEL): CPU and memory of a replica's process tree (psutil), and its
+  GPUs (NVML), as Backend.AI's live-stat `pct`: cpu_util, mem, cuda_util, cuda_mem; mem_rss in bytes;
+- inference, prometheus: a series of the replicas' own /metrics (vLLM, SGLang, TGI…), mean per replica;
+- inference_framework (Backend.AI's INFERENCE_FRAMEWORK): the same series, aggregated as Backend.AI
+  does: the total over the HEALTHY replicas divided by the active routes (replicas provisioning,
+  starting, healthy or unhealthy);
 - gateway: what the appliance measured itself (latency, time to first token, load, queue).
 
 Sampled sources are kept as (time, value) history per endpoint and averaged over each
@@ -26,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.control.load import Load
 from appliance.domain.placement import GpuInfo
-from appliance.domain.scaling import percentile, window_average
+from appliance.domain.scaling import pct, per_route, percentile, series_names, window_average
 from appliance.domain.states import ReplicaState
 
 if TYPE_CHECKING:
@@ -36,20 +40,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MetricKey = tuple[str, str, float]  # (source, name, window seconds)
-# vLLM renamed its KV-cache gauge; a rule written for either name works with both versions.
-_ALIASES = {"vllm:gpu_cache_usage_perc": "vllm:kv_cache_usage_perc", "vllm:kv_cache_usage_perc": "vllm:gpu_cache_usage_perc"}
+_ROUTES = frozenset({ReplicaState.PROVISIONING, ReplicaState.STARTING, ReplicaState.HEALTHY, ReplicaState.UNHEALTHY})
+_TREE = frozenset({"cpu_util", "mem", "mem_rss"})
+_CUDA = frozenset({"cuda_util", "cuda_mem"})
 
 
 def prometheus_value(text: str, name: str) -> float | None:
-    """Sum of the samples called `name` (over all label sets) in a Prometheus text exposition."""
-    found: float | None = None
+    """Sum of the samples of `name` (over all label sets) in a Prometheus text exposition, `name` being
+    any of series_names(name): as written first, then Backend.AI's renamed form undone. A counter is
+    also found by its family name, as Backend.AI (whose parser drops `_total`) names it."""
+    found: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == name:
-                found = (found or 0.0) + sample.value
-    if found is None and name in _ALIASES:
-        return prometheus_value(text, _ALIASES[name])
-    return found
+            names = [sample.name]
+            if family.type == "counter" and sample.name == family.name + "_total":
+                names.append(family.name)
+            for n in names:
+                found[n] = found.get(n, 0.0) + sample.value
+    return next((found[n] for n in series_names(name) if n in found), None)
 
 
 def mean(values: Iterable[float | None]) -> float | None:
@@ -116,7 +124,7 @@ class GatewayFigures(Protocol):
 
 class Signals:
     def __init__(
-        self, supervisor: "Supervisor", gateway: GatewayFigures, load: Load, gpus: Callable[[], Awaitable[list[GpuInfo]]],
+        self, supervisor: Supervisor, gateway: GatewayFigures, load: Load, gpus: Callable[[], Awaitable[list[GpuInfo]]],
         *, scrape_timeout: float, history_seconds: float,
     ) -> None:
         self._supervisor = supervisor
@@ -166,30 +174,54 @@ class Signals:
 
     # --- sources ------------------------------------------------------------------------------
 
-    def _healthy(self, endpoint: str) -> list["Replica"]:
+    def _healthy(self, endpoint: str) -> list[Replica]:
         return [r for r in self._supervisor.replicas(endpoint) if r.state is ReplicaState.HEALTHY and r.live]
 
     async def _read(self, source: str, endpoint: str, names: set[str]) -> dict[tuple[str, str], float | None]:
         replicas = self._healthy(endpoint)
         if source == "gpu":
-            try:
-                inventory = {g.uuid: g for g in await self._gpus()}
-            except Exception as exc:  # no NVML: the metric is missing, the rule says so
-                log.debug("gpu metrics unavailable: %s", exc)
-                inventory = {}
-            per = [[inventory[u] for u in (r.allocation.uuids if r.allocation else ()) if u in inventory] for r in replicas]
-            util = mean(mean(g.utilization_gpu for g in gs) for gs in per)
-            mem = mean(mean(100.0 * g.memory_used / g.memory_total for g in gs if g.memory_total) for gs in per)
+            util, mem = await self._gpu(replicas)
             return {("gpu", "gpu_util"): util, ("gpu", "gpu_mem"): mem}
         if source == "kernel":
-            pids = [r.process.pid for r in replicas if r.process is not None and r.process.pid is not None]
-            readings = await asyncio.to_thread(self._tree.read, pids)
-            return {
-                ("kernel", "cpu_util"): mean(readings[p][0] for p in pids if p in readings),
-                ("kernel", "mem_rss"): mean(readings[p][1] for p in pids if p in readings),
-            }
+            out: dict[tuple[str, str], float | None] = {}
+            if names & _TREE:
+                out.update(await self._kernel(endpoint, replicas))
+            if names & _CUDA:  # Backend.AI's CUDA live stats are the gpu source's figures under its names
+                util, mem = await self._gpu(replicas)
+                out.update({("kernel", "cuda_util"): util, ("kernel", "cuda_mem"): mem})
+            return out
         texts = await asyncio.gather(*(self._scrape(r.url) for r in replicas))
-        return {("inference", n): mean(prometheus_value(t, n) if t is not None else None for t in texts) for n in names}
+        values = {n: [prometheus_value(t, n) if t is not None else None for t in texts] for n in names}
+        if source == "inference_framework":
+            routes = sum(1 for r in self._supervisor.replicas(endpoint) if r.live and r.state in _ROUTES)
+            return {(source, n): per_route(v, routes) for n, v in values.items()}
+        return {(source, n): mean(v) for n, v in values.items()}
+
+    async def _gpu(self, replicas: list[Replica]) -> tuple[float | None, float | None]:
+        """Mean over replicas of their GPUs' utilisation, and of the share of their GPUs' memory in use (%)."""
+        try:
+            inventory = {g.uuid: g for g in await self._gpus()}
+        except Exception as exc:  # noqa: BLE001 -- no NVML, whatever the error: the metric is missing, the rule says so
+            log.debug("gpu metrics unavailable: %s", exc)
+            inventory = {}
+        per = [[inventory[u] for u in (r.allocation.uuids if r.allocation else ()) if u in inventory] for r in replicas]
+        util = mean(mean(g.utilization_gpu for g in gs) for gs in per)
+        mem = mean(pct(sum(g.memory_used for g in gs), sum(g.memory_total for g in gs)) for gs in per if gs)
+        return util, mem
+
+    async def _kernel(self, endpoint: str, replicas: list[Replica]) -> dict[tuple[str, str], float | None]:
+        pids = [r.process.pid for r in replicas if r.process is not None and r.process.pid is not None]
+        readings = await asyncio.to_thread(self._tree.read, pids)
+        config = self._supervisor.table.endpoints.get(endpoint)
+        # Backend.AI's mem capacity is the container's memory limit; here it is resources.mem, the limit the
+        # replica's cgroup gets, or without one the box's memory.
+        limit = config.resources.mem if config is not None and config.resources.mem else psutil.virtual_memory().total
+        rss = [readings[p][1] for p in pids if p in readings]
+        return {
+            ("kernel", "cpu_util"): mean(readings[p][0] for p in pids if p in readings),
+            ("kernel", "mem_rss"): mean(rss),
+            ("kernel", "mem"): mean(pct(b, limit) for b in rss),
+        }
 
     async def _scrape(self, url: str) -> str | None:
         if self._session is None:

@@ -1,9 +1,16 @@
 """Autoscaling rules and the pure decide().
 
-Rules follow Backend.AI's (metric source and name, comparator, threshold, step size,
-min/max replicas, cooldown), with two differences: a step that would leave [min, max] is
-clamped to the bound instead of being skipped, and the metric is averaged over a window.
-decide() is a pure function of (rules, metrics, state, now).
+Rules follow Backend.AI's (metric source and name, comparator, threshold, step size, min/max
+replicas, cooldown); its names are accepted in any case, as its enums are. Sources are stored
+lowercase (its enum values), comparators uppercase (its member names).
+
+Two policies combine an endpoint's rules (EndpointSpec.autoscaling_policy):
+- "appliance" (default): scale-out beats scale-in, the largest step wins, a step that would
+  leave [min, max] is clamped to the bound, cooldown per rule and per direction;
+- "backend.ai": the first rule that fires wins (creation order), a step that would leave the
+  rule's bounds skips that rule, cooldown per rule (its last trigger time).
+Either way a rule without bounds of its own is bounded by the endpoint's range, and the metric
+is averaged over the rule's window. decide() is a pure function of (rules, metrics, state, now).
 """
 
 from __future__ import annotations
@@ -12,20 +19,30 @@ import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from appliance.domain.specs import Model
 
 Comparator = Literal["LESS_THAN", "LESS_THAN_OR_EQUAL", "GREATER_THAN", "GREATER_THAN_OR_EQUAL"]
-Source = Literal["gpu", "kernel", "inference", "gateway"]
+Source = Literal["gpu", "kernel", "inference", "gateway", "inference_framework", "prometheus"]
+SOURCES: tuple[str, ...] = Source.__args__  # type: ignore[attr-defined]
+COMPARATORS: tuple[str, ...] = Comparator.__args__  # type: ignore[attr-defined]
+# Sources whose metric_name is any series the replicas' /metrics export.
+SERIES_SOURCES = frozenset({"inference", "inference_framework", "prometheus"})
 
-# Metrics the appliance measures itself, per source, with their unit. `inference` takes any
-# Prometheus metric name the replicas export.
+# Metrics the appliance measures itself, per source, with their unit. Kernel names are
+# Backend.AI's live-stat keys, compared as its `pct` (used / capacity × 100), plus mem_rss.
 KNOWN_METRICS: dict[str, dict[str, str]] = {
     "gpu": {"gpu_util": "% busy (NVML), average of the replica's GPUs", "gpu_mem": "% of GPU memory used"},
-    "kernel": {"cpu_util": "% of one core, the replica's whole process tree", "mem_rss": "bytes resident, process tree"},
+    "kernel": {
+        "cpu_util": "% of one core (200 = two cores busy), the replica's whole process tree",
+        "mem": "% of the replica's memory limit (resources.mem, else the box's memory) resident in its process tree",
+        "cuda_util": "% busy of the replica's GPUs (NVML)",
+        "cuda_mem": "% of the replica's GPU memory used (NVML)",
+        "mem_rss": "bytes resident, process tree",
+    },
     "gateway": {
         "latency_p50": "seconds, request latency median over the window",
         "latency_p95": "seconds, request latency 95th percentile",
@@ -36,27 +53,93 @@ KNOWN_METRICS: dict[str, dict[str, str]] = {
     },
 }
 _PROM_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_BAI_SOURCES = "KERNEL, INFERENCE_FRAMEWORK, PROMETHEUS"
+
+
+def _source(value: Any) -> Any:
+    # Backend.AI's AutoScalingMetricSource is a CIStrEnum: "KERNEL", "kernel" and "Kernel" are one source.
+    if not isinstance(value, str):
+        return value
+    if value.lower() not in SOURCES:
+        raise ValueError(f"unknown metric source {value!r}: the appliance's gpu, kernel, inference, gateway, or Backend.AI's {_BAI_SOURCES} (any case)")
+    return value.lower()
+
+
+def _comparator(value: Any) -> Any:
+    # Backend.AI's comparator values are lowercase ("greater_than"); the appliance has always said GREATER_THAN.
+    if not isinstance(value, str):
+        return value
+    if value.upper() not in COMPARATORS:
+        raise ValueError(f"unknown comparator {value!r}: one of {', '.join(COMPARATORS)} (any case)")
+    return value.upper()
+
+
+def _threshold(value: Any) -> Any:
+    # Backend.AI takes the threshold as a string (a Decimal in its database): "5" and "0.5" are numbers here too.
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        raise ValueError(f"must be a number (got {value!r})") from None
+
+
+SourceName = Annotated[Source, BeforeValidator(_source)]
+ComparatorName = Annotated[Comparator, BeforeValidator(_comparator)]
+# The validator around the whole union, so a bad value gets one message, not one per member.
+OptionalSource = Annotated[Source | None, BeforeValidator(_source)]
+OptionalComparator = Annotated[Comparator | None, BeforeValidator(_comparator)]
+Threshold = Annotated[float, BeforeValidator(_threshold)]
 
 
 def _check_metric(source: str, name: str) -> None:
-    if source == "inference":
+    if source in SERIES_SOURCES:
         if not _PROM_NAME.match(name):
-            raise ValueError(f"{name!r} is not a Prometheus metric name")
+            extra = " (the appliance has no Prometheus server: a prometheus rule names a series of the replicas' /metrics)" if source == "prometheus" else ""
+            raise ValueError(f"{name!r} is not a Prometheus metric name{extra}")
     elif name not in KNOWN_METRICS[source]:
         raise ValueError(f"{source} metrics are {', '.join(KNOWN_METRICS[source])} (got {name!r})")
+
+
+# Backend.AI's appproxy stored a runtime's families renamed: vllm: → vllm_, sglang: → sglang_, max: → max_.
+_BAI_PREFIXES = (("vllm_", "vllm:"), ("sglang_", "sglang:"), ("max_", "max:"))
+# vLLM renamed its KV-cache gauge; a rule written for either name works with both versions.
+_ALIASES = {"vllm:gpu_cache_usage_perc": "vllm:kv_cache_usage_perc", "vllm:kv_cache_usage_perc": "vllm:gpu_cache_usage_perc"}
+
+
+def series_names(name: str) -> tuple[str, ...]:
+    """The exposition names a rule's metric may be found under, first match wins: the name as written,
+    then with Backend.AI's renaming undone (vllm_num_requests_waiting → vllm:num_requests_waiting),
+    then vLLM's other name for the same gauge."""
+    names = [name] + [native + name[len(bai):] for bai, native in _BAI_PREFIXES if name.startswith(bai)]
+    names += [_ALIASES[n] for n in names if n in _ALIASES]
+    return tuple(dict.fromkeys(names))
+
+
+def per_route(values: Sequence[float | None], routes: int) -> float | None:
+    """Backend.AI's INFERENCE_FRAMEWORK value: the total over the replicas that report the metric,
+    divided by the endpoint's active routes (1 when there are none); None when no replica reports it."""
+    present = [v for v in values if v is not None]
+    return sum(present) / max(routes, 1) if present else None
+
+
+def pct(used: float, capacity: float) -> float | None:
+    """Backend.AI's live-stat `pct`: used / capacity × 100; None without a capacity."""
+    return 100.0 * used / capacity if capacity > 0 else None
 
 
 class RuleSpec(Model):
     """An autoscaling rule as a user states it."""
 
-    metric_source: Source = Field(description="gpu | kernel | inference (the replicas' /metrics) | gateway (measured by the appliance)")
-    metric_name: str = Field(min_length=1, description="e.g. gpu_util, cpu_util, vllm:num_requests_waiting, latency_p95")
-    comparator: Comparator
-    threshold: float
+    metric_source: SourceName = Field(
+        description="gpu | kernel (Backend.AI's KERNEL) | inference (the replicas' /metrics, mean per replica) | "
+        "inference_framework (the same series, total ÷ routes as Backend.AI) | prometheus (a series of the replicas' /metrics) | gateway; any case"
+    )
+    metric_name: str = Field(min_length=1, description="e.g. cpu_util, mem, gpu_util, vllm:num_requests_waiting or vllm_num_requests_waiting, latency_p95")
+    comparator: ComparatorName
+    threshold: Threshold = Field(description="a number, or a numeric string as Backend.AI takes it")
     step_size: int = Field(description="replicas added (positive) or removed (negative) when the rule fires")
     min_replicas: int | None = Field(None, ge=0, description="lower bound; default the endpoint's min_replicas")
     max_replicas: int | None = Field(None, ge=0, description="upper bound; default the endpoint's max_replicas")
-    cooldown_seconds: float = Field(300.0, ge=0, description="after the rule fired, or the endpoint scaled the same way, wait this long")
+    cooldown_seconds: float = Field(300.0, ge=0, description="after the rule fired (appliance policy: or the endpoint scaled the same way), wait this long")
     window_seconds: float = Field(30.0, gt=0, description="the metric is averaged over this many seconds")
     enabled: bool = True
 
@@ -68,7 +151,7 @@ class RuleSpec(Model):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "RuleSpec":
+    def _consistent(self) -> RuleSpec:
         _check_metric(self.metric_source, self.metric_name)
         if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) must be ≤ max_replicas ({self.max_replicas})")
@@ -78,10 +161,10 @@ class RuleSpec(Model):
 class RulePatch(Model):
     """Fields of a rule to change; the result is validated as a whole."""
 
-    metric_source: Source | None = None
+    metric_source: OptionalSource = None
     metric_name: str | None = None
-    comparator: Comparator | None = None
-    threshold: float | None = None
+    comparator: OptionalComparator = None
+    threshold: Threshold | None = None
     step_size: int | None = None
     min_replicas: int | None = None
     max_replicas: int | None = None
@@ -120,20 +203,21 @@ class Rule:
         return 1 if self.step_size > 0 else -1
 
     @classmethod
-    def of(cls, row: Mapping[str, Any]) -> "Rule":
+    def of(cls, row: Mapping[str, Any]) -> Rule:
         return cls(**{k: row[k] for k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
 class ScaleState:
     replicas: int  # the desired count now
-    min_replicas: int  # the endpoint's bounds: defaults of rules that state none
+    min_replicas: int  # the endpoint's bounds: those of rules that state none
     max_replicas: int
     last_fired: Mapping[str, float] = field(default_factory=dict)  # rule id → when it last changed the count
     notes: Mapping[str, str] = field(default_factory=dict)  # rule id → suppression last recorded (said once, not every tick)
     idle_timeout: float | None = None
     last_activity: float | None = None  # last request, or when the endpoint last woke
     inflight: int = 0
+    policy: str = "appliance"  # how rules combine: "appliance" or "backend.ai"
 
 
 @dataclass(frozen=True)
@@ -176,12 +260,22 @@ def fires(comparator: str, value: float, threshold: float) -> bool:
     return _COMPARE[comparator][0](value, threshold)
 
 
+def bounds(rule: Rule, state: ScaleState) -> tuple[int, int, str]:
+    """The rule's [low, high], each its own or else the endpoint's, and words saying whose."""
+    low = state.min_replicas if rule.min_replicas is None else rule.min_replicas
+    high = state.max_replicas if rule.max_replicas is None else rule.max_replicas
+    own = (rule.min_replicas is not None, rule.max_replicas is not None)
+    whose = {(True, True): "the rule's", (False, False): "the endpoint's"}.get(own, "the rule's and the endpoint's")
+    return low, high, whose
+
+
 def _last_in_direction(rules: Sequence[Rule], last_fired: Mapping[str, float], direction: int) -> float | None:
     times = [last_fired[r.id] for r in rules if r.direction == direction and r.id in last_fired]
     return max(times) if times else None
 
 
 def _judge(rule: Rule, rules: Sequence[Rule], metrics: Mapping[tuple[str, str, float], float], state: ScaleState, now: float) -> Verdict | None:
+    """One rule's verdict under either policy; None when its condition does not hold."""
     name = f"{rule.metric_source}/{rule.metric_name}"
     n = state.replicas
 
@@ -194,46 +288,72 @@ def _judge(rule: Rule, rules: Sequence[Rule], metrics: Mapping[tuple[str, str, f
     if not fires(rule.comparator, value, rule.threshold):
         return None
     cond = f"{name} = {value:.4g} {_COMPARE[rule.comparator][1]} {rule.threshold:g} over {rule.window_seconds:g}s"
-    low = state.min_replicas if rule.min_replicas is None else rule.min_replicas
-    high = state.max_replicas if rule.max_replicas is None else rule.max_replicas
-    if rule.direction > 0:
-        target = min(n + rule.step_size, high)
-        if target <= n:
-            return verdict("bound", n, f"{cond}, but already at max_replicas {high}", value)
+    low, high, whose = bounds(rule, state)
+    way = "out" if rule.direction > 0 else "in"
+    if state.policy == "backend.ai":
+        # Backend.AI: new = max(0, current + step); outside the rule's bounds the rule is skipped, not clamped.
+        target = max(0, n + rule.step_size)
+        if target == n:
+            return verdict("bound", n, f"{cond}, but already at 0 replicas", value)
+        if not low <= target <= high:
+            return verdict("bound", n, f"{cond}, but {n} → {target} would leave {whose} bounds [{low}, {high}]: rule skipped", value)
+        clamped = ""
+        waits = [(state.last_fired.get(rule.id), "this rule")]  # cooldown per rule, from its last trigger time
     else:
-        target = max(n + rule.step_size, low)
-        if target >= n:
-            return verdict("bound", n, f"{cond}, but already at min_replicas {low}", value)
-    clamped = f" (step {rule.step_size:+d} clamped to the bound)" if target != n + rule.step_size else ""
-    for since, what in ((state.last_fired.get(rule.id), "this rule"), (_last_in_direction(rules, state.last_fired, rule.direction), "the endpoint")):
+        if rule.direction > 0:
+            target = min(n + rule.step_size, high)
+            if target <= n:
+                return verdict("bound", n, f"{cond}, but already at {whose} max_replicas {high}", value)
+        else:
+            target = max(n + rule.step_size, low)
+            if target >= n:
+                return verdict("bound", n, f"{cond}, but already at {whose} min_replicas {low}", value)
+        clamped = f" (step {rule.step_size:+d} clamped to the bound)" if target != n + rule.step_size else ""
+        waits = [(state.last_fired.get(rule.id), "this rule"), (_last_in_direction(rules, state.last_fired, rule.direction), "the endpoint")]
+    for since, what in waits:
         if since is not None and now - since < rule.cooldown_seconds:
-            way = "out" if rule.direction > 0 else "in"
             wait = rule.cooldown_seconds - (now - since)
             return verdict("cooldown", n, f"{cond}, but {what} scaled {way} {now - since:.0f}s ago (cooldown {rule.cooldown_seconds:g}s, {wait:.0f}s left)", value)
     return verdict("scale", target, f"{cond}: {n} → {target}{clamped}", value)
 
 
-def decide(rules: Sequence[Rule], metrics: Mapping[tuple[str, str, float], float], state: ScaleState, now: float) -> Decision:
-    """The next desired count of one endpoint. Scaling out beats scaling in; within one direction the
-    largest step wins. Suppressed changes and missing metrics come back once each in `record`."""
-    active = [r for r in rules if r.enabled]
-    verdicts = [v for v in (_judge(r, active, metrics, state, now) for r in active) if v is not None]
+def _largest_step(verdicts: Sequence[Verdict], state: ScaleState, now: float) -> Verdict | None:
+    # The appliance's policy: scaling out beats the idle timeout, which beats scaling in; the largest step wins.
     out = [v for v in verdicts if v.result == "scale" and v.to_replicas > state.replicas]
     inward = [v for v in verdicts if v.result == "scale" and v.to_replicas < state.replicas]
-    winner: Verdict | None = None
     if out:
-        winner = max(out, key=lambda v: v.to_replicas)  # max() keeps the first of equals: rule order breaks ties
+        return max(out, key=lambda v: v.to_replicas)  # max() keeps the first of equals: rule order breaks ties
+    return _idle(state, now) or (min(inward, key=lambda v: v.to_replicas) if inward else None)
+
+
+def decide(rules: Sequence[Rule], metrics: Mapping[tuple[str, str, float], float], state: ScaleState, now: float) -> Decision:
+    """The next desired count of one endpoint under its policy (see the module's docstring). Rules come
+    in creation order. Suppressed changes and missing metrics come back once each in `record`."""
+    active = [r for r in rules if r.enabled]
+    verdicts: list[Verdict] = []
+    winner: Verdict | None = None
+    looked = {r.id for r in active}
+    if state.policy == "backend.ai":
+        looked = set()
+        for rule in active:  # the first rule that fires and passes its bounds and cooldown wins; later ones are not looked at
+            looked.add(rule.id)
+            v = _judge(rule, active, metrics, state, now)
+            if v is not None:
+                verdicts.append(v)
+                if v.result == "scale":
+                    winner = v
+                    break
+        if winner is None or winner.to_replicas < state.replicas:  # the idle timeout is the appliance's: it beats a scale-in here too
+            winner = _idle(state, now) or winner
     else:
-        idle = _idle(state, now)
-        if idle is not None:
-            winner = idle
-        elif inward:
-            winner = min(inward, key=lambda v: v.to_replicas)
+        verdicts = [v for v in (_judge(r, active, metrics, state, now) for r in active) if v is not None]
+        winner = _largest_step(verdicts, state, now)
     if winner is not None:
         verdicts = [v if v is winner or v.result != "scale" else replace(v, result="outvoted", to_replicas=state.replicas) for v in verdicts]
         if winner.rule is None:
             verdicts.append(winner)
-    notes: dict[str, str] = {}
+    # A rule not looked at (after the winner, Backend.AI's way) keeps its note, so it is not recorded again.
+    notes: dict[str, str] = {r.id: state.notes[r.id] for r in active if r.id not in looked and r.id in state.notes}
     record: list[Verdict] = []
     for v in verdicts:
         if v.rule is None or v.result in ("scale", "outvoted"):

@@ -36,7 +36,10 @@ def _get(db: Database, endpoint: str, rule_id: str) -> Row:
 
 
 class RulesRepo:
-    def __init__(self, store: "Store") -> None:
+    """Rules are listed in creation order (rowid breaks a tie within a millisecond): the order
+    Backend.AI's first-rule-wins policy goes by, as its unordered query yields insertion order."""
+
+    def __init__(self, store: Store) -> None:
         self._store = store
 
     async def insert(self, row: Row, message: str) -> Row:
@@ -57,9 +60,9 @@ class RulesRepo:
     async def list(self, endpoint: str | None = None) -> list[Row]:
         def q(db: Database) -> list[Row]:
             if endpoint is None:
-                return [_decode(r) for r in db.query("select * from autoscaling_rules order by endpoint, created_at, id")]
+                return [_decode(r) for r in db.query("select * from autoscaling_rules order by endpoint, created_at, rowid")]
             _endpoint_exists(db, endpoint)
-            return [_decode(r) for r in db.query("select * from autoscaling_rules where endpoint = ? order by created_at, id", [endpoint])]
+            return [_decode(r) for r in db.query("select * from autoscaling_rules where endpoint = ? order by created_at, rowid", [endpoint])]
 
         return await self._store.run(q)
 
