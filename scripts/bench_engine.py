@@ -12,9 +12,10 @@ both alike. It prints, per concurrency:
 
 On a small CPU box the engine, the gateway and the load generator would otherwise share the
 cores, and the engine's pace would swing with whatever else runs. With --pin (the default where
-there are at least 2 CPUs) the engine's whole tree, every thread, runs on the last CPU and the
-appliance and this script on the others: the engine's pace is then the same for both paths, and
-the gateway pays for its own CPU time as it would on a GPU box with cores to spare. Ratios are
+there are at least 2 CPUs) the engine's whole tree, every thread, and this load generator run
+on the last CPU, the appliance alone on the others. The load generator does the same work on
+both paths, so sharing the engine's CPU slows both alike, while the gateway pays for its own
+CPU time on cores of its own, as it would on a GPU box with cores to spare. Ratios are
 taken per round (a direct run and an appliance run back to back) and the median is reported.
 
 Usage: .venv/bin/python scripts/bench_engine.py [--requests 64] [--concurrency 1 8 32] [--rounds 6] [--no-pin]
@@ -158,8 +159,8 @@ def main() -> int:
         if args.pin:
             threads = sum(pin(p, engine_cpus) for p in engine_tree(rep["pid"]))
             pin(server.pid, rest)
-            pin(os.getpid(), rest)
-            print(f"engine: {threads} threads on CPU {sorted(engine_cpus)}; appliance and load generator on CPU {sorted(rest)}")
+            pin(os.getpid(), engine_cpus)
+            print(f"engine ({threads} threads) and load generator on CPU {sorted(engine_cpus)}; appliance on CPU {sorted(rest)}")
         headers = {"Authorization": f"Bearer {key}"}
         asyncio.run(run(url, headers, "tiny", 8, 4))  # warm both paths
         print(f"{'conc':>4} {'direct tok/s':>12} {'appl. tok/s':>11} {'ratio':>6} {'TTFT p50 direct':>15} {'added':>9} {'appl. CPU s/1k tok':>18}")

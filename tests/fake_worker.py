@@ -191,7 +191,7 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
         return web.json_response({"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": len(items), "total_tokens": len(items)}})
 
     async def echo(request: web.Request) -> web.Response:
-        return web.json_response({"method": request.method, "path": request.path, "query": request.query_string,
+        return web.json_response({"method": request.method, "path": request.path, "raw_path": request.raw_path, "query": request.query_string,
                                   "body": (await request.read()).decode(), "headers": dict(request.headers)})
 
     async def stats(request: web.Request) -> web.Response:

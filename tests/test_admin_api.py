@@ -217,3 +217,9 @@ async def test_custom_folder_endpoint_shows_definition_and_defaults(admin: Admin
     (seed_folder / "model-definition.yaml").write_text("models: [\n")
     status, err = await admin.call("PATCH", "/api/v1/endpoints/seed", json_body={"replicas": 1})
     assert status == 422 and err["error"]["code"] == "invalid_definition" and "model-definition.yaml: line" in err["error"]["message"]
+
+
+async def test_an_integer_query_beyond_sqlites_range_is_a_400_not_a_500(admin: Admin) -> None:
+    status, err = await admin.call("GET", "/api/v1/events?before=13096496928256468430356480")
+    assert status == 400 and err["error"]["code"] == "invalid_query" and err["error"]["param"] == "before"
+    assert "between 1 and 9223372036854775807" in err["error"]["message"]

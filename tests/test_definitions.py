@@ -143,8 +143,8 @@ def test_broken_service_definitions() -> None:
     ]
     with pytest.raises(ApplianceError, match=r"service-definition.toml: not valid TOML: .*line 1"):
         parse_service_definition("[vllm\n", path=Path("service-definition.toml"))
-    with pytest.raises(ApplianceError, match=r"image: must be a table"):
-        parse_service_definition('image = "x"\n', path=Path("service-definition.toml"))
+    with pytest.raises(ApplianceError, match=r"gpus: must be a table"):
+        parse_service_definition('gpus = 1\n', path=Path("service-definition.toml"))
     with pytest.raises(ApplianceError, match=r"\[vlm\]: neither a runtime"):
         parse_service_definition('[vlm.environ]\nA = "1"\n', path=Path("service-definition.toml"))
 
@@ -269,3 +269,23 @@ def test_service_definition_slots_beyond_one_gpu_and_unknown_slots(tmp_path: Pat
     config, _ = resolve(EndpointSpec(name="frac", model_folder=str(tmp_path), runtime="transformers"))
     assert config.resources.gpus == 2 and config.unenforced_slots == {"tpu.device": 1}  # 1.5 GPUs are held as 2 whole ones
     assert endpoints_mod is endpoints
+
+
+def test_head_forms_are_accepted_beside_26_3_ones() -> None:
+    d = parse_model_definition(
+        "models:\n  - name: m\n    model_path: /models\n    service:\n      command: serve --port 9000\n      start_command: [old]\n"
+        "      shell: null\n      port: 9000\n      health_check: {}\n"
+        "  - name: n\n    model_path: /models\n    service:\n      start-command: [x]\n      port: 9001\n      health_check:\n        enable: false\n"
+        "        path: /h\n  - name: o\n    model_path: /models\n    service:\n      start_command: [y]\n      port: 9002\n      health_check:\n"
+        "        interval: 3\n",
+        path=Path("d.yaml"),
+    )
+    first, second, third = (m.service for m in d.models)
+    assert first is not None and first.argv_or_script == "serve --port 9000" and first.shell is None  # `command` wins; no shell: split
+    assert first.check is None and second is not None and second.check is None  # {} and enable: false opt out (HEAD)
+    assert second.argv_or_script == ["x"]
+    assert third is not None and third.check == HealthCheck(path="/health", interval=3.0)  # HEAD: path defaults to /health
+    flat = parse_service_definition('image = "reg/x:1"\narchitecture = "aarch64"\n[resource_opts]\nshmem = "1g"\n[environ]\nA = "1"\n', path=Path("s.toml"))
+    section = flat.for_runtime("vllm")
+    assert section is not None and section.environment.image == "reg/x:1" and section.environment.architecture == "aarch64"
+    assert section.environ == {"A": "1"}

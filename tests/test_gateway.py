@@ -15,6 +15,7 @@ import pytest
 from conftest import Admin, async_wait_for
 from inprocess import InProcessLauncher, InProcessWorker
 from test_supervisor import WORKERS, create, fake_folder, replicas, wait_status
+from yarl import URL
 
 
 @pytest.fixture
@@ -139,6 +140,10 @@ async def test_endpoint_url_passes_everything_through(admin: Admin, tmp_path: Pa
     assert {k.lower(): v for k, v in (await resp.json())["headers"].items()}["user-agent"] == "appliance"
     resp = await admin.client.get("/endpoints/nobody/x")
     assert resp.status == 404 and (await resp.json())["error"]["code"] == "endpoint_not_found"
+    # encoded bytes in the path and query reach the worker as the client sent them
+    resp = await admin.client.get(URL("/endpoints/triton/echo/a%2Fb%3Fc/infer?q=1&x=%26%20", encoded=True))
+    echo = await resp.json()
+    assert resp.status == 200 and echo["raw_path"] == "/echo/a%2Fb%3Fc/infer?q=1&x=%26%20", echo
 
 
 async def test_worker_errors_pass_through_unchanged(admin: Admin, tmp_path: Path) -> None:

@@ -14,9 +14,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from appliance.api.http import Route, parse_json, read_body
 from appliance.api.proxy import Outcome, UpstreamUnreachable, forward, make_session, worker_headers
@@ -167,7 +169,7 @@ class Gateway:
         return headers
 
     async def proxy(
-        self, request: web.Request, endpoint: str, config: EndpointConfig, path: str, body: bytes, key: str | None,
+        self, request: web.Request, endpoint: str, config: EndpointConfig, target: str, body: bytes, key: str | None,
         principal: Principal | None, *, drop_usage_event: bool = False,
     ) -> web.StreamResponse:
         assert self._session is not None
@@ -185,7 +187,7 @@ class Gateway:
             while True:
                 adm, replica = await self.acquire(endpoint, config, key, tried)
                 replica_id = replica.id
-                url = replica.url + path + (f"?{request.query_string}" if request.query_string else "")
+                url = URL(replica.url + target, encoded=True)  # the client's path and query, byte for byte
                 try:
                     response = await forward(
                         self._session, request, method=request.method, url=url, body=body, headers=headers, replica=replica.id,
@@ -284,7 +286,7 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
         session_key = request.headers.get("X-Session-ID") or (data.get("user") if isinstance(data.get("user"), str) else None)
     elif config.routing == "prefix":
         session_key = prefix_key(data, config.prefix_length)
-    return await request.app[GATEWAY].proxy(request, name, config, request.path, body, session_key, principal, drop_usage_event=drop_usage_event)
+    return await request.app[GATEWAY].proxy(request, name, config, request.raw_path, body, session_key, principal, drop_usage_event=drop_usage_event)
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
@@ -296,7 +298,10 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     principal = await _authorize(request, name, config)
     body = await read_body(request)
     key = request.headers.get("X-Session-ID") if config.routing == "session_affinity" else None
-    return await request.app[GATEWAY].proxy(request, name, config, "/" + request.match_info["path"], body, key, principal)
+    prefix = f"/endpoints/{name}"
+    raw = request.raw_path  # still percent-encoded: %2F stays %2F, %3F stays %3F
+    target = raw[len(prefix):] if raw.startswith(prefix + "/") else "/" + quote(request.match_info["path"]) + (f"?{request.query_string}" if request.query_string else "")
+    return await request.app[GATEWAY].proxy(request, name, config, target, body, key, principal)
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from appliance.errors import ApplianceError
 
@@ -195,7 +196,7 @@ async def forward(
     request: web.Request,
     *,
     method: str,
-    url: str,
+    url: str | URL,
     body: bytes,
     headers: Mapping[str, str],
     replica: str,

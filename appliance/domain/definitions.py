@@ -293,10 +293,15 @@ def parse_service_definition(text: str, *, path: Path) -> ServiceDefinition:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _definition_error(path, [f"not valid TOML: {exc}"]) from None
+    # Backend.AI HEAD's flat form: image and architecture at the top, resource_opts beside resource_slots
+    flat = {k: data.pop(k) for k in ("image", "architecture") if isinstance(data.get(k), str)}
+    data.pop("resource_opts", None)  # container options (e.g. shared memory): nothing to apply without containers
     bad = [k for k, v in data.items() if not isinstance(v, dict)]
     if bad:
         raise _definition_error(path, [f"{k}: must be a table ([{k}] or [<runtime>.{k}])" for k in bad])
     base = {k: v for k, v in data.items() if k in ROOT_TABLES}
+    if flat:
+        base["environment"] = {**flat, **base.get("environment", {})}
     runtimes = {k: v for k, v in data.items() if k not in ROOT_TABLES}
     unknown = [k for k in runtimes if k not in RUNTIMES]
     if unknown:
