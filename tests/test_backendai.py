@@ -240,3 +240,13 @@ async def test_variants_without_a_command_of_their_own_take_command_and_their_he
     ep = await create(admin, "c", tmp_path, runtime="cmd", command=[PY, str(FAKE), "--port", "8000"])
     assert ep["health_check"]["path"] is None  # no health check: healthy once the port accepts connections
     await wait_status(admin, "c", "HEALTHY")
+
+
+@pytest.mark.parametrize("target", ["../../admin.key", "/etc/appliance-escape", "/home/work/../../secret.key"])
+async def test_pre_start_files_stay_inside_the_work_dir(admin: Admin, tmp_path: Path, target: str) -> None:
+    actions = [{"action": "mkdir", "args": {"path": "/home/work/fine"}}, {"action": "write_file", "args": {"filename": target, "body": ["x"]}}]
+    service = {"pre_start_actions": actions, "start_command": [PY, str(FAKE), "--port", "8000"], "port": 8000, "health_check": {"path": "/health", **QUICK}}
+    await create(admin, "escape", folder(tmp_path, "escape", service))
+    ep = await wait_status(admin, "escape", "ERROR")
+    assert f"pre-start action 1 (write_file): {target!r} is outside the replica's work directory" in ep["status_message"]
+    assert not Path("/etc/appliance-escape").exists() and not (tmp_path / "state" / "secret.key").exists()

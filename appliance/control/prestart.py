@@ -14,7 +14,7 @@ from typing import Any
 
 from appliance.control.process import ReplicaLog, end_group, resolve_executable
 from appliance.domain.definitions import PreStartAction
-from appliance.domain.templates import render
+from appliance.domain.templates import WORK_MOUNT, map_paths, render
 from appliance.errors import ApplianceError
 
 
@@ -35,6 +35,7 @@ async def run_pre_start_actions(
 ) -> None:
     """Run `actions` in order; `variables` gains each `ref`'s result (and {tempfile} / {tempfile_N}).
     Cancelled (the replica is stopped), a running command's process tree is ended within `grace` seconds."""
+    work_dir = Path(os.path.normpath(work_dir))
     temp_count = 0
     for number, action in enumerate(actions):
         args = action.args
@@ -44,8 +45,13 @@ async def run_pre_start_actions(
             return render(str(raw), variables, where=where)
 
         def path_of(raw: Any) -> Path:
-            p = Path(fill(raw))
-            return p if p.is_absolute() else work_dir / p
+            # Files land in the replica's work dir (Backend.AI's /home/work) and nowhere else: model code must
+            # not write over the appliance's state or another replica's files.
+            given = fill(raw)
+            p = Path(os.path.normpath(work_dir / map_paths(given, {WORK_MOUNT: str(work_dir)})))
+            if p != work_dir and work_dir not in p.parents:
+                raise ApplianceError(f"{given!r} is outside the replica's work directory (/home/work); pre-start files stay inside it", status=422, code="path_outside_work_dir")
+            return p
 
         result: Any = None
         try:
