@@ -250,3 +250,18 @@ async def test_pre_start_files_stay_inside_the_work_dir(admin: Admin, tmp_path: 
     ep = await wait_status(admin, "escape", "ERROR")
     assert f"pre-start action 1 (write_file): {target!r} is outside the replica's work directory" in ep["status_message"]
     assert not Path("/etc/appliance-escape").exists() and not (tmp_path / "state" / "secret.key").exists()
+
+
+async def test_secret_looking_arguments_are_masked_in_the_api_and_the_log(admin: Admin, tmp_path: Path) -> None:
+    from appliance.security.vault import mask_argv
+
+    assert mask_argv(["x", "--api-key", "sk-1", "--hf-token=hf_2", "--max-model-len", "4096", "-p", "8", "--db-password", "p"]) == [
+        "x", "--api-key", "********", "--hf-token=********", "--max-model-len", "4096", "-p", "8", "--db-password", "********"]
+    boot = f"import runpy, sys; sys.argv = [{str(FAKE)!r}, '--port', sys.argv[1]]; runpy.run_path({str(FAKE)!r}, run_name='__main__')"
+    ep = await create(admin, "masked", tmp_path, runtime="cmd", command=[PY, "-c", boot, "8000"], extra_args=["--api-key", "sk-live-123", "--hf-token=hf_abc"])
+    assert ep["extra_args"] == ["--api-key", "********", "--hf-token=********"] and ep["spec"]["extra_args"][1] == "********"
+    await wait_status(admin, "masked", "HEALTHY")
+    (rep,) = await replicas(admin, "masked")
+    assert rep["command"][-3:] == ["--api-key", "********", "--hf-token=********"]
+    log = Path(rep["log_path"]).read_text()
+    assert "starting: " in log and "sk-live-123" not in log and "hf_abc" not in log

@@ -15,6 +15,7 @@ from appliance.control.replica import Replica
 from appliance.domain.placement import visible
 from appliance.domain.specs import EndpointPatch, EndpointSpec
 from appliance.errors import ApplianceError
+from appliance.security.vault import mask_argv
 from appliance.store import iso
 
 PREFIX = "/api/v1"
@@ -91,7 +92,7 @@ def _replica_view(r: Replica) -> ReplicaView:
         port=r.port,
         gpus=list(r.allocation.uuids) if r.allocation else [],
         gpu_share=r.allocation.share if r.allocation else None,
-        command=list(r.argv),
+        command=mask_argv(r.argv),
         started_at=iso(r.started_at) if r.started_at else None,
         restarts=r.restarts,
         consecutive_failures=health.consecutive_failures if health else 0,

@@ -37,6 +37,7 @@ from appliance.domain.specs import EndpointConfig, HealthCheck
 from appliance.domain.states import ReplicaState, check_transition
 from appliance.domain.templates import render, render_all
 from appliance.errors import ApplianceError
+from appliance.security.vault import mask_argv
 from appliance.store import Clock, Store
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class ReplicaRunner:
             return await self._failed(r, exc.message if isinstance(exc, ApplianceError) else f"could not prepare the replica: {exc}")
         r.waiting_for_capacity = False
         try:
-            r.log.note(f"starting: {' '.join(spec.argv)} (port {r.port})")
+            r.log.note(f"starting: {' '.join(mask_argv(spec.argv))} (port {r.port})")
             res = config.resources
             slot = Slot(r.id, cpu=res.cpu, mem=int(res.mem) if res.mem else None)
             r.process = await self._launch(spec.argv, env=env, cwd=Path(spec.cwd) if spec.cwd else r.work_dir, sink=r.log, slot=slot)

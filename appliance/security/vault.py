@@ -7,7 +7,8 @@ response hold; the plaintext exists only in the environment handed to a worker.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,39 @@ def mask(values: Mapping[str, Any]) -> dict[str, str]:
 
 
 def masked(record: Mapping[str, Any], field: str = "secret_environ") -> dict[str, Any]:
-    """`record` with the values under `field` masked (for responses, events and logs)."""
+    """`record` with the values under `field` masked, and secret-looking command arguments
+    (for responses, events and logs)."""
+    out = dict(record)
     if isinstance(record.get(field), Mapping):
-        return {**record, field: mask(record[field])}
-    return dict(record)
+        out[field] = mask(record[field])
+    for name in ("extra_args", "command"):
+        if isinstance(record.get(name), list):
+            out[name] = mask_argv(record[name])
+    return out
+
+
+# Flags whose value is a credential: --api-key, --hf-token, --secret, --password, and their kin.
+_SECRET_FLAG = re.compile(r"^--?[\w.-]*(api[-_]?key|token|secret|password|passwd|credential)[\w.-]*$", re.IGNORECASE)
+
+
+def mask_argv(argv: Sequence[str]) -> list[str]:
+    """A command line with the values of secret-looking flags replaced by the mask (`--api-key X`,
+    `--hf-token=X`). The process itself still sees them, and so does /proc/*/cmdline: secrets
+    belong in secret_environ."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append(MASK)
+            hide_next = False
+            continue
+        flag, eq, _ = arg.partition("=")
+        if _SECRET_FLAG.match(flag):
+            if eq:
+                out.append(f"{flag}={MASK}")
+            else:
+                out.append(arg)
+                hide_next = True
+            continue
+        out.append(arg)
+    return out
