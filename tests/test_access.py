@@ -374,3 +374,39 @@ async def test_anonymous_public_calls_count_under_an_empty_key(admin: Admin, tmp
     _, usage = await admin.call("GET", "/api/v1/usage?endpoint=open")
     (row,) = usage["data"]
     assert row["key_id"] == "" and row["key_name"] is None and row["requests"] == 1 and row["completion_tokens"] == 2
+
+
+async def test_callers_without_a_key_cannot_tell_private_endpoints_from_missing_ones(admin: Admin, tmp_path: Path) -> None:
+    await healthy(admin, "secretive", fake_folder(tmp_path, "secretive"))
+    private = await chat(admin, "secretive")
+    missing = await chat(admin, "no-such-model")
+    assert private[0] == missing[0] == 401 and private[1] == missing[1] and private[1]["error"]["code"] == "missing_api_key"
+    for path in ("/endpoints/secretive/v1/models", "/endpoints/no-such-model/v1/models"):
+        resp = await admin.client.get(path)
+        assert resp.status == 401 and (await resp.json())["error"] == private[1]["error"]
+    key = await new_key(admin)
+    assert (await chat(admin, "no-such-model", bearer(key["key"])))[0] == 404  # a caller with a key learns what exists
+
+
+@pytest.mark.parametrize(("headers", "says"), [
+    ({"Authorization": "ak-0123456789"}, "put `Bearer ` before the key"),
+    ({"x-api-key": "ak-0123456789"}, "sent in an x-api-key header, which is not read"),
+    ({"Authorization": "Basic dXNlcjpwYXNz"}, "the Authorization scheme 'Basic' is not accepted"),
+    ({"Authorization": "Bearer "}, "has the Bearer scheme but no key"),
+])
+async def test_a_key_sent_the_wrong_way_gets_a_precise_message(admin: Admin, tmp_path: Path, headers: dict[str, str], says: str) -> None:
+    await healthy(admin, "precise", fake_folder(tmp_path, "precise"))
+    status, body, _ = await chat(admin, "precise", headers)
+    assert status == 401 and says in body["error"]["message"], body
+
+
+async def test_without_public_endpoints_a_keyless_request_is_refused_before_its_body_is_read(admin: Admin, tmp_path: Path) -> None:
+    await healthy(admin, "guarded", fake_folder(tmp_path, "guarded"))
+    url = admin.client.make_url("/v1/chat/completions")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    # 16 MB announced, none sent: an answer can only come from headers alone
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 16000000\r\n\r\n")
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), timeout=5)
+    writer.close()
+    assert status_line.split()[1] == b"401"

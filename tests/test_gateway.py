@@ -138,7 +138,7 @@ async def test_endpoint_url_passes_everything_through(admin: Admin, tmp_path: Pa
     assert seen["user-agent"] == "custom/1" and seen["accept-encoding"] == "identity"  # no compression it did not ask for
     resp = await admin.client.get("/endpoints/triton/echo/x", skip_auto_headers=["User-Agent"])
     assert {k.lower(): v for k, v in (await resp.json())["headers"].items()}["user-agent"] == "appliance"
-    resp = await admin.client.get("/endpoints/nobody/x")
+    resp = await admin.client.get("/endpoints/nobody/x", headers=admin.headers)
     assert resp.status == 404 and (await resp.json())["error"]["code"] == "endpoint_not_found"
     # encoded bytes in the path and query reach the worker as the client sent them
     resp = await admin.client.get(URL("/endpoints/triton/echo/a%2Fb%3Fc/infer?q=1&x=%26%20", encoded=True))

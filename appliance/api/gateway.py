@@ -233,28 +233,47 @@ class Gateway:
 GATEWAY = web.AppKey("gateway", Gateway)
 
 
-async def _authorize(request: web.Request, name: str, config: EndpointConfig) -> Principal | None:
-    """Private endpoints need a credential allowed to use them. On a public one a valid credential
-    still counts (limits, usage); a missing or wrong one is simply anonymous."""
+async def _caller(request: web.Request) -> tuple[Principal | None, ApplianceError | None]:
+    """Who is calling, decided from the headers before any body is read: a principal, or None and why not."""
+    try:
+        return await request.app[SERVICES].auth.identify(request, record=False), None
+    except ApplianceError as err:
+        return None, err
+
+
+def _refuse_unless_public(request: web.Request, refusal: ApplianceError | None) -> None:
+    """An anonymous caller is refused before its body is read when no endpoint is public."""
+    table = request.app[SERVICES].supervisor.table
+    if refusal is not None and not any(c.public for c in table.endpoints.values()):
+        raise request.app[SERVICES].auth.refuse(request, refusal)
+
+
+def _authorize(request: web.Request, principal: Principal | None, refusal: ApplianceError | None, name: str, config: EndpointConfig | None) -> Principal | None:
+    """The principal the call runs as (None: anonymous on a public endpoint). Without a valid credential
+    the answer is the same 401 whether the endpoint is private or does not exist: names are not probed."""
     auth = request.app[SERVICES].auth
-    if config.public:
-        if "Authorization" not in request.headers:
-            return None
-        try:
-            principal = await auth.identify(request, record=False)
-        except ApplianceError:
-            return None
-        return principal if principal.has(INFERENCE) and principal.allows(name) else None
-    principal = await auth.authenticate(request, INFERENCE)
+    if principal is None:
+        if config is None or not config.public:
+            assert refusal is not None
+            raise auth.refuse(request, refusal)
+        return None
+    if config is None:
+        raise ApplianceError(f"The model '{name}' does not exist", status=404, code="model_not_found", param="model")
+    if config.public and not (principal.has(INFERENCE) and principal.allows(name)):
+        return None  # on a public endpoint a key that may not use it still gets in, anonymously
+    if not principal.has(INFERENCE):
+        raise auth.refuse(request, ApplianceError(
+            f"{principal.name!r} lacks the 'inference' scope (it has: {', '.join(sorted(principal.scopes)) or 'none'})", status=403, code="insufficient_scope",
+        ))
     auth.check_endpoint(request, principal, name)
     return principal
 
 
-def _lookup(request: web.Request, model: str) -> tuple[str, EndpointConfig]:
+def _lookup(request: web.Request, model: str) -> tuple[str, EndpointConfig | None]:
     table = request.app[SERVICES].supervisor.table
     name = table.resolve(model)
     if name is None or name not in table.endpoints:
-        raise ApplianceError(f"The model '{model}' does not exist", status=404, code="model_not_found", param="model")
+        return model, None
     return name, table.endpoints[name]
 
 
@@ -262,6 +281,8 @@ _USAGE_IN_STREAM = ("/v1/chat/completions", "/v1/completions")
 
 
 async def openai_route(request: web.Request) -> web.StreamResponse:
+    principal, refusal = await _caller(request)
+    _refuse_unless_public(request, refusal)
     body = await read_body(request)
     data = parse_json(body)
     if not isinstance(data, dict):
@@ -269,8 +290,10 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise ApplianceError("you must provide a model parameter (an endpoint name)", status=400, code="missing_model", param="model")
-    name, config = _lookup(request, model)
-    principal = await _authorize(request, name, config)
+    name, found = _lookup(request, model)
+    principal = _authorize(request, principal, refusal, name, found)
+    assert found is not None
+    config = found
     # The body is re-encoded only when the worker knows the model by another name, or to learn a keyed
     # stream's token counts (usage, limits): then the gateway asks for the final usage event and keeps it
     # from the client. Anonymous calls to public endpoints are spared the extra work.
@@ -291,11 +314,13 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
-    table = request.app[SERVICES].supervisor.table
-    if name not in table.endpoints:
+    principal, refusal = await _caller(request)
+    found = request.app[SERVICES].supervisor.table.endpoints.get(name)
+    if principal is not None and found is None:
         raise ApplianceError(f"endpoint {name!r} not found", status=404, code="endpoint_not_found", param="name")
-    config = table.endpoints[name]
-    principal = await _authorize(request, name, config)
+    principal = _authorize(request, principal, refusal, name, found)
+    assert found is not None
+    config = found
     body = await read_body(request)
     key = request.headers.get("X-Session-ID") if config.routing == "session_affinity" else None
     prefix = f"/endpoints/{name}"

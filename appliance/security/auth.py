@@ -223,6 +223,23 @@ def credential(request: web.Request) -> str | None:
 FailureHook = Callable[[str, web.Request, str | None], None]
 
 
+def _missing(request: web.Request) -> ApplianceError:
+    """No usable credential: say precisely what was wrong with what was sent."""
+    header = request.headers.get("Authorization", "").strip()
+    scheme, _, value = header.partition(" ")
+    if not header:
+        message = "missing API key: send `Authorization: Bearer <key>`"
+        if "x-api-key" in request.headers or "api-key" in request.headers:
+            message = "the key was sent in an x-api-key header, which is not read: send it as `Authorization: Bearer <key>`"
+    elif not value.strip() and scheme.lower() in ("bearer", "backendai"):
+        message = f"the Authorization header has the {scheme} scheme but no key: send `Authorization: Bearer <key>`"
+    elif not value.strip():
+        message = "the Authorization header holds a bare value: put `Bearer ` before the key (`Authorization: Bearer <key>`)"
+    else:
+        message = f"the Authorization scheme {scheme!r} is not accepted: send `Authorization: Bearer <key>` (or Backend.AI's `BackendAI <token>`)"
+    return ApplianceError(message, status=401, code="missing_api_key", headers={"WWW-Authenticate": 'Bearer realm="appliance"'})
+
+
 def _unauthorized(message: str, code: str) -> ApplianceError:
     return ApplianceError(message, status=401, code=code, headers={"WWW-Authenticate": 'Bearer realm="appliance", error="invalid_token"'})
 
@@ -298,6 +315,10 @@ class Authenticator:
 
     # --- the check ---------------------------------------------------------------------------------
 
+    def refuse(self, request: web.Request, err: ApplianceError) -> ApplianceError:
+        """Record a refusal decided by the caller of identify(record=False)."""
+        return self._fail(request, credential(request), err)
+
     def _fail(self, request: web.Request, token: str | None, err: ApplianceError, record: bool = True) -> ApplianceError:
         if record and self.on_failure is not None:
             self.on_failure(err.code, request, token[:9] if token else None)
@@ -307,10 +328,7 @@ class Authenticator:
         """The caller behind the request's credential, or a 401 (recorded in events unless `record` is false)."""
         token = credential(request)
         if token is None:
-            raise self._fail(request, None, ApplianceError(
-                "missing API key: send `Authorization: Bearer <key>`", status=401, code="missing_api_key",
-                headers={"WWW-Authenticate": 'Bearer realm="appliance"'},
-            ), record)
+            raise self._fail(request, None, _missing(request), record)
         if token.startswith("eyJ") and token.count(".") == 2:
             return self._from_jwt(request, token, record)
         digest = hash_key(token)
