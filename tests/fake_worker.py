@@ -97,6 +97,16 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
         say(f"health {200 if ok else 503}")
         return web.json_response({"ok": ok}, status=200 if ok else 503)
 
+    async def partial(request: web.Request) -> web.StreamResponse:
+        # a plain (not SSE) body of unknown length, cut off after `bytes`: a worker dying mid-answer
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await resp.prepare(request)
+        await resp.write(b"x" * int(request.query.get("bytes", "100000")))
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+
     async def moved(request: web.Request) -> web.Response:
         raise web.HTTPTemporaryRedirect("/health")
 
@@ -230,7 +240,8 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
     app.router.add_get("/health", health)
     if args.health_path != "/health":
         app.router.add_get(args.health_path, health)
-    app.router.add_get("/moved", moved)  # a health path that redirects
+    app.router.add_get("/moved", moved)
+    app.router.add_get("/_partial", partial)  # a health path that redirects
     app.router.add_get("/whoami", whoami)
     app.router.add_get("/stats", stats)
     app.router.add_get("/metrics", metrics)

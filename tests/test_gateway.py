@@ -285,3 +285,13 @@ async def test_a_silent_worker_is_a_504_not_a_retry_elsewhere(start_inprocess_ap
     assert resp.status == 504 and err["error"]["code"] == "worker_timeout" and err["error"]["source"] == "worker"
     served = [(await stats(r["port"]))["requests"] for r in reps]
     assert sorted(served) == [0, 1]  # the request ran once, on one replica
+
+
+async def test_a_plain_body_cut_off_by_the_worker_reaches_the_client_incomplete(admin: Admin, tmp_path: Path) -> None:
+    await healthy(admin, "cutoff", fake_folder(tmp_path, "cutoff"), public=True)
+    resp = await admin.client.get("/endpoints/cutoff/_partial?bytes=300000")
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()  # not a clean, short 200
+    resp = await admin.client.get("/endpoints/cutoff/health")
+    assert resp.status == 200  # the appliance itself is fine

@@ -274,10 +274,15 @@ async def forward(
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             silent = f" (sent nothing for {idle:g}s, [gateway] idle_read_timeout_seconds)" if isinstance(exc, TimeoutError) else ""
             outcome.error = f"replica {replica} failed mid-stream: {exc.__class__.__name__}{silent}"
-            if sse:
-                if events is not None and (rest := events.flush()):
-                    await response.write(rest)
-                await response.write(sse_error_event(outcome.error, replica))
+            if not sse:
+                # A plain body cannot carry an error: end the connection without a clean end, so the client
+                # sees an incomplete response instead of a short one that looks whole.
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            if events is not None and (rest := events.flush()):
+                await response.write(rest)
+            await response.write(sse_error_event(outcome.error, replica))
         finally:
             if watch is not None:
                 watch.cancel()
