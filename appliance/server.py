@@ -36,6 +36,7 @@ def sd_notify(message: str) -> None:
 
 
 GC_YOUNG_THRESHOLD = 10_000
+_STRAGGLERS = 2.0  # seconds
 
 
 async def _notify_when_ready(app: web.Application, *, freeze_heap: bool) -> None:
@@ -58,9 +59,9 @@ async def run(config: Config) -> None:
     app = make_app(config)
     # handler_cancellation: a client that disconnects cancels its request, and so the worker's generation.
     access = logging.getLogger("appliance.api.access") if config.gateway.access_log else None
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=access, handler_cancellation=True, shutdown_timeout=config.server.shutdown_timeout_seconds
-    )
+    # The app's on_shutdown hook already gave requests shutdown_timeout_seconds and ended the rest; aiohttp's own
+    # wait (which it makes twice, around a cancel) only has stragglers left to see out.
+    runner = web.AppRunner(app, handle_signals=False, access_log=access, handler_cancellation=True, shutdown_timeout=_STRAGGLERS)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

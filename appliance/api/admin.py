@@ -137,8 +137,9 @@ async def replica_logs(request: web.Request) -> web.StreamResponse:
             if line is None:
                 break  # the replica is gone for good
             await resp.write(f"{line}\n".encode())
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass  # the client went away
     finally:
         replica.log.unfollow(queue)
     return resp

@@ -109,6 +109,15 @@ async def _startup(app: web.Application) -> None:
         services.readiness.failure = str(exc)
 
 
+async def _drain_clients(app: web.Application) -> None:
+    """On SIGTERM, before aiohttp closes connections: log followers end at once, requests in flight
+    get server.shutdown_timeout_seconds to finish, then open streams are ended cleanly. Workers are
+    stopped after this (the cleanup below), so the whole stop takes that timeout plus the workers' grace."""
+    services = app[SERVICES]
+    services.supervisor.end_followers()
+    await app[GATEWAY].drain(services.config.server.shutdown_timeout_seconds)
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     await services.store.open()  # before listening: a broken database must fail the start
@@ -164,5 +173,6 @@ def make_app(
     app[AUTOSCALER] = Autoscaler(store, supervisor, app[METRICS], load, clock)
     add_routes(app, all_routes(), guard=admin_only)
     add_routes(app, gateway.ROUTES)
+    app.on_shutdown.append(_drain_clients)
     app.cleanup_ctx.append(_lifecycle)
     return app

@@ -59,11 +59,28 @@ class _Admission:
 class Gateway:
     def __init__(self, services: Services) -> None:
         self._services = services
+        self._active = 0  # requests being handled, queued ones included
+        self._upstreams: set[aiohttp.ClientResponse] = set()  # worker answers being relayed
+        self.stopping = asyncio.Event()
         cfg = services.config.gateway
         self._session: aiohttp.ClientSession | None = None
         self._admission: dict[str, _Admission] = {}
         self._rng = random.Random()
         self.records: deque[RequestRecord] = deque(maxlen=cfg.request_records)
+
+    async def drain(self, timeout: float) -> None:
+        """At shutdown: requests in flight get `timeout` seconds to finish; then open answers are ended
+        (a stream with an SSE error event and a clean end) and new ones refused."""
+        await self._wait_idle(timeout)
+        self.stopping.set()
+        for upstream in list(self._upstreams):
+            upstream.close()
+        await self._wait_idle(_STRAGGLERS)
+
+    async def _wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._active and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     async def start(self) -> None:
         cfg = self._services.config.gateway
@@ -173,7 +190,10 @@ class Gateway:
         principal: Principal | None, *, drop_usage_event: bool = False,
     ) -> web.StreamResponse:
         assert self._session is not None
+        if self.stopping.is_set():
+            raise ApplianceError("the appliance is shutting down", status=503, code="shutting_down")
         started = time.monotonic()
+        self._active += 1
         self._services.load.arrived(endpoint)
         outcome = Outcome()
         replica_id: str | None = None
@@ -191,7 +211,7 @@ class Gateway:
                 try:
                     response = await forward(
                         self._session, request, method=request.method, url=url, body=body, headers=headers, replica=replica.id,
-                        outcome=outcome, extra_headers=extra, drop_usage_event=drop_usage_event,
+                        outcome=outcome, extra_headers=extra, drop_usage_event=drop_usage_event, track=self._upstreams, stopping=self.stopping,
                     )
                 except UpstreamUnreachable as exc:
                     tried.add(replica.id)  # nothing reached the client yet: another replica may answer
@@ -211,6 +231,7 @@ class Gateway:
             error_source = exc.source
             raise
         finally:
+            self._active -= 1
             now = self._services.clock()
             key_id = principal.id if principal else None
             if limited and principal is not None:
@@ -231,6 +252,7 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+_STRAGGLERS = 2.0  # seconds for ended answers to be written out at shutdown
 
 
 async def _caller(request: web.Request) -> tuple[Principal | None, ApplianceError | None]:

@@ -204,7 +204,11 @@ async def forward(
     extra_headers: Mapping[str, str] | None = None,
     drop_usage_event: bool = False,
     clock: Callable[[], float] = time.monotonic,
+    track: set[aiohttp.ClientResponse] | None = None,
+    stopping: asyncio.Event | None = None,
 ) -> web.StreamResponse:
+    """Relay one request to a worker. `track` holds the worker's answer while it is relayed (so a
+    shutdown can end it); `stopping` set means that is why it ended."""
     started = clock()
     try:
         upstream = await session.request(method, url, data=body, headers=headers, allow_redirects=False)
@@ -216,6 +220,8 @@ async def forward(
         ) from None
     except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ConnectionTimeoutError) as exc:
         raise UpstreamUnreachable(f"{exc.__class__.__name__}: {exc}") from None
+    if track is not None:
+        track.add(upstream)
     try:
         outcome.status = upstream.status
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -274,6 +280,8 @@ async def forward(
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             silent = f" (sent nothing for {idle:g}s, [gateway] idle_read_timeout_seconds)" if isinstance(exc, TimeoutError) else ""
             outcome.error = f"replica {replica} failed mid-stream: {exc.__class__.__name__}{silent}"
+            if stopping is not None and stopping.is_set():
+                outcome.error = "the appliance is shutting down: this stream was ended after server.shutdown_timeout_seconds"
             if not sse:
                 # A plain body cannot carry an error: end the connection without a clean end, so the client
                 # sees an incomplete response instead of a short one that looks whole.
@@ -291,6 +299,8 @@ async def forward(
         await response.write_eof()
         return response
     finally:
+        if track is not None:
+            track.discard(upstream)
         if upstream.content.at_eof():
             upstream.release()  # back to the pool for the next request
         else:

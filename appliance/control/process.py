@@ -90,13 +90,18 @@ class ReplicaLog:
             lines = _last_lines(f, n - len(lines)) + lines
         return lines[-n:] if n else []
 
-    def close(self) -> None:
+    def end_followers(self) -> None:
+        """Tell every follower the log ends here (the appliance is stopping)."""
         with self._lock:
             followers, self._followers = list(self._followers), set()
-            self._handler.close()
-            self._closed = True
         for loop, queue in followers:
             loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._handler.close()
+            self._closed = True
+        self.end_followers()
 
 
 def _last_lines(path: Path, n: int, block: int = 64 << 10) -> list[str]:

@@ -83,6 +83,12 @@ class Supervisor:
         if self.isolation.cgroups:
             await asyncio.to_thread(self.isolation.cgroups.close)
 
+    def end_followers(self) -> None:
+        """Log followers end now: they would never finish on their own."""
+        for run in self._runs.values():
+            for r in [*run.replicas.values(), *run.finished]:
+                r.log.end_followers()
+
     def poke(self) -> None:
         """Something changed: reconcile soon (from the loop)."""
         self._poke.set()
