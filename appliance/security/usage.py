@@ -68,20 +68,30 @@ class Accounting:
     async def flush(self) -> None:
         async with self._flushing:
             pending, self._pending = self._pending, _Pending()
-            rows = [(hour_label(h), key, ep, *totals) for (h, key, ep), totals in pending.usage.items()]
-            events = list(pending.failures)
-            if pending.suppressed:
-                events.append((iso(self._clock()), "auth.failure.suppressed", f"{pending.suppressed} more auth failures not recorded one by one",
-                               {"count": pending.suppressed}))
-            if not rows and not events and not pending.last_used:
-                return
+            # Shielded: once the batch is taken it is written or merged back, even when the flush is
+            # cancelled (at shutdown); a cancelled await would otherwise drop it on the floor.
+            write = asyncio.ensure_future(self._write(pending))
             try:
-                await self._store.usage.add(rows, events)
-                if pending.last_used:
-                    await self._store.keys.touch(pending.last_used)
-            except Exception:
-                log.exception("usage flush failed; keeping the totals for the next one")
-                self._merge_back(pending)
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                await asyncio.wait({write})
+                raise
+
+    async def _write(self, pending: _Pending) -> None:
+        rows = [(hour_label(h), key, ep, *totals) for (h, key, ep), totals in pending.usage.items()]
+        events = list(pending.failures)
+        if pending.suppressed:
+            events.append((iso(self._clock()), "auth.failure.suppressed", f"{pending.suppressed} more auth failures not recorded one by one",
+                           {"count": pending.suppressed}))
+        if not rows and not events and not pending.last_used:
+            return
+        try:
+            await self._store.usage.add(rows, events)
+            if pending.last_used:
+                await self._store.keys.touch(pending.last_used)
+        except Exception:
+            log.exception("usage flush failed; keeping the totals for the next one")
+            self._merge_back(pending)
 
     def _merge_back(self, old: _Pending) -> None:
         for bucket, totals in old.usage.items():
