@@ -52,7 +52,9 @@ async def _notify_when_ready(app: web.Application, *, freeze_heap: bool) -> None
         # (700) the collector ran every few requests and took about 5% of the gateway's CPU time
         # (measured in a fixed workload: 527 young collections and about 360 ms, against 16 and 40 ms).
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-    sd_notify("READY=1" if readiness.ready else f"STATUS=startup failed: {readiness.failure}")
+    # READY=1 either way: the process stays up after a failed start (for /healthz, /readyz and the log),
+    # and systemd would otherwise kill it at TimeoutStartSec; STATUS says what failed.
+    sd_notify("READY=1\nSTATUS=serving" if readiness.ready else f"READY=1\nSTATUS=startup failed: {readiness.failure}")
 
 
 async def run(config: Config) -> None:
@@ -92,7 +94,10 @@ def serve(config: Config) -> int:
         level=config.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    config.server.state_dir.mkdir(parents=True, exist_ok=True)
+    # Files the appliance and its workers create are not world-readable (logs 0640, directories 0750);
+    # the state directory and the secrets in it are the appliance user's alone.
+    os.umask(0o027)
+    config.server.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         import uvloop
     except ImportError:

@@ -19,7 +19,8 @@ import fake_worker
 from aiohttp import web
 from fake_worker import Runtime, parser, serve
 
-from appliance.control.process import ReplicaLog, Slot
+from appliance.control.process import Slot
+from appliance.control.replica_log import ReplicaLog
 from appliance.errors import ApplianceError
 
 FAKE = Path(fake_worker.__file__).resolve()

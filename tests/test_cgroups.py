@@ -91,6 +91,10 @@ def _cgroup_of(pid: int) -> str:
     return next(line[3:] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if line.startswith("0::"))
 
 
+def _at_least(found: list[int], n: int) -> list[int] | None:
+    return found if len(found) >= n else None
+
+
 def _children(log: Path) -> list[int]:
     return [int(line.rsplit(" ", 1)[1]) for line in log.read_text().splitlines() if " child " in line]
 
@@ -104,7 +108,7 @@ async def test_a_replica_is_its_cgroup_and_a_killed_leader_takes_even_a_detached
     leaf = Path(rep["cgroup"])
     assert leaf.name == rep["id"] and leaf.is_dir()
     assert _cgroup_of(rep["pid"]).endswith(f"/{rep['id']}")
-    helpers = await async_wait_for(lambda: (lambda c: c if len(c) == 2 else None)(_children(Path(rep["log_path"]))), what="both helpers started")
+    helpers = await async_wait_for(lambda: _at_least(_children(Path(rep["log_path"])), 2), what="both helpers started")
     members = set(Cgroups.members(leaf))
     assert {rep["pid"], *helpers} <= members  # the detached one too: it left the group, not the cgroup
     os.kill(rep["pid"], signal.SIGKILL)
@@ -142,7 +146,7 @@ def test_kill_9_of_the_appliance_then_a_restart_ends_what_its_cgroups_held(serve
     first = server_factory(config).start()
     rep = wait_for(lambda: healthy(first), timeout=30, what="a healthy replica")
     leaf = Path(rep["cgroup"])
-    members = wait_for(lambda: (lambda m: m if len(m) >= 2 else None)(Cgroups.members(leaf)), what="the worker and its detached helper")
+    members = wait_for(lambda: _at_least(Cgroups.members(leaf), 2), what="the worker and its detached helper")
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait()
     assert any(_alive(p) for p in members)  # the detached helper outlived its worker: only its cgroup knows it

@@ -80,7 +80,10 @@ def cmd_decisions(args: argparse.Namespace) -> int:
 
 def _rule_flags(q: argparse.ArgumentParser, *, required: bool) -> None:
     metrics = "; ".join(f"{src}: {', '.join(names)}" for src, names in KNOWN_METRICS.items())
-    q.add_argument("--source", required=required, choices=["gpu", "kernel", "inference", "gateway"], help="where the metric comes from")
+    q.add_argument(
+        "--source", required=required,
+        help="where the metric comes from: gpu, kernel, inference, gateway, or Backend.AI's KERNEL, INFERENCE_FRAMEWORK, PROMETHEUS (any case)",
+    )
     q.add_argument("--metric", required=required, help=f"{metrics}; inference: any Prometheus name the replicas export, e.g. vllm:num_requests_waiting")
     q.add_argument("--comparator", required=required, help="<, <=, >, >= or LESS_THAN, LESS_THAN_OR_EQUAL, GREATER_THAN, GREATER_THAN_OR_EQUAL")
     q.add_argument("--threshold", type=float, required=required)

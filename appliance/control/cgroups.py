@@ -121,24 +121,23 @@ class Cgroups:
     def end(self, path: Path, grace: float) -> None:
         """SIGTERM to every process of the leaf, cgroup.kill after `grace` seconds; returns once the
         leaf is empty and removed. Processes in a cgroup cannot leave it, so nothing escapes."""
-        for pid in self.members(path):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        self._signal(path, signal.SIGTERM)
         if not self._wait_empty(path, grace):
             try:
                 _write(path / "cgroup.kill", "1")
             except OSError:  # kernels before 5.14 have no cgroup.kill
-                for pid in self.members(path):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                self._signal(path, signal.SIGKILL)
             if not self._wait_empty(path, KILL_WAIT):
                 log.warning("cgroup %s still has processes %s after SIGKILL", path, self.members(path))
                 return
         self._remove(path)
+
+    def _signal(self, path: Path, sig: int) -> None:
+        for pid in self.members(path):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
     @staticmethod
     def _remove(path: Path) -> None:

@@ -12,7 +12,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from appliance.control.process import ReplicaLog, end_group, resolve_executable
+from appliance.control.process import end_group, resolve_executable
+from appliance.control.replica_log import ReplicaLog
 from appliance.domain.definitions import PreStartAction
 from appliance.domain.templates import WORK_MOUNT, map_paths, render
 from appliance.errors import ApplianceError

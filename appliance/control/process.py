@@ -17,122 +17,18 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Protocol
 
 import psutil
 
 from appliance.control.cgroups import KILL_WAIT, Cgroups, Isolation
+from appliance.control.replica_log import ReplicaLog, _pump
 from appliance.errors import ApplianceError
 
 log = logging.getLogger(__name__)
-
-TAIL_LINES = 200
-
-
-class ReplicaLog:
-    """A replica's log file (kept across restarts of the replica) plus its recent lines and live followers."""
-
-    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._handler = RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
-        self._handler.setFormatter(logging.Formatter("%(message)s"))
-        self._lock = threading.Lock()
-        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
-        self._followers: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[str | None]]] = set()
-        self._closed = False
-
-    def write(self, line: str) -> None:
-        """Thread-safe; called from pump threads and from the event loop (short appliance notes)."""
-        with self._lock:
-            self._handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO, "levelname": "INFO"}))
-            self.tail.append(line)
-            followers = list(self._followers)
-        for loop, queue in followers:
-            loop.call_soon_threadsafe(queue.put_nowait, line)
-
-    def note(self, message: str) -> None:
-        self.write(f"[appliance {time.strftime('%Y-%m-%dT%H:%M:%S')}] {message}")
-
-    def follow_from(self, n: int, loop: asyncio.AbstractEventLoop) -> tuple[list[str], asyncio.Queue[str | None]]:
-        """The last n lines and a queue of every line after them, with none lost or repeated (blocking)."""
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
-        with self._lock:
-            self._handler.flush()
-            lines = self.read_tail(n)
-            if self._closed:
-                queue.put_nowait(None)  # a finished replica: its tail, then the end
-            else:
-                self._followers.add((loop, queue))
-        return lines, queue
-
-    def unfollow(self, queue: asyncio.Queue[str | None]) -> None:
-        with self._lock:
-            self._followers = {f for f in self._followers if f[1] is not queue}
-
-    def last_lines(self, n: int = 20) -> list[str]:
-        with self._lock:
-            return list(self.tail)[-n:]
-
-    def read_tail(self, n: int) -> list[str]:
-        """The last n lines from disk, rotated files included (blocking: call off the loop).
-        Reads from the end, so a 50 MB log costs what its last lines cost."""
-        lines: list[str] = []
-        files = [self.path] + [Path(f"{self.path}.{i}") for i in range(1, self._handler.backupCount + 1)]
-        for f in files:
-            if len(lines) >= n or not f.exists():
-                break
-            lines = _last_lines(f, n - len(lines)) + lines
-        return lines[-n:] if n else []
-
-    def end_followers(self) -> None:
-        """Tell every follower the log ends here (the appliance is stopping)."""
-        with self._lock:
-            followers, self._followers = list(self._followers), set()
-        for loop, queue in followers:
-            loop.call_soon_threadsafe(queue.put_nowait, None)
-
-    def close(self) -> None:
-        with self._lock:
-            self._handler.close()
-            self._closed = True
-        self.end_followers()
-
-
-def _last_lines(path: Path, n: int, block: int = 64 << 10) -> list[str]:
-    with open(path, "rb") as f:
-        end = f.seek(0, os.SEEK_END)
-        data = b""
-        while end > 0 and data.count(b"\n") <= n:
-            step = min(block, end)
-            end -= step
-            f.seek(end)
-            data = f.read(step) + data
-    return data.decode("utf-8", errors="replace").splitlines()[-n:]
-
-
-def _pump(fd: int, sink: ReplicaLog) -> None:
-    partial = b""
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:
-            chunk = b""
-        if not chunk:
-            break
-        partial += chunk
-        *lines, partial = partial.split(b"\n")
-        for raw in lines:
-            sink.write(raw.decode("utf-8", errors="replace").rstrip("\r"))
-    if partial:
-        sink.write(partial.decode("utf-8", errors="replace"))
-    os.close(fd)
-
 
 # Runs as the worker's pid before exec: asks the kernel to SIGKILL it when the appliance dies
 # (the setting survives exec), joins the replica's cgroup when it has one (before any child

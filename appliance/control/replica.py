@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from appliance.control.process import ReplicaLog, Worker
+from appliance.control.process import Worker
+from appliance.control.replica_log import ReplicaLog
 from appliance.domain.health import HealthState
 from appliance.domain.placement import Allocation
 from appliance.domain.specs import EndpointConfig

@@ -20,8 +20,9 @@ from appliance.config import Config
 from appliance.control.cgroups import Isolation
 from appliance.control.ledger import Ledger
 from appliance.control.load import Load
-from appliance.control.process import Launcher, ProcessLauncher, ReplicaLog, stop_orphan
+from appliance.control.process import Launcher, ProcessLauncher, stop_orphan
 from appliance.control.replica import EndpointRun, Replica
+from appliance.control.replica_log import ReplicaLog
 from appliance.control.runner import GpuSource, ReplicaRunner
 from appliance.domain.placement import Allocation
 from appliance.domain.rollout import ReplicaView, plan, wake_target

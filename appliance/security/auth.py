@@ -225,19 +225,16 @@ FailureHook = Callable[[str, web.Request, str | None], None]
 
 def _missing(request: web.Request) -> ApplianceError:
     """No usable credential: say precisely what was wrong with what was sent."""
-    header = request.headers.get("Authorization", "").strip()
-    scheme, _, value = header.partition(" ")
-    if not header:
-        message = "missing API key: send `Authorization: Bearer <key>`"
-        if "x-api-key" in request.headers or "api-key" in request.headers:
-            message = "the key was sent in an x-api-key header, which is not read: send it as `Authorization: Bearer <key>`"
-    elif not value.strip() and scheme.lower() in ("bearer", "backendai"):
-        message = f"the Authorization header has the {scheme} scheme but no key: send `Authorization: Bearer <key>`"
+    scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
+    if not scheme:
+        sent_elsewhere = "x-api-key" in request.headers or "api-key" in request.headers
+        message = "the key was sent in an x-api-key header, which is not read" if sent_elsewhere else "missing API key"
     elif not value.strip():
-        message = "the Authorization header holds a bare value: put `Bearer ` before the key (`Authorization: Bearer <key>`)"
+        no_key = scheme.lower() in ("bearer", "backendai")
+        message = f"the Authorization header has the {scheme} scheme but no key" if no_key else "the Authorization header holds a bare value: put `Bearer ` before the key"
     else:
-        message = f"the Authorization scheme {scheme!r} is not accepted: send `Authorization: Bearer <key>` (or Backend.AI's `BackendAI <token>`)"
-    return ApplianceError(message, status=401, code="missing_api_key", headers={"WWW-Authenticate": 'Bearer realm="appliance"'})
+        message = f"the Authorization scheme {scheme!r} is not accepted (Backend.AI's `BackendAI <token>` is)"
+    return ApplianceError(f"{message}: send `Authorization: Bearer <key>`", status=401, code="missing_api_key", headers={"WWW-Authenticate": 'Bearer realm="appliance"'})
 
 
 def _unauthorized(message: str, code: str) -> ApplianceError:

@@ -31,7 +31,9 @@ Clock = Callable[[], float]
 
 def open_database(path: Path) -> Database:
     """Open (creating if needed) and migrate. Usable from any one thread, e.g. offline CLI commands."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)  # keys and usage live here: only the appliance's user reads it
+    path.chmod(0o600)  # SQLite gives its -wal and -shm files the database's mode
     try:
         conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA busy_timeout = 5000")
