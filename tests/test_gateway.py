@@ -14,7 +14,7 @@ import openai
 import pytest
 from conftest import Admin, async_wait_for
 from inprocess import InProcessLauncher, InProcessWorker
-from test_supervisor import WORKERS, create, fake_folder, replicas, wait_status
+from test_supervisor import FAKE, WORKERS, create, fake_folder, replicas, wait_status
 from yarl import URL
 
 
@@ -295,3 +295,25 @@ async def test_a_plain_body_cut_off_by_the_worker_reaches_the_client_incomplete(
         await resp.read()  # not a clean, short 200
     resp = await admin.client.get("/endpoints/cutoff/health")
     assert resp.status == 200  # the appliance itself is fine
+
+
+async def test_engine_control_routes_need_an_admin_key_and_inference_routes_do_not(admin: Admin, tmp_path: Path) -> None:
+    from appliance.domain.routes import is_inference_route
+
+    assert is_inference_route("vllm", "/v1/chat/completions") and not is_inference_route("vllm", "/sleep")
+    assert not is_inference_route("vllm", "/v1/load_lora_adapter") and is_inference_route("custom", "/anything/at/all")
+    assert is_inference_route("llama-cpp", "/completion") and not is_inference_route("llama-cpp", "/slots")
+    # nim: an engine runtime with an allow-list that takes its command (the fake worker) as it is given
+    command = ["python", str(FAKE), "--port", "8000", "--model", "engine", "--health-path", "/v1/health/ready"]
+    await healthy(admin, "engine", tmp_path, runtime="nim", command=command, health_check={"path": "/v1/health/ready", "interval": 0.2, "max_retries": 2, "initial_delay": 10})
+    status, body = await admin.call("POST", "/api/v1/keys", json_body={"name": "user", "scopes": ["inference"]})
+    user = {"Authorization": f"Bearer {body['key']}"}
+    for path in ("/endpoints/engine/sleep", "/endpoints/engine/collective_rpc", "/endpoints/engine/echo/x"):
+        resp = await admin.client.post(path, json={}, headers=user)
+        assert resp.status == 403 and (await resp.json())["error"]["code"] == "route_not_allowed", path
+    resp = await admin.client.post("/v1/load_lora_adapter", json={"model": "engine", "lora_name": "x", "lora_path": "/tmp"}, headers=user)
+    assert resp.status == 403 and "not an inference route of the nim runtime" in (await resp.json())["error"]["message"]
+    resp = await admin.client.post("/endpoints/engine/v1/chat/completions", json={"model": "engine", "messages": [{"role": "user", "content": "hi"}]}, headers=user)
+    assert resp.status == 200
+    resp = await admin.client.post("/endpoints/engine/echo/x", json={}, headers=admin.headers)  # an admin key reaches any route
+    assert resp.status == 200

@@ -24,10 +24,11 @@ from appliance.api.http import Route, parse_json, read_body
 from appliance.api.proxy import Outcome, UpstreamUnreachable, forward, make_session, worker_headers
 from appliance.api.services import SERVICES, Services
 from appliance.domain.limits import retry_after_header
+from appliance.domain.routes import is_inference_route
 from appliance.domain.routing import RoutableReplica, RoutingTable, pick, prefix_key
 from appliance.domain.specs import EndpointConfig
 from appliance.errors import ApplianceError
-from appliance.security.auth import INFERENCE, READ, Principal
+from appliance.security.auth import ADMIN, INFERENCE, READ, Principal
 
 _STARTING = ("PROVISIONING", "STARTING")
 
@@ -291,6 +292,16 @@ def _authorize(request: web.Request, principal: Principal | None, refusal: Appli
     return principal
 
 
+def _check_route(request: web.Request, principal: Principal | None, config: EndpointConfig, path: str) -> None:
+    """An engine's control routes (not inference) need an admin key: they act on every caller's engine."""
+    if is_inference_route(config.runtime, path) or (principal is not None and principal.has(ADMIN)):
+        return
+    raise request.app[SERVICES].auth.refuse(request, ApplianceError(
+        f"{path.split('?', 1)[0]} is not an inference route of the {config.runtime} runtime: it needs an admin key",
+        status=403, code="route_not_allowed",
+    ))
+
+
 def _lookup(request: web.Request, model: str) -> tuple[str, EndpointConfig | None]:
     table = request.app[SERVICES].supervisor.table
     name = table.resolve(model)
@@ -316,6 +327,7 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
     principal = _authorize(request, principal, refusal, name, found)
     assert found is not None
     config = found
+    _check_route(request, principal, config, request.path)
     # The body is re-encoded only when the worker knows the model by another name, or to learn a keyed
     # stream's token counts (usage, limits): then the gateway asks for the final usage event and keeps it
     # from the client. Anonymous calls to public endpoints are spared the extra work.
@@ -343,6 +355,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     principal = _authorize(request, principal, refusal, name, found)
     assert found is not None
     config = found
+    _check_route(request, principal, config, "/" + request.match_info["path"])
     body = await read_body(request)
     key = request.headers.get("X-Session-ID") if config.routing == "session_affinity" else None
     prefix = f"/endpoints/{name}"
