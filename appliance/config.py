@@ -117,6 +117,16 @@ class GpusConfig(Model):
         return v
 
 
+class RetentionConfig(Model):
+    events_max_age_days: float = Field(90.0, gt=0, description="events older than this are deleted")
+    events_max_count: int = Field(200_000, ge=1000, description="at most this many events are kept, the newest")
+    usage_max_age_days: float = Field(400.0, gt=0, description="hourly usage rows older than this are deleted")
+    replica_logs_max_bytes: ByteSize = Field(
+        1 << 30, description="per endpoint: logs of finished replicas beyond this total are deleted, oldest first"
+    )
+    interval_seconds: float = Field(600.0, gt=0, description="how often the retention job runs")
+
+
 class Config(Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
@@ -124,6 +134,7 @@ class Config(Model):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
     endpoints: list[EndpointSpec] = Field(default_factory=list, description="declared endpoints, created or updated at start")
     source: Path | None = Field(None, exclude=True, description="the file this came from (not a key)")
 

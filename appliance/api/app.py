@@ -23,6 +23,7 @@ from appliance.control.endpoints import EndpointService
 from appliance.control.gpus import GpuMonitor
 from appliance.control.load import Load
 from appliance.control.process import Launcher
+from appliance.control.retention import Retention
 from appliance.control.signals import Signals
 from appliance.control.supervisor import Supervisor
 from appliance.errors import ApplianceError
@@ -93,6 +94,8 @@ async def _startup(app: web.Application) -> None:
         await services.auth.reload()
         services.jobs.every("auth.reload", config.auth.reload_seconds, services.auth.reload)
         services.jobs.every("usage.flush", config.auth.usage_flush_seconds, services.accounting.flush)
+        retention = Retention(config.retention, services.store, services.clock, config.log_dir, services.supervisor.live_logs)
+        services.jobs.every("retention.prune", config.retention.interval_seconds, retention.prune)
         services.jobs.start()
         problems = await services.endpoints.apply_declared(list(config.endpoints))
         await app[GATEWAY].start()

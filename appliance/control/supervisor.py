@@ -84,6 +84,10 @@ class Supervisor:
         if self.isolation.cgroups:
             await asyncio.to_thread(self.isolation.cgroups.close)
 
+    def live_logs(self) -> set[Path]:
+        """Log files of replicas that still run (retention keeps them)."""
+        return {r.log.path for run in self._runs.values() for r in run.replicas.values()}
+
     def end_followers(self) -> None:
         """Log followers end now: they would never finish on their own."""
         for run in self._runs.values():

@@ -146,6 +146,10 @@ class UsageRepo:
     def __init__(self, store: Store) -> None:
         self._store = store
 
+    async def prune(self, before_hour: str) -> int:
+        """Delete the hours before `before_hour` ('2026-11-23T11'); returns how many rows."""
+        return await self._store.run(lambda db: db.execute("delete from usage where hour < ?", [before_hour]).rowcount)
+
     async def add(self, rows: list[tuple[str, str, str, int, int, int, int]], events: list[tuple[str, str, str, dict[str, Any]]]) -> None:
         """Add (hour, key_id, endpoint, requests, prompt, completion, errors) to the totals; write `events` alongside."""
 

@@ -196,6 +196,19 @@ class EventsRepo:
         now = self._store.now()
         await self._store.run(lambda db: _insert_event(db, now, kind, message, endpoint, details))
 
+    async def prune(self, older_than: str, keep: int) -> int:
+        """Delete events older than `older_than` (an iso time) and all but the newest `keep`; returns how many."""
+
+        def tx(db: Database) -> int:
+            with db.atomic():
+                n = db.execute("delete from events where time < ?", [older_than]).rowcount
+                cut = db.execute("select id from events order by id desc limit 1 offset ?", [keep]).fetchone()
+                if cut is not None:
+                    n += db.execute("delete from events where id <= ?", [cut[0]]).rowcount
+            return n
+
+        return await self._store.run(tx)
+
     async def list(
         self, *, endpoint: str | None = None, kind: str | None = None, limit: int = 100, before: int | None = None
     ) -> list[dict[str, Any]]:
