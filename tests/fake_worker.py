@@ -74,6 +74,7 @@ def parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     p.add_argument("--slow-marker", help="the replica that creates this file first answers with --slow-latency")
     p.add_argument("--slow-latency", type=float, default=0.2)
     p.add_argument("--old-metric-names", action="store_true")
+    p.add_argument("--metrics-padding", type=int, default=0, help="this many more series in /metrics (a vLLM-sized exposition)")
     p.add_argument("--health-path", default="/health", help="serve the health check here too (a runtime's own path, e.g. /info)")
     return p
 
@@ -155,6 +156,12 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
             "# TYPE vllm:request_success counter",
             f'vllm:request_success_total{{model_name="{args.model}"}} {float(state["requests"])}',
         ]
+        if args.metrics_padding:  # histogram-like series, as a real engine exports by the hundred
+            lines += ["# TYPE vllm:padding_seconds histogram"] + [
+                f'vllm:padding_seconds_bucket{{model_name="{args.model}",le="{i}.0"}} {float(i)}' for i in range(args.metrics_padding)
+            ] + [f'vllm:padding_seconds_bucket{{model_name="{args.model}",le="+Inf"}} {float(args.metrics_padding)}',
+                 f'vllm:padding_seconds_count{{model_name="{args.model}"}} {float(args.metrics_padding)}',
+                 f'vllm:padding_seconds_sum{{model_name="{args.model}"}} 1.0']
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     async def _complete(request: web.Request) -> web.StreamResponse:

@@ -4,6 +4,7 @@ Every request the tests send is counted: none may fail."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 from collections import Counter
 from pathlib import Path
@@ -393,3 +394,34 @@ async def test_backend_ai_names_the_policy_and_bad_input_through_the_api(admin: 
     assert status == 422 and body["error"]["param"] == "autoscaling_policy"
     prom = await add_rule(admin, "names", **{**good, "metric_source": "Prometheus", "metric_name": "vllm:num_requests_waiting"})
     assert prom["metric_source"] == "prometheus"
+
+
+async def test_scraping_vllm_sized_metrics_never_blocks_the_event_loop(admin: Admin, tmp_path: Path) -> None:
+    # Four replicas, each exporting a few thousand series (vLLM-sized): a parse on the event loop takes
+    # tens of milliseconds each, and every stream through the gateway would stall while it runs.
+    await create(admin, "wide", fake_folder(tmp_path, "wide", "--metrics-padding", "4000"), replicas=4, min_replicas=4, max_replicas=5)
+    await wait_status(admin, "wide", "HEALTHY", timeout=60)
+    loop = asyncio.get_running_loop()
+    slow: list[str] = []
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("Executing"):
+                slow.append(record.getMessage())
+
+    watch = Watch(level=logging.WARNING)
+    logging.getLogger("asyncio").addHandler(watch)
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.1
+    try:
+        await add_rule(admin, "wide", metric_source="inference", metric_name="vllm:num_requests_waiting", comparator="GREATER_THAN",
+                       threshold=100, step_size=1, window_seconds=1, cooldown_seconds=0)
+
+        autoscaler = admin.client.app[AUTOSCALER]
+        seen = autoscaler.evaluations
+        # several evaluations, each reading the four replicas' metrics
+        await async_wait_for(lambda: autoscaler.evaluations >= seen + 5, timeout=30, what="five evaluations of the rule")
+    finally:
+        loop.set_debug(False)
+        logging.getLogger("asyncio").removeHandler(watch)
+    assert not slow, slow

@@ -45,10 +45,10 @@ _TREE = frozenset({"cpu_util", "mem", "mem_rss"})
 _CUDA = frozenset({"cuda_util", "cuda_mem"})
 
 
-def prometheus_value(text: str, name: str) -> float | None:
-    """Sum of the samples of `name` (over all label sets) in a Prometheus text exposition, `name` being
-    any of series_names(name): as written first, then Backend.AI's renamed form undone. A counter is
-    also found by its family name, as Backend.AI (whose parser drops `_total`) names it."""
+def parse_exposition(text: str) -> dict[str, float]:
+    """Every series of a Prometheus text exposition, summed over label sets (blocking: tens of ms for
+    a vLLM-sized exposition, so it runs off the event loop). A counter is also found by its family
+    name, as Backend.AI (whose parser drops `_total`) names it."""
     found: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -57,7 +57,16 @@ def prometheus_value(text: str, name: str) -> float | None:
                 names.append(family.name)
             for n in names:
                 found[n] = found.get(n, 0.0) + sample.value
+    return found
+
+
+def lookup(found: dict[str, float], name: str) -> float | None:
+    """A rule's metric in a parsed exposition, under any of series_names(name)."""
     return next((found[n] for n in series_names(name) if n in found), None)
+
+
+def prometheus_value(text: str, name: str) -> float | None:
+    return lookup(parse_exposition(text), name)
 
 
 def mean(values: Iterable[float | None]) -> float | None:
@@ -191,7 +200,9 @@ class Signals:
                 out.update({("kernel", "cuda_util"): util, ("kernel", "cuda_mem"): mem})
             return out
         texts = await asyncio.gather(*(self._scrape(r.url) for r in replicas))
-        values = {n: [prometheus_value(t, n) if t is not None else None for t in texts] for n in names}
+        # each exposition parsed once, off the loop: streams keep flowing while it runs
+        parsed = await asyncio.to_thread(lambda: [parse_exposition(t) if t is not None else None for t in texts])
+        values = {n: [lookup(p, n) if p is not None else None for p in parsed] for n in names}
         if source == "inference_framework":
             routes = sum(1 for r in self._supervisor.replicas(endpoint) if r.live and r.state in _ROUTES)
             return {(source, n): per_route(v, routes) for n, v in values.items()}
