@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +224,28 @@ async def test_an_integer_query_beyond_sqlites_range_is_a_400_not_a_500(admin: A
     status, err = await admin.call("GET", "/api/v1/events?before=13096496928256468430356480")
     assert status == 400 and err["error"]["code"] == "invalid_query" and err["error"]["param"] == "before"
     assert "between 1 and 9223372036854775807" in err["error"]["message"]
+
+
+async def test_concurrent_patches_all_land_field_by_field(admin: Admin, model_folder: Path) -> None:
+    status, _ = await admin.call("POST", "/api/v1/endpoints", json_body=spec(model_folder, replicas=0))
+    assert status == 201
+    patches = [{"description": "d"}, {"public": True}, {"queue_size": 7}, {"prefix_length": 99}, {"max_concurrency": 3},
+               {"aliases": ["l2"]}, {"queue_timeout_seconds": 5.0}, {"drain_timeout_seconds": 9.0}]
+    results = await asyncio.gather(*(admin.call("PATCH", "/api/v1/endpoints/llama", json_body=p) for p in patches))
+    assert [s for s, _ in results] == [200] * len(patches)
+    _, ep = await admin.call("GET", "/api/v1/endpoints/llama")
+    for p in patches:
+        for k, v in p.items():
+            assert ep[k] == v, (k, ep[k])
+
+
+async def test_an_autoscaler_decision_made_from_a_stale_count_does_not_overwrite_the_operators(admin: Admin, model_folder: Path) -> None:
+    from appliance.api.services import SERVICES
+
+    await admin.call("POST", "/api/v1/endpoints", json_body=spec(model_folder, replicas=0, max_replicas=5))
+    store = admin.client.app[SERVICES].store
+    assert await store.endpoints.set_desired("llama", 2, "autoscale.scale_out", "m", {}, [], expected=0)  # as read: applied
+    await admin.call("PATCH", "/api/v1/endpoints/llama", json_body={"replicas": 4})  # the operator, meanwhile
+    assert not await store.endpoints.set_desired("llama", 3, "autoscale.scale_out", "m", {}, [], expected=2)  # read before the PATCH
+    _, ep = await admin.call("GET", "/api/v1/endpoints/llama")
+    assert ep["desired_replicas"] == 4

@@ -78,4 +78,7 @@ class Autoscaler:
         who = "idle timeout" if w.rule is None else f"rule {w.rule}"
         others = [v.details() for v in decision.verdicts if v.result == "outvoted"]
         details = {**w.details(), "policy": policy, **({"outvoted": others} if others else {})}
-        await self._supervisor.scale(name, w.to_replicas, kind, f"endpoint {name}: scale {way} by {who}: {w.reason}", details, [w.rule] if w.rule else [])
+        # compare-and-set: had an operator changed the count while the metrics were gathered, theirs stands
+        await self._supervisor.scale(
+            name, w.to_replicas, kind, f"endpoint {name}: scale {way} by {who}: {w.reason}", details, [w.rule] if w.rule else [], expected=w.from_replicas
+        )

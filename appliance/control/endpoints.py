@@ -29,6 +29,7 @@ from appliance.store import Store
 from appliance.store.repos import EndpointRow
 
 log = logging.getLogger(__name__)
+_UPDATE_TRIES = 20
 
 
 def _folder(spec: EndpointSpec) -> Path:
@@ -259,20 +260,29 @@ class EndpointService:
         return created
 
     async def update(self, name: str, patch: dict[str, Any]) -> EndpointRow:
-        current = await self.get(name)
-        spec = self._sealed(merge_patch(current["spec"], patch, name), current)
-        # Saying `replicas` (even the same number) replaces the autoscaler's count.
-        extra = {"desired_replicas": None} if "replicas" in patch else {}
-        return await self._replace(current, spec, current["source"], f"endpoint {name} updated", {"patch": masked(patch)}, extra=extra)
+        # Read, merge, write only if nothing changed in between (the row's version); otherwise merge
+        # into the newer row: two concurrent PATCHes both land, field by field.
+        for _ in range(_UPDATE_TRIES):
+            current = await self.get(name)
+            spec = self._sealed(merge_patch(current["spec"], patch, name), current)
+            # Saying `replicas` (even the same number) replaces the autoscaler's count.
+            extra = {"desired_replicas": None} if "replicas" in patch else {}
+            updated = await self._replace(
+                current, spec, current["source"], f"endpoint {name} updated", {"patch": masked(patch)}, extra=extra, version=current.get("version", 0)
+            )
+            if updated is not None:
+                return updated
+        raise ApplianceError(f"endpoint {name!r} kept changing while this change was applied; send it again", status=409, code="conflict")
 
     async def _replace(
         self, current: EndpointRow, spec: EndpointSpec, source: str, message: str, details: dict[str, Any], config: EndpointConfig | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> EndpointRow:
+        extra: dict[str, Any] | None = None, version: int | None = None,
+    ) -> EndpointRow | None:
         config = config or await self._resolve(spec)
         changes = {"spec": stated(spec), "config": config.model_dump(mode="json"), "source": source, **(extra or {})}
-        updated = await self._store.endpoints.update(current["name"], changes, message, details)
-        await self._on_change()
+        updated = await self._store.endpoints.update(current["name"], changes, message, details, version=version)
+        if updated is not None:
+            await self._on_change()
         return updated
 
     async def delete(self, name: str, message: str = "deleted") -> None:

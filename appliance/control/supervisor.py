@@ -302,10 +302,15 @@ class Supervisor:
         run = self._runs.get(name)
         return run.desired if run else None
 
-    async def scale(self, name: str, replicas: int, kind: str, message: str, details: dict[str, Any], rules: Sequence[str] = ()) -> None:
-        """Set the desired count (the autoscaler's one effect) and reconcile at once."""
-        if await self._store.endpoints.set_desired(name, replicas, kind, message, details, list(rules)):
+    async def scale(
+        self, name: str, replicas: int, kind: str, message: str, details: dict[str, Any], rules: Sequence[str] = (), *, expected: int | None = None
+    ) -> bool:
+        """Set the desired count (the autoscaler's one effect) and reconcile at once. With `expected`, only
+        if the desired count is still that (an operator's change made meanwhile wins); False if not set."""
+        if await self._store.endpoints.set_desired(name, replicas, kind, message, details, list(rules), expected=expected):
             await self.sync()
+            return True
+        return False
 
     async def wake(self, name: str) -> None:
         """A request for a scaled-to-zero endpoint: ask for one replica. Concurrent callers share one wake."""
@@ -321,7 +326,10 @@ class Supervisor:
         if run is None or target is None:
             return
         run.awaiting = True
-        await self.scale(name, target, "autoscale.wake", f"endpoint {name}: a request arrived while scaled to zero: 0 → {target}", {"from": 0, "to": target, "reason": "wake"})
+        await self.scale(
+            name, target, "autoscale.wake", f"endpoint {name}: a request arrived while scaled to zero: 0 → {target}", {"from": 0, "to": target, "reason": "wake"},
+            expected=0,
+        )
 
     def replicas(self, name: str) -> list[Replica]:
         run = self._runs.get(name)

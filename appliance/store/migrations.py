@@ -151,3 +151,10 @@ def m003_autoscaling(db: Database) -> None:
                   "window_seconds", "enabled", "created_at", "updated_at"],
     )
     db["autoscaling_rules"].create_index(["endpoint"])
+
+
+@migrations(name="m004_endpoint_version")
+def m004_endpoint_version(db: Database) -> None:
+    # Bumped by every change to an endpoint's spec: an update made from a stale read is retried on the
+    # current row instead of overwriting a change made in between.
+    db["endpoints"].add_column("version", int, not_null_default=0)

@@ -84,17 +84,23 @@ class EndpointsRepo:
 
         return await self._store.run(tx)
 
-    async def update(self, name: str, changes: EndpointRow, message: str, details: dict[str, Any] | None = None) -> EndpointRow:
-        """Apply `changes` (spec/config/source/status…). A new config bumps the generation."""
+    async def update(
+        self, name: str, changes: EndpointRow, message: str, details: dict[str, Any] | None = None, *, version: int | None = None
+    ) -> EndpointRow | None:
+        """Apply `changes` (spec/config/source/status…). A new config bumps the generation. With `version`
+        (the one the caller read), nothing is written and None is returned if the row changed since."""
         now = self._store.now()
 
-        def tx(db: Database) -> EndpointRow:
+        def tx(db: Database) -> EndpointRow | None:
             with db.atomic():
                 try:
                     current = _decode_endpoint(db["endpoints"].get(name))
                 except NotFoundError:
                     raise ApplianceError(f"endpoint {name!r} not found", status=404, code="endpoint_not_found") from None
+                if version is not None and current.get("version", 0) != version:
+                    return None
                 fields = dict(changes)
+                fields["version"] = current.get("version", 0) + 1
                 if "config" in fields:
                     _check_names_free(db, name, fields["config"]["aliases"])
                     if worker_fingerprint(fields["config"]) != worker_fingerprint(current["config"]):
@@ -129,14 +135,21 @@ class EndpointsRepo:
         await self._store.run(tx)
 
 
-    async def set_desired(self, name: str, replicas: int, kind: str, message: str, details: dict[str, Any], rules: list[str]) -> bool:
+    async def set_desired(
+        self, name: str, replicas: int, kind: str, message: str, details: dict[str, Any], rules: list[str], *, expected: int | None = None
+    ) -> bool:
         """The autoscaler's count, its event and the firing rules' last_triggered_at, in one transaction.
-        False if the endpoint is gone."""
+        False if the endpoint is gone, or if `expected` is given and the desired count is no longer it
+        (an operator changed `replicas` while the autoscaler was deciding: the operator wins)."""
         now = self._store.now()
 
         def tx(db: Database) -> bool:
             with db.atomic():
-                if not db["endpoints"].count_where("name = ?", [name]):
+                row = next(iter(db.query("select desired_replicas, config from endpoints where name = ?", [name])), None)
+                if row is None:
+                    return False
+                current = row["desired_replicas"] if row["desired_replicas"] is not None else json.loads(row["config"])["replicas"]
+                if expected is not None and current != expected:
                     return False
                 db.execute("update endpoints set desired_replicas = ? where name = ?", [replicas, name])
                 for rule in rules:
