@@ -410,3 +410,14 @@ async def test_without_public_endpoints_a_keyless_request_is_refused_before_its_
     status_line = await asyncio.wait_for(reader.readline(), timeout=5)
     writer.close()
     assert status_line.split()[1] == b"401"
+
+
+async def test_the_token_endpoints_errors_match_their_documented_rfc_6749_schema(admin: Admin) -> None:
+    from appliance.api.oauth import OAuthErrorBody
+
+    resp = await admin.client.post("/oauth/token", data={"grant_type": "password"}, headers={"Authorization": "Basic " + base64.b64encode(b"a:b").decode()})
+    body = await resp.json()
+    assert resp.status in (400, 401) and OAuthErrorBody.model_validate(body).error in ("unsupported_grant_type", "invalid_client")
+    _, spec = await admin.call("GET", "/api/v1/openapi.json")
+    assert spec["paths"]["/oauth/token"]["post"]["responses"]["default"]["content"]["application/json"]["schema"]["$ref"].endswith("/OAuthErrorBody")
+    assert spec["paths"]["/api/v1/endpoints/{name}"]["get"]["parameters"][0]["schema"]["pattern"] == "^[A-Za-z0-9_-]{1,50}$"

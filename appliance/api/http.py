@@ -38,6 +38,7 @@ class Route:
     summary: str
     body: type[BaseModel] | None = None
     response: type[BaseModel] | None = None
+    error: type[BaseModel] | None = None  # the error body, when not the OpenAI-shaped one
     status: int = 200
     query: tuple[Query, ...] = ()
     auth: bool = True

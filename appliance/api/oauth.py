@@ -67,6 +67,13 @@ class TokenResponse(View):
     scope: str
 
 
+class OAuthErrorBody(View):
+    """RFC 6749 §5.2: the token endpoint's errors are not OpenAI-shaped."""
+
+    error: Literal["invalid_request", "invalid_client", "invalid_grant", "unauthorized_client", "unsupported_grant_type", "invalid_scope", "temporarily_unavailable"]
+    error_description: str
+
+
 class Rotated(View):
     rotated: bool = True
     detail: str
@@ -243,5 +250,5 @@ ROUTES = [
     Route("POST", f"{PREFIX}/oauth/rotate-key", rotate_signing_key, "New access-token signing key: every earlier token is void",
           response=Rotated, scope=ADMIN, tags=("oauth",)),
     Route("POST", "/oauth/token", token, "OAuth2 client-credentials grant (RFC 6749 §4.4): form body, HTTP Basic client auth",
-          response=TokenResponse, auth=False, tags=("oauth",)),
+          response=TokenResponse, error=OAuthErrorBody, auth=False, tags=("oauth",)),
 ]

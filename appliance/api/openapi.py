@@ -11,8 +11,15 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from appliance import __version__
 from appliance.api.http import Route
 from appliance.api.views import ErrorResponse
+from appliance.domain.specs import NAME_RE
 
 _REF = "#/components/schemas/{model}"
+# What a path parameter may be, so that generated requests reach the handlers' own checks.
+_PATH_SCHEMAS: dict[str, dict[str, Any]] = {
+    "name": {"type": "string", "pattern": NAME_RE.pattern},
+    "id": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}$"},
+    "replica": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}$"},
+}
 
 
 def build_openapi(routes: list[Route]) -> dict[str, Any]:
@@ -22,6 +29,8 @@ def build_openapi(routes: list[Route]) -> dict[str, Any]:
             wanted.append((r.body, "validation"))
         if r.response is not None:
             wanted.append((r.response, "serialization"))
+        if r.error is not None:
+            wanted.append((r.error, "serialization"))
     wanted = list(dict.fromkeys(wanted))
     refs, defs = models_json_schema(wanted, ref_template=_REF)
 
@@ -32,7 +41,7 @@ def build_openapi(routes: list[Route]) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:
         op: dict[str, Any] = {"summary": r.summary, "operationId": r.handler.__name__, "tags": list(r.tags)}
-        params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in re.findall(r"\{(\w+)\}", r.path)]
+        params = [{"name": p, "in": "path", "required": True, "schema": _PATH_SCHEMAS.get(p, {"type": "string"})} for p in re.findall(r"\{(\w+)\}", r.path)]
         params += [{"name": q.name, "in": "query", "required": False, "description": q.description, "schema": {"type": q.type}} for q in r.query]
         if params:
             op["parameters"] = params
@@ -41,7 +50,8 @@ def build_openapi(routes: list[Route]) -> dict[str, Any]:
         ok: dict[str, Any] = {"description": "success"}
         if r.response is not None:
             ok["content"] = {"application/json": {"schema": ref(r.response, "serialization")}}
-        op["responses"] = {str(r.status): ok, "default": error}
+        failed = error if r.error is None else {"description": "error", "content": {"application/json": {"schema": ref(r.error, "serialization")}}}
+        op["responses"] = {str(r.status): ok, "default": failed}
         op["security"] = [{"bearer": []}] if r.auth else []
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {
