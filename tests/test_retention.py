@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from appliance.config import RetentionConfig
 from appliance.control.retention import Retention, prune_logs
@@ -46,3 +47,19 @@ async def test_events_by_age_and_count_and_usage_by_age(tmp_path: Path) -> None:
         assert [r["requests"] for r in rows] == [2]  # the hour of 2026-01-01 is more than 30 days old
     finally:
         await store.close()
+
+
+async def test_usage_without_since_is_the_last_30_days_not_the_whole_table(start_inprocess_app: Any, make_config: Any) -> None:
+    import time
+
+    from appliance.api.services import SERVICES
+
+    admin = await start_inprocess_app(make_config())
+    store = admin.client.app[SERVICES].store
+    old_hour = iso(time.time() - 40 * 86400)[:13]
+    new_hour = iso(time.time() - 3600)[:13]
+    await store.usage.add([(old_hour, "", "chat", 1, 0, 0, 0), (new_hour, "", "chat", 2, 0, 0, 0)], [])
+    status, body = await admin.call("GET", "/api/v1/usage")
+    assert status == 200 and [r["requests"] for r in body["data"]] == [2]
+    _, body = await admin.call("GET", "/api/v1/usage?since=60d")
+    assert sorted(r["requests"] for r in body["data"]) == [1, 2]

@@ -285,13 +285,13 @@ async def revoke_token(request: web.Request) -> web.Response:
 async def get_usage(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     now = services.clock()
-    since = request.query.get("since")
+    since = request.query.get("since") or _USAGE_WINDOW  # never the whole table by default
     until = request.query.get("until")
     await services.accounting.flush()  # what is still in memory counts too
     rows = await services.store.usage.query(
         key_id=request.query.get("key"),
         endpoint=request.query.get("endpoint"),
-        since=hour_label(int(parse_since(since, now, param="since") // 3600)) if since else None,
+        since=hour_label(int(parse_since(since, now, param="since") // 3600)),
         until=hour_label(int(parse_instant(until, param="until") // 3600)) if until else None,
     )
     names = {r["id"]: r["name"] for r in await services.store.keys.list()} | {r["id"]: r["name"] for r in await services.store.accounts.list()}
@@ -301,6 +301,7 @@ async def get_usage(request: web.Request) -> web.Response:
 
 
 _ID = "{id}"
+_USAGE_WINDOW = "30d"
 ROUTES = [
     Route("POST", f"{PREFIX}/keys", create_key, "Create an API key (the key is in this answer only)", body=KeyCreate, response=KeyCreated,
           status=201, scope=ADMIN, tags=("keys",)),
@@ -318,5 +319,5 @@ ROUTES = [
           tags=("keys",)),
     Route("GET", f"{PREFIX}/usage", get_usage, "Requests, tokens and errors per key, endpoint and hour", response=UsageList,
           query=(Query("key", "a key, token or service-account id"), Query("endpoint", "an endpoint name"),
-                 Query("since", "24h (ago) or an ISO date/time"), Query("until", "an ISO date/time (exclusive)")), tags=("usage",)),
+                 Query("since", "24h (ago) or an ISO date/time; default 30d"), Query("until", "an ISO date/time (exclusive)")), tags=("usage",)),
 ]
