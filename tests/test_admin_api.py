@@ -249,3 +249,16 @@ async def test_an_autoscaler_decision_made_from_a_stale_count_does_not_overwrite
     assert not await store.endpoints.set_desired("llama", 3, "autoscale.scale_out", "m", {}, [], expected=2)  # read before the PATCH
     _, ep = await admin.call("GET", "/api/v1/endpoints/llama")
     assert ep["desired_replicas"] == 4
+
+
+async def test_lists_come_in_pages(admin: Admin, model_folder: Path) -> None:
+    for name in ("c", "a", "b"):
+        assert (await admin.call("POST", "/api/v1/endpoints", json_body=spec(model_folder, name=name, replicas=0)))[0] == 201
+    _, first = await admin.call("GET", "/api/v1/endpoints?limit=2")
+    assert [e["name"] for e in first["data"]] == ["a", "b"] and first["has_more"] is True
+    _, rest = await admin.call("GET", "/api/v1/endpoints?limit=2&after=b")
+    assert [e["name"] for e in rest["data"]] == ["c"] and rest["has_more"] is False
+    status, err = await admin.call("GET", "/api/v1/endpoints?limit=0")
+    assert status == 400 and err["error"]["param"] == "limit"
+    _, keys = await admin.call("GET", "/api/v1/keys?limit=1")
+    assert len(keys["data"]) == 1 and keys["has_more"] is False  # only the bootstrap admin key

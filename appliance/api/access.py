@@ -8,7 +8,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import Field
 
-from appliance.api.http import Query, Route, endpoint_name, json_response, read_model
+from appliance.api.http import Query, Route, endpoint_name, json_response, page, read_model
 from appliance.api.services import SERVICES, Services
 from appliance.api.views import Deleted, View
 from appliance.domain.limits import Limits
@@ -74,6 +74,7 @@ class KeyCreated(KeyView):
 
 class KeyList(View):
     object: Literal["list"] = "list"
+    has_more: bool = Field(False, description="more items follow: ask again with after=<the last item's name or id>")
     data: list[KeyView]
 
 
@@ -179,7 +180,8 @@ async def list_keys(request: web.Request) -> web.Response:
     rows = await services.store.keys.list(kind="key")
     views = [key_view(r, now) for r in rows]
     wanted = request.query.get("status")
-    return json_response(KeyList(data=[v for v in views if wanted is None or v.status == wanted]))
+    shown, more = page(request, [v for v in views if wanted is None or v.status == wanted], lambda v: v.id)
+    return json_response(KeyList(data=shown, has_more=more))
 
 
 async def get_key(request: web.Request) -> web.Response:
@@ -306,7 +308,8 @@ ROUTES = [
     Route("POST", f"{PREFIX}/keys", create_key, "Create an API key (the key is in this answer only)", body=KeyCreate, response=KeyCreated,
           status=201, scope=ADMIN, tags=("keys",)),
     Route("GET", f"{PREFIX}/keys", list_keys, "List API keys (never the keys themselves)", response=KeyList, scope=ADMIN,
-          query=(Query("status", "active | expired | revoked"),), tags=("keys",)),
+          query=(Query("status", "active | expired | revoked"), Query("limit", "items per page (default 100, at most 1000)", "integer"),
+                 Query("after", "the last id of the previous page")), tags=("keys",)),
     Route("GET", f"{PREFIX}/keys/{_ID}", get_key, "Show an API key", response=KeyView, scope=ADMIN, tags=("keys",)),
     Route("PATCH", f"{PREFIX}/keys/{_ID}", update_key, "Change an API key's name, scopes, endpoints, expiry, limits or metadata",
           body=KeyPatch, response=KeyView, scope=ADMIN, tags=("keys",)),

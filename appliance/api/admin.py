@@ -8,7 +8,7 @@ from dataclasses import asdict
 from aiohttp import web
 
 from appliance.api.gateway import GATEWAY
-from appliance.api.http import Query, Route, endpoint_name, int_query, json_response, read_model
+from appliance.api.http import Query, Route, endpoint_name, int_query, json_response, page, read_model
 from appliance.api.services import SERVICES
 from appliance.api.views import Deleted, EndpointList, EndpointView, EventList, EventView, GpuHolder, GpuList, GpuView, ReplicaList, ReplicaView, RequestList, RequestView
 from appliance.control.replica import Replica
@@ -37,8 +37,8 @@ async def create_endpoint(request: web.Request) -> web.Response:
 
 
 async def list_endpoints(request: web.Request) -> web.Response:
-    rows = await request.app[SERVICES].endpoints.list()
-    return json_response(EndpointList(data=[_view(request, r) for r in rows]))
+    rows, more = page(request, await request.app[SERVICES].endpoints.list(), lambda r: r["name"])
+    return json_response(EndpointList(data=[_view(request, r) for r in rows], has_more=more))
 
 
 async def get_endpoint(request: web.Request) -> web.Response:
@@ -185,7 +185,7 @@ async def list_requests(request: web.Request) -> web.Response:
 
 ROUTES = [
     Route("POST", f"{PREFIX}/endpoints", create_endpoint, "Create an endpoint", body=EndpointSpec, response=EndpointView, status=201, tags=("endpoints",)),
-    Route("GET", f"{PREFIX}/endpoints", list_endpoints, "List endpoints", response=EndpointList, tags=("endpoints",)),
+    Route("GET", f"{PREFIX}/endpoints", list_endpoints, "List endpoints", response=EndpointList, query=(Query("limit", "items per page (default 100, at most 1000)", "integer"), Query("after", "the last name or id of the previous page")), tags=("endpoints",)),
     Route("GET", f"{PREFIX}/endpoints/{{name}}", get_endpoint, "Show one endpoint", response=EndpointView, tags=("endpoints",)),
     Route(
         "PATCH",

@@ -112,6 +112,7 @@ async def read_model(request: web.Request, model: type[M], what: str) -> M:
         raise validation_error(exc, what=what) from None
 
 
+T = TypeVar("T")
 _INT64_MAX = (1 << 63) - 1  # SQLite's integers: a larger one would overflow in the query
 
 
@@ -127,6 +128,17 @@ def int_query(request: web.Request, name: str, default: int | None, *, low: int 
         bound = f"between {low} and {high}"
         raise ApplianceError(f"query parameter {name} must be {bound} (got {value})", status=400, code="invalid_query", param=name)
     return value
+
+
+def page(request: web.Request, items: list[T], key: Callable[[T], str]) -> tuple[list[T], bool]:
+    """One page of a list, in `key` order: `limit` (default 100, at most 1000) items after the
+    `after` cursor (the key of the previous page's last item); True when more follow."""
+    limit = int_query(request, "limit", 100, low=1, high=1000) or 100
+    after = request.query.get("after")
+    ordered = sorted(items, key=key)
+    if after is not None:
+        ordered = [i for i in ordered if key(i) > after]
+    return ordered[:limit], len(ordered) > limit
 
 
 def json_response(body: BaseModel | dict[str, Any], status: int = 200) -> web.Response:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import Field
 
-from appliance.api.http import Route, json_response, read_model
+from appliance.api.http import Query, Route, json_response, page, read_model
 from appliance.api.services import SERVICES
 from appliance.api.views import Deleted, View
 from appliance.domain.specs import Model
@@ -57,6 +57,7 @@ class AccountCreated(AccountView):
 
 class AccountList(View):
     object: Literal["list"] = "list"
+    has_more: bool = Field(False, description="more items follow: ask again with after=<the last item's name or id>")
     data: list[AccountView]
 
 
@@ -101,8 +102,8 @@ async def create_account(request: web.Request) -> web.Response:
 
 
 async def list_accounts(request: web.Request) -> web.Response:
-    rows = await request.app[SERVICES].store.accounts.list()
-    return json_response(AccountList(data=[_view(r) for r in rows]))
+    rows, more = page(request, await request.app[SERVICES].store.accounts.list(), lambda r: r["id"])
+    return json_response(AccountList(data=[_view(r) for r in rows], has_more=more))
 
 
 async def get_account(request: web.Request) -> web.Response:
@@ -240,7 +241,8 @@ _ID = "{id}"
 ROUTES = [
     Route("POST", f"{PREFIX}/service-accounts", create_account, "Create a service account (the client secret is in this answer only)",
           body=AccountCreate, response=AccountCreated, status=201, scope=ADMIN, tags=("oauth",)),
-    Route("GET", f"{PREFIX}/service-accounts", list_accounts, "List service accounts", response=AccountList, scope=ADMIN, tags=("oauth",)),
+    Route("GET", f"{PREFIX}/service-accounts", list_accounts, "List service accounts", response=AccountList, scope=ADMIN,
+          query=(Query("limit", "items per page (default 100, at most 1000)", "integer"), Query("after", "the last id of the previous page")), tags=("oauth",)),
     Route("GET", f"{PREFIX}/service-accounts/{_ID}", get_account, "Show a service account", response=AccountView, scope=ADMIN, tags=("oauth",)),
     Route("PATCH", f"{PREFIX}/service-accounts/{_ID}", update_account, "Rename, change role, disable or enable a service account",
           body=AccountPatch, response=AccountView, scope=ADMIN, tags=("oauth",)),

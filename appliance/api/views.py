@@ -40,6 +40,7 @@ class EndpointView(EndpointConfig):
 
 class EndpointList(View):
     object: Literal["list"] = "list"
+    has_more: bool = Field(False, description="more items follow: ask again with after=<the last item's name or id>")
     data: list[EndpointView]
 
 
