@@ -48,6 +48,9 @@ class WorkersConfig(Model):
     port_range: tuple[int, int] = Field((20000, 20999), description="[first, last] ports handed to worker replicas")
     log_dir: Path | None = Field(None, description="replica logs; default state_dir/logs")
     stop_grace_seconds: float = Field(30.0, ge=0, description="SIGTERM, then SIGKILL after this long")
+    user: str | None = Field(
+        "auto", description='run workers as this user (needs the appliance to run as root); "auto": appliance-worker when that account exists and the appliance is root; null: the appliance\'s own user'
+    )
     isolation: Literal["auto", "cgroup", "process-group"] = Field(
         "auto", description="how a replica's processes are held and ended: a cgroup v2 each (needs a delegated cgroup), process groups, or auto"
     )

@@ -56,6 +56,15 @@ class Runtime:
         say(message, self.out)
 
 
+def _readable(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+        return True
+    except OSError:
+        return False
+
+
 def parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fake_worker.py")
     p.add_argument("--port", type=int, default=int(env.get("PORT", "8000")))
@@ -120,6 +129,8 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
             "cuda_device_order": rt.env.get("CUDA_DEVICE_ORDER"),
             "env": {k: v for k, v in rt.env.items() if k.startswith(("FAKE_", "BACKEND_", "NIM_")) or k in ("PORT", "ROOT_VAR", "VARIANT_VAR")},
             "uptime": time.time() - started,
+            "uid": os.getuid(),
+            "can_read": {path: _readable(path) for path in request.query.getall("read", [])},
         }
         if args.report_gpu:
             import torch

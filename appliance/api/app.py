@@ -21,6 +21,7 @@ from appliance.control.autoscaler import Autoscaler
 from appliance.control.cgroups import open_isolation
 from appliance.control.endpoints import EndpointService
 from appliance.control.gpus import GpuMonitor
+from appliance.control.identity import worker_identity
 from appliance.control.load import Load
 from appliance.control.process import Launcher
 from appliance.control.retention import Retention
@@ -152,7 +153,15 @@ def make_app(
     auth = Authenticator(store, clock, TokenSigner(config.jwt_key_path), on_failure=accounting.auth_failure)
     load = Load(clock)
     isolation = open_isolation(config.workers.isolation, config.server.state_dir)
-    supervisor = Supervisor(config, store, clock, gpus.inventory, unseal=vault.open_all, load=load, launcher=launcher, isolation=isolation)
+    identity = worker_identity(config.workers.user)
+    if identity is not None and config.server.state_dir.is_dir():
+        # workers pass through to their own work dirs (which they own); every other file stays 0600
+        for path in (config.server.state_dir, config.server.state_dir / "replicas"):
+            path.mkdir(mode=0o711, exist_ok=True)
+            path.chmod(0o711)
+    supervisor = Supervisor(
+        config, store, clock, gpus.inventory, unseal=vault.open_all, load=load, launcher=launcher, isolation=isolation, identity=identity
+    )
     services = Services(
         config=config,
         clock=clock,

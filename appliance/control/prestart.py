@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from appliance.control.identity import WorkerIdentity
 from appliance.control.process import end_group, resolve_executable
 from appliance.control.replica_log import ReplicaLog
 from appliance.domain.definitions import PreStartAction
@@ -32,7 +33,7 @@ def _mode(args: Mapping[str, Any]) -> int:
 
 async def run_pre_start_actions(
     actions: Iterable[PreStartAction], *, work_dir: Path, variables: dict[str, Any], env: Mapping[str, str], sink: ReplicaLog,
-    grace: float = 10.0,
+    grace: float = 10.0, identity: WorkerIdentity | None = None,
 ) -> None:
     """Run `actions` in order; `variables` gains each `ref`'s result (and {tempfile} / {tempfile_N}).
     Cancelled (the replica is stopped), a running command's process tree is ended within `grace` seconds."""
@@ -92,7 +93,7 @@ async def run_pre_start_actions(
                 sink.note(("[debug] " if args.get("debug") else "") + fill(args["message"]))
             elif action.action == "run_command":
                 argv = [fill(a) for a in args["command"]]
-                result = await _run_command(argv, env=env, cwd=work_dir, sink=sink, where=where, grace=grace)
+                result = await _run_command(argv, env=env, cwd=work_dir, sink=sink, where=where, grace=grace, identity=identity)
         except ApplianceError as exc:
             if exc.code == "undefined_template_variable":
                 raise ApplianceError(exc.message, status=422, code="pre_start_failed") from None
@@ -103,13 +104,16 @@ async def run_pre_start_actions(
             variables[action.ref] = result
 
 
-async def _run_command(argv: list[str], *, env: Mapping[str, str], cwd: Path, sink: ReplicaLog, where: str, grace: float) -> dict[str, str]:
+async def _run_command(
+    argv: list[str], *, env: Mapping[str, str], cwd: Path, sink: ReplicaLog, where: str, grace: float, identity: WorkerIdentity | None
+) -> dict[str, str]:
     """Backend.AI's run_command: an argv (no shell), output captured and returned as {out, err},
     the exit code noted but not fatal. Here the output also goes to the replica log."""
     sink.note(f"{where}: running {argv}")
     proc = await asyncio.create_subprocess_exec(
         resolve_executable(argv[0]), *argv[1:], cwd=str(cwd), env=dict(env),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        **({"user": identity.uid, "group": identity.gid, "extra_groups": os.getgrouplist(identity.user, identity.gid)} if identity else {}),
     )
     try:
         out, err = await proc.communicate()

@@ -25,6 +25,7 @@ from typing import Protocol
 import psutil
 
 from appliance.control.cgroups import KILL_WAIT, Cgroups, Isolation
+from appliance.control.identity import WorkerIdentity
 from appliance.control.replica_log import ReplicaLog, _pump
 from appliance.errors import ApplianceError
 
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 # Runs as the worker's pid before exec: asks the kernel to SIGKILL it when the appliance dies
 # (the setting survives exec), joins the replica's cgroup when it has one (before any child
-# exists, so none can start outside it), then becomes the worker. A preexec_fn would do the same
+# exists, so none can start outside it), drops to the worker account when there is one (after
+# the join, which needs the privileges), then becomes the worker. A preexec_fn would do the same
 # inside fork, where a lock held by another thread of the appliance can deadlock the child.
 _TRAMPOLINE = (
     "import ctypes,os,sys\n"
@@ -40,8 +42,9 @@ _TRAMPOLINE = (
     "os.getppid() == int(sys.argv[1]) or os._exit(1)\n"
     "try:\n    sys.argv[2] and open(sys.argv[2] + '/cgroup.procs', 'w').write(str(os.getpid()))\n"
     "except OSError as e:\n    print(f'could not join cgroup {sys.argv[2]}: {e.strerror}', flush=True); os._exit(126)\n"
-    "try:\n    os.execv(sys.argv[3], sys.argv[3:])\n"
-    "except OSError as e:\n    print(f'could not start {sys.argv[3]}: {e.strerror}', flush=True); os._exit(127)\n"
+    "if sys.argv[3]:\n    uid, gid, user = sys.argv[3].split(':', 2); os.initgroups(user, int(gid)); os.setgid(int(gid)); os.setuid(int(uid))\n"
+    "try:\n    os.execv(sys.argv[4], sys.argv[4:])\n"
+    "except OSError as e:\n    print(f'could not start {sys.argv[4]}: {e.strerror}', flush=True); os._exit(127)\n"
 )
 
 
@@ -90,8 +93,9 @@ class Launcher(Protocol):
 class ProcessLauncher:
     """Workers as OS processes, each in a cgroup of its own when `isolation` has cgroups."""
 
-    def __init__(self, isolation: Isolation) -> None:
+    def __init__(self, isolation: Isolation, identity: WorkerIdentity | None = None) -> None:
         self.isolation = isolation
+        self.identity = identity
 
     async def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, sink: ReplicaLog, slot: Slot) -> WorkerProcess:
         cgroups = self.isolation.cgroups
@@ -102,7 +106,7 @@ class ProcessLauncher:
             except OSError as exc:
                 raise ApplianceError(f"could not set up the replica's cgroup: {exc.strerror or exc}", status=500, code="spawn_failed") from None
         try:
-            return await WorkerProcess.spawn(argv, env=env, cwd=cwd, sink=sink, cgroup=leaf, cgroups=cgroups)
+            return await WorkerProcess.spawn(argv, env=env, cwd=cwd, sink=sink, cgroup=leaf, cgroups=cgroups, identity=self.identity)
         except ApplianceError:
             if leaf is not None and cgroups is not None:
                 await asyncio.to_thread(cgroups.end, leaf, 0.0)
@@ -120,14 +124,16 @@ class WorkerProcess:
 
     @classmethod
     async def spawn(
-        cls, argv: Iterable[str], *, env: Mapping[str, str], cwd: Path, sink: ReplicaLog, cgroup: Path | None = None, cgroups: Cgroups | None = None
+        cls, argv: Iterable[str], *, env: Mapping[str, str], cwd: Path, sink: ReplicaLog, cgroup: Path | None = None, cgroups: Cgroups | None = None,
+        identity: WorkerIdentity | None = None,
     ) -> WorkerProcess:
         args = list(argv)
         args[0] = resolve_executable(args[0])
         read_fd, write_fd = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-S", "-c", _TRAMPOLINE, str(os.getpid()), str(cgroup or ""), *args,
+                sys.executable, "-I", "-S", "-c", _TRAMPOLINE, str(os.getpid()), str(cgroup or ""),
+                f"{identity.uid}:{identity.gid}:{identity.user}" if identity else "", *args,
                 cwd=str(cwd),
                 env=dict(env),
                 stdin=asyncio.subprocess.DEVNULL,

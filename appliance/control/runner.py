@@ -23,6 +23,7 @@ import aiohttp
 
 from appliance.config import Config
 from appliance.control.folders import find_definition_file, load_model_definition
+from appliance.control.identity import WorkerIdentity
 from appliance.control.ledger import Ledger
 from appliance.control.load import Load
 from appliance.control.prestart import run_pre_start_actions
@@ -52,8 +53,9 @@ _MIN_INTERVAL = 0.1  # seconds: Backend.AI allows interval 0, which would probe 
 class ReplicaRunner:
     def __init__(
         self, config: Config, store: Store, clock: Clock, load: Load, ledger: Ledger, gpus: GpuSource, launcher: Launcher,
-        unseal: Callable[[Mapping[str, str]], dict[str, str]], host: RunnerHost,
+        unseal: Callable[[Mapping[str, str]], dict[str, str]], host: RunnerHost, identity: WorkerIdentity | None = None,
     ) -> None:
+        self._identity = identity  # the account workers and pre-start commands run as, if not the appliance's
         self._config = config
         self._store = store
         self._clock = clock
@@ -262,10 +264,16 @@ class ReplicaRunner:
         variables = dict(spec.variables)
         stated = {k: render(v, variables, where=f"environ.{k}") for k, v in spec.env.items()}
         env = {**_base_env(), **stated, **self._unseal(config.secret_environ), "CUDA_VISIBLE_DEVICES": allocation.cuda_visible_devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        if self._identity is not None:
+            env.update(HOME=str(r.work_dir), USER=self._identity.user)
+            await asyncio.to_thread(self._identity.hand_over, r.work_dir)
         if spec.pre_start_actions:
             await run_pre_start_actions(
-                spec.pre_start_actions, work_dir=r.work_dir, variables=variables, env=env, sink=r.log, grace=self._config.workers.stop_grace_seconds
+                spec.pre_start_actions, work_dir=r.work_dir, variables=variables, env=env, sink=r.log, grace=self._config.workers.stop_grace_seconds,
+                identity=self._identity,
             )
+            if self._identity is not None:  # what the actions wrote belongs to the worker
+                await asyncio.to_thread(self._identity.hand_over, r.work_dir)
         argv = tuple(render_all(spec.argv, variables, where="start command"))
         if spec.cwd is not None and not await asyncio.to_thread(Path(spec.cwd).is_dir):
             raise ApplianceError(f"the model directory does not exist: {spec.cwd}", status=422, code="model_path_missing")

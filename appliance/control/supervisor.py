@@ -18,6 +18,7 @@ from typing import Any
 
 from appliance.config import Config
 from appliance.control.cgroups import Isolation
+from appliance.control.identity import WorkerIdentity
 from appliance.control.ledger import Ledger
 from appliance.control.load import Load
 from appliance.control.process import Launcher, ProcessLauncher, stop_orphan
@@ -40,10 +41,10 @@ _KEEP_TERMINATED = 10  # finished replicas listed per endpoint, for their logs a
 class Supervisor:
     def __init__(
         self, config: Config, store: Store, clock: Clock, gpus: GpuSource, unseal: Callable[[Mapping[str, str]], dict[str, str]] = dict,
-        load: Load | None = None, launcher: Launcher | None = None, isolation: Isolation | None = None,
+        load: Load | None = None, launcher: Launcher | None = None, isolation: Isolation | None = None, identity: WorkerIdentity | None = None,
     ) -> None:
         self.isolation = isolation or Isolation("process-group", "process groups")
-        launcher = launcher or ProcessLauncher(self.isolation)
+        launcher = launcher or ProcessLauncher(self.isolation, identity)
         self._load = load or Load(clock)  # requests in flight per replica, counted by the gateway
         self._wakes: dict[str, asyncio.Future[None]] = {}
         self._config = config
@@ -51,7 +52,7 @@ class Supervisor:
         self._clock = clock
         self._runs: dict[str, EndpointRun] = {}
         self._ledger = Ledger(config.workers.port_range)
-        self._runner = ReplicaRunner(config, store, clock, self._load, self._ledger, gpus, launcher, unseal, host=self)
+        self._runner = ReplicaRunner(config, store, clock, self._load, self._ledger, gpus, launcher, unseal, host=self, identity=identity)
         self._poke = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
         self._dirty = True  # the routing table must be published again
