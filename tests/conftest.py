@@ -23,6 +23,19 @@ from appliance.api.app import make_app
 from appliance.config import Config, parse_config
 from appliance.control.process import Launcher
 
+
+def _dump_tasks(signum: int, frame: Any) -> None:
+    """`kill -USR2 <pytest pid>`: every asyncio task's stack on stderr, to see what a hung test awaits."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    for task in asyncio.all_tasks(loop):
+        task.print_stack(file=sys.stderr)
+
+
+signal.signal(signal.SIGUSR2, _dump_tasks)
+
 REPO = Path(__file__).resolve().parent.parent
 
 SEED_DEFINITION = """\

@@ -194,7 +194,6 @@ class Gateway:
         if self.stopping.is_set():
             raise ApplianceError("the appliance is shutting down", status=503, code="shutting_down")
         started = time.monotonic()
-        self._active += 1
         self._services.load.arrived(endpoint)
         outcome = Outcome()
         replica_id: str | None = None
@@ -202,6 +201,7 @@ class Gateway:
         tried: set[str] = set()
         headers = worker_headers(request.headers)
         limited = False
+        self._active += 1  # from here on, the finally below counts it out
         try:
             extra = self._admit(principal)
             limited = extra is not None

@@ -13,7 +13,8 @@ from appliance.domain.specs import HealthCheck
 async def _accepts(base_url: str, timeout: float) -> tuple[bool, str]:
     url = urlsplit(base_url)
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(url.hostname, url.port), timeout)
+        async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow the probe loop's cancel
+            _, writer = await asyncio.open_connection(url.hostname, url.port)
     except TimeoutError:
         return False, f"TCP connect timed out after {timeout:g}s"
     except OSError as exc:

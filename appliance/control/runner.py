@@ -158,10 +158,7 @@ class ReplicaRunner:
         try:
             await asyncio.wait({exited, stop, swap}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            prober.cancel()
-            for t in (stop, swap):
-                t.cancel()
-            await asyncio.gather(prober, stop, swap, return_exceptions=True)
+            await cancel_and_wait(prober, stop, swap)
         process = r.process
         if exited.done():
             # The leader is gone; its helpers (an engine's core and workers) may not be. The replica ends
@@ -235,8 +232,7 @@ class ReplicaRunner:
             stop.cancel()
         if work.done():
             return work.result()
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
+        await cancel_and_wait(work)
         return None
 
     async def _provision(self, run: EndpointRun, r: Replica) -> tuple[WorkerSpec, dict[str, str]]:
@@ -367,6 +363,21 @@ async def _wait_or_stop(r: Replica, seconds: float) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+async def cancel_and_wait(*tasks: asyncio.Future[Any]) -> None:
+    """Cancel `tasks` and return once all have ended. A task can swallow a cancel (on Python 3.11 a
+    timeout that fires at the same moment turns it into a TimeoutError that code then handles), and a
+    probe loop that did would run on forever, with the stop of its replica waiting for it: so cancel
+    again every second until each one is done."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    for t in tasks:
+        if t.done() and not t.cancelled():
+            t.exception()  # retrieved: nothing to log about a task we ended
 
 
 def _base_env() -> dict[str, str]:
