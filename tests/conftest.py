@@ -25,13 +25,23 @@ from appliance.control.process import Launcher
 
 
 def _dump_tasks(signum: int, frame: Any) -> None:
-    """`kill -USR2 <pytest pid>`: every asyncio task's stack on stderr, to see what a hung test awaits."""
+    """`kill -USR2 <pytest pid>`: every asyncio task's stack into /tmp/appliance-tasks-<pid>.txt (pytest
+    holds stderr), to see what a hung test awaits."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return
-    for task in asyncio.all_tasks(loop):
-        task.print_stack(file=sys.stderr)
+    with open(f"/tmp/appliance-tasks-{os.getpid()}.txt", "w") as out:
+        for task in asyncio.all_tasks(loop):
+            print(f"--- {task.get_name()}", file=out)
+            awaited: Any = task.get_coro()
+            while awaited is not None:  # the whole await chain, not only the task's own frame
+                frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+                if frame is None:
+                    print(f"  awaiting {awaited!r}", file=out)
+                    break
+                print(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}", file=out)
+                awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
 
 
 signal.signal(signal.SIGUSR2, _dump_tasks)

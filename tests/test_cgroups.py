@@ -4,9 +4,11 @@ its replica, its endpoint, or an appliance killed with -9 and started again."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -157,3 +159,23 @@ def test_kill_9_of_the_appliance_then_a_restart_ends_what_its_cgroups_held(serve
     assert len(events) == 1 and rep["id"] in events[0]["message"]
     assert second.stop() == 0
     assert not Path(again["cgroup"]).exists() and not leaf.parent.exists()  # a clean stop removes its subtree
+
+
+@needs_cgroups
+async def test_a_worker_stopped_right_after_its_start_is_ended_even_before_it_joined_its_cgroup(tmp_path: Path) -> None:
+    from appliance.control.process import ProcessLauncher, Slot
+    from appliance.control.replica_log import ReplicaLog
+
+    iso = open_isolation("cgroup", tmp_path)
+    launcher = ProcessLauncher(iso)
+    sink = ReplicaLog(tmp_path / "w.log", 1 << 20, 1)
+    try:
+        for i in range(15):  # the stop races the worker's join of its cgroup: every outcome must end it
+            worker = await launcher([sys.executable, "-c", "import time; time.sleep(60)"], env=dict(os.environ), cwd=tmp_path, sink=sink, slot=Slot(f"race-{i}"))
+            await asyncio.wait_for(worker.stop(1.0), timeout=20)
+            assert worker.pid is not None and not _alive(worker.pid)
+            assert worker.cgroup is not None and not worker.cgroup.exists()
+    finally:
+        sink.close()
+        assert iso.cgroups is not None
+        iso.cgroups.close()

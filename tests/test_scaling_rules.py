@@ -3,7 +3,8 @@ INFERENCE_FRAMEWORK metrics as Backend.AI computes them, and decide() under both
 
 from __future__ import annotations
 
-import os
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
@@ -174,17 +175,25 @@ async def test_inference_averages_per_replica_and_inference_framework_divides_th
 
 
 async def test_kernel_metrics_are_percentages_of_the_limit_as_backend_ai_reports_them() -> None:
-    me = os.getpid()  # this test's own process tree stands in for a replica's
-    rss = psutil.Process(me).memory_info().rss
-    needed = {("kernel", n, 5.0) for n in ("mem", "mem_rss", "cpu_util", "cuda_util", "cuda_mem")}
-    got = await _signals([_replica("a", ReplicaState.HEALTHY, pid=me)], mem=4 * rss).gather("ep", needed, NOW)
-    assert got[("kernel", "mem", 5.0)] == pytest.approx(25.0, rel=0.2)  # resources.mem is four times the tree's rss
-    assert got[("kernel", "mem_rss", 5.0)] == pytest.approx(rss, rel=0.2)
-    assert ("kernel", "cpu_util", 5.0) not in got  # the first reading only starts measuring
-    assert ("kernel", "cuda_util", 5.0) not in got  # no NVML: missing, and the rule says so
-    # Without resources.mem the capacity is the box's memory.
-    box = await _signals([_replica("a", ReplicaState.HEALTHY, pid=me)]).gather("ep", {("kernel", "mem", 5.0)}, NOW)
-    assert box[("kernel", "mem", 5.0)] == pytest.approx(100.0 * rss / psutil.virtual_memory().total, rel=0.2)
+    # A process of its own (no children) stands in for a replica's tree: the test runner's tree changes
+    # size whenever another test leaves a worker behind for a moment.
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(120)"], stdout=subprocess.PIPE)  # noqa: ASYNC220
+    try:
+        assert stand_in.stdout is not None and stand_in.stdout.readline() == b"up\n"  # started: its memory stays put now
+        me = stand_in.pid
+        rss = psutil.Process(me).memory_info().rss
+        needed = {("kernel", n, 5.0) for n in ("mem", "mem_rss", "cpu_util", "cuda_util", "cuda_mem")}
+        got = await _signals([_replica("a", ReplicaState.HEALTHY, pid=me)], mem=4 * rss).gather("ep", needed, NOW)
+        assert got[("kernel", "mem", 5.0)] == pytest.approx(25.0, rel=0.2)  # resources.mem is four times the tree's rss
+        assert got[("kernel", "mem_rss", 5.0)] == pytest.approx(rss, rel=0.2)
+        assert ("kernel", "cpu_util", 5.0) not in got  # the first reading only starts measuring
+        assert ("kernel", "cuda_util", 5.0) not in got  # no NVML: missing, and the rule says so
+        # Without resources.mem the capacity is the box's memory.
+        box = await _signals([_replica("a", ReplicaState.HEALTHY, pid=me)]).gather("ep", {("kernel", "mem", 5.0)}, NOW)
+        assert box[("kernel", "mem", 5.0)] == pytest.approx(100.0 * rss / psutil.virtual_memory().total, rel=0.2)
+    finally:
+        stand_in.kill()
+        stand_in.wait()
 
 
 async def test_cuda_metrics_are_the_replicas_gpus_from_nvml() -> None:

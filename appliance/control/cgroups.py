@@ -120,17 +120,25 @@ class Cgroups:
 
     def end(self, path: Path, grace: float) -> None:
         """SIGTERM to every process of the leaf, cgroup.kill after `grace` seconds; returns once the
-        leaf is empty and removed. Processes in a cgroup cannot leave it, so nothing escapes."""
+        leaf is empty and removed. Processes in a cgroup cannot leave it, so nothing escapes; one that
+        joins while this runs (a stop right after the start, before the worker's first instruction)
+        is killed on the way out."""
         self._signal(path, signal.SIGTERM)
         if not self._wait_empty(path, grace):
-            try:
-                _write(path / "cgroup.kill", "1")
-            except OSError:  # kernels before 5.14 have no cgroup.kill
-                self._signal(path, signal.SIGKILL)
-            if not self._wait_empty(path, KILL_WAIT):
-                log.warning("cgroup %s still has processes %s after SIGKILL", path, self.members(path))
+            self._kill(path)
+        for _ in range(5):
+            if self._remove(path):
                 return
-        self._remove(path)
+            self._kill(path)  # someone joined after the first look
+        log.warning("cgroup %s could not be removed; processes %s", path, self.members(path))
+
+    def _kill(self, path: Path) -> None:
+        try:
+            _write(path / "cgroup.kill", "1")
+        except OSError:  # kernels before 5.14 have no cgroup.kill
+            self._signal(path, signal.SIGKILL)
+        if not self._wait_empty(path, KILL_WAIT):
+            log.warning("cgroup %s still has processes %s after SIGKILL", path, self.members(path))
 
     def _signal(self, path: Path, sig: int) -> None:
         for pid in self.members(path):
@@ -140,17 +148,19 @@ class Cgroups:
                 pass
 
     @staticmethod
-    def _remove(path: Path) -> None:
-        for _ in range(50):  # the kernel may report a just-emptied cgroup as busy for a moment
+    def _remove(path: Path) -> bool:
+        """True once the leaf is gone; False while it holds a process."""
+        for _ in range(10):  # the kernel may report a just-emptied cgroup as busy for a moment
             try:
                 path.rmdir()
-                return
+                return True
             except FileNotFoundError:
-                return
+                return True
             except OSError as exc:
                 if exc.errno != errno.EBUSY:
                     raise
                 time.sleep(0.02)
+        return False
 
     def leftovers(self) -> list[Path]:
         """Leaves still there from an earlier run of the appliance (killed before it could clean up)."""
@@ -160,7 +170,8 @@ class Cgroups:
             return []
 
     def close(self) -> None:
-        self._remove(self.instance)
+        if not self._remove(self.instance):
+            log.warning("cgroup %s still has replica cgroups; left in place", self.instance)
 
 
 def _enable(cgroup: Path, wanted: set[str]) -> set[str]:

@@ -169,7 +169,9 @@ class WorkerProcess:
         process of the tree is left, so what it held can be handed out again."""
         if self.cgroup is not None and self._cgroups is not None:
             await asyncio.to_thread(self._cgroups.end, self.cgroup, grace)
-        else:
+        if self._proc.returncode is None:
+            # No cgroup, or a leader stopped before it joined its cgroup (a stop right after the start):
+            # its process group (its own session) holds it then.
             await asyncio.to_thread(end_group, self._proc.pid, grace)
         return await self.wait()
 
