@@ -45,10 +45,31 @@ _TREE = frozenset({"cpu_util", "mem", "mem_rss"})
 _CUDA = frozenset({"cuda_util", "cuda_mem"})
 
 
-def parse_exposition(text: str) -> dict[str, float]:
-    """Every series of a Prometheus text exposition, summed over label sets (blocking: tens of ms for
-    a vLLM-sized exposition, so it runs off the event loop). A counter is also found by its family
-    name, as Backend.AI (whose parser drops `_total`) names it."""
+def _only(text: str, names: Iterable[str]) -> str:
+    """The lines of an exposition that can hold `names` (any of their series names, a counter's
+    `_total`): a full parse of a vLLM exposition takes tens of milliseconds of pure Python, and
+    even in a thread it holds the GIL the event loop needs; a rule reads a handful of series."""
+    wanted: set[str] = set()
+    for name in names:
+        for s in series_names(name):
+            wanted |= {s, s + "_total"}
+    keep = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            if len(parts) > 2 and parts[1] in ("TYPE", "HELP") and parts[2] in wanted:
+                keep.append(line)
+        elif line.split("{", 1)[0].split(" ", 1)[0] in wanted:
+            keep.append(line)
+    return "\n".join(keep) + "\n"
+
+
+def parse_exposition(text: str, names: Iterable[str] | None = None) -> dict[str, float]:
+    """The series of a Prometheus text exposition (only those that can hold `names`, if given),
+    summed over label sets. A counter is also found by its family name, as Backend.AI (whose parser
+    drops `_total`) names it."""
+    if names is not None:
+        text = _only(text, names)
     found: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -201,7 +222,7 @@ class Signals:
             return out
         texts = await asyncio.gather(*(self._scrape(r.url) for r in replicas))
         # each exposition parsed once, off the loop: streams keep flowing while it runs
-        parsed = await asyncio.to_thread(lambda: [parse_exposition(t) if t is not None else None for t in texts])
+        parsed = await asyncio.to_thread(lambda: [parse_exposition(t, names) if t is not None else None for t in texts])
         values = {n: [lookup(p, n) if p is not None else None for p in parsed] for n in names}
         if source == "inference_framework":
             routes = sum(1 for r in self._supervisor.replicas(endpoint) if r.live and r.state in _ROUTES)
