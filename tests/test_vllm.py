@@ -169,15 +169,23 @@ async def test_an_inference_rule_on_vllm_num_requests_running_scales_out_under_l
     assert resp.status == 200
     reading = asyncio.create_task(_drain(resp))
     try:
-        second = await async_wait_for(lambda: _other_healthy(admin, first["id"]), timeout=READY, what="a second replica, started by the rule")
+        # the rule's decision, from the engine's own gauge; then the load goes, so the second engine
+        # does not start on two cores that the first one's generation keeps busy
+        await async_wait_for(lambda: _desired(admin, 2), timeout=120, what="the rule to ask for a second replica")
     finally:
         reading.cancel()
         resp.close()
+    second = await async_wait_for(lambda: _other_healthy(admin, first["id"]), timeout=READY, what="the second replica, HEALTHY")
     status, found = await admin.call("GET", "/api/v1/endpoints/tiny/decisions?limit=100")
     outs = [d for d in found["data"] if d["kind"] == "autoscale.scale_out"]
     assert any(d["details"]["rule"] == rule["id"] and d["details"]["to"] == 2 for d in outs), found
     assert second["pid"] != first["pid"]
     await serves(admin)
+
+
+async def _desired(admin: Admin, n: int) -> bool:
+    status, ep = await admin.call("GET", "/api/v1/endpoints/tiny")
+    return status == 200 and ep["desired_replicas"] == n
 
 
 async def _drain(resp: aiohttp.ClientResponse) -> None:
