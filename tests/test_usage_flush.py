@@ -17,17 +17,18 @@ async def test_a_cancelled_flush_keeps_its_batch(tmp_path: Path) -> None:
     try:
         accounting = Accounting(store, time.time, 10)
         accounting.record(time.time(), None, "chat", failed=False, prompt_tokens=5, completion_tokens=7)
-        slow_add, started = store.usage.add, asyncio.Event()
+        slow_add, started, release = store.usage.add, asyncio.Event(), asyncio.Event()
 
-        async def add(*args: Any) -> None:  # a disk that takes its time
+        async def add(*args: Any) -> None:  # a disk that takes its time: the write lands when the test says
             started.set()
-            await asyncio.sleep(0.3)
+            await release.wait()
             await slow_add(*args)
 
         store.usage.add = add  # type: ignore[method-assign]
         flush = asyncio.create_task(accounting.flush())
         await started.wait()
         flush.cancel()
+        release.set()
         try:
             await flush
         except asyncio.CancelledError:
