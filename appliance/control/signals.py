@@ -87,7 +87,8 @@ def lookup(found: dict[str, float], name: str) -> float | None:
 
 
 def prometheus_value(text: str, name: str) -> float | None:
-    return lookup(parse_exposition(text), name)
+    """One metric from an exposition, through the same filtered parse a scrape uses."""
+    return lookup(parse_exposition(text, [name]), name)
 
 
 def mean(values: Iterable[float | None]) -> float | None:
