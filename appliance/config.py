@@ -21,6 +21,10 @@ class ServerConfig(Model):
     port: int = Field(8080, ge=0, le=65535, description="0 picks a free port (written to state_dir/server.json)")
     state_dir: Path = Field(Path("/var/lib/appliance"), description="database, admin key, replica work dirs")
     max_body_bytes: ByteSize = Field(16 << 20, ge=1024, description="largest request body accepted")
+    idle_timeout_seconds: float = Field(
+        60.0, gt=0, description="a connection without a request in progress (idle, or still sending its headers) is closed after this"
+    )
+    body_timeout_seconds: float = Field(60.0, gt=0, description="a request body that sends nothing for this long is answered 408")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     tls_cert: Path | None = Field(None, description="PEM certificate (chain): serve HTTPS; `appliance tls init` writes a self-signed one")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert")

@@ -7,6 +7,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 
@@ -37,6 +38,7 @@ def sd_notify(message: str) -> None:
 
 GC_YOUNG_THRESHOLD = 10_000
 _STRAGGLERS = 2.0  # seconds
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 
 
 async def _notify_when_ready(app: web.Application, *, freeze_heap: bool) -> None:
@@ -63,7 +65,11 @@ async def run(config: Config) -> None:
     access = logging.getLogger("appliance.api.access") if config.gateway.access_log else None
     # The app's on_shutdown hook already gave requests shutdown_timeout_seconds and ended the rest; aiohttp's own
     # wait (which it makes twice, around a cancel) only has stragglers left to see out.
-    runner = web.AppRunner(app, handle_signals=False, access_log=access, handler_cancellation=True, shutdown_timeout=_STRAGGLERS)
+    # keepalive_timeout also closes a connection that has not finished sending its headers (slowloris).
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=access, handler_cancellation=True, shutdown_timeout=_STRAGGLERS,
+        keepalive_timeout=config.server.idle_timeout_seconds,
+    )
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -72,7 +78,9 @@ async def run(config: Config) -> None:
     path = config.server_file
     try:
         tls = server_context(config.server.tls_cert, config.server.tls_key) if config.server.tls_cert and config.server.tls_key else None
-        site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True, ssl_context=tls)
+        # A deep accept queue: a burst of new connections (many clients at once) waits there for the loop
+        # rather than being dropped and retried by the clients' kernels a second later.
+        site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True, ssl_context=tls, backlog=LISTEN_BACKLOG)
         await site.start()
         host, port = runner.addresses[0][:2]
         url_host = f"[{host}]" if ":" in host else host
@@ -89,6 +97,18 @@ async def run(config: Config) -> None:
         path.unlink(missing_ok=True)
 
 
+def _raise_open_files_limit() -> None:
+    """Every client connection and worker pipe is a file descriptor; the usual soft limit (1024) would
+    let a few thousand idle clients lock everyone else out, so take what the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open files limit from %d: %s", soft, exc)
+
+
 def serve(config: Config) -> int:
     logging.basicConfig(
         level=config.server.log_level.upper(),
@@ -97,6 +117,7 @@ def serve(config: Config) -> int:
     # Files the appliance and its workers create are not world-readable (logs 0640, directories 0750);
     # the state directory and the secrets in it are the appliance user's alone.
     os.umask(0o027)
+    _raise_open_files_limit()
     config.server.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         import uvloop

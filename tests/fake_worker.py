@@ -85,6 +85,7 @@ def parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     p.add_argument("--old-metric-names", action="store_true")
     p.add_argument("--metrics-padding", type=int, default=0, help="this many more series in /metrics (a vLLM-sized exposition)")
     p.add_argument("--health-path", default="/health", help="serve the health check here too (a runtime's own path, e.g. /info)")
+    p.add_argument("--log-request-bytes", type=int, default=0, help="print a line this long for every completion (a chatty engine)")
     return p
 
 
@@ -146,6 +147,8 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
         state["requests"] += 1
         state["running"] = state.get("running", 0) + 1
         state["last_body"] = (await request.read()).decode()
+        if args.log_request_bytes:
+            say("request " + "x" * args.log_request_bytes)
         try:
             return await _complete(request)
         finally:

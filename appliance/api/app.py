@@ -12,7 +12,7 @@ from aiohttp import web
 
 from appliance.api import access, admin, gateway, oauth, scaling
 from appliance.api.gateway import GATEWAY, Gateway
-from appliance.api.http import MAX_BODY, Handler, Route, add_routes, error_middleware, error_response, json_response
+from appliance.api.http import BODY_TIMEOUT, MAX_BODY, Handler, Route, add_routes, error_middleware, error_response, json_response
 from appliance.api.openapi import build_openapi
 from appliance.api.services import SERVICES, Services
 from appliance.api.views import Health
@@ -31,25 +31,32 @@ from appliance.errors import ApplianceError
 from appliance.security.auth import Authenticator, TokenSigner, bootstrap_admin_key
 from appliance.security.usage import Accounting
 from appliance.security.vault import Vault
-from appliance.store import Clock, Store
+from appliance.store import Clock, Store, iso
 
 log = logging.getLogger(__name__)
 
 STARTUP_TASK = web.AppKey("startup_task", asyncio.Task)
 METRICS = web.AppKey("metrics", Signals)
 AUTOSCALER = web.AppKey("autoscaler", Autoscaler)
+HELD_RETRY_SECONDS = 2.0  # how often writes held while the disk was full are retried
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process and its event loop answer."""
-    return json_response(Health(status="ok"))
+    """Liveness: the process and its event loop answer (and whether the disk takes the state's writes)."""
+    return json_response(Health(status="ok", detail=_storage_detail(request.app[SERVICES].store)))
+
+
+def _storage_detail(store: Store) -> str:
+    if store.full_since is None:
+        return ""
+    return f"the state database cannot be written since {iso(store.full_since)} (disk full); {store.held} writes held in memory until space returns"
 
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: the store is open and startup reconciliation ran."""
     readiness = request.app[SERVICES].readiness
-    if readiness.ready:
-        return json_response(Health(status="ok"))
+    if readiness.ready:  # still serving when the disk is full: inference needs no writes
+        return json_response(Health(status="ok", detail=_storage_detail(request.app[SERVICES].store)))
     if readiness.failure:
         return json_response(Health(status="failed", detail=readiness.failure), status=503)
     return json_response(Health(status="starting", detail="opening the store and reconciling endpoints"), status=503)
@@ -95,6 +102,7 @@ async def _startup(app: web.Application) -> None:
         await services.auth.reload()
         services.jobs.every("auth.reload", config.auth.reload_seconds, services.auth.reload)
         services.jobs.every("usage.flush", config.auth.usage_flush_seconds, services.accounting.flush)
+        services.jobs.every("store.held", HELD_RETRY_SECONDS, services.store.write_held)
         retention = Retention(config.retention, services.store, services.clock, config.log_dir, services.supervisor.live_logs)
         services.jobs.every("retention.prune", config.retention.interval_seconds, retention.prune)
         services.jobs.start()
@@ -177,6 +185,7 @@ def make_app(
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[error_middleware])
     app[SERVICES] = services
     app[MAX_BODY] = config.server.max_body_bytes
+    app[BODY_TIMEOUT] = config.server.body_timeout_seconds
     app[GATEWAY] = Gateway(services)
     app[METRICS] = Signals(
         supervisor, app[GATEWAY], load, gpus.inventory,

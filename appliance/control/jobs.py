@@ -13,15 +13,15 @@ log = logging.getLogger(__name__)
 class Jobs:
     def __init__(self) -> None:
         self._scheduler: AsyncIOScheduler | None = None
-        self._pending: list[tuple[str, float, Callable[[], Awaitable[None]]]] = []
+        self._pending: list[tuple[str, float, Callable[[], Awaitable[object]]]] = []
 
-    def every(self, job_id: str, seconds: float, fn: Callable[[], Awaitable[None]]) -> None:
+    def every(self, job_id: str, seconds: float, fn: Callable[[], Awaitable[object]]) -> None:
         if self._scheduler is None:
             self._pending.append((job_id, seconds, fn))
         else:
             self._add(job_id, seconds, fn)
 
-    def _add(self, job_id: str, seconds: float, fn: Callable[[], Awaitable[None]]) -> None:
+    def _add(self, job_id: str, seconds: float, fn: Callable[[], Awaitable[object]]) -> None:
         assert self._scheduler is not None
         self._scheduler.add_job(fn, "interval", seconds=seconds, id=job_id, max_instances=1, coalesce=True, misfire_grace_time=None, replace_existing=True)
 

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import queue as queues
+import sys
 import threading
 import time
 from collections import deque
@@ -57,13 +58,33 @@ def _offer(queue: asyncio.Queue[str | None], line: str) -> None:
     queue.put_nowait(line)
 
 
+class _LogFile(RotatingFileHandler):
+    """A rotating file that counts the lines the disk refused instead of printing a traceback per line
+    (the worker's output is still read, kept in memory and sent to followers: its pipe never fills)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.refused = 0
+        self.last_error = ""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.refused += 1
+        self.last_error = str(sys.exc_info()[1])
+        if self.stream is not None:  # a partly written buffer would be written again with the next line
+            try:
+                self.stream.close()
+            except OSError:
+                pass
+            self.stream = None  # type: ignore[assignment]  # reopened by the next emit
+
+
 class ReplicaLog:
     """A replica's log file (kept across restarts of the replica) plus its recent lines and live followers."""
 
     def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._handler = RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        self._handler = _LogFile(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
         self._handler.setFormatter(logging.Formatter("%(message)s"))
         self._lock = threading.Lock()
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
@@ -73,11 +94,20 @@ class ReplicaLog:
     def write(self, line: str) -> None:
         """Thread-safe; called from pump threads and from the event loop (short appliance notes)."""
         with self._lock:
-            self._handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO, "levelname": "INFO"}))
+            refused = self._handler.refused
+            if refused:  # the disk refused earlier lines: say so in the file, once it takes lines again
+                self._handler.refused = 0
+                self._emit(f"[appliance {time.strftime('%Y-%m-%dT%H:%M:%S')}] {refused} lines were not written here: {self._handler.last_error}")
+                if self._handler.refused:  # still refused: go on counting from where it was
+                    self._handler.refused = refused
+            self._emit(line)
             self.tail.append(line)
             followers = list(self._followers)
         for loop, queue in followers:
             loop.call_soon_threadsafe(_offer, queue, line)
+
+    def _emit(self, line: str) -> None:
+        self._handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO, "levelname": "INFO"}))
 
     def note(self, message: str) -> None:
         """An appliance note (any thread, the event loop included): written by the note thread, in order."""

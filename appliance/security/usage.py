@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from appliance.errors import ApplianceError
 from appliance.store import Clock, Store, iso
 
 log = logging.getLogger(__name__)
@@ -85,13 +87,23 @@ class Accounting:
                            {"count": pending.suppressed}))
         if not rows and not events and not pending.last_used:
             return
-        try:
-            await self._store.usage.add(rows, events)
-            if pending.last_used:
-                await self._store.keys.touch(pending.last_used)
-        except Exception:
-            log.exception("usage flush failed; keeping the totals for the next one")
+        if (rows or events) and not await self._written(self._store.usage.add(rows, events), f"usage ({len(rows)} buckets)"):
             self._merge_back(pending)
+            return
+        # Two transactions: when only the second fails, only its part is kept (the totals are written).
+        if pending.last_used and not await self._written(self._store.keys.touch(pending.last_used), "last-used times"):
+            self._merge_back(_Pending(last_used=pending.last_used))
+
+    @staticmethod
+    async def _written(write: Awaitable[Any], what: str) -> bool:
+        try:
+            await write
+            return True
+        except ApplianceError as exc:  # the disk is full: the store said so once, this says what waits
+            log.warning("%s not written yet, kept for the next flush: %s", what, exc.message)
+        except Exception:
+            log.exception("%s not written, kept for the next flush", what)
+        return False
 
     def _merge_back(self, old: _Pending) -> None:
         for bucket, totals in old.usage.items():

@@ -8,7 +8,10 @@ wrappers over plain functions that receive the sqlite-utils Database.
 from __future__ import annotations
 
 import asyncio
+import logging
+import shutil
 import sqlite3
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,13 +23,31 @@ from appliance.errors import ApplianceError
 from appliance.store.access_repos import AccountsRepo, KeysRepo, UsageRepo
 from appliance.store.codec import dumps, iso, parse_iso
 from appliance.store.migrations import migrations
-from appliance.store.repos import EndpointsRepo, EventsRepo, ReplicasRepo
+from appliance.store.repos import EndpointsRepo, EventsRepo, ReplicasRepo, _insert_event
 from appliance.store.scaling_repos import RulesRepo
 
 __all__ = ["Clock", "Store", "dumps", "iso", "open_database", "parse_iso"]
 
 T = TypeVar("T")
 Clock = Callable[[], float]
+log = logging.getLogger(__name__)
+HELD_MAX = 10_000  # control-loop writes kept in memory while the disk is full; the oldest go first beyond it
+
+
+def storage_failure(exc: sqlite3.Error, path: Path) -> ApplianceError | None:
+    """The error to show for a write the disk refused (full, or failing), None for any other database error."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL:
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        return ApplianceError(
+            f"the state database could not be written: the disk holding {path.parent} is full ({free >> 20} MiB free); "
+            "nothing was changed: free some space and retry",
+            status=507, code="disk_full", type="server_error",
+        )
+    if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:
+        return ApplianceError(f"the state database could not be written: {exc} ({path}); nothing was changed",
+                              status=503, code="storage_error", type="server_error")
+    return None
 
 
 def open_database(path: Path) -> Database:
@@ -60,6 +81,11 @@ class Store:
         self.usage = UsageRepo(self)
         self.rules = RulesRepo(self)
         self.replicas = ReplicasRepo(self)
+        # Writes of the control loops (events, replica records, statuses) that the disk refused, in order:
+        # supervision goes on, and they are written once space returns.
+        self._held: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._held_dropped = 0
+        self.full_since: float | None = None
 
     @property
     def is_open(self) -> bool:
@@ -81,7 +107,65 @@ class Store:
         """Run fn(db, *args) on the store thread."""
         if self._db is None:
             raise ApplianceError("the state database is not open", status=503, code="not_ready")
-        return await self._submit(fn, self._db, *args)
+        try:
+            return await self._submit(fn, self._db, *args)
+        except sqlite3.Error as exc:
+            failure = storage_failure(exc, self.path)
+            if failure is None:
+                raise
+            if self.full_since is None:
+                self.full_since = self.clock()
+                log.error("%s; control-loop writes are held in memory until space returns", failure.message)
+                # Held first, so it is written first: when it is written, there is space again.
+                self._held.appendleft((_insert_event, (iso(self.full_since), "store.disk_full", failure.message, None, {"code": failure.code})))
+            raise failure from None
+
+    async def write_or_hold(self, fn: Callable[..., Any], *args: Any) -> None:
+        """A write the control loops make (an event, a replica record): when the disk refuses it, it is
+        held in memory behind any earlier held writes, in order, and the caller goes on."""
+        if self._held and not await self.write_held():
+            self._hold(fn, args)
+            return
+        try:
+            await self.run(fn, *args)
+        except ApplianceError as exc:
+            if exc.code not in ("disk_full", "storage_error"):
+                raise
+            self._hold(fn, args)
+
+    def _hold(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        if len(self._held) >= HELD_MAX:
+            self._held.popleft()
+            self._held_dropped += 1
+        self._held.append((fn, args))
+
+    async def write_held(self) -> bool:
+        """Write the held writes, oldest first (a scheduled job, and before any new control write);
+        True once none is left. The first of them is the disk_full event: once it is written, the
+        recovery is recorded with how long writes were held."""
+        while self._held:
+            fn, args = self._held[0]
+            try:
+                await self.run(fn, *args)
+            except ApplianceError as exc:
+                if exc.code in ("disk_full", "storage_error"):
+                    return False
+                log.error("a held write failed and is dropped: %s", exc)
+            self._held.popleft()
+        if self.full_since is not None:
+            since, self.full_since = self.full_since, None
+            dropped, self._held_dropped = self._held_dropped, 0
+            held_for = self.clock() - since
+            message = f"the state database is writable again after {held_for:.0f} s; held writes were written"
+            if dropped:
+                message += f" except the oldest {dropped} (more than {HELD_MAX} were held)"
+            log.warning("%s", message)
+            await self.write_or_hold(_insert_event, iso(self.clock()), "store.disk_recovered", message, None, {"seconds": round(held_for, 1), "dropped": dropped})
+        return True
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
 
     def now(self) -> str:
         return iso(self.clock())

@@ -172,7 +172,7 @@ class EndpointsRepo:
                 if row["status"] != status:
                     _insert_event(db, now, "endpoint.status", f"endpoint {name}: {row['status']} → {status}: {message}", name, {"from": row["status"], "to": status})
 
-        await self._store.run(tx)
+        await self._store.write_or_hold(tx)
 
 
 class ReplicasRepo:
@@ -192,7 +192,7 @@ class ReplicasRepo:
                     db["replicas"].upsert({**row, "gpus": dumps(row["gpus"]), "updated_at": now}, pk="id")
                 _insert_event(db, now, kind, message, row["endpoint"], {**details, "state": row["state"]})
 
-        await self._store.run(tx)
+        await self._store.write_or_hold(tx)
 
     async def all(self) -> list[dict[str, Any]]:
         return await self._store.run(lambda db: list(db.query("select * from replicas")))
@@ -207,7 +207,7 @@ class EventsRepo:
 
     async def add(self, kind: str, message: str, *, endpoint: str | None = None, details: dict[str, Any] | None = None) -> None:
         now = self._store.now()
-        await self._store.run(lambda db: _insert_event(db, now, kind, message, endpoint, details))
+        await self._store.write_or_hold(_insert_event, now, kind, message, endpoint, details)
 
     async def prune(self, older_than: str, keep: int) -> int:
         """Delete events older than `older_than` (an iso time) and all but the newest `keep`; returns how many."""
