@@ -134,6 +134,14 @@ class RetentionConfig(Model):
     interval_seconds: float = Field(600.0, gt=0, description="how often the retention job runs")
 
 
+class LoggingConfig(Model):
+    format: Literal["plain", "json"] = Field("plain", description='"json": one JSON object per line (journald, Loki), with request ids and event fields')
+
+
+class MetricsConfig(Model):
+    public: bool = Field(False, description="GET /metrics without a key (otherwise a key with the read scope)")
+
+
 class Config(Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
@@ -142,6 +150,8 @@ class Config(Model):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     endpoints: list[EndpointSpec] = Field(default_factory=list, description="declared endpoints, created or updated at start")
     source: Path | None = Field(None, exclude=True, description="the file this came from (not a key)")
 

@@ -16,6 +16,7 @@ from aiohttp import web
 from appliance.api.app import make_app
 from appliance.api.services import SERVICES
 from appliance.config import Config
+from appliance.logs import setup_logging
 from appliance.security.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def sd_notify(message: str) -> None:
 
 GC_YOUNG_THRESHOLD = 10_000
 _STRAGGLERS = 2.0  # seconds
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i" request=%{X-Request-ID}o'
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 
 
@@ -68,7 +70,7 @@ async def run(config: Config) -> None:
     # keepalive_timeout also closes a connection that has not finished sending its headers (slowloris).
     runner = web.AppRunner(
         app, handle_signals=False, access_log=access, handler_cancellation=True, shutdown_timeout=_STRAGGLERS,
-        keepalive_timeout=config.server.idle_timeout_seconds,
+        keepalive_timeout=config.server.idle_timeout_seconds, access_log_format=ACCESS_LOG_FORMAT,
     )
     await runner.setup()
     stop = asyncio.Event()
@@ -110,10 +112,7 @@ def _raise_open_files_limit() -> None:
 
 
 def serve(config: Config) -> int:
-    logging.basicConfig(
-        level=config.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(config.server.log_level, config.logging.format)
     # Files the appliance and its workers create are not world-readable (logs 0640, directories 0750);
     # the state directory and the secrets in it are the appliance user's alone.
     os.umask(0o027)

@@ -121,6 +121,12 @@ async def _startup(app: web.Application) -> None:
         services.readiness.failure = str(exc)
 
 
+async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    rid = request.get("request_id")
+    if rid:
+        response.headers["X-Request-ID"] = rid
+
+
 async def _drain_clients(app: web.Application) -> None:
     """On SIGTERM, before aiohttp closes connections: log followers end at once, requests in flight
     get server.shutdown_timeout_seconds to finish, then open streams are ended cleanly. Workers are
@@ -140,7 +146,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     services.jobs.stop()  # no scaling decision while everything stops
+    running = services.supervisor.replica_count()
+    if running:
+        log.info("stopping: %d replicas drain and stop (grace %g s)", running, services.config.workers.stop_grace_seconds)
     await services.supervisor.stop()  # every worker drains and stops before the appliance does
+    if running:
+        log.info("stopping: workers stopped")
     await app[GATEWAY].stop()
     await app[METRICS].stop()
     if services.store.is_open:
@@ -194,6 +205,7 @@ def make_app(
     app[AUTOSCALER] = Autoscaler(store, supervisor, app[METRICS], load, clock)
     add_routes(app, all_routes(), guard=admin_only)
     add_routes(app, gateway.ROUTES)
+    app.on_response_prepare.append(_stamp_request_id)
     app.on_shutdown.append(_drain_clients)
     app.cleanup_ctx.append(_lifecycle)
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import time
 from collections import deque
@@ -20,7 +21,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from appliance.api.http import Route, parse_json, read_body
+from appliance.api.http import Route, parse_json, read_body, request_id
 from appliance.api.proxy import Outcome, UpstreamUnreachable, forward, make_session, worker_headers
 from appliance.api.services import SERVICES, Services
 from appliance.domain.limits import retry_after_header
@@ -30,6 +31,7 @@ from appliance.domain.specs import EndpointConfig
 from appliance.errors import ApplianceError
 from appliance.security.auth import ADMIN, INFERENCE, READ, Principal
 
+log = logging.getLogger(__name__)
 _STARTING = ("PROVISIONING", "STARTING")
 
 
@@ -72,8 +74,12 @@ class Gateway:
     async def drain(self, timeout: float) -> None:
         """At shutdown: requests in flight get `timeout` seconds to finish; then open answers are ended
         (a stream with an SSE error event and a clean end) and new ones refused."""
+        if self._active:
+            log.info("stopping: %d requests in flight get up to %g s to finish", self._active, timeout)
         await self._wait_idle(timeout)
         self.stopping.set()
+        if self._upstreams:
+            log.info("stopping: ending %d answers still open", len(self._upstreams))
         for upstream in list(self._upstreams):
             upstream.close()
         await self._wait_idle(_STRAGGLERS)
@@ -199,7 +205,7 @@ class Gateway:
         replica_id: str | None = None
         error_source: str | None = None
         tried: set[str] = set()
-        headers = worker_headers(request.headers)
+        headers = worker_headers(request.headers, request_id(request))
         limited = False
         self._active += 1  # from here on, the finally below counts it out
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -14,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from appliance.domain.specs import NAME_RE, NAME_RULE
 from appliance.errors import ApplianceError, validation_error
+from appliance.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +167,29 @@ def json_response(body: BaseModel | dict[str, Any], status: int = 200) -> web.Re
 
 
 def error_response(err: ApplianceError) -> web.Response:
-    return web.Response(text=json.dumps(err.to_json()), status=err.status, content_type="application/json", headers=err.headers)
+    body = err.to_json()
+    rid = REQUEST_ID.get()
+    if rid is not None:
+        body["error"]["request_id"] = rid
+    return web.Response(text=json.dumps(body), status=err.status, content_type="application/json", headers=err.headers)
+
+
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+
+
+def request_id(request: web.Request) -> str:
+    return request.get("request_id") or ""
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error leaves as OpenAI-shaped JSON, whoever raised it."""
+    """Every request gets an id (the client's X-Request-ID when it is sane, else a new one) for the
+    log, the error body and the worker; every error leaves as OpenAI-shaped JSON, whoever raised it."""
+    rid = request.headers.get("X-Request-ID")
+    if rid is None or not _REQUEST_ID_OK.fullmatch(rid):
+        rid = secrets.token_hex(8)
+    request["request_id"] = rid
+    token = REQUEST_ID.set(rid)
     try:
         return await handler(request)
     except ApplianceError as err:
@@ -187,3 +207,5 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(ApplianceError("internal error in the appliance; see its log", status=500, code="internal_error"))
+    finally:
+        REQUEST_ID.reset(token)

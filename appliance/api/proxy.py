@@ -24,7 +24,8 @@ HOP_BY_HOP = frozenset(
         "Host", "Content-Length",
     )
 )
-_NOT_TO_WORKER = HOP_BY_HOP | {"authorization", "cookie"}  # the appliance's credentials stay here
+# The appliance's credentials stay here; the request id is set by the gateway (the client's, or a new one).
+_NOT_TO_WORKER = HOP_BY_HOP | {"authorization", "cookie", "x-request-id"}
 _BUFFER_LIMIT = 1 << 20  # a non-streamed answer up to this size is sent in one piece (and its usage read)
 
 
@@ -54,8 +55,9 @@ class UpstreamUnreachable(Exception):
 _DEFAULTS = (("Accept", "*/*"), ("Accept-Encoding", "identity"), ("User-Agent", "appliance"))
 
 
-def worker_headers(headers: Mapping[str, str]) -> dict[str, str]:
+def worker_headers(headers: Mapping[str, str], request_id: str) -> dict[str, str]:
     out = {k: v for k, v in headers.items() if k.lower() not in _NOT_TO_WORKER}
+    out["X-Request-ID"] = request_id  # vLLM and SGLang take it as their own request id
     for name, value in _DEFAULTS:
         if name not in headers:  # case-insensitive on a request's headers
             out[name] = value

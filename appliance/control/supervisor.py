@@ -9,6 +9,7 @@ replicas as an immutable routing table for the gateway.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -84,6 +85,9 @@ class Supervisor:
         await self._runner.close()
         if self.isolation.cgroups:
             await asyncio.to_thread(self.isolation.cgroups.close)
+
+    def replica_count(self) -> int:
+        return sum(len(run.replicas) for run in self._runs.values())
 
     def live_logs(self) -> set[Path]:
         """Log files of replicas that still run (retention keeps them)."""
@@ -209,7 +213,8 @@ class Supervisor:
             log=ReplicaLog(self._config.log_dir / f"{rid}.log", self._config.workers.log_max_bytes, self._config.workers.log_backups),
         )
         run.replicas[rid] = replica
-        replica.task = asyncio.create_task(self._runner.run(run, replica), name=f"replica-{rid}")
+        # A context of its own: the replica outlives the request that may have created it (and its request id).
+        replica.task = asyncio.create_task(self._runner.run(run, replica), name=f"replica-{rid}", context=contextvars.Context())
         return replica
 
     def _request_stop(self, r: Replica) -> None:

@@ -23,7 +23,7 @@ from appliance.errors import ApplianceError
 from appliance.store.access_repos import AccountsRepo, KeysRepo, UsageRepo
 from appliance.store.codec import dumps, iso, parse_iso
 from appliance.store.migrations import migrations
-from appliance.store.repos import EndpointsRepo, EventsRepo, ReplicasRepo, _insert_event
+from appliance.store.repos import WRITTEN, EndpointsRepo, EventsRepo, ReplicasRepo, _insert_event
 from appliance.store.scaling_repos import RulesRepo
 
 __all__ = ["Clock", "Store", "dumps", "iso", "open_database", "parse_iso"]
@@ -68,6 +68,28 @@ def open_database(path: Path) -> Database:
     return db
 
 
+EVENTS_LOG = logging.getLogger("appliance.events")
+_EVENT_LEVELS = {"auth.failure": logging.WARNING, "auth.failure.suppressed": logging.WARNING, "config.error": logging.ERROR,
+                 "replica.failed": logging.WARNING, "replica.unhealthy": logging.WARNING, "store.disk_full": logging.ERROR}
+
+
+def _logging_events(fn: Callable[..., T], *args: Any) -> T:
+    """fn on the store thread; the events it inserted are logged once it returned (its transaction
+    committed), and never when it raised (nothing was written)."""
+    WRITTEN.events = []
+    try:
+        result = fn(*args)
+        written = WRITTEN.events
+    finally:
+        WRITTEN.events = None
+    for kind, message, endpoint, details in written:
+        level = _EVENT_LEVELS.get(kind, logging.INFO)
+        if level == logging.INFO and kind.startswith("endpoint.status") and details and details.get("to") in ("ERROR", "DEGRADED"):
+            level = logging.WARNING
+        EVENTS_LOG.log(level, "%s %s", kind, message, extra={"kind": kind, "endpoint": endpoint, "details": details or None})
+    return result
+
+
 class Store:
     def __init__(self, path: Path, clock: Clock) -> None:
         self.path = path
@@ -101,7 +123,7 @@ class Store:
         self._executor.shutdown(wait=True)
 
     async def _submit(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _logging_events, fn, *args)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(db, *args) on the store thread."""

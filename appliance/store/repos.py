@@ -4,6 +4,7 @@ its audit event are written in one transaction."""
 from __future__ import annotations
 
 import json
+import threading
 from typing import TYPE_CHECKING, Any
 
 from sqlite_utils import Database
@@ -23,8 +24,19 @@ def _decode_endpoint(row: dict[str, Any]) -> EndpointRow:
     return {**row, "spec": json.loads(row["spec"]), "config": json.loads(row["config"])}
 
 
+class _Written(threading.local):
+    """The events a store-thread call has inserted so far: logged once its transaction commits."""
+
+    events: list[tuple[str, str, str | None, dict[str, Any] | None]] | None = None
+
+
+WRITTEN = _Written()
+
+
 def _insert_event(db: Database, time: str, kind: str, message: str, endpoint: str | None, details: dict[str, Any] | None) -> None:
     db["events"].insert({"time": time, "endpoint": endpoint, "kind": kind, "message": message, "details": dumps(details or {})})
+    if WRITTEN.events is not None:
+        WRITTEN.events.append((kind, message, endpoint, details))
 
 
 def _names_of(row: EndpointRow) -> set[str]:
