@@ -84,7 +84,7 @@ def _logging_events(fn: Callable[..., T], *args: Any) -> T:
         WRITTEN.events = None
     for kind, message, endpoint, details in written:
         level = _EVENT_LEVELS.get(kind, logging.INFO)
-        if level == logging.INFO and kind.startswith("endpoint.status") and details and details.get("to") in ("ERROR", "DEGRADED"):
+        if level == logging.INFO and kind.startswith("endpoint.status") and details and details.get("to") == "ERROR":
             level = logging.WARNING
         EVENTS_LOG.log(level, "%s %s", kind, message, extra={"kind": kind, "endpoint": endpoint, "details": details or None})
     return result
