@@ -12,7 +12,7 @@ from aiohttp import web
 
 from appliance.api import access, admin, gateway, oauth, scaling
 from appliance.api.gateway import GATEWAY, Gateway
-from appliance.api.http import BODY_TIMEOUT, MAX_BODY, Handler, Route, add_routes, error_middleware, error_response, json_response
+from appliance.api.http import BODY_TIMEOUT, MAX_BODY, TELEMETRY, Handler, Route, add_routes, error_middleware, error_response, json_response, request_id
 from appliance.api.openapi import build_openapi
 from appliance.api.services import SERVICES, Services
 from appliance.api.views import Health
@@ -27,6 +27,7 @@ from appliance.control.process import Launcher
 from appliance.control.retention import Retention
 from appliance.control.signals import Signals
 from appliance.control.supervisor import Supervisor
+from appliance.control.telemetry import EXPOSITION_TYPE, Live, Telemetry
 from appliance.errors import ApplianceError
 from appliance.security.auth import Authenticator, TokenSigner, bootstrap_admin_key
 from appliance.security.usage import Accounting
@@ -62,6 +63,28 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response(Health(status="starting", detail="opening the store and reconciling endpoints"), status=503)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """The appliance's own metrics in Prometheus text format; a key with the read scope unless [metrics] public."""
+    services = request.app[SERVICES]
+    if not services.config.metrics.public:
+        await services.auth.authenticate(request, "read")
+    supervisor, gateway = services.supervisor, request.app[GATEWAY]
+    names = supervisor.endpoint_names()
+    try:
+        gpus = await services.gpus.inventory()  # NVML, off the loop and cached for a second
+    except ApplianceError:
+        gpus = []  # no NVML on this box: no GPU series
+    live = Live(
+        replicas={n: supervisor.counts(n) for n in names},
+        inflight={n: services.load.total(n) for n in names},
+        queued={n: gateway.queue_length(n) for n in names},
+        gpus=gpus,
+        held=supervisor.held(),
+        replica_endpoint={r.id: n for n in names for r in supervisor.replicas(n)},
+    )
+    return web.Response(body=request.app[TELEMETRY].exposition(live), headers={"Content-Type": EXPOSITION_TYPE})
+
+
 async def openapi(request: web.Request) -> web.Response:
     return json_response(build_openapi(all_routes()))
 
@@ -71,6 +94,7 @@ def all_routes() -> list[Route]:
         Route("GET", "/healthz", healthz, "Liveness", response=Health, auth=False, tags=("system",)),
         Route("GET", "/readyz", readyz, "Readiness (503 until startup reconciliation ran)", response=Health, auth=False, tags=("system",)),
         Route("GET", f"{admin.PREFIX}/openapi.json", openapi, "This document", auth=False, tags=("system",)),
+        Route("GET", "/metrics", metrics, "Prometheus metrics of the appliance (a read key unless [metrics] public)", auth=False, tags=("system",)),
         *admin.ROUTES,
         *scaling.ROUTES,
         *access.ROUTES,
@@ -122,7 +146,7 @@ async def _startup(app: web.Application) -> None:
 
 
 async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    rid = request.get("request_id")
+    rid = request_id(request)
     if rid:
         response.headers["X-Request-ID"] = rid
 
@@ -178,8 +202,10 @@ def make_app(
         for path in (config.server.state_dir, config.server.state_dir / "replicas"):
             path.mkdir(mode=0o711, exist_ok=True)
             path.chmod(0o711)
+    telemetry = Telemetry()
     supervisor = Supervisor(
-        config, store, clock, gpus.inventory, unseal=vault.open_all, load=load, launcher=launcher, isolation=isolation, identity=identity
+        config, store, clock, gpus.inventory, unseal=vault.open_all, load=load, launcher=launcher, isolation=isolation, identity=identity,
+        telemetry=telemetry,
     )
     services = Services(
         config=config,
@@ -197,12 +223,13 @@ def make_app(
     app[SERVICES] = services
     app[MAX_BODY] = config.server.max_body_bytes
     app[BODY_TIMEOUT] = config.server.body_timeout_seconds
-    app[GATEWAY] = Gateway(services)
+    app[GATEWAY] = Gateway(services, telemetry)
     app[METRICS] = Signals(
         supervisor, app[GATEWAY], load, gpus.inventory,
         scrape_timeout=config.autoscaling.scrape_timeout_seconds, history_seconds=config.autoscaling.history_seconds,
     )
-    app[AUTOSCALER] = Autoscaler(store, supervisor, app[METRICS], load, clock)
+    app[AUTOSCALER] = Autoscaler(store, supervisor, app[METRICS], load, clock, telemetry)
+    app[TELEMETRY] = telemetry
     add_routes(app, all_routes(), guard=admin_only)
     add_routes(app, gateway.ROUTES)
     app.on_response_prepare.append(_stamp_request_id)

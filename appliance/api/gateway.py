@@ -21,15 +21,16 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from appliance.api.callers import authorize, caller, check_route, lookup, refuse_unless_public
 from appliance.api.http import Route, parse_json, read_body, request_id
 from appliance.api.proxy import Outcome, UpstreamUnreachable, forward, make_session, worker_headers
 from appliance.api.services import SERVICES, Services
+from appliance.control.telemetry import Telemetry
 from appliance.domain.limits import retry_after_header
-from appliance.domain.routes import is_inference_route
 from appliance.domain.routing import RoutableReplica, RoutingTable, pick, prefix_key
 from appliance.domain.specs import EndpointConfig
 from appliance.errors import ApplianceError
-from appliance.security.auth import ADMIN, INFERENCE, READ, Principal
+from appliance.security.auth import INFERENCE, READ, Principal
 
 log = logging.getLogger(__name__)
 _STARTING = ("PROVISIONING", "STARTING")
@@ -50,6 +51,7 @@ class RequestRecord:
     completion_tokens: int | None
     streamed: bool
     error_source: str | None  # "appliance" or "worker" for failures
+    request_id: str = ""
 
 
 @dataclass
@@ -60,8 +62,9 @@ class _Admission:
 
 
 class Gateway:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, telemetry: Telemetry) -> None:
         self._services = services
+        self._telemetry = telemetry
         self._active = 0  # requests being handled, queued ones included
         self._upstreams: set[aiohttp.ClientResponse] = set()  # worker answers being relayed
         self.stopping = asyncio.Event()
@@ -203,6 +206,7 @@ class Gateway:
         self._services.load.arrived(endpoint)
         outcome = Outcome()
         replica_id: str | None = None
+        waited = 0.0
         error_source: str | None = None
         tried: set[str] = set()
         headers = worker_headers(request.headers, request_id(request))
@@ -215,6 +219,7 @@ class Gateway:
                 adm, replica = await self.acquire(endpoint, config, key, tried)
                 replica_id = replica.id
                 url = URL(replica.url + target, encoded=True)  # the client's path and query, byte for byte
+                waited = time.monotonic() - started  # in the queue, and on replicas that could not be reached
                 try:
                     response = await forward(
                         self._session, request, method=request.method, url=url, body=body, headers=headers, replica=replica.id,
@@ -248,13 +253,21 @@ class Gateway:
             self._services.accounting.record(
                 now, key_id, endpoint, failed=failed, prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens
             )
+            latency = time.monotonic() - started
             self.records.append(
                 RequestRecord(
                     time=now, endpoint=endpoint, replica=replica_id, key_id=key_id, status=outcome.status,
-                    latency=time.monotonic() - started, ttfb=outcome.ttfb, prompt_tokens=outcome.prompt_tokens,
+                    latency=latency, ttfb=outcome.ttfb, prompt_tokens=outcome.prompt_tokens,
                     completion_tokens=outcome.completion_tokens, streamed=outcome.streamed,
-                    error_source=error_source if (error_source or outcome.status >= 500) else None,
+                    error_source=error_source if (error_source or outcome.status >= 500) else None, request_id=request_id(request),
                 )
+            )
+            gap = None
+            if outcome.streamed and outcome.chunks > 1 and outcome.ttfb is not None and outcome.last_chunk is not None:
+                gap = (outcome.last_chunk - outcome.ttfb) / (outcome.chunks - 1)
+            self._telemetry.request(
+                endpoint, outcome.status, latency, ttft=waited + outcome.ttfb if outcome.streamed and outcome.ttfb is not None else None, gap=gap,
+                prompt=outcome.prompt_tokens, completion=outcome.completion_tokens,
             )
 
 
@@ -262,66 +275,12 @@ GATEWAY = web.AppKey("gateway", Gateway)
 _STRAGGLERS = 2.0  # seconds for ended answers to be written out at shutdown
 
 
-async def _caller(request: web.Request) -> tuple[Principal | None, ApplianceError | None]:
-    """Who is calling, decided from the headers before any body is read: a principal, or None and why not."""
-    try:
-        return await request.app[SERVICES].auth.identify(request, record=False), None
-    except ApplianceError as err:
-        return None, err
-
-
-def _refuse_unless_public(request: web.Request, refusal: ApplianceError | None) -> None:
-    """An anonymous caller is refused before its body is read when no endpoint is public."""
-    table = request.app[SERVICES].supervisor.table
-    if refusal is not None and not any(c.public for c in table.endpoints.values()):
-        raise request.app[SERVICES].auth.refuse(request, refusal)
-
-
-def _authorize(request: web.Request, principal: Principal | None, refusal: ApplianceError | None, name: str, config: EndpointConfig | None) -> Principal | None:
-    """The principal the call runs as (None: anonymous on a public endpoint). Without a valid credential
-    the answer is the same 401 whether the endpoint is private or does not exist: names are not probed."""
-    auth = request.app[SERVICES].auth
-    if principal is None:
-        if config is None or not config.public:
-            assert refusal is not None
-            raise auth.refuse(request, refusal)
-        return None
-    if config is None:
-        raise ApplianceError(f"The model '{name}' does not exist", status=404, code="model_not_found", param="model")
-    if config.public and not (principal.has(INFERENCE) and principal.allows(name)):
-        return None  # on a public endpoint a key that may not use it still gets in, anonymously
-    if not principal.has(INFERENCE):
-        raise auth.refuse(request, ApplianceError(
-            f"{principal.name!r} lacks the 'inference' scope (it has: {', '.join(sorted(principal.scopes)) or 'none'})", status=403, code="insufficient_scope",
-        ))
-    auth.check_endpoint(request, principal, name)
-    return principal
-
-
-def _check_route(request: web.Request, principal: Principal | None, config: EndpointConfig, path: str) -> None:
-    """An engine's control routes (not inference) need an admin key: they act on every caller's engine."""
-    if is_inference_route(config.runtime, path) or (principal is not None and principal.has(ADMIN)):
-        return
-    raise request.app[SERVICES].auth.refuse(request, ApplianceError(
-        f"{path.split('?', 1)[0]} is not an inference route of the {config.runtime} runtime: it needs an admin key",
-        status=403, code="route_not_allowed",
-    ))
-
-
-def _lookup(request: web.Request, model: str) -> tuple[str, EndpointConfig | None]:
-    table = request.app[SERVICES].supervisor.table
-    name = table.resolve(model)
-    if name is None or name not in table.endpoints:
-        return model, None
-    return name, table.endpoints[name]
-
-
 _USAGE_IN_STREAM = ("/v1/chat/completions", "/v1/completions")
 
 
 async def openai_route(request: web.Request) -> web.StreamResponse:
-    principal, refusal = await _caller(request)
-    _refuse_unless_public(request, refusal)
+    principal, refusal = await caller(request)
+    refuse_unless_public(request, refusal)
     body = await read_body(request)
     data = parse_json(body)
     if not isinstance(data, dict):
@@ -329,11 +288,11 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise ApplianceError("you must provide a model parameter (an endpoint name)", status=400, code="missing_model", param="model")
-    name, found = _lookup(request, model)
-    principal = _authorize(request, principal, refusal, name, found)
+    name, found = lookup(request, model)
+    principal = authorize(request, principal, refusal, name, found)
     assert found is not None
     config = found
-    _check_route(request, principal, config, request.path)
+    check_route(request, principal, config, request.path)
     # The body is re-encoded only when the worker knows the model by another name, or to learn a keyed
     # stream's token counts (usage, limits): then the gateway asks for the final usage event and keeps it
     # from the client. Anonymous calls to public endpoints are spared the extra work.
@@ -354,14 +313,14 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
-    principal, refusal = await _caller(request)
+    principal, refusal = await caller(request)
     found = request.app[SERVICES].supervisor.table.endpoints.get(name)
     if principal is not None and found is None:
         raise ApplianceError(f"endpoint {name!r} not found", status=404, code="endpoint_not_found", param="name")
-    principal = _authorize(request, principal, refusal, name, found)
+    principal = authorize(request, principal, refusal, name, found)
     assert found is not None
     config = found
-    _check_route(request, principal, config, "/" + request.match_info["path"])
+    check_route(request, principal, config, "/" + request.match_info["path"])
     body = await read_body(request)
     key = request.headers.get("X-Session-ID") if config.routing == "session_affinity" else None
     prefix = f"/endpoints/{name}"

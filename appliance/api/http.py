@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from appliance.control.telemetry import Telemetry
 from appliance.domain.specs import NAME_RE, NAME_RULE
 from appliance.errors import ApplianceError, validation_error
 from appliance.logs import REQUEST_ID
@@ -24,6 +25,8 @@ M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = web.AppKey("max_body_bytes", int)  # the limit aiohttp enforces, for the 413 message
 BODY_TIMEOUT = web.AppKey("body_timeout_seconds", float)
+TELEMETRY = web.AppKey("telemetry", Telemetry)
+_REJECTIONS = frozenset((401, 403, 429))  # refused before any worker saw the request: auth and rate limits
 
 
 @dataclass(frozen=True)
@@ -177,8 +180,11 @@ def error_response(err: ApplianceError) -> web.Response:
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
 
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+
+
 def request_id(request: web.Request) -> str:
-    return request.get("request_id") or ""
+    return request.get(REQUEST_ID_KEY, "")
 
 
 @web.middleware
@@ -188,11 +194,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     rid = request.headers.get("X-Request-ID")
     if rid is None or not _REQUEST_ID_OK.fullmatch(rid):
         rid = secrets.token_hex(8)
-    request["request_id"] = rid
+    request[REQUEST_ID_KEY] = rid
     token = REQUEST_ID.set(rid)
     try:
         return await handler(request)
     except ApplianceError as err:
+        if err.status in _REJECTIONS:
+            request.app[TELEMETRY].rejected(err.code)
         return error_response(err)
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -43,6 +43,8 @@ class Outcome:
     completion_tokens: int | None = None
     streamed: bool = False
     error: str = ""
+    chunks: int = 0  # body chunks relayed from a stream
+    last_chunk: float | None = None  # seconds from the start to the last of them
 
 
 class UpstreamUnreachable(Exception):
@@ -275,6 +277,7 @@ async def forward(
                 if chunk:
                     await response.write(chunk)
                     chunk = b""
+                    outcome.chunks += 1
                 if watch is not None:
                     watch.last = now()
             if events is not None and (rest := events.flush()):
@@ -296,6 +299,7 @@ async def forward(
         finally:
             if watch is not None:
                 watch.cancel()
+            outcome.last_chunk = clock() - started
         if usage_at:
             usage_from_sse(usage_at, outcome)
         await response.write_eof()

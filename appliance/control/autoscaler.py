@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from appliance.control.load import Load
 from appliance.control.signals import Signals
 from appliance.control.supervisor import Supervisor
+from appliance.control.telemetry import Telemetry
 from appliance.domain.scaling import Decision, Rule, ScaleState, decide
 from appliance.store import Clock, Store, parse_iso
 
@@ -18,7 +19,8 @@ log = logging.getLogger(__name__)
 class Autoscaler:
     """Every `interval`: gather each endpoint's metrics, decide, and hand a new count to the supervisor."""
 
-    def __init__(self, store: Store, supervisor: Supervisor, metrics: Signals, load: Load, clock: Clock) -> None:
+    def __init__(self, store: Store, supervisor: Supervisor, metrics: Signals, load: Load, clock: Clock, telemetry: Telemetry | None = None) -> None:
+        self._telemetry = telemetry or supervisor.telemetry
         self._store = store
         self._supervisor = supervisor
         self._metrics = metrics
@@ -79,6 +81,8 @@ class Autoscaler:
         others = [v.details() for v in decision.verdicts if v.result == "outvoted"]
         details = {**w.details(), "policy": policy, **({"outvoted": others} if others else {})}
         # compare-and-set: had an operator changed the count while the metrics were gathered, theirs stands
-        await self._supervisor.scale(
+        applied = await self._supervisor.scale(
             name, w.to_replicas, kind, f"endpoint {name}: scale {way} by {who}: {w.reason}", details, [w.rule] if w.rule else [], expected=w.from_replicas
         )
+        if applied:
+            self._telemetry.decided(name, way, w.rule)

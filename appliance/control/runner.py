@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,7 @@ from appliance.control.prestart import run_pre_start_actions
 from appliance.control.probe import probe
 from appliance.control.process import Launcher, Slot, looks_like_port_conflict
 from appliance.control.replica import EndpointRun, Replica, RunnerHost
+from appliance.control.telemetry import Telemetry
 from appliance.domain.health import Health, HealthState, due_for_replacement, next_probe_delay, observe
 from appliance.domain.placement import GpuInfo, GpuRequest, Unplaceable, visible
 from appliance.domain.rollout import backoff_delay, drains
@@ -54,7 +56,9 @@ class ReplicaRunner:
     def __init__(
         self, config: Config, store: Store, clock: Clock, load: Load, ledger: Ledger, gpus: GpuSource, launcher: Launcher,
         unseal: Callable[[Mapping[str, str]], dict[str, str]], host: RunnerHost, identity: WorkerIdentity | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
+        self._telemetry = telemetry or Telemetry()
         self._identity = identity  # the account workers and pre-start commands run as, if not the appliance's
         self._config = config
         self._store = store
@@ -102,6 +106,7 @@ class ReplicaRunner:
         w = self._config.workers
         r.failures += 1
         r.restarts += 1
+        self._telemetry.restarted(r.endpoint)
         if r.failures >= w.max_consecutive_failures:
             tail = "\n".join(r.log.last_lines(10))
             run.error = f"replica {r.id} failed {r.failures} times in a row; last error: {r.last_error}" + (f"\nlast log lines:\n{tail}" if tail else "")
@@ -289,7 +294,9 @@ class ReplicaRunner:
         w = self._config.workers
         while True:
             started = self._clock()
+            sent = time.monotonic()
             passed, detail = await probe(self._session, r.url, check, deep_model=deep)
+            self._telemetry.probed(r.endpoint, r.id, passed, time.monotonic() - sent)
             now = self._clock()
             before = r.health
             assert before is not None

@@ -26,6 +26,7 @@ from appliance.control.process import Launcher, ProcessLauncher, stop_orphan
 from appliance.control.replica import EndpointRun, Replica
 from appliance.control.replica_log import ReplicaLog
 from appliance.control.runner import GpuSource, ReplicaRunner
+from appliance.control.telemetry import Telemetry
 from appliance.domain.placement import Allocation
 from appliance.domain.rollout import ReplicaView, plan, wake_target
 from appliance.domain.routing import RoutableReplica, RoutingTable
@@ -43,6 +44,7 @@ class Supervisor:
     def __init__(
         self, config: Config, store: Store, clock: Clock, gpus: GpuSource, unseal: Callable[[Mapping[str, str]], dict[str, str]] = dict,
         load: Load | None = None, launcher: Launcher | None = None, isolation: Isolation | None = None, identity: WorkerIdentity | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.isolation = isolation or Isolation("process-group", "process groups")
         launcher = launcher or ProcessLauncher(self.isolation, identity)
@@ -53,7 +55,10 @@ class Supervisor:
         self._clock = clock
         self._runs: dict[str, EndpointRun] = {}
         self._ledger = Ledger(config.workers.port_range)
-        self._runner = ReplicaRunner(config, store, clock, self._load, self._ledger, gpus, launcher, unseal, host=self, identity=identity)
+        self.telemetry = telemetry or Telemetry()
+        self._runner = ReplicaRunner(
+            config, store, clock, self._load, self._ledger, gpus, launcher, unseal, host=self, identity=identity, telemetry=self.telemetry
+        )
         self._poke = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
         self._dirty = True  # the routing table must be published again
@@ -85,6 +90,9 @@ class Supervisor:
         await self._runner.close()
         if self.isolation.cgroups:
             await asyncio.to_thread(self.isolation.cgroups.close)
+
+    def endpoint_names(self) -> list[str]:
+        return list(self._runs)
 
     def replica_count(self) -> int:
         return sum(len(run.replicas) for run in self._runs.values())

@@ -1,0 +1,66 @@
+"""Who may call which endpoint through the gateway: decided from the headers, before a body is read,
+and answered alike for a private endpoint and a missing one (names cannot be probed)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from appliance.api.services import SERVICES
+from appliance.domain.routes import is_inference_route
+from appliance.domain.specs import EndpointConfig
+from appliance.errors import ApplianceError
+from appliance.security.auth import ADMIN, INFERENCE, Principal
+
+
+async def caller(request: web.Request) -> tuple[Principal | None, ApplianceError | None]:
+    """Who is calling, decided from the headers before any body is read: a principal, or None and why not."""
+    try:
+        return await request.app[SERVICES].auth.identify(request, record=False), None
+    except ApplianceError as err:
+        return None, err
+
+
+def refuse_unless_public(request: web.Request, refusal: ApplianceError | None) -> None:
+    """An anonymous caller is refused before its body is read when no endpoint is public."""
+    table = request.app[SERVICES].supervisor.table
+    if refusal is not None and not any(c.public for c in table.endpoints.values()):
+        raise request.app[SERVICES].auth.refuse(request, refusal)
+
+
+def authorize(request: web.Request, principal: Principal | None, refusal: ApplianceError | None, name: str, config: EndpointConfig | None) -> Principal | None:
+    """The principal the call runs as (None: anonymous on a public endpoint). Without a valid credential
+    the answer is the same 401 whether the endpoint is private or does not exist: names are not probed."""
+    auth = request.app[SERVICES].auth
+    if principal is None:
+        if config is None or not config.public:
+            assert refusal is not None
+            raise auth.refuse(request, refusal)
+        return None
+    if config is None:
+        raise ApplianceError(f"The model '{name}' does not exist", status=404, code="model_not_found", param="model")
+    if config.public and not (principal.has(INFERENCE) and principal.allows(name)):
+        return None  # on a public endpoint a key that may not use it still gets in, anonymously
+    if not principal.has(INFERENCE):
+        raise auth.refuse(request, ApplianceError(
+            f"{principal.name!r} lacks the 'inference' scope (it has: {', '.join(sorted(principal.scopes)) or 'none'})", status=403, code="insufficient_scope",
+        ))
+    auth.check_endpoint(request, principal, name)
+    return principal
+
+
+def check_route(request: web.Request, principal: Principal | None, config: EndpointConfig, path: str) -> None:
+    """An engine's control routes (not inference) need an admin key: they act on every caller's engine."""
+    if is_inference_route(config.runtime, path) or (principal is not None and principal.has(ADMIN)):
+        return
+    raise request.app[SERVICES].auth.refuse(request, ApplianceError(
+        f"{path.split('?', 1)[0]} is not an inference route of the {config.runtime} runtime: it needs an admin key",
+        status=403, code="route_not_allowed",
+    ))
+
+
+def lookup(request: web.Request, model: str) -> tuple[str, EndpointConfig | None]:
+    table = request.app[SERVICES].supervisor.table
+    name = table.resolve(model)
+    if name is None or name not in table.endpoints:
+        return model, None
+    return name, table.endpoints[name]
