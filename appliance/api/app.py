@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from appliance.api import access, admin, gateway, oauth, scaling
+from appliance.api import access, admin, gateway, oauth, scaling, validate
 from appliance.api.gateway import GATEWAY, Gateway
 from appliance.api.http import BODY_TIMEOUT, MAX_BODY, TELEMETRY, Handler, Route, add_routes, error_middleware, error_response, json_response, request_id
 from appliance.api.openapi import build_openapi
@@ -95,6 +95,7 @@ def all_routes() -> list[Route]:
         Route("GET", "/readyz", readyz, "Readiness (503 until startup reconciliation ran)", response=Health, auth=False, tags=("system",)),
         Route("GET", f"{admin.PREFIX}/openapi.json", openapi, "This document", auth=False, tags=("system",)),
         Route("GET", "/metrics", metrics, "Prometheus metrics of the appliance (a read key unless [metrics] public)", auth=False, tags=("system",)),
+        *validate.ROUTES,  # before admin's {name} routes
         *admin.ROUTES,
         *scaling.ROUTES,
         *access.ROUTES,

@@ -44,9 +44,9 @@ class AdminClient:
         except ValueError:  # not the appliance answering (a proxy's page, another server on the port)
             raise ApplianceError(f"{method} {path}: the answer from {self.url} is not JSON: {raw[:200]!r}", status=502, code="bad_answer") from None
 
-    def lines(self, path: str, query: dict[str, Any] | None = None) -> Iterator[str]:
-        """A text response line by line as it arrives (for follow=1), with no read timeout."""
-        with self._open("GET", path, None, query, None) as resp:
+    def lines(self, path: str, query: dict[str, Any] | None = None, *, method: str = "GET", body: dict[str, Any] | None = None) -> Iterator[str]:
+        """A text response line by line as it arrives (follow=1, a validation's events), with no read timeout."""
+        with self._open(method, path, body, query, None) as resp:
             for raw in resp:
                 yield raw.decode("utf-8", errors="replace").rstrip("\n")
 

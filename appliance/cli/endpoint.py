@@ -25,7 +25,7 @@ def _spec_file(path: str) -> dict[str, Any]:
     return data
 
 
-def _fields(args: argparse.Namespace) -> dict[str, Any]:
+def spec_fields(args: argparse.Namespace) -> dict[str, Any]:
     """Endpoint fields from -f and flags; flags win over the file."""
     body: dict[str, Any] = _spec_file(args.file) if args.file else {}
     if args.model_folder is not None:
@@ -107,7 +107,7 @@ def _show_endpoint(ep: dict[str, Any]) -> None:
 
 
 def cmd_endpoint_create(args: argparse.Namespace) -> int:
-    body = _fields(args)
+    body = spec_fields(args)
     if args.name:
         body["name"] = args.name
     if "name" not in body:
@@ -117,7 +117,7 @@ def cmd_endpoint_create(args: argparse.Namespace) -> int:
 
 
 def cmd_endpoint_update(args: argparse.Namespace) -> int:
-    body = _fields(args)
+    body = spec_fields(args)
     body.pop("name", None)
     if not body:
         raise ApplianceError("nothing to change: give flags or -f spec.toml", code="usage")
@@ -196,7 +196,7 @@ def cmd_endpoint_retry(args: argparse.Namespace) -> int:
     return emit(args, ep, lambda e: print(f"endpoint {e['name']}: error cleared, retrying ({e['status']})"))
 
 
-def _endpoint_flags(p: argparse.ArgumentParser) -> None:
+def endpoint_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--file", help="TOML file with endpoint fields (as in a [[endpoints]] entry)")
     p.add_argument("--model-folder", help="model folder on this box")
     p.add_argument("--runtime", choices=["custom", "vllm", "transformers", "sglang"])
@@ -228,11 +228,11 @@ def register(sub: Subcommands, shared: SharedOptions) -> Subcommands:
     ep = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     c = ep.add_parser("create", parents=[shared.client], help="create an endpoint")
     c.add_argument("name", nargs="?")
-    _endpoint_flags(c)
+    endpoint_flags(c)
     c.set_defaults(func=cmd_endpoint_create)
     u = ep.add_parser("update", parents=[shared.client], help="change an endpoint")
     u.add_argument("name")
-    _endpoint_flags(u)
+    endpoint_flags(u)
     u.set_defaults(func=cmd_endpoint_update)
     ep.add_parser("list", parents=[shared.client], help="list endpoints").set_defaults(func=cmd_endpoint_list)
     for action, func, text in (

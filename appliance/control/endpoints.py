@@ -121,6 +121,16 @@ def _command(spec: EndpointSpec, runtime: str) -> list[str]:
 
 def resolve(spec: EndpointSpec) -> tuple[EndpointConfig, ModelDefinition | None]:
     """Apply the model folder's defaults. Reads small files: call it off the event loop."""
+    try:
+        return _resolve(spec)
+    except OSError as exc:  # a name too long, no permission, an I/O error: the user's to fix, like a missing folder
+        problem = f"cannot read {exc.filename or spec.model_folder}: {exc.strerror or exc}"
+    except UnicodeDecodeError as exc:
+        problem = f"a definition file in {spec.model_folder} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+    raise ApplianceError(f"model_folder: {problem}", status=422, code="invalid_model_folder", param="model_folder")
+
+
+def _resolve(spec: EndpointSpec) -> tuple[EndpointConfig, ModelDefinition | None]:
     folder = _folder(spec)
     def_path = find_definition_file(folder, spec.definition_file)
     definition = load_model_definition(def_path) if def_path else None
@@ -230,6 +240,10 @@ class EndpointService:
     async def _on_change(self) -> None:
         if self._notify is not None:
             await self._notify()
+
+    async def candidate(self, spec: EndpointSpec) -> EndpointConfig:
+        """What `create` would run for `spec`, stored nowhere (a validation): checked, resolved, secrets sealed."""
+        return await self._resolve(self._sealed(spec, None))
 
     async def _resolve(self, spec: EndpointSpec) -> EndpointConfig:
         config, _ = await asyncio.to_thread(resolve, spec)

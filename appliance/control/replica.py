@@ -39,6 +39,7 @@ class Replica:
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # retry or stop while parked
     task: asyncio.Task[None] | None = None
+    watch: asyncio.Queue[tuple[str, str]] | None = None  # (state, reason) of every record, for a validation's stream
 
     @property
     def live(self) -> bool:

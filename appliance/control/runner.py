@@ -358,6 +358,8 @@ class ReplicaRunner:
             "restarts": r.restarts,
             "last_error": r.last_error,
         }
+        if r.watch is not None:
+            r.watch.put_nowait((state.value, message))
         kind = f"replica.{state.value.lower()}" if changed else "replica.note"
         await self._store.replicas.save(row, kind, f"replica {r.id}: {message}", {"replica": r.id, **(details or {})})
         await self._host.recorded(r, changed)

@@ -54,6 +54,7 @@ class Supervisor:
         self._store = store
         self._clock = clock
         self._runs: dict[str, EndpointRun] = {}
+        self._detached: dict[str, Replica] = {}  # validations' replicas, by id
         self._ledger = Ledger(config.workers.port_range)
         self.telemetry = telemetry or Telemetry()
         self._runner = ReplicaRunner(
@@ -83,7 +84,7 @@ class Supervisor:
             self._closing = True
             self._poke.set()
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        replicas = [r for run in self._runs.values() for r in run.replicas.values()]
+        replicas = [r for run in self._runs.values() for r in run.replicas.values()] + list(self._detached.values())
         for r in replicas:
             self._request_stop(r)  # those that serve drain first
         await asyncio.gather(*(r.task for r in replicas if r.task), return_exceptions=True)
@@ -211,7 +212,20 @@ class Supervisor:
         for _ in range(step.start):
             self._create(run)
 
-    def _create(self, run: EndpointRun) -> Replica:
+    def start_detached(self, run: EndpointRun) -> Replica:
+        """One replica of a run the supervisor does not hold (a validation): never routed, never counted
+        in a status; it shares the GPU and port ledger, and is stopped with stop_detached."""
+        r = self._create(run, watch=asyncio.Queue())
+        self._detached[r.id] = r
+        return r
+
+    async def stop_detached(self, r: Replica) -> None:
+        self._request_stop(r)
+        if r.task is not None:
+            await asyncio.gather(r.task, return_exceptions=True)
+        self._detached.pop(r.id, None)
+
+    def _create(self, run: EndpointRun, watch: asyncio.Queue[tuple[str, str]] | None = None) -> Replica:
         rid = f"{run.name}-{secrets.token_hex(3)}"
         replica = Replica(
             id=rid,
@@ -219,6 +233,7 @@ class Supervisor:
             generation=run.generation,
             work_dir=self._config.server.state_dir / "replicas" / rid,
             log=ReplicaLog(self._config.log_dir / f"{rid}.log", self._config.workers.log_max_bytes, self._config.workers.log_backups),
+            watch=watch,
         )
         run.replicas[rid] = replica
         # A context of its own: the replica outlives the request that may have created it (and its request id).
