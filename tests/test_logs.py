@@ -73,6 +73,11 @@ def test_the_server_log_tells_what_happened_in_json_with_request_ids(server_fact
     # without one the appliance makes one, and an error body names it
     status, error, headers = _call(server.url, "/v1/chat/completions", key["key"], {"model": "nope", "messages": []})
     assert status == 404 and error["error"]["request_id"] == headers["X-Request-ID"] and len(headers["X-Request-ID"]) == 16
+    status, _, _ = _call(server.url, "/v1/chat/completions", key["key"], {"model": "chat", "messages": [{"role": "user", "content": "hi"}]},
+                         headers={"X-Request-ID": "chat-call-1"})
+    assert status == 200
+    records = _call(server.url, "/api/v1/requests?endpoint=chat", admin)[1]["data"]
+    assert "chat-call-1" in [r["request_id"] for r in records]  # the request record names it too
     status, error, headers = _call(server.url, "/v1/chat/completions", key["key"], {"model": "nope"}, headers={"X-Request-ID": "bad id\twith tab"})
     assert headers["X-Request-ID"] != "bad id\twith tab"  # not a header value to pass on
     assert _call(server.url, f"/api/v1/keys/{key['id']}", admin, headers={})[0] == 200

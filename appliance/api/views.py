@@ -147,6 +147,7 @@ class RequestView(View):
     completion_tokens: int | None
     streamed: bool
     error_source: str | None
+    request_id: str = Field("", description="X-Request-ID of the request: the client's, or the one the appliance made")
 
 
 class RequestList(View):
