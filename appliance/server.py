@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import json
 import logging
@@ -16,6 +17,7 @@ from aiohttp import web
 from appliance.api.app import make_app
 from appliance.api.services import SERVICES
 from appliance.config import Config
+from appliance.errors import ApplianceError
 from appliance.logs import setup_logging
 from appliance.security.tls import server_context
 
@@ -78,12 +80,21 @@ async def run(config: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     path = config.server_file
+    listening = False
     try:
         tls = server_context(config.server.tls_cert, config.server.tls_key) if config.server.tls_cert and config.server.tls_key else None
         # A deep accept queue: a burst of new connections (many clients at once) waits there for the loop
         # rather than being dropped and retried by the clients' kernels a second later.
         site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True, ssl_context=tls, backlog=LISTEN_BACKLOG)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ApplianceError(
+                f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror or exc}; "
+                "another program has it: choose another server.port (`appliance demo --port N` for the demo)",
+                code="address_in_use",
+            ) from None
+        listening = True
         host, port = runner.addresses[0][:2]
         url_host = f"[{host}]" if ":" in host else host
         url = f"{config.server.scheme}://{url_host}:{port}"
@@ -96,7 +107,8 @@ async def run(config: Config) -> None:
         notifier.cancel()
     finally:
         await runner.cleanup()
-        path.unlink(missing_ok=True)
+        if listening:  # only this server's own record: another one may have written it
+            path.unlink(missing_ok=True)
 
 
 def _raise_open_files_limit() -> None:
@@ -111,6 +123,26 @@ def _raise_open_files_limit() -> None:
             log.warning("could not raise the open files limit from %d: %s", soft, exc)
 
 
+def _lock_state_dir(config: Config) -> int:
+    """One appliance per state dir: a second one would share its database and, at start, end the first
+    one's workers as leftovers of a crashed run."""
+    fd = os.open(config.server.state_dir / "server.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            running = json.loads(config.server_file.read_text())
+            who = f" (pid {running['pid']}, {running['url']})"
+        except (OSError, ValueError, KeyError):
+            who = ""
+        raise ApplianceError(
+            f"another appliance is already running with state_dir {config.server.state_dir}{who}: stop it first, "
+            "or give this one a state_dir of its own", code="already_running",
+        ) from None
+    return fd
+
+
 def serve(config: Config) -> int:
     setup_logging(config.server.log_level, config.logging.format)
     # Files the appliance and its workers create are not world-readable (logs 0640, directories 0750);
@@ -118,10 +150,14 @@ def serve(config: Config) -> int:
     os.umask(0o027)
     _raise_open_files_limit()
     config.server.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = _lock_state_dir(config)
     try:
-        import uvloop
-    except ImportError:
-        asyncio.run(run(config))
-    else:
-        uvloop.run(run(config))
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(run(config))
+        else:
+            uvloop.run(run(config))
+    finally:
+        os.close(lock)
     return 0

@@ -202,7 +202,7 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
             extra = {"usage": None} if include_usage else {}
             for i in range(n):
                 delta = {"delta": {"content": f"tok{i} "}} if chat else {"text": f"tok{i} "}
-                await resp.write(f"data: {json.dumps({'choices': [{'index': 0, **delta}], **extra})}\n\n".encode())
+                await resp.write(f"data: {json.dumps({'model': body.get('model'), 'choices': [{'index': 0, **delta}], **extra})}\n\n".encode())
                 await asyncio.sleep(3600 if i + 1 == body.get("stall_after") else 1.0 / args.tokens_per_second)
             if include_usage:
                 usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}

@@ -317,3 +317,13 @@ async def test_engine_control_routes_need_an_admin_key_and_inference_routes_do_n
     assert resp.status == 200
     resp = await admin.client.post("/endpoints/engine/echo/x", json={}, headers=admin.headers)  # an admin key reaches any route
     assert resp.status == 200
+
+
+async def test_answers_name_the_model_as_the_client_did(admin: Admin, tmp_path: Path) -> None:
+    await healthy(admin, "renamed", fake_folder(tmp_path, "inner"), aliases=["renamed-latest"])  # the worker serves "inner"
+    client = sdk(admin)
+    for asked in ("renamed", "renamed-latest"):
+        reply = await client.chat.completions.create(model=asked, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert reply.model == asked
+        stream = await client.chat.completions.create(model=asked, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True)
+        assert {c.model async for c in stream} == {asked}

@@ -23,7 +23,7 @@ from yarl import URL
 
 from appliance.api.callers import authorize, caller, check_route, lookup, refuse_unless_public
 from appliance.api.http import Route, parse_json, read_body, request_id
-from appliance.api.proxy import Outcome, UpstreamUnreachable, forward, make_session, worker_headers
+from appliance.api.proxy import Outcome, Rename, UpstreamUnreachable, forward, make_session, worker_headers
 from appliance.api.services import SERVICES, Services
 from appliance.control.telemetry import Telemetry
 from appliance.domain.limits import retry_after_header
@@ -197,7 +197,7 @@ class Gateway:
 
     async def proxy(
         self, request: web.Request, endpoint: str, config: EndpointConfig, target: str, body: bytes, key: str | None,
-        principal: Principal | None, *, drop_usage_event: bool = False,
+        principal: Principal | None, *, drop_usage_event: bool = False, rename: Rename | None = None,
     ) -> web.StreamResponse:
         assert self._session is not None
         if self.stopping.is_set():
@@ -224,6 +224,7 @@ class Gateway:
                     response = await forward(
                         self._session, request, method=request.method, url=url, body=body, headers=headers, replica=replica.id,
                         outcome=outcome, extra_headers=extra, drop_usage_event=drop_usage_event, track=self._upstreams, stopping=self.stopping,
+                        rename=rename,
                     )
                 except UpstreamUnreachable as exc:
                     tried.add(replica.id)  # nothing reached the client yet: another replica may answer
@@ -308,7 +309,11 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
         session_key = request.headers.get("X-Session-ID") or (data.get("user") if isinstance(data.get("user"), str) else None)
     elif config.routing == "prefix":
         session_key = prefix_key(data, config.prefix_length)
-    return await request.app[GATEWAY].proxy(request, name, config, request.raw_path, body, session_key, principal, drop_usage_event=drop_usage_event)
+    # The answer names the model as the client did, not as the worker knows it (a folder path, a definition's name).
+    rename = Rename(config.served_model_name, model) if model != config.served_model_name else None
+    return await request.app[GATEWAY].proxy(
+        request, name, config, request.raw_path, body, session_key, principal, drop_usage_event=drop_usage_event, rename=rename
+    )
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:

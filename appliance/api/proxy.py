@@ -47,6 +47,24 @@ class Outcome:
     last_chunk: float | None = None  # seconds from the start to the last of them
 
 
+class Rename:
+    """The `model` a worker writes in its answers, replaced by the name the client asked for."""
+
+    __slots__ = ("pairs", "probe")
+
+    def __init__(self, served: str, asked: str) -> None:
+        old, new = json.dumps(served).encode(), json.dumps(asked).encode()
+        self.probe = old
+        self.pairs = [(b'"model":' + old, b'"model":' + new), (b'"model": ' + old, b'"model": ' + new)]
+
+    def __call__(self, data: bytes) -> bytes:
+        if self.probe not in data:  # one substring test for the common chunk
+            return data
+        for old, new in self.pairs:
+            data = data.replace(old, new)
+        return data
+
+
 class UpstreamUnreachable(Exception):
     """Nothing was sent to the client: the caller may try another replica."""
 
@@ -207,6 +225,7 @@ async def forward(
     outcome: Outcome,
     extra_headers: Mapping[str, str] | None = None,
     drop_usage_event: bool = False,
+    rename: Rename | None = None,
     clock: Callable[[], float] = time.monotonic,
     track: set[aiohttp.ClientResponse] | None = None,
     stopping: asyncio.Event | None = None,
@@ -241,6 +260,8 @@ async def forward(
             outcome.ttfb = clock() - started
             if "json" in ctype:
                 usage_from_body(data, outcome)
+                if rename is not None:
+                    data = rename(data)
             return web.Response(body=data, status=upstream.status, headers=out_headers)
         outcome.streamed = True
         content = upstream.content
@@ -275,7 +296,8 @@ async def forward(
                         usage_at = previous + chunk
                     previous = chunk
                 if chunk:
-                    await response.write(chunk)
+                    # A stream's events name the model too; an event split across two chunks keeps the worker's name.
+                    await response.write(rename(chunk) if rename is not None else chunk)
                     chunk = b""
                     outcome.chunks += 1
                 if watch is not None:

@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     shared = shared_options()
     parser = argparse.ArgumentParser(prog="appliance", description="Single-node model-serving appliance.")
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    # Also before the command (`appliance --config X endpoint list`); a subcommand's own --config wins.
+    parser.add_argument("--config", "-c", dest="global_config", metavar="CONFIG", help="config file, for any command")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # The order of registration is the order in which --help lists the commands.
     server_side.register(sub, shared)
@@ -34,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "config", None) is None and args.global_config is not None:
+        args.config = args.global_config
     try:
         return int(args.func(args))
     except ApplianceError as exc:

@@ -7,6 +7,7 @@ read them back, so an option's name and the code that reads it stay in one place
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,15 @@ def shared_options() -> SharedOptions:
 
 
 def load_cli_config(args: argparse.Namespace) -> Config:
-    return load_config(args.config or default_config_path())
+    path = Path(args.config) if getattr(args, "config", None) else default_config_path()
+    if not path.exists():
+        how = (f"--config {path} was given" if getattr(args, "config", None)
+               else f"${CONFIG_ENV} names it" if os.environ.get(CONFIG_ENV) else "it is the default")
+        raise ApplianceError(
+            f"config file {path} does not exist ({how}). Pass --config FILE (before or after the command) or "
+            f"export {CONFIG_ENV}=FILE; for the demo, `appliance demo` prints the line to export", code="usage",
+        )
+    return load_config(path)
 
 
 def admin_client(args: argparse.Namespace) -> AdminClient:

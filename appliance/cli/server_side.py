@@ -4,8 +4,11 @@ admin-key reset. Their heavy imports happen inside each command, so `appliance -
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from appliance.cli.options import SharedOptions, Subcommands, load_cli_config
@@ -57,8 +60,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     path = write_demo_config(state, folder, port=args.port, engine=args.engine)
     key = state / "admin.key"
     url = f"http://127.0.0.1:{args.port}"
+    config = load_config(path)
+    bin_dir = Path(sys.executable).parent
     print(
         f"demo: model folder {folder}\ndemo: config {path}\ndemo: admin key in {key}\n"
+        f"demo: for the CLI in another shell (`appliance endpoint list`, `appliance key create`, ...):\n"
+        f"  export PATH=\"{bin_dir}:$PATH\" APPLIANCE_CONFIG=\"{path}\"\n"
         f"demo: try (the first call waits until the replica is up):\n"
         f"  curl -s {url}/v1/chat/completions -H \"Authorization: Bearer $(cat {key})\" -H 'Content-Type: application/json' "
         f"-d '{{\"model\": \"demo\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'\n"
@@ -66,7 +73,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"print(c.chat.completions.create(model=\"demo\", messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}], max_tokens=16))'",
         flush=True,
     )
-    return serve(load_config(path))
+    threading.Thread(target=_say_when_ready, args=(url, key), daemon=True).start()
+    return serve(config)
+
+
+def _say_when_ready(url: str, key_file: Path, timeout: float = 900.0) -> None:
+    """One line once the demo endpoint answers (the server's log says the rest)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            req = urllib.request.Request(url + "/api/v1/endpoints/demo", headers={"Authorization": f"Bearer {key_file.read_text().strip()}"})
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                if json.loads(resp.read()).get("status") == "HEALTHY":
+                    print(f"demo: ready: the demo endpoint answers at {url}/v1", flush=True)
+                    return
+        except (OSError, ValueError):
+            pass  # not up yet
+        threading.Event().wait(0.5)
 
 
 def cmd_admin_key_reset(args: argparse.Namespace) -> int:

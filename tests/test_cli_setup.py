@@ -1,0 +1,65 @@
+"""The CLI as a newcomer meets it: --config before or after the command, $APPLIANCE_CONFIG, an error
+that says what to do without a config, and a second server on a busy state dir or port refused
+clearly, without harming the first."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import run_cli
+from test_supervisor import server_config
+
+pytestmark = pytest.mark.process
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k != "APPLIANCE_CONFIG"}
+    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True, timeout=60, env={**clean, **(env or {})})
+
+
+def test_config_before_or_after_the_command_and_from_the_environment(server_factory: Any, tmp_path: Path) -> None:
+    config = server_config(tmp_path, "")
+    server_factory(config).start()
+    for result in (
+        _cli("--config", str(config), "endpoint", "list", "--json"),
+        _cli("endpoint", "list", "--json", "--config", str(config)),
+        _cli("endpoint", "list", "--json", env={"APPLIANCE_CONFIG": str(config)}),
+    ):
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["data"] == []
+
+
+def test_a_missing_config_says_what_to_do(tmp_path: Path) -> None:
+    result = _cli("endpoint", "list", env={"APPLIANCE_CONFIG": str(tmp_path / "nowhere.toml")})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "nowhere.toml does not exist ($APPLIANCE_CONFIG names it)" in result.stderr and "--config FILE" in result.stderr
+
+
+def test_a_second_server_on_the_same_state_dir_is_refused_and_the_first_goes_on(server_factory: Any, tmp_path: Path) -> None:
+    config = server_config(tmp_path, "")
+    first = server_factory(config).start()
+    record = (tmp_path / "state" / "server.json").read_text()
+    second = run_cli("serve", config=config)
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+    assert "another appliance is already running with state_dir" in second.stderr and f"pid {first.proc.pid}" in second.stderr
+    assert (tmp_path / "state" / "server.json").read_text() == record  # the first one's record is untouched
+    assert run_cli("endpoint", "list", config=config).returncode == 0
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = server_config(tmp_path, "")
+        config.write_text(config.read_text().replace("port = 0", f"port = {port}"))
+        result = run_cli("serve", config=config)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "choose another server.port" in result.stderr
