@@ -63,3 +63,29 @@ def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         result = run_cli("serve", config=config)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "choose another server.port" in result.stderr
+
+
+def _gpu_config(tmp_path: Path, resources: str) -> Path:
+    folder = tmp_path / "models" / "plain"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    config = server_config(tmp_path, f'[[endpoints]]\nname = "big"\nmodel_folder = "{folder}"\nruntime = "transformers"\nresources = {resources}\n')
+    return config
+
+
+def test_check_config_warns_about_gpus_the_box_cannot_give(tmp_path: Path) -> None:
+    result = run_cli("check-config", str(_gpu_config(tmp_path, '{ gpus = 2, gpu_name = "H100*" }')))
+    assert result.returncode == 0, result.stderr
+    assert "warning: endpoints[0] (big): asks for 2 GPU(s) per replica" in result.stderr and "1 warning(s)" in result.stdout
+
+
+def test_doctor_reports_the_box_with_fixes(tmp_path: Path) -> None:
+    result = run_cli("doctor", "--json", config=_gpu_config(tmp_path, "{ gpus = 1 }"))
+    report = json.loads(result.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert set(checks) >= {"GPUs (NVML)", "engines", "replica cgroups", "worker user", "worker ports", "state dir", "disk", "clock"}
+    assert "vllm" in checks["engines"]["detail"] and "transformers" in checks["engines"]["detail"]
+    assert all(c["fix"] for c in report["checks"] if c["status"] != "ok")  # every problem says how to fix it
+    assert result.returncode == (1 if any(c["status"] == "problem" for c in report["checks"]) else 0)
+    human = run_cli("doctor", config=_gpu_config(tmp_path, "{ gpus = 1 }"))
+    assert "engines:" in human.stdout and "worker ports:" in human.stdout

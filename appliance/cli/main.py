@@ -50,3 +50,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if exc.code == "usage" else 1  # 2, like argparse's own usage errors
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `appliance … | head`: the reader has what it wanted
+        sys.stdout = None  # type: ignore[assignment]  # nothing more to flush at exit
+        return 0

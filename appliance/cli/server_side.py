@@ -32,12 +32,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for p in exc.problems or [exc.message]:
             print(f"{path}: {p}" if not p.startswith(str(path)) else p, file=sys.stderr)
         return 1
+    from appliance.control.doctor import gpu_warnings, read_gpus
+    from appliance.control.endpoints import resolve
+
     problems = check_declared(list(config.endpoints))
     for p in problems:
         print(f"{path}: {p}", file=sys.stderr)
     if problems:
         return 1
-    print(f"{path}: OK ({len(config.endpoints)} endpoint(s) declared, state in {config.server.state_dir})")
+    resolved = [resolve(spec)[0] for spec in config.endpoints]  # resources as the folders' definitions complete them
+    wants_gpus = any(c.resources.gpus or c.resources.gpu_share for c in resolved)
+    warnings = gpu_warnings(config, resolved, read_gpus()) if wants_gpus else []
+    for w in warnings:
+        print(f"{path}: warning: {w}", file=sys.stderr)
+    note = f", {len(warnings)} warning(s): those endpoints would wait for GPUs this box does not have" if warnings else ""
+    print(f"{path}: OK ({len(config.endpoints)} endpoint(s) declared, state in {config.server.state_dir}){note}")
     return 0
 
 
@@ -92,6 +101,28 @@ def _say_when_ready(url: str, key_file: Path, timeout: float = 900.0) -> None:
         threading.Event().wait(0.5)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from appliance.control.doctor import examine
+
+    config = load_cli_config(args)
+    try:
+        pid = int(json.loads(config.server_file.read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        pid = None
+    checks = examine(config, pid if pid and Path(f"/proc/{pid}").exists() else None)
+    if args.json:
+        print(json.dumps({"config": str(config.source), "checks": [asdict(c) for c in checks]}, indent=2))
+    else:
+        marks = {"ok": "ok     ", "warning": "WARNING", "problem": "PROBLEM"}
+        for c in checks:
+            print(f"{marks[c.status]}  {c.name}: {c.detail}")
+            if c.fix:
+                print(f"         fix: {c.fix}")
+    return 1 if any(c.status == "problem" for c in checks) else 0
+
+
 def cmd_admin_key_reset(args: argparse.Namespace) -> int:
     from appliance.security.auth import reset_admin_key
     from appliance.store import open_database
@@ -112,6 +143,9 @@ def register(sub: Subcommands, shared: SharedOptions) -> None:
     p = sub.add_parser("check-config", parents=[shared.config], help="validate a config file and print every problem")
     p.add_argument("path", nargs="?")
     p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("doctor", parents=[shared.config], help="check this box against the config: GPUs, engines, cgroups, worker user, ports, state dir, disk, clock")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=cmd_doctor)
     p = sub.add_parser("demo-model", help="write a tiny random-weight model folder (needs the transformers extra)")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)

