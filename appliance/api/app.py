@@ -152,6 +152,14 @@ async def _stamp_request_id(request: web.Request, response: web.StreamResponse) 
         response.headers["X-Request-ID"] = rid
 
 
+async def reload_declared(app: web.Application, config: Config) -> list[str]:
+    """A reloaded config file's declared endpoints applied (SIGHUP); returns the problems met."""
+    services = app[SERVICES]
+    problems = await services.endpoints.apply_declared(list(config.endpoints))
+    await services.supervisor.sync()
+    return problems
+
+
 async def _drain_clients(app: web.Application) -> None:
     """On SIGTERM, before aiohttp closes connections: log followers end at once, requests in flight
     get server.shutdown_timeout_seconds to finish, then open streams are ended cleanly. Workers are
