@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from appliance.domain.scaling import RuleSpec
 from appliance.domain.specs import ByteSize, EndpointSpec, Model
 from appliance.errors import ApplianceError, validation_problems
 
@@ -134,6 +135,18 @@ class RetentionConfig(Model):
     interval_seconds: float = Field(600.0, gt=0, description="how often the retention job runs")
 
 
+class DeclaredEndpoint(EndpointSpec):
+    """An [[endpoints]] entry: an endpoint spec, plus the autoscaling rules declared with it."""
+
+    autoscaling_rules: list[RuleSpec] = Field(
+        default_factory=list, description="[[endpoints.autoscaling_rules]]: managed like declared endpoints (created, updated, deleted with the file)"
+    )
+
+    def spec(self) -> EndpointSpec:
+        """The endpoint alone, with only the fields the file gave (what the store keeps)."""
+        return EndpointSpec.model_validate(self.model_dump(exclude={"autoscaling_rules"}, exclude_unset=True))
+
+
 class LoggingConfig(Model):
     format: Literal["plain", "json"] = Field("plain", description='"json": one JSON object per line (journald, Loki), with request ids and event fields')
 
@@ -152,7 +165,7 @@ class Config(Model):
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-    endpoints: list[EndpointSpec] = Field(default_factory=list, description="declared endpoints, created or updated at start")
+    endpoints: list[DeclaredEndpoint] = Field(default_factory=list, description="declared endpoints, created or updated at start")
     source: Path | None = Field(None, exclude=True, description="the file this came from (not a key)")
 
     @model_validator(mode="after")

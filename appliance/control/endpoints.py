@@ -11,12 +11,13 @@ import asyncio
 import importlib.util
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from appliance.config import DeclaredEndpoint
 from appliance.control.folders import find_definition_file, load_model_definition, load_service_definition
 from appliance.control.process import resolve_executable
 from appliance.domain.definitions import ModelDefinition, RuntimeSection
@@ -27,6 +28,7 @@ from appliance.errors import ApplianceError, validation_error
 from appliance.security.vault import Vault, masked
 from appliance.store import Store
 from appliance.store.repos import EndpointRow
+from appliance.store.scaling_repos import declared_rule_prefix
 
 log = logging.getLogger(__name__)
 _UPDATE_TRIES = 20
@@ -305,7 +307,7 @@ class EndpointService:
             await self._on_delete()
         await self._on_change()
 
-    async def apply_declared(self, specs: list[EndpointSpec]) -> list[str]:
+    async def apply_declared(self, specs: Sequence[EndpointSpec | DeclaredEndpoint]) -> list[str]:
         """Make the store match the config file's [[endpoints]]; returns the problems met.
 
         Declared endpoints are created or updated; endpoints that came from the config file
@@ -313,30 +315,43 @@ class EndpointService:
         """
         problems: list[str] = []
         declared = {s.name for s in specs}
-        for spec in specs:
+        for entry in specs:
+            spec = entry.spec() if isinstance(entry, DeclaredEndpoint) else entry
             try:
                 current = await self._store.endpoints.get(spec.name)
                 if current is None:
                     await self.create(spec, source="config")
-                    continue
-                spec = self._sealed(spec, current)
-                config = await self._resolve(spec)  # resolved once: the folder's files may have changed since
-                if current["spec"] != stated(spec) or current["source"] != "config":
-                    await self._replace(current, spec, "config", f"endpoint {spec.name} updated from the config file", {"spec": masked(stated(spec))}, config)
-                elif config.model_dump(mode="json") != current["config"]:
-                    await self._replace(current, spec, "config", f"endpoint {spec.name} picked up changes in its model folder", {}, config)
+                else:
+                    await self._apply_declared_one(spec, current)
+            except ApplianceError as exc:
+                problems.append(f"endpoints.{spec.name}: {exc.message}")
+                await self._store.events.add("config.error", exc.message, endpoint=spec.name, details={"code": exc.code})
+                continue
+            try:
+                rules = entry.autoscaling_rules if isinstance(entry, DeclaredEndpoint) else []
+                rows = [{"id": f"{declared_rule_prefix(spec.name)}{i + 1}", "endpoint": spec.name, **r.model_dump()} for i, r in enumerate(rules)]
+                await self._store.rules.reconcile_declared(spec.name, rows)
             except ApplianceError as exc:
                 problems.append(f"endpoints.{spec.name}: {exc.message}")
                 await self._store.events.add("config.error", exc.message, endpoint=spec.name, details={"code": exc.code})
         for row in await self._store.endpoints.list():
-            if row["source"] == "config" and row["name"] not in declared:
+            if row["source"] == "config" and row["name"] not in declared:  # its rules go with it
                 await self.delete(row["name"], "removed from the config file")
         for p in problems:
             log.error("declared endpoint not applied: %s", p)
         return problems
 
 
-def check_declared(specs: list[EndpointSpec]) -> list[str]:
+    async def _apply_declared_one(self, spec: EndpointSpec, current: EndpointRow) -> None:
+        spec = self._sealed(spec, current)
+        config = await self._resolve(spec)  # resolved once: the folder's files may have changed since
+        if current["spec"] != stated(spec) or current["source"] != "config":
+            await self._replace(current, spec, "config", f"endpoint {spec.name} updated from the config file", {"spec": masked(stated(spec))}, config)
+        elif config.model_dump(mode="json") != current["config"]:
+            await self._replace(current, spec, "config", f"endpoint {spec.name} picked up changes in its model folder", {}, config)
+
+
+def check_declared(specs: Sequence[EndpointSpec]) -> list[str]:
     """Offline check of declared endpoints against their folders (for check-config)."""
     problems = []
     for i, spec in enumerate(specs):

@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 Row = dict[str, Any]
 
 
+def declared_rule_prefix(endpoint: str) -> str:
+    return f"asr-cfg-{endpoint}-"
+
+
 def _decode(row: Row) -> Row:
     return {**row, "enabled": bool(row["enabled"])}
 
@@ -78,6 +82,40 @@ class RulesRepo:
                 db["autoscaling_rules"].update(rule_id, values)
                 _insert_event(db, now, "autoscaling_rule.updated", message, endpoint, {"rule": rule_id, "changed": sorted(fields)})
                 return _get(db, endpoint, rule_id)
+
+        return await self._store.run(tx)
+
+    async def reconcile_declared(self, endpoint: str, rows: list[Row]) -> tuple[int, int, int]:
+        """Make the endpoint's declared rules (ids asr-cfg-…) exactly `rows`, in their order; rules created
+        through the API are left alone. Returns (created, updated, deleted)."""
+        now = self._store.now()
+        prefix = declared_rule_prefix(endpoint)
+
+        def tx(db: Database) -> tuple[int, int, int]:
+            created = updated = deleted = 0
+            with db.atomic():
+                current = {r["id"]: _decode(r) for r in db.query("select * from autoscaling_rules where endpoint = ?", [endpoint])
+                           if r["id"].startswith(prefix)}
+                wanted = {row["id"] for row in rows}
+                for rule_id in sorted(set(current) - wanted):
+                    db["autoscaling_rules"].delete(rule_id)
+                    _insert_event(db, now, "autoscaling_rule.deleted", f"endpoint {endpoint}: rule {rule_id} removed from the config file", endpoint,
+                                  {"rule": rule_id})
+                    deleted += 1
+                for row in rows:  # inserted in file order: rules made together are evaluated in that order (rowid)
+                    old = current.get(row["id"])
+                    if old is None:
+                        db["autoscaling_rules"].insert({**row, "enabled": int(row["enabled"]), "created_at": now, "updated_at": now})
+                        _insert_event(db, now, "autoscaling_rule.created", f"endpoint {endpoint}: rule {row['id']} created from the config file",
+                                      endpoint, {"rule": row["id"]})
+                        created += 1
+                    elif any(old[k] != v for k, v in row.items()):
+                        changed = sorted(k for k, v in row.items() if old[k] != v)
+                        db["autoscaling_rules"].update(row["id"], {**row, "enabled": int(row["enabled"]), "updated_at": now})
+                        _insert_event(db, now, "autoscaling_rule.updated", f"endpoint {endpoint}: rule {row['id']} updated from the config file",
+                                      endpoint, {"rule": row["id"], "changed": changed})
+                        updated += 1
+            return created, updated, deleted
 
         return await self._store.run(tx)
 
