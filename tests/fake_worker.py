@@ -224,6 +224,9 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
         return web.json_response({"method": request.method, "path": request.path, "raw_path": request.raw_path, "query": request.query_string,
                                   "body": (await request.read()).decode(), "headers": dict(request.headers)})
 
+    async def page(request: web.Request) -> web.Response:  # an engine's own HTML page, such as /docs
+        return web.Response(text="<script>fetch('/ui/session')</script>", content_type="text/html")
+
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(state)
 
@@ -274,6 +277,7 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_route("*", "/v2/models/{name}/infer", echo)
     app.router.add_route("*", "/echo/{tail:.*}", echo)
+    app.router.add_get("/page", page)
     return app
 
 

@@ -207,6 +207,28 @@ async def test_openapi_describes_every_route_and_schema(admin: Admin) -> None:
     assert set(schemas["EndpointSpec"]["required"]) == {"name", "model_folder"}
 
 
+async def test_openapi_lists_every_status_an_operation_answers_with_its_body(admin: Admin) -> None:
+    """No catch-all `default`: a client, or a request generator checking conformance, can tell a listed
+    answer from a fault. Answers that are not OpenAI-shaped errors say what they are."""
+    doc = await (await admin.client.get("/api/v1/openapi.json")).json()
+    assert not [(path, method) for path, ops in doc["paths"].items() for method, op in ops.items() if "default" in op["responses"]]
+    endpoint = doc["paths"]["/api/v1/endpoints/{name}"]
+    assert set(endpoint["get"]["responses"]) == {"200", "400", "401", "403", "404", "503"}
+    assert {"409", "413", "422"} <= set(endpoint["patch"]["responses"])
+    assert endpoint["get"]["responses"]["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert "request_id" in doc["components"]["schemas"]["ErrorBody"]["properties"]  # every error body carries it
+    readyz = doc["paths"]["/readyz"]["get"]["responses"]
+    assert readyz["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/Health")  # its own body, not an error
+    logs = doc["paths"]["/api/v1/endpoints/{name}/replicas/{replica}/logs"]["get"]["responses"]["200"]
+    assert set(logs["content"]) == {"text/plain"}
+    token = doc["paths"]["/oauth/token"]["post"]
+    assert token["requestBody"]["content"]["application/x-www-form-urlencoded"]["schema"]["$ref"].endswith("/TokenRequest")
+    assert all(r["content"]["application/json"]["schema"]["$ref"].endswith("/OAuthErrorBody") for code, r in token["responses"].items() if code != "200")
+    metrics = doc["paths"]["/metrics"]["get"]
+    assert set(metrics["responses"]["200"]["content"]) == {"text/plain"} and {"401", "403"} <= set(metrics["responses"])
+    assert metrics["security"] == [{"bearer": []}, {}]  # a key unless [metrics] public
+
+
 async def test_custom_folder_endpoint_shows_definition_and_defaults(admin: Admin, seed_folder: Path) -> None:
     status, ep = await admin.call("POST", "/api/v1/endpoints", json_body={"name": "seed", "model_folder": str(seed_folder)})
     assert status == 201, ep

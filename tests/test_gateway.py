@@ -327,3 +327,12 @@ async def test_answers_name_the_model_as_the_client_did(admin: Admin, tmp_path: 
         assert reply.model == asked
         stream = await client.chat.completions.create(model=asked, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True)
         assert {c.model async for c in stream} == {asked}
+
+
+async def test_worker_pages_are_sandboxed_from_the_consoles_origin(admin: Admin, tmp_path: Path) -> None:
+    await healthy(admin, "chat", fake_folder(tmp_path, "chat"))
+    page = await admin.client.get("/endpoints/chat/page", headers=admin.headers)
+    assert page.status == 200 and page.headers["Content-Security-Policy"] == "sandbox"  # its scripts get an opaque origin
+    assert page.headers["X-Content-Type-Options"] == "nosniff"
+    api = await admin.client.get("/endpoints/chat/v1/models", headers=admin.headers)
+    assert api.headers["X-Content-Type-Options"] == "nosniff" and "Content-Security-Policy" not in api.headers

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from appliance.control.signals import Signals, prometheus_value
 from appliance.domain.placement import GpuInfo
 from appliance.domain.scaling import Rule, RulePatch, RuleSpec, ScaleState, decide, pct, per_route, series_names
+from appliance.domain.specs import MAX_REPLICAS
 from appliance.domain.states import ReplicaState
 
 NOW = 10_000.0
@@ -234,6 +235,16 @@ def test_a_rule_without_bounds_of_its_own_is_bounded_by_the_endpoints_range(poli
     assert seen == [2, 3, 3, 3, 3]  # out to the endpoint's max_replicas, then no further
     (stuck,) = decide([r], {Q: 1.0}, policy(3, lo=1, hi=3), NOW).record
     assert stuck.result == "bound" and "the endpoint's" in stuck.reason
+
+
+@pytest.mark.parametrize("policy", [appliance, bai])
+def test_a_rules_own_huge_bound_scales_no_further_than_max_replicas(policy: Callable[..., ScaleState]) -> None:
+    """A large max_replicas on a rule (Backend.AI users write one for "no limit") acts as MAX_REPLICAS: a
+    step of millions would otherwise ask the supervisor for a replica, a log file and pipes each."""
+    r = rule("huge", step=10**9, hi=10**15, cooldown=0)
+    d = decide([r], {Q: 1.0}, policy(1, hi=1), NOW)
+    assert d.target <= MAX_REPLICAS
+    assert decide([rule("wide", step=MAX_REPLICAS - 1, hi=10**15)], {Q: 1.0}, policy(1, hi=1), NOW).target == MAX_REPLICAS
 
 
 # --- decide(): Backend.AI's policy -------------------------------------------------------------------

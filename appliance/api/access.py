@@ -12,8 +12,8 @@ from appliance.api.http import Query, Route, endpoint_name, json_response, page,
 from appliance.api.services import SERVICES, Services
 from appliance.api.views import Deleted, View
 from appliance.domain.limits import Limits
-from appliance.domain.specs import Model, Name
-from appliance.domain.timefmt import BAI_DURATION_HELP, parse_duration, parse_instant, parse_since, token_expiry
+from appliance.domain.specs import INT64_MAX, Model, Name
+from appliance.domain.timefmt import BAI_DURATION_HELP, LATEST, parse_duration, parse_instant, parse_since, token_expiry
 from appliance.errors import ApplianceError
 from appliance.security.auth import ADMIN, INFERENCE, TOKEN_PREFIX, key_row, new_key
 from appliance.security.usage import hour_label
@@ -30,9 +30,9 @@ class KeyCreate(Model):
     endpoints: list[Name] | None = Field(None, description="endpoints this key may call; null: all")
     expires_at: str | None = Field(None, description="ISO 8601 date or time; null: never")
     expires_in: Duration | None = Field(None, description="instead of expires_at: 30d, 12h, 15m or seconds")
-    rpm_limit: int | None = Field(None, ge=1, description="requests per minute")
-    tpm_limit: int | None = Field(None, ge=1, description="prompt + completion tokens per minute")
-    max_parallel_requests: int | None = Field(None, ge=1)
+    rpm_limit: int | None = Field(None, ge=1, le=INT64_MAX, description="requests per minute")
+    tpm_limit: int | None = Field(None, ge=1, le=INT64_MAX, description="prompt + completion tokens per minute")
+    max_parallel_requests: int | None = Field(None, ge=1, le=INT64_MAX)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -44,9 +44,9 @@ class KeyPatch(Model):
     endpoints: list[Name] | None = None
     expires_at: str | None = None
     expires_in: Duration | None = None
-    rpm_limit: int | None = Field(None, ge=1)
-    tpm_limit: int | None = Field(None, ge=1)
-    max_parallel_requests: int | None = Field(None, ge=1)
+    rpm_limit: int | None = Field(None, ge=1, le=INT64_MAX)
+    tpm_limit: int | None = Field(None, ge=1, le=INT64_MAX)
+    max_parallel_requests: int | None = Field(None, ge=1, le=INT64_MAX)
     metadata: dict[str, Any] | None = None
 
 
@@ -135,12 +135,15 @@ def _expiry(at: str | None, within: Duration | None, now: float, *, at_name: str
     if at is not None and within is not None:
         raise ApplianceError(f"give {at_name} or {within_name}, not both", status=422, code="invalid_expiry", param=within_name)
     if within is not None:
-        return iso(now + parse_duration(within, param=within_name))
-    if at is None:
+        param, moment = within_name, now + parse_duration(within, param=within_name)
+    elif at is None:
         return None
-    moment = parse_instant(at, param=at_name)
-    if moment <= now:
-        raise ApplianceError(f"{at_name} {at} is in the past", status=422, code="invalid_expiry", param=at_name)
+    else:
+        param, moment = at_name, parse_instant(at, param=at_name)
+        if moment <= now:
+            raise ApplianceError(f"{at_name} {at} is in the past", status=422, code="invalid_expiry", param=at_name)
+    if moment > LATEST:  # beyond what a date can hold
+        raise ApplianceError(f"{param}: the expiration time is too far in the future (after 9999-12-31)", status=422, code="invalid_expiry", param=param)
     return iso(moment)
 
 
@@ -284,6 +287,12 @@ async def revoke_token(request: web.Request) -> web.Response:
 # --- usage ------------------------------------------------------------------------------------------
 
 
+def _hour(moment: float) -> str:
+    # Usage hours lie between 1970 and 9999: an instant outside (1000000d ago, year 1 in a zone east of
+    # UTC) selects the same hours as that edge, and has no label of its own.
+    return hour_label(int(min(max(moment, 0.0), LATEST) // 3600))
+
+
 async def get_usage(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     now = services.clock()
@@ -293,8 +302,8 @@ async def get_usage(request: web.Request) -> web.Response:
     rows = await services.store.usage.query(
         key_id=request.query.get("key"),
         endpoint=request.query.get("endpoint"),
-        since=hour_label(int(parse_since(since, now, param="since") // 3600)),
-        until=hour_label(int(parse_instant(until, param="until") // 3600)) if until else None,
+        since=_hour(parse_since(since, now, param="since")),
+        until=_hour(parse_instant(until, param="until")) if until else None,
     )
     names = {r["id"]: r["name"] for r in await services.store.keys.list()} | {r["id"]: r["name"] for r in await services.store.accounts.list()}
     data = [UsageRow(**r, key_name=names.get(r["key_id"])) for r in rows]

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from appliance.api import access, admin, gateway, oauth, scaling, validate
+from appliance.api import access, admin, console, gateway, oauth, scaling, validate
 from appliance.api.gateway import GATEWAY, Gateway
 from appliance.api.http import BODY_TIMEOUT, MAX_BODY, TELEMETRY, Handler, Route, add_routes, error_middleware, error_response, json_response, request_id
 from appliance.api.openapi import build_openapi
@@ -100,6 +100,7 @@ def all_routes() -> list[Route]:
         *scaling.ROUTES,
         *access.ROUTES,
         *oauth.ROUTES,
+        *console.ROUTES,
     ]
 
 

@@ -116,9 +116,22 @@ def parse_json(raw: bytes) -> Any:
         except ValueError:
             pass  # the standard parser decides, and words the error
     try:
-        return json.loads(raw)
+        data = json.loads(raw, parse_constant=_not_json)
+        if b"\\ud" in raw.lower():  # an escaped surrogate: one left unpaired is no text at all
+            json.dumps(data, ensure_ascii=False).encode()
+        return data
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApplianceError(f"malformed JSON in request body: {exc}", status=400, code="invalid_json") from None
+    except UnicodeEncodeError:
+        raise ApplianceError("malformed JSON in request body: a \\u escape is an unpaired surrogate", status=400, code="invalid_json") from None
+    except ValueError as exc:
+        raise ApplianceError(f"malformed JSON in request body: {exc}", status=400, code="invalid_json") from None
+    except RecursionError:
+        raise ApplianceError("malformed JSON in request body: nested too deeply", status=400, code="invalid_json") from None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 async def read_json(request: web.Request) -> Any:

@@ -9,16 +9,21 @@ import hmac
 import json
 import secrets
 import urllib.parse
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
-from pydantic import Field
+from pydantic import BaseModel, Field
+from pydantic.json_schema import SkipJsonSchema
 
-from appliance.api.http import Query, Route, json_response, page, read_model
+from appliance.api.http import MAX_BODY, Query, Route, json_response, page, read_model
 from appliance.api.services import SERVICES
 from appliance.api.views import Deleted, View
 from appliance.domain.specs import Model
 from appliance.security.auth import ADMIN, ROLES, hash_key
+
+if TYPE_CHECKING:
+    from aiohttp.web_request import FileField
+    from multidict import MultiDictProxy
 
 PREFIX = "/api/v1"
 Role = Literal["viewer", "user", "admin"]
@@ -66,6 +71,17 @@ class TokenResponse(View):
     token_type: Literal["Bearer"] = "Bearer"
     expires_in: int
     scope: str
+
+
+class TokenRequest(BaseModel):
+    """The token endpoint's form (RFC 6749 §4.4.2). The client authenticates with HTTP Basic, or with
+    client_id and client_secret here; unknown parameters are ignored, as §3.2 asks."""
+
+    grant_type: Literal["client_credentials"]
+    # A form field is there or not: no null in the document.
+    scope: str | SkipJsonSchema[None] = Field(None, description="space-separated scopes; default: those of the account's role")
+    client_id: str | SkipJsonSchema[None] = None
+    client_secret: str | SkipJsonSchema[None] = None
 
 
 class OAuthErrorBody(View):
@@ -190,6 +206,16 @@ def _basic_credentials(header: str) -> tuple[str, str]:
     return urllib.parse.unquote_plus(client_id), urllib.parse.unquote_plus(secret)
 
 
+async def _form(request: web.Request) -> MultiDictProxy[str | bytes | FileField]:
+    """The form, or an RFC 6749 error: this endpoint's every answer is one."""
+    try:
+        return await request.post()
+    except web.HTTPRequestEntityTooLarge:
+        raise _OAuthError(413, "invalid_request", f"the form is larger than the limit of {request.app[MAX_BODY]} bytes (server.max_body_bytes)") from None
+    except (UnicodeDecodeError, LookupError):  # bytes that are not text in the charset, or a charset Python does not know
+        raise _OAuthError(400, "invalid_request", f"the form is not text in its charset ({request.charset or 'utf-8'})") from None
+
+
 async def token(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     if not services.readiness.ready:
@@ -197,7 +223,7 @@ async def token(request: web.Request) -> web.Response:
     try:
         if not request.content_type == "application/x-www-form-urlencoded":
             raise _OAuthError(400, "invalid_request", "send the parameters as application/x-www-form-urlencoded")
-        form = await request.post()
+        form = await _form(request)
         fields = {k: form.getall(k) for k in form.keys()}
         for name, values in fields.items():
             if len(values) > 1:
@@ -217,7 +243,8 @@ async def token(request: web.Request) -> web.Response:
             raise _OAuthError(400, "invalid_request", "grant_type is required")
         if grant != "client_credentials":
             raise _OAuthError(400, "unsupported_grant_type", f"grant_type {grant!r} is not supported; use client_credentials")
-        account = services.auth.account_by_client_id(client_id)
+        # Client ids are ASCII, and the constant-time comparison refuses non-ASCII strings with a TypeError.
+        account = services.auth.account_by_client_id(client_id) if client_id.isascii() else None
         if account is None or not hmac.compare_digest(account.secret_hash, hash_key(secret)):
             services.accounting.auth_failure("invalid_client", request, client_id[:9])
             raise _OAuthError(401, "invalid_client", "unknown client or wrong secret", basic=bool(header))
@@ -252,5 +279,5 @@ ROUTES = [
     Route("POST", f"{PREFIX}/oauth/rotate-key", rotate_signing_key, "New access-token signing key: every earlier token is void",
           response=Rotated, scope=ADMIN, tags=("oauth",)),
     Route("POST", "/oauth/token", token, "OAuth2 client-credentials grant (RFC 6749 §4.4): form body, HTTP Basic client auth",
-          response=TokenResponse, error=OAuthErrorBody, auth=False, tags=("oauth",)),
+          body=TokenRequest, response=TokenResponse, error=OAuthErrorBody, auth=False, tags=("oauth",)),
 ]

@@ -26,6 +26,7 @@ HOP_BY_HOP = frozenset(
 )
 # The appliance's credentials stay here; the request id is set by the gateway (the client's, or a new one).
 _NOT_TO_WORKER = HOP_BY_HOP | {"authorization", "cookie", "x-request-id"}
+_CONTAINED = {"X-Content-Type-Options": "nosniff"}  # a worker's answer is taken for the type it states
 _BUFFER_LIMIT = 1 << 20  # a non-streamed answer up to this size is sent in one piece (and its usage read)
 
 
@@ -251,6 +252,11 @@ async def forward(
         if extra_headers:
             out_headers.update(extra_headers)
         ctype = upstream.headers.get("Content-Type", "")
+        out_headers.update(_CONTAINED)
+        if "html" in ctype or "xml" in ctype:
+            # A worker's page (an engine's /docs, a custom server) is served from the console's origin:
+            # sandboxed, its scripts cannot use a logged-in operator's session cookie.
+            out_headers["Content-Security-Policy"] = "sandbox"
         length = upstream.content_length
         if "text/event-stream" not in ctype and length is not None and length <= _BUFFER_LIMIT:
             try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from appliance.api.http import Query, Route, endpoint_name, int_query, json_response, read_model
 from appliance.api.services import SERVICES
@@ -19,6 +19,8 @@ _FIELDS = tuple(RuleSpec.model_fields)
 
 
 class RuleView(RuleSpec):
+    model_config = ConfigDict(allow_inf_nan=True)  # a rule stored before numbers had to be finite still shows
+
     id: str
     endpoint: str
     created_at: str

@@ -17,7 +17,8 @@ class View(BaseModel):
 
 
 class EndpointView(EndpointConfig):
-    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+    # Stored rows are shown as they are: one written before numbers had to be finite must not make a 500.
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True, allow_inf_nan=True)
 
     status: EndpointStatus
     status_message: str = ""
@@ -72,6 +73,7 @@ class ErrorBody(View):
     code: str
     source: Literal["appliance", "worker"]
     problems: list[str] | None = None
+    request_id: str | None = Field(None, description="X-Request-ID of the request, to find it in the appliance's log")
 
 
 class ErrorResponse(View):

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from appliance.domain.specs import Model
+from appliance.domain.specs import INT64_MAX, MAX_REPLICAS, Model
 
 Comparator = Literal["LESS_THAN", "LESS_THAN_OR_EQUAL", "GREATER_THAN", "GREATER_THAN_OR_EQUAL"]
 Source = Literal["gpu", "kernel", "inference", "gateway", "inference_framework", "prometheus"]
@@ -136,9 +136,9 @@ class RuleSpec(Model):
     metric_name: str = Field(min_length=1, description="e.g. cpu_util, mem, gpu_util, vllm:num_requests_waiting or vllm_num_requests_waiting, latency_p95")
     comparator: ComparatorName
     threshold: Threshold = Field(description="a number, or a numeric string as Backend.AI takes it")
-    step_size: int = Field(description="replicas added (positive) or removed (negative) when the rule fires")
-    min_replicas: int | None = Field(None, ge=0, description="lower bound; default the endpoint's min_replicas")
-    max_replicas: int | None = Field(None, ge=0, description="upper bound; default the endpoint's max_replicas")
+    step_size: int = Field(ge=-INT64_MAX, le=INT64_MAX, description="replicas added (positive) or removed (negative) when the rule fires")
+    min_replicas: int | None = Field(None, ge=0, le=INT64_MAX, description="lower bound; default the endpoint's min_replicas")
+    max_replicas: int | None = Field(None, ge=0, le=INT64_MAX, description=f"upper bound; default the endpoint's max_replicas; at most {MAX_REPLICAS} acts")
     cooldown_seconds: float = Field(300.0, ge=0, description="after the rule fired (appliance policy: or the endpoint scaled the same way), wait this long")
     window_seconds: float = Field(30.0, gt=0, description="the metric is averaged over this many seconds")
     enabled: bool = True
@@ -261,9 +261,10 @@ def fires(comparator: str, value: float, threshold: float) -> bool:
 
 
 def bounds(rule: Rule, state: ScaleState) -> tuple[int, int, str]:
-    """The rule's [low, high], each its own or else the endpoint's, and words saying whose."""
-    low = state.min_replicas if rule.min_replicas is None else rule.min_replicas
-    high = state.max_replicas if rule.max_replicas is None else rule.max_replicas
+    """The rule's [low, high], each its own or else the endpoint's, and words saying whose. A rule's own
+    bound may be any number (Backend.AI users write a large one for "no limit"); no more than MAX_REPLICAS acts."""
+    low = min(state.min_replicas if rule.min_replicas is None else rule.min_replicas, MAX_REPLICAS)
+    high = min(state.max_replicas if rule.max_replicas is None else rule.max_replicas, MAX_REPLICAS)
     own = (rule.min_replicas is not None, rule.max_replicas is not None)
     whose = {(True, True): "the rule's", (False, False): "the endpoint's"}.get(own, "the rule's and the endpoint's")
     return low, high, whose

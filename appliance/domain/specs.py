@@ -20,6 +20,10 @@ Runtime = Literal["custom", "vllm", "sglang", "nim", "huggingface-tgi", "modular
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
+INT64_MAX = (1 << 63) - 1  # SQLite's largest INTEGER: a stored number beyond it cannot be written
+# Replicas one endpoint may ask for: each is a process tree with its own port, log and work directory
+# on this one box, and a larger count would only exhaust file descriptors before it exhausted GPUs.
+MAX_REPLICAS = 256
 
 
 def parse_bytes(value: Any) -> int:
@@ -27,14 +31,16 @@ def parse_bytes(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("must be a size such as 8gb or 512mb")
     if isinstance(value, int):
-        if value < 0:
-            raise ValueError("must not be negative")
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    raise ValueError(f"must be a size such as 8gb or 512mb (got {value!r})")
+        size = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        size = float(m.group(1)) * _UNITS[m.group(2).lower()]  # inf for a number too long for a float
+    else:
+        raise ValueError(f"must be a size such as 8gb or 512mb (got {value!r})")
+    if size < 0:
+        raise ValueError("must not be negative")
+    if size > INT64_MAX:
+        raise ValueError(f"must be at most {INT64_MAX} bytes (got {value!r})")
+    return int(size)
 
 
 def check_name(value: str) -> str:
@@ -56,9 +62,10 @@ Environ = Annotated[dict[str, str], BeforeValidator(_scalar_to_str)]
 
 
 class Model(BaseModel):
-    """Base for every validated structure: strict types, unknown keys rejected, immutable."""
+    """Base for every validated structure: strict types, unknown keys rejected, immutable. Numbers are
+    finite: JSON has no infinity or NaN, so such a value could never be shown back as it was given."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class HealthCheck(Model):
@@ -66,7 +73,7 @@ class HealthCheck(Model):
 
     path: str | None = Field(description="HTTP path probed with GET (redirects followed), e.g. /health; null: healthy once the port accepts TCP connections")
     interval: float = Field(10.0, ge=0, description="seconds between probes")
-    max_retries: int = Field(10, ge=1, description="consecutive failures tolerated; the next one marks the replica UNHEALTHY")
+    max_retries: int = Field(10, ge=1, le=INT64_MAX, description="consecutive failures tolerated; the next one marks the replica UNHEALTHY")
     max_wait_time: float = Field(15.0, gt=0, description="total timeout of one probe, seconds")
     expected_status_code: int = Field(200, ge=100, le=599)
     initial_delay: float = Field(60.0, ge=0, description="seconds after spawn during which failures do not count")
@@ -109,9 +116,9 @@ class EndpointSpec(Model):
     definition_file: str | None = Field(None, min_length=1, description="model definition file in the folder; default model-definition.yml, then .yaml")
     served_model_name: str | None = Field(None, min_length=1, description="name the worker expects in `model`; default per runtime")
     aliases: list[Name] = Field(default_factory=list, description="other model names routed to this endpoint")
-    replicas: int = Field(1, ge=0, description="desired replicas")
-    min_replicas: int | None = Field(None, ge=0, description="lower bound of autoscaling rules that state none; default: replicas")
-    max_replicas: int | None = Field(None, ge=0, description="upper bound of autoscaling rules that state none; default: replicas")
+    replicas: int = Field(1, ge=0, le=MAX_REPLICAS, description="desired replicas")
+    min_replicas: int | None = Field(None, ge=0, le=MAX_REPLICAS, description="lower bound of autoscaling rules that state none; default: replicas")
+    max_replicas: int | None = Field(None, ge=0, le=MAX_REPLICAS, description="upper bound of autoscaling rules that state none; default: replicas")
     resources: Resources | None = Field(None, description="per replica; default from service-definition.toml")
     environ: Environ = Field(default_factory=dict, description="environment for the worker; merged over service-definition.toml's")
     secret_environ: Environ = Field(

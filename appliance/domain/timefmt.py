@@ -24,7 +24,7 @@ def parse_duration(text: str | float, *, param: str) -> float:
     if isinstance(text, bool):
         raise ApplianceError(f"{param}: a duration like 30d, 12h, 15m or seconds is required", status=422, code="invalid_duration", param=param)
     if isinstance(text, (int, float)):
-        seconds = float(text)
+        seconds = _to_float(text)
     else:
         match = _DURATION.match(text)
         if not match:
@@ -33,6 +33,8 @@ def parse_duration(text: str | float, *, param: str) -> float:
                 status=422, code="invalid_duration", param=param,
             )
         seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if math.isnan(seconds):
+        raise ApplianceError(f"{param}: {text!r} is not a duration", status=422, code="invalid_duration", param=param)
     if seconds <= 0:
         raise ApplianceError(f"{param}: a duration must be positive", status=422, code="invalid_duration", param=param)
     return seconds

@@ -1,10 +1,11 @@
-"""Who is calling: API keys, endpoint tokens and service-account access tokens, checked in one place.
+"""Who is calling: API keys, endpoint tokens, access tokens and console sessions, checked in one place.
 
 Keys (`ak-…`) and endpoint tokens (`et-…`) are 32 random bytes; only their sha256 is stored.
 Every active, expired or revoked key is held in memory by hash, so the check on the hot path is
 one hash and one dict lookup, and an API change (revoke, patch) updates that map before it
 answers. Access tokens are JWTs signed with the key in state_dir/jwt.key; the account they name
-is looked up on every call, so disabling it rejects its tokens at once.
+is looked up on every call, so disabling it rejects its tokens at once. A console session stands
+for the key it was opened with (security/sessions.py), checked on every use as the key itself is.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sqlite_utils import Database
 
 from appliance.domain.limits import Limits
 from appliance.errors import ApplianceError
+from appliance.security.sessions import Sessions, credential, csrf_refusal, missing_credential, session_id, unauthorized
 from appliance.store import Clock, Store, dumps, iso, parse_iso
 
 log = logging.getLogger(__name__)
@@ -211,44 +213,18 @@ class TokenSigner:
         return claims
 
 
-def credential(request: web.Request) -> str | None:
-    """The credential of `Authorization: Bearer <key>` or Backend.AI's `Authorization: BackendAI <token>`."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() in ("bearer", "backendai") and value.strip():
-        return value.strip()
-    return None
-
-
 FailureHook = Callable[[str, web.Request, str | None], None]
-
-
-def _missing(request: web.Request) -> ApplianceError:
-    """No usable credential: say precisely what was wrong with what was sent."""
-    scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
-    if not scheme:
-        sent_elsewhere = "x-api-key" in request.headers or "api-key" in request.headers
-        message = "the key was sent in an x-api-key header, which is not read" if sent_elsewhere else "missing API key"
-    elif not value.strip():
-        no_key = scheme.lower() in ("bearer", "backendai")
-        message = f"the Authorization header has the {scheme} scheme but no key" if no_key else "the Authorization header holds a bare value: put `Bearer ` before the key"
-    else:
-        message = f"the Authorization scheme {scheme!r} is not accepted (Backend.AI's `BackendAI <token>` is)"
-    return ApplianceError(f"{message}: send `Authorization: Bearer <key>`", status=401, code="missing_api_key", headers={"WWW-Authenticate": 'Bearer realm="appliance"'})
-
-
-def _unauthorized(message: str, code: str) -> ApplianceError:
-    return ApplianceError(message, status=401, code=code, headers={"WWW-Authenticate": 'Bearer realm="appliance", error="invalid_token"'})
 
 
 class Authenticator:
     """The one check every protected route calls, over an in-memory copy of keys and accounts."""
 
-    def __init__(self, store: Store, clock: Clock, signer: TokenSigner, on_failure: FailureHook | None = None) -> None:
+    def __init__(self, store: Store, clock: Clock, signer: TokenSigner, on_failure: FailureHook | None = None, sessions: Sessions | None = None) -> None:
         self._store = store
         self._clock = clock
         self.signer = signer
         self.on_failure = on_failure
+        self.sessions = sessions or Sessions(clock)
         self._by_hash: dict[str, Principal] = {}
         self._hash_of: dict[str, str] = {}
         self._accounts: dict[str, Account] = {}
@@ -299,7 +275,7 @@ class Authenticator:
 
     def account_by_client_id(self, client_id: str) -> Account | None:
         for account in self._accounts.values():
-            if hmac.compare_digest(account.client_id, client_id):
+            if hmac.compare_digest(account.client_id.encode(), client_id.encode()):  # any text, not only ASCII
                 return account
         return None
 
@@ -322,23 +298,45 @@ class Authenticator:
         return err
 
     async def identify(self, request: web.Request, *, record: bool = True) -> Principal:
-        """The caller behind the request's credential, or a 401 (recorded in events unless `record` is false)."""
+        """The caller behind the Authorization header, else a console session cookie, or a 401 (recorded in events unless `record` is false)."""
         token = credential(request)
         if token is None:
-            raise self._fail(request, None, _missing(request), record)
+            sid = session_id(request)
+            if sid is not None:
+                return self._from_session(request, sid, record)
+            raise self._fail(request, None, missing_credential(request), record)
         if token.startswith("eyJ") and token.count(".") == 2:
             return self._from_jwt(request, token, record)
+        return await self.check_key(request, token, record=record)
+
+    async def check_key(self, request: web.Request, token: str, *, record: bool = True) -> Principal:
+        """The key or endpoint token `token`, wherever the request carried it (the console's login sends it in the body)."""
         digest = hash_key(token)
         principal = self._by_hash.get(digest)
         if principal is None:
             await self._check_for_new_keys()
             principal = self._by_hash.get(digest)
         if principal is None:
-            raise self._fail(request, token, _unauthorized("invalid API key", "invalid_api_key"), record)
+            raise self._fail(request, token, unauthorized("invalid API key", "invalid_api_key"), record)
         if principal.revoked:
-            raise self._fail(request, token, _unauthorized(f"this {_what(principal)} was revoked", "revoked_api_key"), record)
+            raise self._fail(request, token, unauthorized(f"this {_what(principal)} was revoked", "revoked_api_key"), record)
         if principal.expires_at is not None and self._clock() >= principal.expires_at:
-            raise self._fail(request, token, _unauthorized(f"this {_what(principal)} expired at {iso(principal.expires_at)}", "expired_api_key"), record)
+            raise self._fail(request, token, unauthorized(f"this {_what(principal)} expired at {iso(principal.expires_at)}", "expired_api_key"), record)
+        return principal
+
+    def _from_session(self, request: web.Request, sid: str, record: bool) -> Principal:
+        """The key a console session was opened with, as it is now; state changes need the session's CSRF token."""
+        session = self.sessions.use(sid)
+        if session is None:
+            raise self._fail(request, None, unauthorized("the console session has ended (logged out or unused too long): log in again", "session_expired"), record)
+        principal = self._by_hash.get(self._hash_of.get(session.key_id, ""))
+        if principal is None or principal.revoked or (principal.expires_at is not None and self._clock() >= principal.expires_at):
+            self.sessions.close_key(session.key_id)
+            ended = "expired" if principal is not None and not principal.revoked else "revoked"
+            raise self._fail(request, None, unauthorized(f"the key of this console session was {ended}: log in again", f"{ended}_api_key"), record)
+        refusal = csrf_refusal(request, session)
+        if refusal is not None:
+            raise self._fail(request, None, refusal, record)
         return principal
 
     def _from_jwt(self, request: web.Request, token: str, record: bool) -> Principal:
@@ -348,16 +346,16 @@ class Authenticator:
             try:
                 claims = self.signer.verify(token, now)
             except ApplianceError as err:
-                raise self._fail(request, token, _unauthorized(err.message, err.code), record) from None
+                raise self._fail(request, token, unauthorized(err.message, err.code), record) from None
             if len(self._jwt_cache) >= _JWT_CACHE_MAX:
                 self._jwt_cache.clear()
             cached = (str(claims["sa"]), frozenset(str(claims.get("scope", "")).split()), float(claims["exp"]))
             self._jwt_cache[token] = cached
         account = self._accounts.get(cached[0])
         if account is None:
-            raise self._fail(request, token, _unauthorized("the service account of this token no longer exists", "unknown_account"), record)
+            raise self._fail(request, token, unauthorized("the service account of this token no longer exists", "unknown_account"), record)
         if account.disabled:
-            raise self._fail(request, token, _unauthorized(f"service account {account.name} is disabled", "account_disabled"), record)
+            raise self._fail(request, token, unauthorized(f"service account {account.name} is disabled", "account_disabled"), record)
         scopes = cached[1] & ROLES[account.role] if ADMIN not in ROLES[account.role] else cached[1]
         return Principal(id=account.id, name=account.name, kind="service_account", scopes=scopes, expires_at=cached[2])
 
