@@ -106,12 +106,18 @@ def _show_endpoint(ep: dict[str, Any]) -> None:
         print(f"{key.ljust(width)}  {value}")
 
 
-def cmd_endpoint_create(args: argparse.Namespace) -> int:
+def named_spec(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """A whole endpoint spec from -f, flags and the NAME argument (create, validate)."""
     body = spec_fields(args)
     if args.name:
         body["name"] = args.name
     if "name" not in body:
-        raise ApplianceError("endpoint create needs a NAME (or name in the -f file)", code="usage")
+        raise ApplianceError(f"endpoint {command} needs a NAME (or name in the -f file)", code="usage")
+    return body
+
+
+def cmd_endpoint_create(args: argparse.Namespace) -> int:
+    body = named_spec(args, "create")
     ep = admin_client(args).request("POST", "/api/v1/endpoints", body)
     return emit(args, ep, lambda e: print(f"created endpoint {e['name']} ({e['runtime']}, {e['replicas']} replica(s)): {e['status']}"))
 

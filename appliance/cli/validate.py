@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from appliance.cli.endpoint import endpoint_flags, spec_fields
+from appliance.cli.endpoint import endpoint_flags, named_spec
 from appliance.cli.options import SharedOptions, Subcommands, admin_client
 from appliance.errors import ApplianceError
 
@@ -35,11 +35,7 @@ def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def cmd_endpoint_validate(args: argparse.Namespace) -> int:
-    body = spec_fields(args)
-    if args.name:
-        body["name"] = args.name
-    if "name" not in body:
-        raise ApplianceError("endpoint validate needs a NAME (or name in the -f file)", code="usage")
+    body = named_spec(args, "validate")
     client = admin_client(args)
     events: queue.Queue[tuple[str, dict[str, Any]] | BaseException | None] = queue.Queue()
 

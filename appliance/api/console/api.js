@@ -67,15 +67,22 @@ export async function call(method, path, body) {
 
 export const get = (path) => call('GET', path);
 
-// Server-sent events from a streamed body: calls onEvent(eventName, data) for each event.
-export async function readEvents(resp, onEvent) {
+// The text of a streamed body, piece by piece as it arrives.
+async function readText(resp, onText) {
   const reader = resp.body.getReader();
   const decoder = new TextDecoder();
-  let buffer = '';
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, { stream: true }).replace(/\r\n/g, '\n');
+    if (done) return;
+    onText(decoder.decode(value, { stream: true }));
+  }
+}
+
+// Server-sent events from a streamed body: calls onEvent(eventName, data) for each event.
+export async function readEvents(resp, onEvent) {
+  let buffer = '';
+  await readText(resp, (text) => {
+    buffer += text.replace(/\r\n/g, '\n');
     let cut;
     while ((cut = buffer.indexOf('\n\n')) >= 0) {
       const block = buffer.slice(0, cut);
@@ -88,21 +95,17 @@ export async function readEvents(resp, onEvent) {
       }
       if (data.length) onEvent(event, data.join('\n'));
     }
-  }
+  });
 }
 
 // Text lines from a streamed body (a followed log): calls onLine(line) for each complete line.
 export async function readLines(resp, onLine) {
-  const reader = resp.body.getReader();
-  const decoder = new TextDecoder();
   let buffer = '';
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, { stream: true });
+  await readText(resp, (text) => {
+    buffer += text;
     const lines = buffer.split('\n');
     buffer = lines.pop();
     for (const line of lines) onLine(line);
-  }
+  });
   if (buffer) onLine(buffer);
 }
