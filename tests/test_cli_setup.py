@@ -89,3 +89,15 @@ def test_doctor_reports_the_box_with_fixes(tmp_path: Path) -> None:
     assert result.returncode == (1 if any(c["status"] == "problem" for c in report["checks"]) else 0)
     human = run_cli("doctor", config=_gpu_config(tmp_path, "{ gpus = 1 }"))
     assert "engines:" in human.stdout and "worker ports:" in human.stdout
+
+
+def test_create_with_wait_follows_the_endpoint_to_its_verdict(server_factory: Any, tmp_path: Path) -> None:
+    from test_supervisor import fake_folder
+
+    config = server_config(tmp_path, "")
+    server_factory(config).start()
+    good = run_cli("endpoint", "create", "ok", "--model-folder", str(fake_folder(tmp_path, "ok")), "--wait", config=config)
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.splitlines()[-1].startswith("HEALTHY: ")
+    bad = run_cli("endpoint", "create", "bad", "--model-folder", str(fake_folder(tmp_path, "bad", "--refuse-to-start")), "--wait", config=config)
+    assert bad.returncode == 1 and "\nERROR: replica bad-" in bad.stdout, bad.stdout

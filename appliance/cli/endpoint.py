@@ -7,11 +7,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from appliance.cli.options import SharedOptions, Subcommands, admin_client, parse_kv
-from appliance.cli.output import emit, print_table
+from appliance.cli.output import Spinner, emit, print_table
 from appliance.config import absolute, read_toml
 from appliance.errors import ApplianceError
 
@@ -118,8 +120,32 @@ def named_spec(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 def cmd_endpoint_create(args: argparse.Namespace) -> int:
     body = named_spec(args, "create")
-    ep = admin_client(args).request("POST", "/api/v1/endpoints", body)
-    return emit(args, ep, lambda e: print(f"created endpoint {e['name']} ({e['runtime']}, {e['replicas']} replica(s)): {e['status']}"))
+    client = admin_client(args)
+    ep = client.request("POST", "/api/v1/endpoints", body)
+    emit(args, ep, lambda e: print(f"created endpoint {e['name']} ({e['runtime']}, {e['replicas']} replica(s)): {e['status']}"))
+    return wait_until_served(client, ep["name"], args.wait_timeout, quiet=args.json) if args.wait else 0
+
+
+def wait_until_served(client: Any, name: str, timeout: float, *, quiet: bool) -> int:
+    """Follow an endpoint until HEALTHY (0) or ERROR (1), printing each status it passes through."""
+    spinner, seen = Spinner(not quiet), None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ep = client.request("GET", f"/api/v1/endpoints/{name}")
+        status = (ep["status"], ep["status_message"])
+        if status != seen:
+            spinner.clear()
+            if not quiet:
+                print(f"{ep['status']}: {ep['status_message']}", flush=True)
+            seen = status
+        if ep["status"] in ("HEALTHY", "ERROR"):
+            spinner.clear()
+            return 0 if ep["status"] == "HEALTHY" else 1
+        spinner.tick(f"waiting for {name}: {ep['status']}")
+        threading.Event().wait(0.5)
+    spinner.clear()
+    raise ApplianceError(f"endpoint {name} was not HEALTHY after {timeout:g} s (it goes on starting; see `appliance endpoint replicas {name}`)",
+                         code="timeout")
 
 
 def cmd_endpoint_update(args: argparse.Namespace) -> int:
@@ -235,6 +261,8 @@ def register(sub: Subcommands, shared: SharedOptions) -> Subcommands:
     c = ep.add_parser("create", parents=[shared.client], help="create an endpoint")
     c.add_argument("name", nargs="?")
     endpoint_flags(c)
+    c.add_argument("--wait", action="store_true", help="follow the endpoint until it is HEALTHY (exit 0) or in ERROR (exit 1)")
+    c.add_argument("--wait-timeout", type=float, default=900.0, metavar="SECONDS", help="give up waiting after this long (default 900)")
     c.set_defaults(func=cmd_endpoint_create)
     u = ep.add_parser("update", parents=[shared.client], help="change an endpoint")
     u.add_argument("name")

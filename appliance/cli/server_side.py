@@ -65,7 +65,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     state = Path(args.state_dir).resolve()
     folder = state / "models" / "demo"
     if not is_current_demo_model(folder):
+        print(f"demo: writing the demo model (config, tokenizer, random weights) to {folder} ...", end=" ", flush=True)
+        started = time.monotonic()
         write_demo_model(folder, seed=0, overwrite=True)
+        print(f"done ({time.monotonic() - started:.1f} s)", flush=True)
     path = write_demo_config(state, folder, port=args.port, engine=args.engine)
     key = state / "admin.key"
     url = f"http://127.0.0.1:{args.port}"

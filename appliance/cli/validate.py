@@ -4,20 +4,17 @@ states and log printed as they happen (a spinner while nothing does), then the v
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import queue
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 from appliance.cli.endpoint import endpoint_flags, named_spec
 from appliance.cli.options import SharedOptions, Subcommands, admin_client
+from appliance.cli.output import Spinner
 from appliance.errors import ApplianceError
-
-_SPIN = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -48,18 +45,16 @@ def cmd_endpoint_validate(args: argparse.Namespace) -> int:
             events.put(exc)
 
     threading.Thread(target=read, daemon=True).start()
-    spinner = sys.stderr.isatty() and not args.json
-    started, state, spin = time.monotonic(), "submitting", itertools.cycle(_SPIN)
+    spinner = Spinner(not args.json)
+    state = "submitting"
     verdict: dict[str, Any] | None = None
     while True:
         try:
             item = events.get(timeout=0.1)
         except queue.Empty:
-            if spinner:
-                print(f"\r{next(spin)} {state} ({time.monotonic() - started:.0f} s)", end="", file=sys.stderr, flush=True)
+            spinner.tick(state)
             continue
-        if spinner:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
+        spinner.clear()
         if item is None:
             break
         if isinstance(item, BaseException):
