@@ -80,6 +80,12 @@ async def read_body(request: web.Request) -> bytes:
     too_large = ApplianceError(f"request body is larger than the limit of {limit} bytes (server.max_body_bytes)", status=413, code="body_too_large")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
+    content = request.content
+    if content.is_eof():  # the whole body came with the head (most requests): nothing to wait for, no timer
+        body = content.read_nowait(-1)
+        if len(body) > limit:
+            raise too_large
+        return body
     idle = request.app[BODY_TIMEOUT]
     chunks: list[bytes] = []
     size = 0
