@@ -9,6 +9,7 @@ import logging
 import os
 import resource
 import signal
+from pathlib import Path
 
 from aiohttp import web
 
@@ -87,21 +88,22 @@ def _raise_open_files_limit() -> None:
             log.warning("could not raise the open files limit from %d: %s", soft, exc)
 
 
-def _lock_state_dir(config: Config) -> int:
+def lock_state_dir(state_dir: Path) -> int:
     """One appliance per state dir: a second one would share its database and, at start, end the first
-    one's workers as leftovers of a crashed run."""
-    fd = os.open(config.server.state_dir / "server.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    one's workers as leftovers of a crashed run. Returns the held lock (a descriptor)."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state_dir / "server.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         try:
-            running = json.loads(config.server_file.read_text())
+            running = json.loads((state_dir / "server.json").read_text())  # Config.server_file, of a config not read yet
             who = f" (pid {running['pid']}, {running['url']})"
         except (OSError, ValueError, KeyError):
             who = ""
         raise ApplianceError(
-            f"another appliance is already running with state_dir {config.server.state_dir}{who}: stop it first, "
+            f"another appliance is already running with state_dir {state_dir}{who}: stop it first, "
             "or give this one a state_dir of its own", code="already_running",
         ) from None
     return fd
@@ -114,7 +116,7 @@ def serve(config: Config) -> int:
     os.umask(0o027)
     _raise_open_files_limit()
     config.server.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lock = _lock_state_dir(config)
+    lock = lock_state_dir(config.server.state_dir)
     try:
         try:
             import uvloop

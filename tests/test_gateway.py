@@ -336,3 +336,12 @@ async def test_worker_pages_are_sandboxed_from_the_consoles_origin(admin: Admin,
     assert page.headers["X-Content-Type-Options"] == "nosniff"
     api = await admin.client.get("/endpoints/chat/v1/models", headers=admin.headers)
     assert api.headers["X-Content-Type-Options"] == "nosniff" and "Content-Security-Policy" not in api.headers
+
+
+def test_a_served_name_the_worker_extends_is_renamed_too() -> None:
+    from appliance.api.proxy import rename
+
+    to_demo = rename("/srv/models/demo", "demo")  # transformers serve answers with <path>@<revision>
+    assert to_demo(b'{"id":"1","model":"/srv/models/demo@main","object":"chat.completion"}') == b'{"id":"1","model":"demo","object":"chat.completion"}'
+    assert to_demo(b'data: {"model": "/srv/models/demo", "choices": []}\n\n') == b'data: {"model": "demo", "choices": []}\n\n'
+    assert to_demo(b'{"model":"/srv/models/demo-2"}') == b'{"model":"/srv/models/demo-2"}'  # another model is left alone

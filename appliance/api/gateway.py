@@ -24,6 +24,7 @@ from yarl import URL
 from appliance.api.callers import authorize, caller, check_route, lookup, refuse_unless_public
 from appliance.api.http import Route, parse_json, read_body, request_id
 from appliance.api.proxy import Outcome, Rename, UpstreamUnreachable, forward, make_session, worker_headers
+from appliance.api.proxy import rename as renamed
 from appliance.api.services import SERVICES, Services
 from appliance.control.telemetry import Telemetry
 from appliance.domain.limits import retry_after_header
@@ -310,7 +311,7 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
     elif config.routing == "prefix":
         session_key = prefix_key(data, config.prefix_length)
     # The answer names the model as the client did, not as the worker knows it (a folder path, a definition's name).
-    rename = Rename(config.served_model_name, model) if model != config.served_model_name else None
+    rename = renamed(config.served_model_name, model) if model != config.served_model_name else None
     return await request.app[GATEWAY].proxy(
         request, name, config, request.raw_path, body, session_key, principal, drop_usage_event=drop_usage_event, rename=rename
     )

@@ -4,6 +4,7 @@ for streams, and a request is retried on another replica only if no byte has rea
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
@@ -49,21 +50,27 @@ class Outcome:
 
 
 class Rename:
-    """The `model` a worker writes in its answers, replaced by the name the client asked for."""
+    """The `model` a worker writes in its answers, replaced by the name the client asked for. Workers
+    may add to the name they were given (`transformers serve` answers with `<path>@main`)."""
 
-    __slots__ = ("pairs", "probe")
+    __slots__ = ("pattern", "probe", "replacement")
 
     def __init__(self, served: str, asked: str) -> None:
-        old, new = json.dumps(served).encode(), json.dumps(asked).encode()
-        self.probe = old
-        self.pairs = [(b'"model":' + old, b'"model":' + new), (b'"model": ' + old, b'"model": ' + new)]
+        old = json.dumps(served).encode()
+        self.probe = old[1:-1]  # the name without its quotes: one substring test for the common chunk
+        self.pattern = re.compile(rb'("model":\s*)' + re.escape(old[:-1]) + rb'(?:@[^"\\]*)?"')
+        self.replacement = rb"\g<1>" + json.dumps(asked).encode().replace(b"\\", b"\\\\")
 
     def __call__(self, data: bytes) -> bytes:
-        if self.probe not in data:  # one substring test for the common chunk
+        if self.probe not in data:
             return data
-        for old, new in self.pairs:
-            data = data.replace(old, new)
-        return data
+        return self.pattern.sub(self.replacement, data)
+
+
+@functools.lru_cache(maxsize=256)
+def rename(served: str, asked: str) -> Rename:
+    """One compiled Rename per (served, asked) pair: requests of an endpoint reuse it."""
+    return Rename(served, asked)
 
 
 class UpstreamUnreachable(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -60,9 +61,10 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from appliance.demo_model import is_current_demo_model, write_demo_config, write_demo_model
-    from appliance.server import serve
+    from appliance.server import lock_state_dir, serve
 
     state = Path(args.state_dir).resolve()
+    os.close(lock_state_dir(state))  # a demo already running here: say so before writing or printing anything
     folder = state / "models" / "demo"
     if not is_current_demo_model(folder):
         print(f"demo: writing the demo model (config, tokenizer, random weights) to {folder} ...", end=" ", flush=True)
