@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -60,7 +61,7 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from appliance.demo_model import is_current_demo_model, write_demo_config, write_demo_model
+    from appliance.demo_model import is_current_demo_model, write_demo_config
     from appliance.server import lock_state_dir, serve
 
     state = Path(args.state_dir).resolve()
@@ -69,7 +70,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not is_current_demo_model(folder):
         print(f"demo: writing the demo model (config, tokenizer, random weights) to {folder} ...", end=" ", flush=True)
         started = time.monotonic()
-        write_demo_model(folder, seed=0, overwrite=True)
+        # In a process of its own: the server that follows never loads torch (less memory, a quiet exit).
+        made = subprocess.run([sys.executable, "-m", "appliance", "demo-model", str(folder), "--force"], capture_output=True, text=True, check=False)
+        if made.returncode != 0:
+            raise ApplianceError(f"could not write the demo model: {made.stderr.strip()[-2000:]}", code="demo_model_failed")
         print(f"done ({time.monotonic() - started:.1f} s)", flush=True)
     path = write_demo_config(state, folder, port=args.port, engine=args.engine)
     key = state / "admin.key"
@@ -87,21 +91,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"print(c.chat.completions.create(model=\"demo\", messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}], max_tokens=16))'",
         flush=True,
     )
-    threading.Thread(target=_say_when_ready, args=(url, key), daemon=True).start()
+    threading.Thread(target=_say_when_ready, args=(config.server_file, key), daemon=True).start()
     return serve(config)
 
 
-def _say_when_ready(url: str, key_file: Path, timeout: float = 900.0) -> None:
+def _say_when_ready(server_file: Path, key_file: Path, timeout: float = 900.0) -> None:
     """One line once the demo endpoint answers (the server's log says the rest)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
+            url = json.loads(server_file.read_text())["url"]  # the port the server took (--port 0 picks one)
             req = urllib.request.Request(url + "/api/v1/endpoints/demo", headers={"Authorization": f"Bearer {key_file.read_text().strip()}"})
             with urllib.request.urlopen(req, timeout=2) as resp:
                 if json.loads(resp.read()).get("status") == "HEALTHY":
                     print(f"demo: ready: the demo endpoint answers at {url}/v1", flush=True)
                     return
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError):
             pass  # not up yet
         threading.Event().wait(0.5)
 
