@@ -9,8 +9,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from appliance.domain.models import ModelSpec, S3Credentials
 from appliance.domain.scaling import RuleSpec
-from appliance.domain.specs import ByteSize, EndpointSpec, Model
+from appliance.domain.specs import ByteSize, EndpointSpec, Model, check_name
 from appliance.errors import ApplianceError, validation_problems
 
 CONFIG_ENV = "APPLIANCE_CONFIG"  # the only environment variable: where the config file is
@@ -155,6 +156,40 @@ class MetricsConfig(Model):
     public: bool = Field(False, description="GET /metrics without a key (otherwise a key with the read scope)")
 
 
+class ModelsConfig(Model):
+    """[models]: the model registry's settings, credentials for S3 sources, and declared models."""
+
+    cache_max_bytes: ByteSize | None = Field(
+        None, description="cap of the local model cache (state_dir/models): READY models no endpoint uses are evicted, least recently used first; none: no cap"
+    )
+    min_free_bytes: ByteSize = Field(1 << 30, description="a warm is refused unless this much disk stays free after it")
+    parallel: int = Field(8, ge=1, le=64, description="files copied at once by one warm")
+    credentials: dict[str, S3Credentials] = Field(
+        default_factory=dict, description="[models.credentials.<name>]: S3 credentials a model names; never logged or returned by the API"
+    )
+    declared: list[ModelSpec] = Field(
+        default_factory=list, description="[[models.declared]]: models registered at start and on reload, removed with the file (unless an endpoint uses them)"
+    )
+
+    @field_validator("credentials")
+    @classmethod
+    def _credential_names(cls, v: dict[str, S3Credentials]) -> dict[str, S3Credentials]:
+        for name in v:
+            check_name(name)
+        return v
+
+    @model_validator(mode="after")
+    def _declared(self) -> ModelsConfig:
+        seen: set[str] = set()
+        for i, m in enumerate(self.declared):
+            if m.name in seen:
+                raise ValueError(f"declared[{i}]: model {m.name!r} is declared twice")
+            seen.add(m.name)
+            if m.credentials is not None and m.credentials not in self.credentials:
+                raise ValueError(f"declared[{i}].credentials: no [models.credentials.{m.credentials}] in the config")
+        return self
+
+
 class Config(Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
@@ -165,6 +200,7 @@ class Config(Model):
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
     endpoints: list[DeclaredEndpoint] = Field(default_factory=list, description="declared endpoints, created or updated at start")
     source: Path | None = Field(None, exclude=True, description="the file this came from (not a key)")
 
@@ -216,6 +252,10 @@ def _absolutise(raw: dict[str, Any], base: Path) -> None:
     fix(raw.get("workers"), "log_dir")
     for ep in raw.get("endpoints", []) if isinstance(raw.get("endpoints"), list) else []:
         fix(ep, "model_folder")
+    declared = raw["models"].get("declared") if isinstance(raw.get("models"), dict) else None
+    for m in declared if isinstance(declared, list) else []:
+        if isinstance(m, dict) and isinstance(m.get("source"), str) and "://" not in m["source"]:
+            fix(m, "source")
 
 
 def parse_config(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Config:

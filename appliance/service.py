@@ -123,7 +123,8 @@ class Reloader:
                     problems = exc.problems or [exc.message]
                     log.error("reload: %s is not valid, the running config is kept: %s", path, "; ".join(problems))
                     return False
-                later = [name for name in type(new).model_fields if name not in ("endpoints", "source") and getattr(new, name) != getattr(self._config, name)]
+                # declared endpoints, their rules and the model registry's declared models are applied now
+                later = [name for name in type(new).model_fields if name not in ("endpoints", "models", "source") and getattr(new, name) != getattr(self._config, name)]
                 if later:
                     log.warning("reload: [%s] changed: takes effect at the next restart", "], [".join(later))
                 problems = await reload_declared(self._app, new)

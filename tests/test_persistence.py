@@ -72,7 +72,7 @@ def test_migrations_are_versioned_idempotent_and_wal(tmp_path: Path) -> None:
     path = tmp_path / "a.db"
     db = open_database(path)
     applied = [m.name for m in migrations.applied(db)]
-    assert applied == ["m001_initial", "m002_access", "m003_autoscaling", "m004_endpoint_version"]
+    assert applied == ["m001_initial", "m002_access", "m003_autoscaling", "m004_endpoint_version", "m005_models"]
     assert {"endpoints", "replicas", "events", "api_keys", "service_accounts", "usage"} <= set(db.table_names())
     db.close()
     db = open_database(path)  # second start: nothing re-applied, nothing lost

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from appliance.api import access, admin, console, gateway, oauth, scaling, validate
+from appliance.api import access, admin, console, gateway, models, oauth, scaling, validate
 from appliance.api.gateway import GATEWAY, Gateway
 from appliance.api.http import BODY_TIMEOUT, MAX_BODY, TELEMETRY, Handler, Route, add_routes, error_middleware, error_response, json_response, request_id
 from appliance.api.openapi import build_openapi
@@ -98,6 +98,7 @@ def all_routes() -> list[Route]:
         *validate.ROUTES,  # before admin's {name} routes
         *admin.ROUTES,
         *scaling.ROUTES,
+        *models.ROUTES,
         *access.ROUTES,
         *oauth.ROUTES,
         *console.ROUTES,
@@ -132,7 +133,9 @@ async def _startup(app: web.Application) -> None:
         retention = Retention(config.retention, services.store, services.clock, config.log_dir, services.supervisor.live_logs)
         services.jobs.every("retention.prune", config.retention.interval_seconds, retention.prune)
         services.jobs.start()
-        problems = await services.endpoints.apply_declared(list(config.endpoints))
+        problems = await models.start_models(app)  # first: declared endpoints may name declared models
+        problems += await services.endpoints.apply_declared(list(config.endpoints))
+        problems += await models.prune_models(app, config)
         await app[GATEWAY].start()
         await services.supervisor.start()  # stops orphans of an earlier run, then reconciles
         services.jobs.every("autoscale", config.autoscaling.interval_seconds, app[AUTOSCALER].evaluate)
@@ -156,7 +159,9 @@ async def _stamp_request_id(request: web.Request, response: web.StreamResponse) 
 async def reload_declared(app: web.Application, config: Config) -> list[str]:
     """A reloaded config file's declared endpoints applied (SIGHUP); returns the problems met."""
     services = app[SERVICES]
-    problems = await services.endpoints.apply_declared(list(config.endpoints))
+    problems = await models.reload_models(app, config)
+    problems += await services.endpoints.apply_declared(list(config.endpoints))
+    problems += await models.prune_models(app, config)
     await services.supervisor.sync()
     return problems
 
@@ -173,6 +178,7 @@ async def _drain_clients(app: web.Application) -> None:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     await services.store.open()  # before listening: a broken database must fail the start
+    models.attach_models(app)
     app[STARTUP_TASK] = asyncio.create_task(_startup(app))
     yield
     task = app[STARTUP_TASK]
@@ -180,6 +186,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     services.jobs.stop()  # no scaling decision while everything stops
+    await models.stop_models(app)  # warms stop at their next chunk and resume at the next start
     running = services.supervisor.replica_count()
     if running:
         log.info("stopping: %d replicas drain and stop (grace %g s)", running, services.config.workers.stop_grace_seconds)

@@ -25,7 +25,7 @@ _ERRORS = {
     400: "malformed request: the body, an endpoint name or a query parameter",
     401: "no valid credential",
     403: "the credential lacks the scope this operation needs",
-    404: "no such endpoint, replica, key, token, rule or service account",
+    404: "no such endpoint, replica, key, token, rule, service account or model",
     408: "the request body stalled",
     409: "conflicts with the current state",
     413: "the request body is larger than server.max_body_bytes",
@@ -40,6 +40,9 @@ _MORE_ERRORS: dict[str, tuple[int, ...]] = {
     "update_key": (409,),
     "revoke_key": (409,),
     "create_account": (409,),
+    "create_model": (409,),  # the name is taken, or the model does not fit on the disk or in the cache
+    "warm_model": (409,),
+    "delete_model": (409,),  # an endpoint serves it
     "get_usage": (422,),
     "metrics": (401, 403),  # unless [metrics] public
     "login": (401, 403, 503),  # the console's: a wrong key, a key without the read scope, another site's page

@@ -32,6 +32,8 @@ def spec_fields(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = _spec_file(args.file) if args.file else {}
     if args.model_folder is not None:
         body["model_folder"] = str(Path(args.model_folder).expanduser().resolve())
+    if args.model is not None:
+        body["model"] = args.model
     simple = {
         "runtime": args.runtime,
         "definition_file": args.definition_file,
@@ -231,6 +233,7 @@ def cmd_endpoint_retry(args: argparse.Namespace) -> int:
 def endpoint_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--file", help="TOML file with endpoint fields (as in a [[endpoints]] entry)")
     p.add_argument("--model-folder", help="model folder on this box")
+    p.add_argument("--model", help="a registered model (appliance model add) instead of --model-folder; the endpoint waits while it warms")
     p.add_argument("--runtime", choices=["custom", "vllm", "transformers", "sglang"])
     p.add_argument("--definition-file", help="model definition file name in the folder")
     p.add_argument("--served-model-name")

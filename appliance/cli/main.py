@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from appliance import __version__
-from appliance.cli import access, autoscale, endpoint, gpu, server_side, tls, validate
+from appliance.cli import access, autoscale, endpoint, gpu, model, server_side, tls, validate
 from appliance.cli.options import shared_options
 from appliance.errors import ApplianceError
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     access.register_tokens(endpoint_actions, shared)
     autoscale.register(endpoint_actions, shared)
     validate.register(endpoint_actions, shared)
+    model.register(sub, shared)
     access.register(sub, shared)
     tls.register(sub, shared)
     gpu.register(sub, shared)

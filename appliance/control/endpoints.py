@@ -19,8 +19,10 @@ from pydantic import ValidationError
 
 from appliance.config import DeclaredEndpoint
 from appliance.control.folders import find_definition_file, load_model_definition, load_service_definition
+from appliance.control.model_gate import folder_of
 from appliance.control.process import resolve_executable
 from appliance.domain.definitions import ModelDefinition, RuntimeSection
+from appliance.domain.models import ModelFolder
 from appliance.domain.runtimes import NEEDS_COMMAND, VARIANTS, default_health_check, default_served_model_name
 from appliance.domain.specs import EndpointConfig, EndpointSpec, Environment, Resources
 from appliance.domain.states import EndpointStatus
@@ -34,7 +36,11 @@ log = logging.getLogger(__name__)
 _UPDATE_TRIES = 20
 
 
-def _folder(spec: EndpointSpec) -> Path:
+def _folder(spec: EndpointSpec, model: ModelFolder | None = None) -> Path:
+    if model is not None:  # a registered model: its local copy once READY, until then the definition files read at registration
+        return Path(model.path) if Path(model.path).is_dir() else Path(model.definitions)
+    if spec.model_folder is None:
+        raise ApplianceError(f"model {spec.model!r} is not registered", status=422, code="model_not_found", param="model")
     folder = Path(spec.model_folder)
     problem = None
     if not folder.is_absolute():
@@ -98,10 +104,10 @@ def _on_path(name: str) -> bool:
         return False
 
 
-def _model_file(runtime: str, folder: Path) -> str | None:
+def _model_file(runtime: str, folder: Path, names: tuple[str, ...] | None = None) -> str | None:
     if runtime != "llama-cpp":
         return None
-    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+    ggufs = sorted(n for n in names if n.endswith(".gguf")) if names is not None else sorted(p.name for p in folder.glob("*.gguf"))
     if not ggufs:
         raise ApplianceError(f"runtime 'llama-cpp' serves a .gguf file, and {folder} has none", status=422, code="model_file_required", param="model_folder")
     return ggufs[0]
@@ -121,19 +127,21 @@ def _command(spec: EndpointSpec, runtime: str) -> list[str]:
     return list(spec.command)
 
 
-def resolve(spec: EndpointSpec) -> tuple[EndpointConfig, ModelDefinition | None]:
-    """Apply the model folder's defaults. Reads small files: call it off the event loop."""
+def resolve(spec: EndpointSpec, model: ModelFolder | None = None) -> tuple[EndpointConfig, ModelDefinition | None]:
+    """Apply the model folder's defaults (`model`: the registered model `spec.model` names). Reads small
+    files: call it off the event loop."""
     try:
-        return _resolve(spec)
+        return _resolve(spec, model)
     except OSError as exc:  # a name too long, no permission, an I/O error: the user's to fix, like a missing folder
-        problem = f"cannot read {exc.filename or spec.model_folder}: {exc.strerror or exc}"
+        problem = f"cannot read {exc.filename or spec.model_folder or spec.model}: {exc.strerror or exc}"
     except UnicodeDecodeError as exc:
-        problem = f"a definition file in {spec.model_folder} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        problem = f"a definition file in {spec.model_folder or spec.model} is not UTF-8 text ({exc.reason} at byte {exc.start})"
     raise ApplianceError(f"model_folder: {problem}", status=422, code="invalid_model_folder", param="model_folder")
 
 
-def _resolve(spec: EndpointSpec) -> tuple[EndpointConfig, ModelDefinition | None]:
-    folder = _folder(spec)
+def _resolve(spec: EndpointSpec, model: ModelFolder | None = None) -> tuple[EndpointConfig, ModelDefinition | None]:
+    folder = _folder(spec, model)
+    served_from = model.path if model else str(folder)
     def_path = find_definition_file(folder, spec.definition_file)
     definition = load_model_definition(def_path) if def_path else None
     runtime = spec.runtime or ("custom" if definition else "vllm")
@@ -153,14 +161,15 @@ def _resolve(spec: EndpointSpec) -> tuple[EndpointConfig, ModelDefinition | None
     inherited += [f"environ.{k}" for k in environ if k not in spec.environ]
     environ.update(spec.environ)
     command = _command(spec, runtime)
-    model_file = _model_file(runtime, folder)
+    model_file = _model_file(runtime, folder, model.names if model else None)
     health = spec.health_check or default_health_check(runtime, definition)
     config = EndpointConfig(
         name=spec.name,
-        model_folder=str(folder),
+        model_folder=served_from,
+        model=spec.model,
         runtime=runtime,
         definition_file=def_path.name if def_path else None,
-        served_model_name=spec.served_model_name or default_served_model_name(runtime, spec.name, str(folder), definition),
+        served_model_name=spec.served_model_name or default_served_model_name(runtime, spec.name, served_from, definition),
         aliases=list(spec.aliases),
         replicas=spec.replicas,
         min_replicas=spec.replicas if spec.min_replicas is None else spec.min_replicas,
@@ -206,6 +215,9 @@ def merge_patch(current: dict[str, Any], patch: dict[str, Any], name: str) -> En
     if "name" in patch and patch["name"] != name:
         raise ApplianceError("name cannot be changed; create a new endpoint instead", status=422, code="immutable_field", param="name")
     merged = {**current}
+    for given, other in (("model", "model_folder"), ("model_folder", "model")):
+        if patch.get(given) is not None and other not in patch:
+            merged.pop(other, None)  # a folder path and a registered model replace each other
     for key, value in patch.items():
         if value is None:
             merged.pop(key, None)
@@ -248,7 +260,13 @@ class EndpointService:
         return await self._resolve(self._sealed(spec, None))
 
     async def _resolve(self, spec: EndpointSpec) -> EndpointConfig:
-        config, _ = await asyncio.to_thread(resolve, spec)
+        model = None
+        if spec.model is not None:
+            row = await self._store.models.get(spec.model)
+            if row is None:
+                raise ApplianceError(f"model {spec.model!r} is not registered (see /api/v1/models)", status=422, code="model_not_found", param="model")
+            model = folder_of(row)
+        config, _ = await asyncio.to_thread(resolve, spec, model)
         return config
 
     async def get(self, name: str) -> EndpointRow:
@@ -355,6 +373,8 @@ def check_declared(specs: Sequence[EndpointSpec]) -> list[str]:
     """Offline check of declared endpoints against their folders (for check-config)."""
     problems = []
     for i, spec in enumerate(specs):
+        if spec.model is not None:
+            continue  # resolved against the model registry when the server applies it
         try:
             resolve(spec)
         except ApplianceError as exc:

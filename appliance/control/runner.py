@@ -27,6 +27,7 @@ from appliance.control.folders import find_definition_file, load_model_definitio
 from appliance.control.identity import WorkerIdentity
 from appliance.control.ledger import Ledger
 from appliance.control.load import Load
+from appliance.control.model_gate import wait_for_model
 from appliance.control.prestart import run_pre_start_actions
 from appliance.control.probe import probe
 from appliance.control.process import Launcher, Slot, looks_like_port_conflict
@@ -242,6 +243,7 @@ class ReplicaRunner:
 
     async def _provision(self, run: EndpointRun, r: Replica) -> tuple[WorkerSpec, dict[str, str]]:
         config = run.config
+        await wait_for_model(self._store, config, r.log.note)  # a model still warming: wait here, holding no GPU and no port
         res = config.resources
         request = GpuRequest(count=res.gpus, share=res.gpu_share, name=res.gpu_name, min_free_memory=res.gpu_min_free_mem, placement=res.placement)
         inventory: list[GpuInfo] = []

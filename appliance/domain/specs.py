@@ -106,7 +106,8 @@ class EndpointSpec(Model):
     """An endpoint as a user declares it (config file, API body or CLI flags)."""
 
     name: Name = Field(description="1–50 characters of [A-Za-z0-9_-]; also the model name clients send")
-    model_folder: str = Field(min_length=1, description="absolute path of the model folder on this box")
+    model_folder: str | None = Field(None, min_length=1, description="absolute path of the model folder on this box (or give `model`)")
+    model: Name | None = Field(None, description="a registered model (/api/v1/models) to serve instead of a folder path; replicas wait until it is READY")
     runtime: Runtime | None = Field(
         None, description=f"{' | '.join(RUNTIMES)}; default: custom when the folder has a model definition, else vllm"
     )
@@ -154,6 +155,12 @@ class EndpointSpec(Model):
         description="how autoscaling rules combine: appliance (scale-out wins, largest step, clamp, cooldown per direction) "
         "or backend.ai (first rule that fires wins, out-of-bounds steps skipped, cooldown per rule)",
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EndpointSpec:
+        if (self.model_folder is None) == (self.model is None):
+            raise ValueError("give exactly one of model_folder (a path) and model (a registered model)")
+        return self
 
     @model_validator(mode="after")
     def _idle_needs_zero(self) -> EndpointSpec:
@@ -246,6 +253,7 @@ class EndpointConfig(Model):
 
     name: str
     model_folder: str
+    model: str | None = Field(None, description="the registered model served from model_folder, if any")
     runtime: Runtime
     definition_file: str | None = Field(description="model definition file found in the folder, if any")
     served_model_name: str

@@ -23,6 +23,7 @@ from appliance.errors import ApplianceError
 from appliance.store.access_repos import AccountsRepo, KeysRepo, UsageRepo
 from appliance.store.codec import dumps, iso, parse_iso
 from appliance.store.migrations import migrations
+from appliance.store.models_repo import ModelsRepo
 from appliance.store.repos import WRITTEN, EndpointsRepo, EventsRepo, ReplicasRepo, _insert_event
 from appliance.store.scaling_repos import RulesRepo
 
@@ -103,6 +104,7 @@ class Store:
         self.usage = UsageRepo(self)
         self.rules = RulesRepo(self)
         self.replicas = ReplicasRepo(self)
+        self.models = ModelsRepo(self)
         # Writes of the control loops (events, replica records, statuses) that the disk refused, in order:
         # supervision goes on, and they are written once space returns.
         self._held: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()

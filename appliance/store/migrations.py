@@ -158,3 +158,34 @@ def m004_endpoint_version(db: Database) -> None:
     # Bumped by every change to an endpoint's spec: an update made from a stale read is retried on the
     # current row instead of overwriting a change made in between.
     db["endpoints"].add_column("version", int, not_null_default=0)
+
+
+@migrations(name="m005_models")
+def m005_models(db: Database) -> None:
+    # The model registry: where each model comes from, its file manifest, and its local copy's state.
+    db["models"].create(
+        {
+            "name": str,
+            "revision": str,
+            "source": str,  # an absolute path or s3://bucket/prefix/
+            "endpoint_url": str,  # S3 only
+            "region": str,
+            "credentials": str,  # the name of a [models.credentials.<name>] entry, never a secret
+            "origin": str,  # "api" or "config" (declared in the config file)
+            "spec": str,  # JSON: what the user stated
+            "local_path": str,  # state_dir/models/<name>/<revision>
+            "size": int,
+            "files": int,
+            "manifest": str,  # JSON list of {path, size, sha256}
+            "state": str,  # REGISTERED | WARMING | READY | FAILED | EVICTED
+            "progress": str,  # JSON: bytes and files done, rate, ETA of the last warm
+            "last_error": str,
+            "last_used_at": str,
+            "ready_at": str,
+            "created_at": str,
+            "updated_at": str,
+        },
+        pk="name",
+        not_null=["revision", "source", "origin", "spec", "local_path", "size", "files", "manifest", "state", "created_at", "updated_at"],
+        defaults={"last_error": "", "progress": "{}"},
+    )
