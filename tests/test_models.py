@@ -357,7 +357,8 @@ async def test_interrupted_warm_resumes_partial_files_and_refetches_a_corrupted_
     staging, partial = config.server.state_dir / "models" / "m" / ".staging-r1", config.server.state_dir / "models" / "m" / ".partial-r1"
     await async_wait_for(lambda: (staging / "small-1.bin").exists() and (staging / "small-2.bin").exists(), what="the small files")
     stopping = asyncio.create_task(first.stop())
-    await asyncio.sleep(0)
+    # the stop has reached every warm before the held read goes on: it ends at its next chunk
+    await async_wait_for(lambda: all(w.cancel.is_set() for w in first._warms.values()), timeout=10, what="the stop to reach the warms")
     gate.release.set()
     await stopping
     row = await store.models.get("m")

@@ -163,7 +163,8 @@ async def test_s3_interrupted_warm_resumes_with_ranged_reads(make_config: Any, s
     await first.register(ModelSpec(name="resumed", source=f"s3://{BUCKET}/llama", endpoint_url=s3["url"], credentials="good", revision="r1"))
     await asyncio.to_thread(gate.reached.wait, 30)
     stopping = asyncio.create_task(first.stop())
-    await asyncio.sleep(0)
+    # the stop has reached every warm before the held read goes on: it ends at its next chunk
+    await async_wait_for(lambda: all(w.cancel.is_set() for w in first._warms.values()), timeout=10, what="the stop to reach the warms")
     gate.release.set()
     await stopping
     partial = config.server.state_dir / "models" / "resumed" / ".partial-r1" / big
