@@ -47,6 +47,9 @@ from typing import Any
 
 import aiohttp
 import psutil
+from yarl import URL
+
+from appliance.api.proxy import NewestFirstConnector
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = ROOT / "tests" / "fake_worker.py"
@@ -76,6 +79,8 @@ class ProcSample:
     fds: int
     threads: int
     cpu_s: float
+    inbound: int = 0  # of its sockets: clients' connections to it
+    upstream: int = 0  # of its sockets: its own connections out (to workers)
 
 
 @dataclass
@@ -194,14 +199,23 @@ def wait_healthy(url: str, admin_key: str, timeout: float = 60.0) -> None:
     raise SystemExit(f"{REPLICAS} replicas did not become healthy in {timeout:.0f} s: {[(r['id'], r['state']) for r in reps]}")
 
 
-def proc_sample(pid: int | None) -> ProcSample | None:
+def proc_sample(pid: int | None, listen_port: int | None = None) -> ProcSample | None:
+    """With `listen_port`, the process's TCP sockets are split into clients' connections and its own."""
     if not pid:
         return None
     try:
         p = psutil.Process(pid)
         with p.oneshot():
             cpu = p.cpu_times()
-            return ProcSample(pid, p.memory_info().rss / MB, p.num_fds(), p.num_threads(), cpu.user + cpu.system)
+            sample = ProcSample(pid, p.memory_info().rss / MB, p.num_fds(), p.num_threads(), cpu.user + cpu.system)
+        if listen_port is not None:
+            for c in p.net_connections(kind="tcp"):
+                if c.raddr:
+                    if c.laddr.port == listen_port:
+                        sample.inbound += 1
+                    else:
+                        sample.upstream += 1
+        return sample
     except psutil.Error:
         return None
 
@@ -238,7 +252,11 @@ class Soak:
         timeout = aiohttp.ClientTimeout(total=self.args.request_timeout)
         # Pooled keep-alive connections for most requests; a fresh connection per request for the rest, so
         # the accept and close paths (where descriptors leak) are exercised too.
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as pooled, aiohttp.ClientSession(
+        # The pool hands out its newest idle connection by default, as the openai SDK's (httpx) does in
+        # effect: after a burst the extra connections idle out. aiohttp's own pool (--client-pool oldest)
+        # cycles through all of them, so they never idle and the appliance holds its side of each.
+        pool = NewestFirstConnector(limit=0) if self.args.client_pool == "newest" else aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=pool, timeout=timeout) as pooled, aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True, limit=0), timeout=timeout
         ) as fresh:
             self.t0 = time.perf_counter()
@@ -369,7 +387,7 @@ class Soak:
         self.stats.interval_ms = []
         s = Sample(
             t=round(t, 3),
-            appliance=proc_sample(self.appliance_pid),
+            appliance=proc_sample(self.appliance_pid, URL(self.url).port),
             workers={r["id"]: proc_sample(r["pid"]) for r in live},
             restarts=sum(r["restarts"] for r in live),
             started=len(self.stats.lag_ms),
@@ -384,7 +402,8 @@ class Soak:
         a = s.appliance
         print(
             f"  t={t:7.1f}s  sent {s.started:7d}  failed {s.failed:4d}  in flight {s.inflight:3d}  "
-            f"answer/TTFT p99 {fmt(s.interval_p99_ms):>6} ms  appliance RSS {fmt(a and a.rss_mb):>6} MiB  fds {a.fds if a else '-':>4}  "
+            f"answer/TTFT p99 {fmt(s.interval_p99_ms):>6} ms  appliance RSS {fmt(a and a.rss_mb):>6} MiB  fds {a.fds if a else '-':>4} "
+            f"(sockets in {a.inbound if a else '-'}, out {a.upstream if a else '-'})  "
             f"threads {a.threads if a else '-':>3}  load {s.loadavg[0]:.2f}",
             file=sys.stderr,
             flush=True,
@@ -451,6 +470,10 @@ def main() -> int:
     parser.add_argument("--sample-seconds", type=float, default=10.0, help="process sampling period (default 10)")
     parser.add_argument("--admin-seconds", type=float, default=5.0, help="period of the admin reads (default 5)")
     parser.add_argument("--request-timeout", type=float, default=60.0, help="a request slower than this fails (default 60)")
+    parser.add_argument(
+        "--client-pool", choices=("newest", "oldest"), default="newest",
+        help="which idle keep-alive connection the load generator reuses: newest (as httpx, the default) or oldest (aiohttp's own)",
+    )
     parser.add_argument("--json", type=Path, help="write the samples, failures and summary here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (config, state, logs) and print its path")
     args = parser.parse_args()
