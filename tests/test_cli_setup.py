@@ -101,3 +101,33 @@ def test_create_with_wait_follows_the_endpoint_to_its_verdict(server_factory: An
     assert good.stdout.splitlines()[-1].startswith("HEALTHY: ")
     bad = run_cli("endpoint", "create", "bad", "--model-folder", str(fake_folder(tmp_path, "bad", "--refuse-to-start")), "--wait", config=config)
     assert bad.returncode == 1 and "\nERROR: replica bad-" in bad.stdout, bad.stdout
+
+
+def test_check_config_follows_endpoints_to_declared_models_and_refuses_missing_engines(tmp_path: Path) -> None:
+    source = tmp_path / "share" / "m1"
+    source.mkdir(parents=True)
+    (source / "config.json").write_text("{}")
+    declared = (
+        f'[[models.declared]]\nname = "m1"\nsource = "{source}"\n\n'
+        '[[models.declared]]\nname = "far"\nsource = "s3://bucket/far"\n\n'
+        '[[endpoints]]\nname = "on-m1"\nmodel = "m1"\nruntime = "transformers"\n\n'
+        '[[endpoints]]\nname = "on-far"\nmodel = "far"\n\n'
+        '[[endpoints]]\nname = "on-nothing"\nmodel = "ghost"\n'
+    )
+    ok = run_cli("check-config", str(server_config(tmp_path, declared)))
+    assert ok.returncode == 0 and "Traceback" not in ok.stderr, ok.stderr
+    assert "3 endpoint(s), 2 model(s) declared" in ok.stdout and "1 warning(s)" in ok.stdout
+    assert "endpoints[2] (on-nothing): model 'ghost' is not declared" in ok.stderr
+
+    (source / "config.json").unlink()
+    (source / "model-definition.yaml").write_text("models: [")
+    broken = run_cli("check-config", str(server_config(tmp_path, declared)))
+    assert broken.returncode == 1 and "endpoints[0] (on-m1)" in broken.stderr and "Traceback" not in broken.stderr, broken.stderr
+
+    missing = run_cli("check-config", str(server_config(tmp_path, declared.replace(str(source), str(tmp_path / "gone")))))
+    assert missing.returncode == 1 and f"source {tmp_path / 'gone'} is not a directory" in missing.stderr, missing.stderr
+
+    folder = tmp_path / "models" / "plain"
+    folder.mkdir(parents=True, exist_ok=True)
+    engine = run_cli("check-config", str(server_config(tmp_path, f'[[endpoints]]\nname = "sg"\nmodel_folder = "{folder}"\nruntime = "sglang"\n')))
+    assert engine.returncode == 1 and "runtime 'sglang' needs the" in engine.stderr and "not installed" in engine.stderr, engine.stderr

@@ -37,18 +37,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from appliance.control.doctor import gpu_warnings, read_gpus
     from appliance.control.endpoints import resolve
 
-    problems = check_declared(list(config.endpoints))
+    problems, model_warnings = check_declared(list(config.endpoints), config.models.declared)
     for p in problems:
         print(f"{path}: {p}", file=sys.stderr)
     if problems:
         return 1
-    resolved = [resolve(spec)[0] for spec in config.endpoints]  # resources as the folders' definitions complete them
+    # resources as the folders' definitions complete them (endpoints on registered models: as declared)
+    resolved = [resolve(spec)[0] for spec in config.endpoints if spec.model is None]
     wants_gpus = any(c.resources.gpus or c.resources.gpu_share for c in resolved)
-    warnings = gpu_warnings(config, resolved, read_gpus()) if wants_gpus else []
+    warnings = model_warnings + (gpu_warnings(config, resolved, read_gpus()) if wants_gpus else [])
     for w in warnings:
         print(f"{path}: warning: {w}", file=sys.stderr)
-    note = f", {len(warnings)} warning(s): those endpoints would wait for GPUs this box does not have" if warnings else ""
-    print(f"{path}: OK ({len(config.endpoints)} endpoint(s) declared, state in {config.server.state_dir}){note}")
+    note = f", {len(warnings)} warning(s)" if warnings else ""
+    models = f", {len(config.models.declared)} model(s)" if config.models.declared else ""
+    print(f"{path}: OK ({len(config.endpoints)} endpoint(s){models} declared, state in {config.server.state_dir}){note}")
     return 0
 
 
