@@ -54,13 +54,19 @@ def status_line(app: web.Application) -> str:
     return line + (f"; in ERROR: {', '.join(failing)}" if failing else "")
 
 
+async def started(app: web.Application) -> None:
+    """Returns once startup reconciliation has run, whether or not it succeeded."""
+    readiness = app[SERVICES].readiness
+    while not readiness.ready and not readiness.failure:
+        await asyncio.sleep(0.05)
+
+
 async def tell_systemd(app: web.Application, *, freeze_heap: bool) -> None:
     """READY=1 once the store is open and declared endpoints are reconciled, then STATUS= whenever it
     changes and WATCHDOG=1 at half the interval systemd asks for, from the event loop itself: a loop
     that hangs stops the pings, and systemd restarts the appliance."""
     readiness = app[SERVICES].readiness
-    while not readiness.ready and not readiness.failure:
-        await asyncio.sleep(0.05)
+    await started(app)
     if freeze_heap:
         # Everything loaded at start lives as long as the process: keep it out of every garbage
         # collection, so a burst of requests does not pay for scanning it (tail latency).
@@ -110,7 +116,10 @@ class Reloader:
         asyncio.ensure_future(self.reload())
 
     async def reload(self) -> bool:
+        await started(self._app)  # a SIGHUP during startup waits for it: never two reconciliations at once
         async with self._lock:
+            # compared with the config the process started with: the sections a reload does not
+            # apply are still running as they were then
             path = self._config.source
             if path is None:
                 log.warning("reload: the appliance was not started from a config file; nothing to reload")
