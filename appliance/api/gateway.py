@@ -23,8 +23,9 @@ from yarl import URL
 
 from appliance.api.callers import authorize, caller, check_route, lookup, refuse_unless_public
 from appliance.api.http import Route, parse_json, read_body, request_id
-from appliance.api.proxy import Outcome, Rename, UpstreamUnreachable, forward, make_session, worker_headers
-from appliance.api.proxy import rename as renamed
+from appliance.api.proxy import Outcome, UpstreamUnreachable, forward, make_session, worker_headers
+from appliance.api.rename import Rename
+from appliance.api.rename import rename as renamed
 from appliance.api.services import SERVICES, Services
 from appliance.control.telemetry import Telemetry
 from appliance.domain.limits import retry_after_header

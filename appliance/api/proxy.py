@@ -4,7 +4,6 @@ for streams, and a request is retried on another replica only if no byte has rea
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import re
 import time
@@ -17,6 +16,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from appliance.api.rename import Rename, RenameStream
 from appliance.errors import ApplianceError
 
 HOP_BY_HOP = frozenset(
@@ -66,30 +66,6 @@ class Outcome:
     error: str = ""
     chunks: int = 0  # body chunks relayed from a stream
     last_chunk: float | None = None  # seconds from the start to the last of them
-
-
-class Rename:
-    """The `model` a worker writes in its answers, replaced by the name the client asked for. Workers
-    may add to the name they were given (`transformers serve` answers with `<path>@main`)."""
-
-    __slots__ = ("pattern", "probe", "replacement")
-
-    def __init__(self, served: str, asked: str) -> None:
-        old = json.dumps(served).encode()
-        self.probe = old[1:-1]  # the name without its quotes: one substring test for the common chunk
-        self.pattern = re.compile(rb'("model":\s*)' + re.escape(old[:-1]) + rb'(?:@[^"\\]*)?"')
-        self.replacement = rb"\g<1>" + json.dumps(asked).encode().replace(b"\\", b"\\\\")
-
-    def __call__(self, data: bytes) -> bytes:
-        if self.probe not in data:
-            return data
-        return self.pattern.sub(self.replacement, data)
-
-
-@functools.lru_cache(maxsize=256)
-def rename(served: str, asked: str) -> Rename:
-    """One compiled Rename per (served, asked) pair: requests of an endpoint reuse it."""
-    return Rename(served, asked)
 
 
 class UpstreamUnreachable(Exception):
@@ -308,6 +284,7 @@ async def forward(
         previous = usage_at = b""
         sse = "text/event-stream" in ctype
         events = UsageEventFilter(outcome) if sse and drop_usage_event else None
+        renaming = RenameStream(rename, sse) if rename is not None else None
         idle = session.timeout.sock_read
         watch = IdleWatch(upstream, idle) if idle else None
         now = asyncio.get_running_loop().time
@@ -327,15 +304,15 @@ async def forward(
                     if b'"usage"' in chunk:
                         usage_at = previous + chunk
                     previous = chunk
+                if chunk and renaming is not None:
+                    chunk = renaming.feed(chunk)  # a stream's events name the model too
                 if chunk:
-                    # A stream's events name the model too; an event split across two chunks keeps the worker's name.
-                    await response.write(rename(chunk) if rename is not None else chunk)
+                    await response.write(chunk)
                     chunk = b""
                     outcome.chunks += 1
                 if watch is not None:
                     watch.last = now()
-            if events is not None and (rest := events.flush()):
-                await response.write(rest)
+            await _write_rest(response, events, renaming)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             silent = f" (sent nothing for {idle:g}s, [gateway] idle_read_timeout_seconds)" if isinstance(exc, TimeoutError) else ""
             outcome.error = f"replica {replica} failed mid-stream: {exc.__class__.__name__}{silent}"
@@ -347,8 +324,7 @@ async def forward(
                 if request.transport is not None:
                     request.transport.abort()
                 return response
-            if events is not None and (rest := events.flush()):
-                await response.write(rest)
+            await _write_rest(response, events, renaming)
             await response.write(sse_error_event(outcome.error, replica))
         finally:
             if watch is not None:
@@ -365,3 +341,12 @@ async def forward(
             upstream.release()  # back to the pool for the next request
         else:
             upstream.close()  # cut short (client gone, error): the worker sees the disconnect and stops generating
+
+
+async def _write_rest(response: web.StreamResponse, events: UsageEventFilter | None, renaming: RenameStream | None) -> None:
+    """What the stream's filters still hold, at its end."""
+    rest = events.flush() if events is not None else b""
+    if renaming is not None:
+        rest = renaming.feed(rest) + renaming.flush() if rest else renaming.flush()
+    if rest:
+        await response.write(rest)
