@@ -284,3 +284,36 @@ async def test_lists_come_in_pages(admin: Admin, model_folder: Path) -> None:
     assert status == 400 and err["error"]["param"] == "limit"
     _, keys = await admin.call("GET", "/api/v1/keys?limit=1")
     assert len(keys["data"]) == 1 and keys["has_more"] is False  # only the bootstrap admin key
+
+
+async def test_an_operator_patch_made_while_the_autoscaler_scrapes_wins_even_when_it_sets_the_same_count(
+    start_app: Any, make_config: Any, model_folder: Path
+) -> None:
+    from appliance.api.app import AUTOSCALER
+    from appliance.api.services import SERVICES
+
+    admin = await start_app(make_config({"autoscaling": {"interval_seconds": 3600}}))  # evaluated here, by hand
+    await admin.call("POST", "/api/v1/endpoints", json_body=spec(model_folder, replicas=0, min_replicas=0, max_replicas=5))
+    status, rule = await admin.call("POST", "/api/v1/endpoints/llama/autoscaling-rules", json_body={
+        "metric_source": "gateway", "metric_name": "queue_length", "comparator": "GREATER_THAN", "threshold": 1, "step_size": 1, "window_seconds": 1,
+    })
+    assert status == 201, rule
+    autoscaler = admin.client.app[AUTOSCALER]
+    scraping, release = asyncio.Event(), asyncio.Event()
+
+    async def held_gather(endpoint: str, needed: set[Any], now: float) -> dict[Any, float]:
+        scraping.set()
+        await release.wait()
+        return {key: 50.0 for key in needed}  # far over the threshold: the rule fires
+
+    autoscaler._metrics.gather = held_gather  # type: ignore[method-assign]
+    evaluation = asyncio.ensure_future(autoscaler.evaluate())
+    await asyncio.wait_for(scraping.wait(), timeout=10)
+    status, _ = await admin.call("PATCH", "/api/v1/endpoints/llama", json_body={"replicas": 0})  # the operator says 0, as it was
+    assert status == 200
+    release.set()
+    await asyncio.wait_for(evaluation, timeout=10)
+    _, ep = await admin.call("GET", "/api/v1/endpoints/llama")
+    assert ep["desired_replicas"] == 0
+    kinds = [e["kind"] for e in await admin.client.app[SERVICES].store.events.list(endpoint="llama")]
+    assert "autoscale.scale_out" not in kinds

@@ -48,9 +48,10 @@ class Autoscaler:
         self._metrics.prune(now)
         for name, config in table.endpoints.items():
             rules = by_endpoint.get(name, [])
-            desired = self._supervisor.desired(name)
-            if desired is None or (not rules and config.idle_timeout_seconds is None):
+            known = self._supervisor.desired_version(name)
+            if known is None or (not rules and config.idle_timeout_seconds is None):
                 continue
+            desired, version = known
             needed = {r.metric for r in rules if r.enabled}
             metrics = await self._metrics.gather(name, needed, now) if needed else {}
             if desired == 0:
@@ -65,9 +66,9 @@ class Autoscaler:
             )
             decision = decide(rules, metrics, state, now)
             self._notes[name] = decision.notes
-            await self._apply(name, decision, config.autoscaling_policy)
+            await self._apply(name, decision, config.autoscaling_policy, version)
 
-    async def _apply(self, name: str, decision: Decision, policy: str) -> None:
+    async def _apply(self, name: str, decision: Decision, policy: str, version: int) -> None:
         for v in decision.record:
             kind = "autoscale.missing" if v.result == "missing" else "autoscale.suppressed"
             details = {**v.details(), "policy": policy}
@@ -82,7 +83,8 @@ class Autoscaler:
         details = {**w.details(), "policy": policy, **({"outvoted": others} if others else {})}
         # compare-and-set: had an operator changed the count while the metrics were gathered, theirs stands
         applied = await self._supervisor.scale(
-            name, w.to_replicas, kind, f"endpoint {name}: scale {way} by {who}: {w.reason}", details, [w.rule] if w.rule else [], expected=w.from_replicas
+            name, w.to_replicas, kind, f"endpoint {name}: scale {way} by {who}: {w.reason}", details, [w.rule] if w.rule else [], expected=w.from_replicas,
+            expected_version=version,
         )
         if applied:
             self._telemetry.decided(name, way, w.rule)

@@ -59,6 +59,7 @@ class EndpointRun:
     generation: int
     desired: int  # the autoscaler's count, else config.replicas
     updated_at: str = ""
+    version: int = 0  # the stored row's: an operator's change bumps it, the autoscaler's count does not
     error: str | None = None
     replicas: dict[str, Replica] = field(default_factory=dict)
     finished: list[Replica] = field(default_factory=list)

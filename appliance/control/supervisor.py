@@ -191,6 +191,7 @@ class Supervisor:
                     run.generation, run.error = row["generation"], None  # new workers: a new chance, ERROR clears
                 run.config, run.updated_at = EndpointConfig.model_validate(row["config"]), row["updated_at"]
                 self._dirty = True
+            run.version = row.get("version", 0)
             if run.desired != desired:
                 run.desired, self._dirty = desired, True
             self._apply_plan(run)
@@ -331,12 +332,21 @@ class Supervisor:
         run = self._runs.get(name)
         return run.desired if run else None
 
+    def desired_version(self, name: str) -> tuple[int, int] | None:
+        """The desired count and the version of the stored endpoint it was read from."""
+        run = self._runs.get(name)
+        return (run.desired, run.version) if run else None
+
     async def scale(
-        self, name: str, replicas: int, kind: str, message: str, details: dict[str, Any], rules: Sequence[str] = (), *, expected: int | None = None
+        self, name: str, replicas: int, kind: str, message: str, details: dict[str, Any], rules: Sequence[str] = (), *,
+        expected: int | None = None, expected_version: int | None = None,
     ) -> bool:
-        """Set the desired count (the autoscaler's one effect) and reconcile at once. With `expected`, only
-        if the desired count is still that (an operator's change made meanwhile wins); False if not set."""
-        if await self._store.endpoints.set_desired(name, replicas, kind, message, details, list(rules), expected=expected):
+        """Set the desired count (the autoscaler's one effect) and reconcile at once. With `expected` (and
+        `expected_version`), only if the desired count (and the endpoint's version) are still those: an
+        operator's change made meanwhile wins, even one that set the same count. False if not set."""
+        if await self._store.endpoints.set_desired(
+            name, replicas, kind, message, details, list(rules), expected=expected, expected_version=expected_version
+        ):
             await self.sync()
             return True
         return False

@@ -148,20 +148,25 @@ class EndpointsRepo:
 
 
     async def set_desired(
-        self, name: str, replicas: int, kind: str, message: str, details: dict[str, Any], rules: list[str], *, expected: int | None = None
+        self, name: str, replicas: int, kind: str, message: str, details: dict[str, Any], rules: list[str], *,
+        expected: int | None = None, expected_version: int | None = None,
     ) -> bool:
         """The autoscaler's count, its event and the firing rules' last_triggered_at, in one transaction.
-        False if the endpoint is gone, or if `expected` is given and the desired count is no longer it
-        (an operator changed `replicas` while the autoscaler was deciding: the operator wins)."""
+        False if the endpoint is gone, if `expected` is given and the desired count is no longer it, or if
+        `expected_version` is given and the row changed since (an operator changed the endpoint while the
+        autoscaler was deciding, `replicas` to the same count included: the operator wins). The version
+        is left as it is: it counts changes of the endpoint's spec, not of the autoscaler's count."""
         now = self._store.now()
 
         def tx(db: Database) -> bool:
             with db.atomic():
-                row = next(iter(db.query("select desired_replicas, config from endpoints where name = ?", [name])), None)
+                row = next(iter(db.query("select desired_replicas, config, version from endpoints where name = ?", [name])), None)
                 if row is None:
                     return False
                 current = row["desired_replicas"] if row["desired_replicas"] is not None else json.loads(row["config"])["replicas"]
                 if expected is not None and current != expected:
+                    return False
+                if expected_version is not None and (row["version"] or 0) != expected_version:
                     return False
                 db.execute("update endpoints set desired_replicas = ? where name = ?", [replicas, name])
                 for rule in rules:
