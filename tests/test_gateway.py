@@ -17,6 +17,9 @@ from inprocess import InProcessLauncher, InProcessWorker
 from test_supervisor import FAKE, WORKERS, create, fake_folder, replicas, wait_status
 from yarl import URL
 
+# The gateway in-process: any callback of its that holds the event loop over 100 ms fails the test.
+pytestmark = pytest.mark.usefixtures("slow_callback_guard")
+
 
 @pytest.fixture
 async def admin(start_inprocess_app: Any, make_config: Any) -> Admin:
