@@ -17,6 +17,7 @@ from appliance.domain.specs import EndpointConfig
 from appliance.domain.states import ReplicaState
 
 LAST_LINES = 20  # of the log, in a failed verdict
+_MERGED_MAX = 1000  # steps waiting for the caller
 _FAILED = (ReplicaState.FAILED.value, ReplicaState.UNHEALTHY.value)
 
 
@@ -39,23 +40,27 @@ async def validate(supervisor: Supervisor, name: str, config: EndpointConfig, ti
     replica = supervisor.start_detached(run)
     assert replica.watch is not None
     started = time.monotonic()
-    merged: asyncio.Queue[Step] = asyncio.Queue()
+    # Bounded: a caller that reads slowly holds the log pump back, and the replica's follower queue then
+    # skips lines (and says so) instead of this queue growing until the timeout.
+    merged: asyncio.Queue[Step] = asyncio.Queue(maxsize=_MERGED_MAX)
     loop = asyncio.get_running_loop()
-    lines, follower = await asyncio.to_thread(replica.log.follow_from, 0, loop)
+    follower: asyncio.Queue[str | None] | None = None
+    pumps: list[asyncio.Task[None]] = []
 
     async def states() -> None:
         assert replica.watch is not None
         while True:
             state, reason = await replica.watch.get()
             seconds = round(time.monotonic() - started, 2)
-            merged.put_nowait(Step("state", {"state": state, "reason": reason, "seconds": seconds, "replica": replica.id}))
+            await merged.put(Step("state", {"state": state, "reason": reason, "seconds": seconds, "replica": replica.id}))
 
-    async def logs() -> None:
+    async def logs(follower: asyncio.Queue[str | None]) -> None:
         while (line := await follower.get()) is not None:
-            merged.put_nowait(Step("log", {"line": line}))
+            await merged.put(Step("log", {"line": line}))
 
-    pumps = [asyncio.create_task(states()), asyncio.create_task(logs())]
-    try:
+    try:  # from the replica's start on: a caller cancelled at any await still gets it torn down
+        lines, follower = await asyncio.to_thread(replica.log.follow_from, 0, loop)
+        pumps = [asyncio.create_task(states()), asyncio.create_task(logs(follower))]
         for line in lines:
             yield Step("log", {"line": line})
         deadline = started + timeout
@@ -75,7 +80,8 @@ async def validate(supervisor: Supervisor, name: str, config: EndpointConfig, ti
                 yield _verdict(False, reason, started, replica.log.last_lines(LAST_LINES))
                 return
     finally:
-        replica.log.unfollow(follower)
+        if follower is not None:
+            replica.log.unfollow(follower)
         for pump in pumps:
             pump.cancel()
         # shielded: a caller that went away (its handler cancelled) still gets its replica torn down
