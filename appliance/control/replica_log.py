@@ -58,6 +58,13 @@ def _offer(queue: asyncio.Queue[str | None], line: str) -> None:
     queue.put_nowait(line)
 
 
+def _end(queue: asyncio.Queue[str | None]) -> None:
+    """On the follower's loop: the end of the log, room made for it by dropping the oldest line."""
+    if queue.full():
+        queue.get_nowait()
+    queue.put_nowait(None)
+
+
 class _LogFile(RotatingFileHandler):
     """A rotating file that counts the lines the disk refused instead of printing a traceback per line
     (the worker's output is still read, kept in memory and sent to followers: its pipe never fills)."""
@@ -149,7 +156,7 @@ class ReplicaLog:
         with self._lock:
             followers, self._followers = list(self._followers), set()
         for loop, queue in followers:
-            loop.call_soon_threadsafe(queue.put_nowait, None)
+            loop.call_soon_threadsafe(_end, queue)
 
     def close(self) -> None:
         """Closed after the notes written before it (by the note thread)."""
