@@ -306,14 +306,19 @@ async def test_engine_control_routes_need_an_admin_key_and_inference_routes_do_n
     assert is_inference_route("vllm", "/v1/chat/completions") and not is_inference_route("vllm", "/sleep")
     assert not is_inference_route("vllm", "/v1/load_lora_adapter") and is_inference_route("custom", "/anything/at/all")
     assert is_inference_route("llama-cpp", "/completion") and not is_inference_route("llama-cpp", "/slots")
+    assert is_inference_route("vllm", "/v1/responses/resp_1") and not is_inference_route("vllm", "/v1/responses/../../sleep")
+    assert not is_inference_route("vllm", "/v1/responses/./x") and not is_inference_route("vllm", "/v1//chat/completions")
     # nim: an engine runtime with an allow-list that takes its command (the fake worker) as it is given
     command = ["python", str(FAKE), "--port", "8000", "--model", "engine", "--health-path", "/v1/health/ready"]
     await healthy(admin, "engine", tmp_path, runtime="nim", command=command, health_check={"path": "/v1/health/ready", "interval": 0.2, "max_retries": 2, "initial_delay": 10})
     status, body = await admin.call("POST", "/api/v1/keys", json_body={"name": "user", "scopes": ["inference"]})
     user = {"Authorization": f"Bearer {body['key']}"}
-    for path in ("/endpoints/engine/sleep", "/endpoints/engine/collective_rpc", "/endpoints/engine/echo/x"):
-        resp = await admin.client.post(path, json={}, headers=user)
-        assert resp.status == 403 and (await resp.json())["error"]["code"] == "route_not_allowed", path
+    for path in ("/endpoints/engine/sleep", "/endpoints/engine/collective_rpc", "/endpoints/engine/echo/x",
+                 "/endpoints/engine/v1/responses/%2E%2E/%2E%2E/sleep", "/endpoints/engine/v1/responses/x%2F..%2F..%2Fsleep"):
+        resp = await admin.client.post(URL(path, encoded=True), json={}, headers=user)  # as sent: dot segments not resolved
+        error = (await resp.json())["error"]
+        assert resp.status == 403 and error["code"] == "route_not_allowed", path
+        assert "responses" in error["message"] or "responses" not in path, error  # refused as sent, not after resolving
     resp = await admin.client.post("/v1/load_lora_adapter", json={"model": "engine", "lora_name": "x", "lora_path": "/tmp"}, headers=user)
     assert resp.status == 403 and "not an inference route of the nim runtime" in (await resp.json())["error"]["message"]
     resp = await admin.client.post("/endpoints/engine/v1/chat/completions", json={"model": "engine", "messages": [{"role": "user", "content": "hi"}]}, headers=user)

@@ -38,4 +38,6 @@ def is_inference_route(runtime: str, path: str) -> bool:
     if routes is None:
         return True
     route = path.split("?", 1)[0].strip("/")
+    if any(part in ("", ".", "..") for part in route.split("/")):
+        return False  # `v1/responses/../../sleep` must not pass for a response id: no dot or empty segments
     return route in routes or route.startswith("v1/responses/")
