@@ -329,7 +329,8 @@ class EndpointService:
         """Make the store match the config file's [[endpoints]]; returns the problems met.
 
         Declared endpoints are created or updated; endpoints that came from the config file
-        and are no longer in it are deleted. Endpoints created through the API are left alone.
+        and are no longer in it are deleted. An API-created endpoint the file names is taken
+        over by the file (and so deleted once the file drops it); others are left alone.
         """
         problems: list[str] = []
         declared = {s.name for s in specs}
