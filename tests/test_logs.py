@@ -63,7 +63,7 @@ def test_the_server_log_tells_what_happened_in_json_with_request_ids(server_fact
     server = server_factory(config).start()
     admin = (tmp_path / "state" / "admin.key").read_text().strip()
     wait_for(lambda: _call(server.url, "/api/v1/endpoints/chat", admin)[1]["status"] == "HEALTHY", what="chat to be healthy")
-    status, key, _ = _call(server.url, "/api/v1/keys", admin, {"name": "logged"})
+    status, key, _ = _call(server.url, "/api/v1/keys", admin, {"name": "logged"}, headers={"X-Request-ID": "make-key-1"})
     assert status == 201
 
     # the client's id reaches the worker and comes back on the response
@@ -93,6 +93,8 @@ def test_the_server_log_tells_what_happened_in_json_with_request_ids(server_fact
         assert kind in kinds, (kind, kinds)
     assert not [e for e in lines if e["logger"].startswith("apscheduler")], "scheduler chatter in the log"
     assert any("stopping: 1 replicas drain and stop" in e["message"] for e in lines)
+    created = next(e for e in lines if e.get("kind") == "key.created" and "logged" in e["message"])
+    assert created.get("request_id") == "make-key-1", created  # an event an API call made names that call
     healthy = next(e for e in lines if e.get("kind") == "replica.healthy")
     assert healthy["endpoint"] == "chat" and "replica" in healthy["details"]
     assert len(lines) < 60, f"{len(lines)} lines for one endpoint, one key and a few requests"

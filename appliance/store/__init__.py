@@ -8,6 +8,7 @@ wrappers over plain functions that receive the sqlite-utils Database.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import shutil
 import sqlite3
@@ -125,7 +126,9 @@ class Store:
         self._executor.shutdown(wait=True)
 
     async def _submit(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, _logging_events, fn, *args)
+        # in the caller's context: an event logged there carries the request id of the API call that made it
+        ctx = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, ctx.run, _logging_events, fn, *args)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(db, *args) on the store thread."""
