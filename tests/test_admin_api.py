@@ -284,6 +284,11 @@ async def test_lists_come_in_pages(admin: Admin, model_folder: Path) -> None:
     assert status == 400 and err["error"]["param"] == "limit"
     _, keys = await admin.call("GET", "/api/v1/keys?limit=1")
     assert len(keys["data"]) == 1 and keys["has_more"] is False  # only the bootstrap admin key
+    made = [(await admin.call("POST", "/api/v1/endpoints/a/tokens", json_body={"duration": "1d"}))[1]["id"] for _ in range(3)]
+    _, tokens = await admin.call("GET", "/api/v1/endpoints/a/tokens?limit=2")
+    assert [t["id"] for t in tokens["data"]] == sorted(made)[:2] and tokens["has_more"] is True
+    _, tokens = await admin.call("GET", f"/api/v1/endpoints/a/tokens?limit=2&after={sorted(made)[1]}")
+    assert [t["id"] for t in tokens["data"]] == sorted(made)[2:] and tokens["has_more"] is False
 
 
 async def test_an_operator_patch_made_while_the_autoscaler_scrapes_wins_even_when_it_sets_the_same_count(

@@ -271,7 +271,8 @@ async def list_tokens(request: web.Request) -> web.Response:
     await services.endpoints.get(name)
     now = services.clock()
     rows = await services.store.keys.list(kind="endpoint_token", endpoint=name)
-    return json_response(KeyList(data=[key_view(r, now) for r in rows]))
+    shown, more = page(request, [key_view(r, now) for r in rows], lambda v: v.id)
+    return json_response(KeyList(data=shown, has_more=more))
 
 
 async def revoke_token(request: web.Request) -> web.Response:
@@ -326,7 +327,9 @@ ROUTES = [
           query=(Query("force", "true: revoke even the last admin key"),), scope=ADMIN, tags=("keys",)),
     Route("POST", f"{PREFIX}/endpoints/{{name}}/tokens", create_token, "Generate a token for this endpoint only, valid until a time",
           body=TokenCreate, response=TokenCreated, status=201, scope=ADMIN, tags=("keys",)),
-    Route("GET", f"{PREFIX}/endpoints/{{name}}/tokens", list_tokens, "The endpoint's tokens", response=KeyList, scope=ADMIN, tags=("keys",)),
+    Route("GET", f"{PREFIX}/endpoints/{{name}}/tokens", list_tokens, "The endpoint's tokens", response=KeyList, scope=ADMIN,
+          query=(Query("limit", "items per page (default 100, at most 1000)", "integer"), Query("after", "the last id of the previous page")),
+          tags=("keys",)),
     Route("DELETE", f"{PREFIX}/endpoints/{{name}}/tokens/{_ID}", revoke_token, "Revoke an endpoint token", response=Deleted, scope=ADMIN,
           tags=("keys",)),
     Route("GET", f"{PREFIX}/usage", get_usage, "Requests, tokens and errors per key, endpoint and hour", response=UsageList,
