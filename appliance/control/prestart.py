@@ -6,7 +6,9 @@ action with a `ref` stores its result as a variable for later actions and the st
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -31,6 +33,128 @@ def _mode(args: Mapping[str, Any]) -> int:
     return int(str(raw), 8)  # Backend.AI: an octal string; a YAML integer 644 is read the same way here
 
 
+# The work dir belongs to the worker account (and every worker runs as that account), while these actions
+# run as the appliance, root under systemd: a symlink, hard link or FIFO that model code left in the work
+# dir (now, earlier, or while the actions run) must not take a write, a chmod or a mkdir out of it. So each
+# path is walked one component at a time from a descriptor on the work dir, never following a symlink.
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _through_symlink(given: str) -> ApplianceError:
+    return ApplianceError(
+        f"{given!r} is or goes through a symlink in the replica's work directory; symlinks are not followed there",
+        status=422, code="path_through_symlink",
+    )
+
+
+def _refusal(at: int, name: str, given: str, exc: OSError) -> Exception:
+    """Why opening `name` (in the directory `at`) failed, in words that name the action's path."""
+    try:
+        st = os.stat(name, dir_fd=at, follow_symlinks=False)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        return _through_symlink(given)
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return _not_regular(given)
+    return OSError(exc.errno, exc.strerror, given)
+
+
+def _not_regular(given: str) -> ApplianceError:
+    return ApplianceError(f"{given!r} is not a regular file (a FIFO, socket or device); pre-start actions write only regular files",
+                          status=422, code="path_not_regular_file")
+
+
+def _open_dir(at: int, name: str, given: str, owner: WorkerIdentity | None) -> int:
+    """A descriptor on the directory `name` in `at`, made if missing (as Path.mkdir makes it); never a symlink's target."""
+    made = False
+    while True:
+        try:
+            fd = os.open(name, _DIR, dir_fd=at)
+            break
+        except FileNotFoundError:
+            if made:  # made, then gone again before it could be opened
+                raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), given) from None
+        except OSError as exc:  # ENOTDIR or ELOOP: a symlink or a file stands there
+            raise _refusal(at, name, given, exc) from None
+        try:
+            os.mkdir(name, 0o777, dir_fd=at)
+        except FileExistsError:
+            pass  # made meanwhile (or a dangling symlink): opened and checked as any other
+        made = True
+    if owner is not None:
+        try:
+            os.fchown(fd, owner.uid, owner.gid)  # the worker's, as everything in its work dir
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+def _walk(work_dir: Path, parts: tuple[str, ...], given: str, owner: WorkerIdentity | None) -> int:
+    """A descriptor on work_dir/parts…, each directory made as needed, no symlink followed below the work dir."""
+    fd = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the appliance made it, in its own state directory
+    try:
+        for name in parts:
+            inner = _open_dir(fd, name, given, owner)
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_file(work_dir: Path, parts: tuple[str, ...], given: str, text: str, append: bool, mode: int, owner: WorkerIdentity | None) -> None:
+    """write_file (blocking): parent directories made, then `text` written or appended, then chmod `mode`."""
+    if not parts:
+        raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), given)
+    at = _walk(work_dir, parts[:-1], given, owner)
+    try:
+        # O_NOFOLLOW: a symlink is not opened (nor created through, dangling); O_NONBLOCK: a FIFO does not wait
+        # for a reader; no O_TRUNC: nothing is cut before the checks below say it is the work dir's own file.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_APPEND if append else 0)
+        try:
+            fd = os.open(parts[-1], flags, 0o600, dir_fd=at)
+        except OSError as exc:
+            raise _refusal(at, parts[-1], given, exc) from None
+    finally:
+        os.close(at)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(given)
+        if st.st_nlink > 1:
+            raise ApplianceError(f"{given!r} has other hard links; pre-start actions write only files of the work directory's own",
+                                 status=422, code="path_hard_linked")
+        os.set_blocking(fd, True)
+        if not append:
+            os.ftruncate(fd, 0)
+        if owner is not None:
+            os.fchown(fd, owner.uid, owner.gid)  # before the chmod: never a root-owned file with a mode the definition chose
+        f.write(text)
+        f.flush()
+        os.fchmod(fd, mode)
+
+
+def _write_tempfile(work_dir: Path, text: str, mode: int, owner: WorkerIdentity | None) -> str:
+    """write_tempfile (blocking): a new file in the work dir itself. mkstemp makes it with O_CREAT|O_EXCL|O_NOFOLLOW,
+    so it is a new file of its own; every change after that goes through its descriptor, not its name."""
+    fd, name = tempfile.mkstemp(suffix=".py", dir=work_dir)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        if owner is not None:
+            os.fchown(fd, owner.uid, owner.gid)
+        f.write(text)
+        f.flush()
+        os.fchmod(fd, mode)
+    return name
+
+
+def _make_dirs(work_dir: Path, parts: tuple[str, ...], given: str, owner: WorkerIdentity | None) -> None:
+    """mkdir (blocking): as Path.mkdir(parents=True, exist_ok=True), refusing a symlink anywhere on the way."""
+    os.close(_walk(work_dir, parts, given, owner))
+
+
 async def run_pre_start_actions(
     actions: Iterable[PreStartAction], *, work_dir: Path, variables: dict[str, Any], env: Mapping[str, str], sink: ReplicaLog,
     grace: float = 10.0, identity: WorkerIdentity | None = None,
@@ -46,48 +170,33 @@ async def run_pre_start_actions(
         def fill(raw: Any, where: str = where) -> str:
             return render(str(raw), variables, where=where)
 
-        def path_of(raw: Any) -> Path:
+        def path_of(raw: Any) -> tuple[Path, tuple[str, ...], str]:
             # Files land in the replica's work dir (Backend.AI's /home/work) and nowhere else: model code must
-            # not write over the appliance's state or another replica's files.
+            # not write over the appliance's state or another replica's files. This is the lexical half; the
+            # file operations walk the returned components without following symlinks (_walk).
             given = fill(raw)
             p = Path(os.path.normpath(work_dir / map_paths(given, {WORK_MOUNT: str(work_dir)})))
             if p != work_dir and work_dir not in p.parents:
                 raise ApplianceError(f"{given!r} is outside the replica's work directory (/home/work); pre-start files stay inside it", status=422, code="path_outside_work_dir")
-            return p
+            return p, p.relative_to(work_dir).parts, given
 
         result: Any = None
         try:
             if action.action == "write_file":
-                target = path_of(args["filename"])
+                target, parts, given = path_of(args["filename"])
                 text = "".join(fill(part) for part in _text(args["body"], "\n"))
                 append, mode = bool(args.get("append", False)), _mode(args)
-
-                def write(target: Path = target, text: str = text, append: bool = append, mode: int = mode) -> None:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with open(target, "a" if append else "w", encoding="utf-8") as f:
-                        f.write(text)
-                    target.chmod(mode)
-
-                await asyncio.to_thread(write)
+                await asyncio.to_thread(_write_file, work_dir, parts, given, text, append, mode, identity)
                 sink.note(f"{where}: wrote {target}")
             elif action.action == "write_tempfile":
                 text = "".join(fill(part) for part in _text(args["body"], ""))  # Backend.AI adds no newlines here
-                mode = _mode(args)
-
-                def write_temp(text: str = text, mode: int = mode) -> str:
-                    fd, name = tempfile.mkstemp(suffix=".py", dir=work_dir)
-                    with os.fdopen(fd, "w", encoding="utf-8") as f:
-                        f.write(text)
-                    os.chmod(name, mode)
-                    return name
-
-                result = await asyncio.to_thread(write_temp)
+                result = await asyncio.to_thread(_write_tempfile, work_dir, text, _mode(args), identity)
                 variables["tempfile"] = variables[f"tempfile_{temp_count}"] = result
                 temp_count += 1
                 sink.note(f"{where}: wrote {result}")
             elif action.action == "mkdir":
-                target = path_of(args["path"])
-                await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
+                target, parts, given = path_of(args["path"])
+                await asyncio.to_thread(_make_dirs, work_dir, parts, given, identity)
                 sink.note(f"{where}: created {target}")
             elif action.action == "log":
                 sink.note(("[debug] " if args.get("debug") else "") + fill(args["message"]))
