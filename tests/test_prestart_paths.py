@@ -168,3 +168,21 @@ async def test_paths_outside_the_work_dir_are_still_refused(work: Path, outside:
                    {"action": "mkdir", "args": {"path": "/home/work/../outside/x"}}):
         await refused(work, sink, action, says="outside the replica's work directory")
     untouched(outside)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another account needs root")
+def test_handing_a_work_dir_over_never_follows_a_symlink_out_of_it(tmp_path: Path) -> None:
+    # (the walk is descriptor-relative too, so a link swapped in while it runs is not followed either)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("x")
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "sub" / "f").write_text("y")
+    (work / "link").symlink_to(outside)
+    (work / "file-link").symlink_to(outside / "secret")
+    nobody = WorkerIdentity("nobody", 65534, 65534)
+    nobody.hand_over(work)
+    assert {p.stat().st_uid for p in (work, work / "sub", work / "sub" / "f")} == {65534}
+    assert (work / "link").lstat().st_uid == 65534  # the link itself is the worker's
+    assert (outside / "secret").stat().st_uid == 0 and outside.stat().st_uid == 0  # what it points at is not

@@ -26,10 +26,16 @@ class WorkerIdentity:
 
     def hand_over(self, path: Path) -> None:
         """Give a work directory (and what pre-start actions wrote in it) to the worker account (blocking)."""
-        for root, dirs, files in os.walk(path):
+        # Descriptor-relative and never following a symlink: a worker (every worker runs as this account)
+        # that swaps a directory for a link while this walks must not get a file outside chowned to it.
+        for _, dirs, files, at in os.fwalk(path, follow_symlinks=False):
             for name in [*dirs, *files]:
-                os.lchown(os.path.join(root, name), self.uid, self.gid)
-        os.chown(path, self.uid, self.gid)
+                os.chown(name, self.uid, self.gid, dir_fd=at, follow_symlinks=False)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchown(fd, self.uid, self.gid)
+        finally:
+            os.close(fd)
 
 
 def worker_identity(setting: str | None) -> WorkerIdentity | None:
