@@ -31,6 +31,7 @@ def test_config_before_or_after_the_command_and_from_the_environment(server_fact
         _cli("--config", str(config), "endpoint", "list", "--json"),
         _cli("endpoint", "list", "--json", "--config", str(config)),
         _cli("endpoint", "list", "--json", env={"APPLIANCE_CONFIG": str(config)}),
+        _cli("endpoint", "--config", str(config), "list", "--json"),  # between the group and its action
     ):
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["data"] == []

@@ -32,13 +32,30 @@ def build_parser() -> argparse.ArgumentParser:
     access.register(sub, shared)
     tls.register(sub, shared)
     gpu.register(sub, shared)
+    for group in _groups(parser):
+        # `appliance endpoint --config X list` too; SUPPRESS: absent, it leaves the other places' value alone
+        group.add_argument("--config", "-c", dest="group_config", metavar="CONFIG", default=argparse.SUPPRESS, help="config file")
     return parser
+
+
+def _groups(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every command group below `parser` (a parser with actions of its own), at any depth."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                if any(isinstance(a, argparse._SubParsersAction) for a in child._actions):
+                    found.append(child)
+                found += _groups(child)
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "config", None) is None and args.global_config is not None:
-        args.config = args.global_config
+    if getattr(args, "config", None) is None:  # the command's own --config, else its group's, else the global one
+        given = getattr(args, "group_config", None) or args.global_config
+        if given is not None:
+            args.config = given
     try:
         return int(args.func(args))
     except ApplianceError as exc:
