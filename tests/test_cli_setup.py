@@ -132,3 +132,10 @@ def test_check_config_follows_endpoints_to_declared_models_and_refuses_missing_e
     folder.mkdir(parents=True, exist_ok=True)
     engine = run_cli("check-config", str(server_config(tmp_path, f'[[endpoints]]\nname = "sg"\nmodel_folder = "{folder}"\nruntime = "sglang"\n')))
     assert engine.returncode == 1 and "runtime 'sglang' needs the" in engine.stderr and "not installed" in engine.stderr, engine.stderr
+
+
+def test_a_missing_or_unreadable_key_file_says_what_to_do(tmp_path: Path) -> None:
+    config = server_config(tmp_path, "")
+    missing = _cli("endpoint", "list", "--config", str(config), "--url", "http://127.0.0.1:9", "--key-file", str(tmp_path / "none.key"))
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert "none.key not found: pass --key-file FILE, or `appliance admin-key reset`" in missing.stderr, missing.stderr
