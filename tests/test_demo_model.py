@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -86,11 +88,15 @@ def test_transformers_serve_serves_the_demo_model_on_cpu(demo_folder: Path, tmp_
 
 def test_appliance_demo_starts_with_the_demo_endpoint_declared(tmp_path: Path) -> None:
     state = tmp_path / "demo-state"
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "demo", "--state-dir", str(state), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "appliance", "demo", "--state-dir", str(state), "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    printed: list[str] = []
+    reader = threading.Thread(target=lambda: printed.extend(proc.stdout or ()), daemon=True)
+    reader.start()
     try:
 
         def ready() -> str | None:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert proc.poll() is None, "".join(printed)
             try:
                 url = json.loads((state / "server.json").read_text())["url"]
                 with urllib.request.urlopen(url + "/readyz", timeout=2):
@@ -105,6 +111,20 @@ def test_appliance_demo_starts_with_the_demo_endpoint_declared(tmp_path: Path) -
             ep = json.loads(resp.read())
         assert ep["runtime"] == "transformers" and ep["model_folder"] == str(state / "models" / "demo") and ep["source"] == "config"
         assert (state / "models" / "demo" / "model.safetensors").exists()
+        wait_for(lambda: any(line.startswith("demo: ready:") for line in printed), timeout=120, what="the demo's ready line")
+        text = "".join(printed)
+        assert f"curl -s {url}/v1/chat/completions" in text and f'base_url="{url}/v1"' in text  # the port the server took
+        # the printed export line makes the CLI work verbatim in another shell
+        export = next(line for line in printed if line.strip().startswith("export PATH="))
+        shell = subprocess.run(["bash", "-c", f"{export.strip()}; cd /; appliance endpoint list --json"], capture_output=True, text=True, timeout=60, check=False,
+                               env={k: v for k, v in os.environ.items() if k != "APPLIANCE_CONFIG"})
+        assert shell.returncode == 0, shell.stderr
+        assert [e["name"] for e in json.loads(shell.stdout)["data"]] == ["demo"]
+        # a second demo on the same state dir stops at once and leaves this one alone
+        second = subprocess.run([sys.executable, "-m", "appliance", "demo", "--state-dir", str(state), "--port", "0"], capture_output=True, text=True, timeout=60, check=False)
+        assert second.returncode != 0 and "another appliance is already running with state_dir" in second.stderr and "Traceback" not in second.stderr
+        with urllib.request.urlopen(url + "/readyz", timeout=5) as resp:
+            assert resp.status == 200
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0

@@ -79,30 +79,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"done ({time.monotonic() - started:.1f} s)", flush=True)
     path = write_demo_config(state, folder, port=args.port, engine=args.engine)
     key = state / "admin.key"
-    url = f"http://127.0.0.1:{args.port}"
     config = load_config(path)
+    config.server_file.unlink(missing_ok=True)  # a killed run's: no server holds the state dir (the lock said so)
     bin_dir = Path(sys.executable).parent
     print(
         f"demo: model folder {folder}\ndemo: config {path}\ndemo: admin key in {key}\n"
         f"demo: for the CLI in another shell (`appliance endpoint list`, `appliance key create`, ...):\n"
-        f"  export PATH=\"{bin_dir}:$PATH\" APPLIANCE_CONFIG=\"{path}\"\n"
+        f"  export PATH=\"{bin_dir}:$PATH\" APPLIANCE_CONFIG=\"{path}\"",
+        flush=True,
+    )
+    if args.port:  # known now; with --port 0 the lines follow once the server has taken one
+        print(_try_lines(f"http://127.0.0.1:{args.port}", key), flush=True)
+    threading.Thread(target=_say_when_ready, args=(config.server_file, key, not args.port), daemon=True).start()
+    return serve(config)
+
+
+def _try_lines(url: str, key: Path) -> str:
+    return (
         f"demo: try (the first call waits until the replica is up):\n"
         f"  curl -s {url}/v1/chat/completions -H \"Authorization: Bearer $(cat {key})\" -H 'Content-Type: application/json' "
         f"-d '{{\"model\": \"demo\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'\n"
         f"  {sys.executable} -c 'from openai import OpenAI; c = OpenAI(base_url=\"{url}/v1\", api_key=open(\"{key}\").read().strip()); "
-        f"print(c.chat.completions.create(model=\"demo\", messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}], max_tokens=16))'",
-        flush=True,
+        f"print(c.chat.completions.create(model=\"demo\", messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}], max_tokens=16))'"
     )
-    threading.Thread(target=_say_when_ready, args=(config.server_file, key), daemon=True).start()
-    return serve(config)
 
 
-def _say_when_ready(server_file: Path, key_file: Path, timeout: float = 900.0) -> None:
-    """One line once the demo endpoint answers (the server's log says the rest)."""
+def _say_when_ready(server_file: Path, key_file: Path, try_lines: bool, timeout: float = 900.0) -> None:
+    """One line once the demo endpoint answers (the server's log says the rest); first the try lines, when
+    they wait for the port the server takes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             url = json.loads(server_file.read_text())["url"]  # the port the server took (--port 0 picks one)
+            if try_lines:
+                print(_try_lines(url, key_file), flush=True)
+                try_lines = False
             req = urllib.request.Request(url + "/api/v1/endpoints/demo", headers={"Authorization": f"Bearer {key_file.read_text().strip()}"})
             with urllib.request.urlopen(req, timeout=2) as resp:
                 if json.loads(resp.read()).get("status") == "HEALTHY":
