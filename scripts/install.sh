@@ -65,10 +65,23 @@ fi
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$src/pyproject.toml")
 own=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 extra=""; [ "$vllm" -eq 1 ] && extra="[vllm]"
+# What is installed is this source tree as it is now (not only its version number, which a change may keep).
+stamp="$venv/.appliance-source"
+tree=$( (cd "$src" && find appliance pyproject.toml -type f -not -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum; echo "$extra") | sha256sum | cut -d' ' -f1)
 # installed in this environment itself (not seen through reused packages, nor the source tree's metadata)
+installed=0
 if [ -d "$own/appliance-$version.dist-info" ] && [ -x "$venv/bin/appliance" ] && { [ "$vllm" -eq 0 ] || "$venv/bin/python" -I -c 'import vllm' 2>/dev/null; }; then
-  say "appliance $version is installed"
+  installed=1
+fi
+if [ "$installed" -eq 1 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$tree" ]; then
+  say "appliance $version is installed and current"
+elif [ "$installed" -eq 1 ]; then
+  say "updating appliance $version from $src ..."
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --force-reinstall "$src"
+  echo "$tree" > "$stamp"
+  say "updated appliance $version in $venv"
 else
+  say "installing appliance $version$extra and its dependencies into $venv (a few minutes; pip's output only on failure) ..."
   if [ "$reuse" -eq 1 ]; then
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "$src"
   elif [ "$vllm" -eq 1 ]; then
@@ -78,6 +91,7 @@ else
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --index-url https://download.pytorch.org/whl/cpu \
       --extra-index-url https://pypi.org/simple "torch==2.13.0" "$src[transformers,speed]"
   fi
+  echo "$tree" > "$stamp"
   say "installed appliance $version$extra into $venv"
 fi
 

@@ -37,8 +37,8 @@ def _root(tmp_path: Path) -> Path:
     return root
 
 
-def _run(script: str, *args: str) -> str:
-    done = subprocess.run([str(REPO / "scripts" / script), *args], capture_output=True, text=True, timeout=300, check=False)
+def _run(script: str, *args: str, src: Path = REPO) -> str:
+    done = subprocess.run([str(src / "scripts" / script), *args], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -75,8 +75,18 @@ def test_install_verify_reinstall_uninstall(tmp_path: Path) -> None:
     config.write_text(config.read_text() + "# edited by the operator\n")
     second = _run("install.sh", "--root", str(root), "--python", sys.executable, "--reuse-deps")
     assert "account appliance-worker exists" in second and "kept /etc/appliance/config.toml" in second
-    assert "is installed" in second and "is current" in second
+    assert "is installed and current" in second and "unit /etc/systemd/system/appliance.service is current" in second
     assert config.read_text().endswith("# edited by the operator\n")  # never overwritten
+
+    # a changed source tree is installed again, though its version number stayed the same
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "tests", "*-state", "docs"))
+    (src / "appliance" / "changed.py").write_text("MARK = 1\n")
+    third = _run("install.sh", "--root", str(root), "--python", sys.executable, "--reuse-deps", src=src)
+    assert "updating appliance" in third and "updated appliance" in third, third
+    marked = subprocess.run([str(root / "opt" / "appliance" / ".venv" / "bin" / "python"), "-I", "-c", "import appliance.changed"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert marked.returncode == 0, marked.stderr
 
     (root / "var" / "lib" / "appliance" / "appliance.db").write_text("state")
     kept = _run("uninstall.sh", "--root", str(root))
