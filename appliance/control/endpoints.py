@@ -27,7 +27,7 @@ from appliance.domain.runtimes import NEEDS_COMMAND, VARIANTS, default_health_ch
 from appliance.domain.specs import EndpointConfig, EndpointSpec, Environment, Resources
 from appliance.domain.states import EndpointStatus
 from appliance.errors import ApplianceError, validation_error
-from appliance.security.vault import Vault, masked
+from appliance.security.vault import Vault, masked, restore_masked
 from appliance.store import Store
 from appliance.store.repos import EndpointRow
 from appliance.store.scaling_repos import declared_rule_prefix
@@ -245,7 +245,8 @@ class EndpointService:
         self._on_delete = on_delete  # the deleted endpoint's tokens were revoked: drop them from the key cache
 
     def _sealed(self, spec: EndpointSpec, current: EndpointRow | None) -> EndpointSpec:
-        """Secrets encrypted before anything is stored; unchanged ones keep their ciphertext (no restart)."""
+        """Secrets encrypted before anything is stored (unchanged ones keep their ciphertext: no restart); masked values sent back are the stored ones."""
+        spec = spec.model_copy(update=restore_masked(spec.model_dump(include={"environ", "extra_args", "command"}), current))
         if not spec.secret_environ:
             return spec
         old = (current or {}).get("spec", {}).get("secret_environ", {})

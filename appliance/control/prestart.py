@@ -20,6 +20,7 @@ from appliance.control.replica_log import ReplicaLog
 from appliance.domain.definitions import PreStartAction
 from appliance.domain.templates import WORK_MOUNT, map_paths, render
 from appliance.errors import ApplianceError
+from appliance.security.vault import mask_argv
 
 
 def _text(body: Any, newline: str) -> list[str]:

@@ -93,15 +93,10 @@ def read_key_file(path: Path) -> str:
     try:
         return path.read_text().strip()
     except FileNotFoundError:
-        raise ApplianceError(
-            f"admin key file {path} not found: pass --key-file FILE, or `appliance admin-key reset` (with the server's --config) "
-            "writes a new one there", status=401, code="key_file_not_found",
-        ) from None
+        fix, code = "pass --key-file FILE, or `appliance admin-key reset` (with the server's --config) writes a new one there", "key_file_not_found"
     except PermissionError:
-        raise ApplianceError(
-            f"admin key file {path} is not readable by this user: run the command as the appliance's user (e.g. with sudo), "
-            "or pass --key-file with a copy you may read", status=401, code="key_file_unreadable",
-        ) from None
+        fix, code = "run the command as the appliance's user (e.g. with sudo), or pass --key-file with a copy you may read", "key_file_unreadable"
+    raise ApplianceError(f"admin key file {path} {'not found' if code.endswith('found') else 'is not readable by this user'}: {fix}", status=401, code=code)
 
 
 async def bootstrap_admin_key(store: Store, path: Path) -> bool:
