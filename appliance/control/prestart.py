@@ -219,7 +219,7 @@ async def _run_command(
 ) -> dict[str, str]:
     """Backend.AI's run_command: an argv (no shell), output captured and returned as {out, err},
     the exit code noted but not fatal. Here the output also goes to the replica log."""
-    sink.note(f"{where}: running {argv}")
+    sink.note(f"{where}: running {mask_argv(argv)}")  # read keys may read the log: no secrets in it
     proc = await asyncio.create_subprocess_exec(
         resolve_executable(argv[0]), *argv[1:], cwd=str(cwd), env=dict(env),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
