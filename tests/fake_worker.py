@@ -221,8 +221,11 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
         return web.json_response({"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": len(items), "total_tokens": len(items)}})
 
     async def echo(request: web.Request) -> web.Response:
-        return web.json_response({"method": request.method, "path": request.path, "raw_path": request.raw_path, "query": request.query_string,
+        resp = web.json_response({"method": request.method, "path": request.path, "raw_path": request.raw_path, "query": request.query_string,
                                   "body": (await request.read()).decode(), "headers": dict(request.headers)})
+        for cookie in request.query.getall("set-cookie", []):  # a worker that sets cookies (several Set-Cookie headers)
+            resp.headers.add("Set-Cookie", cookie)
+        return resp
 
     async def page(request: web.Request) -> web.Response:  # an engine's own HTML page, such as /docs
         return web.Response(text="<script>fetch('/ui/session')</script>", content_type="text/html")

@@ -147,6 +147,9 @@ async def test_endpoint_url_passes_everything_through(admin: Admin, tmp_path: Pa
     resp = await admin.client.get(URL("/endpoints/triton/echo/a%2Fb%3Fc/infer?q=1&x=%26%20", encoded=True))
     echo = await resp.json()
     assert resp.status == 200 and echo["raw_path"] == "/echo/a%2Fb%3Fc/infer?q=1&x=%26%20", echo
+    # every cookie a worker sets reaches the client, except one named as the console's session
+    resp = await admin.client.get("/endpoints/triton/echo/c", params=[("set-cookie", "a=1"), ("set-cookie", "b=2"), ("set-cookie", "appliance_session=x")])
+    assert resp.status == 200 and resp.headers.getall("Set-Cookie") == ["a=1", "b=2"]
 
 
 async def test_worker_errors_pass_through_unchanged(admin: Admin, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from appliance.api.rename import Rename, RenameStream
@@ -66,6 +67,11 @@ class Outcome:
     error: str = ""
     chunks: int = 0  # body chunks relayed from a stream
     last_chunk: float | None = None  # seconds from the start to the last of them
+
+
+def _ours(name: str, value: str) -> bool:
+    """A cookie of the appliance's own (the console's session) that a worker tries to set on this origin."""
+    return value[:10] == "appliance_" and name.lower() == "set-cookie"
 
 
 class UpstreamUnreachable(Exception):
@@ -250,7 +256,8 @@ async def forward(
         track.add(upstream)
     try:
         outcome.status = upstream.status
-        out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+        # A multidict: a worker's repeated headers (several Set-Cookie) all reach the client.
+        out_headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP and not _ours(k, v))
         if extra_headers:
             out_headers.update(extra_headers)
         ctype = upstream.headers.get("Content-Type", "")
