@@ -100,3 +100,31 @@ def test_gpu_series_name_the_replica_that_holds_each_gpu() -> None:
     assert got[("appliance_gpu_memory_total_bytes", (("gpu", "1"),))] == 80 << 30
     assert got[("appliance_gpu_allocation_share", (("endpoint", "chat"), ("gpu", "0"), ("replica", "chat-1")))] == 0.5
     assert got[("appliance_gpu_info", (("gpu", "1"), ("name", "H100"), ("uuid", "GPU-b")))] == 1
+
+
+def test_restarts_probe_failures_decisions_and_rejections_are_counted_and_a_gone_replica_or_endpoint_leaves_no_series() -> None:
+    t = Telemetry()
+    t.restarted("chat")
+    t.restarted("chat")
+    for replica, passed in (("chat-1", False), ("chat-1", False), ("chat-2", False), ("chat-2", True)):
+        t.probed("chat", replica, passed, 0.01)
+    t.decided("chat", "out", "r1")
+    t.decided("chat", "in", None)
+    t.rejected("rate_limit_exceeded")
+    t.request("chat", 200, 0.1, ttft=None, gap=None, prompt=3, completion=4)
+    got = samples(t.exposition(Live()).decode())
+    assert got[("appliance_replica_restarts_total", (("endpoint", "chat"),))] == 2
+    assert got[("appliance_health_probe_failures_total", (("endpoint", "chat"), ("replica", "chat-1")))] == 2
+    assert got[("appliance_health_probe_failures_total", (("endpoint", "chat"), ("replica", "chat-2")))] == 1
+    assert got[("appliance_health_probe_duration_seconds_count", (("endpoint", "chat"),))] == 4
+    assert got[("appliance_autoscaler_decisions_total", (("direction", "out"), ("endpoint", "chat"), ("rule", "r1")))] == 1
+    assert got[("appliance_autoscaler_decisions_total", (("direction", "in"), ("endpoint", "chat"), ("rule", "idle")))] == 1
+    assert got[("appliance_rejections_total", (("code", "rate_limit_exceeded"),))] == 1
+
+    t.replica_gone("chat", "chat-1")
+    got = samples(t.exposition(Live()).decode())
+    assert ("appliance_health_probe_failures_total", (("endpoint", "chat"), ("replica", "chat-1"))) not in got
+    assert ("appliance_health_probe_failures_total", (("endpoint", "chat"), ("replica", "chat-2"))) in got
+    t.endpoint_gone("chat")
+    left = [key for key in samples(t.exposition(Live()).decode()) if ("endpoint", "chat") in key[1]]
+    assert left == [], left

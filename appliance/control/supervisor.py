@@ -177,6 +177,7 @@ class Supervisor:
                     self._request_stop(r)
                 if not run.replicas:
                     del self._runs[name]
+                    self.telemetry.endpoint_gone(name)
                 self._dirty = True
         for name, row in rows.items():
             run = self._runs.get(name)
@@ -225,6 +226,8 @@ class Supervisor:
         if r.task is not None:
             await asyncio.gather(r.task, return_exceptions=True)
         self._detached.pop(r.id, None)
+        if not any(d.endpoint == r.endpoint for d in self._detached.values()):
+            self.telemetry.endpoint_gone(r.endpoint)  # a validation's series end with it
 
     def _create(self, run: EndpointRun, watch: asyncio.Queue[tuple[str, str]] | None = None) -> Replica:
         rid = f"{run.name}-{secrets.token_hex(3)}"
@@ -262,6 +265,7 @@ class Supervisor:
     def finished(self, run: EndpointRun, r: Replica) -> None:
         run.replicas.pop(r.id, None)
         run.finished = (run.finished + [r])[-_KEEP_TERMINATED:]
+        self.telemetry.replica_gone(run.name, r.id)
         if self._runs.get(run.name) is run:
             self.poke()
 

@@ -188,6 +188,16 @@ class Telemetry:
         if not passed:
             self._probe_failures.labels(endpoint, replica).inc()
 
+    def replica_gone(self, endpoint: str, replica: str) -> None:
+        """A finished replica's own series go (replica ids are not reused: they would pile up)."""
+        self._probe_failures.remove_by_labels({"endpoint": endpoint, "replica": replica})
+
+    def endpoint_gone(self, endpoint: str) -> None:
+        """A deleted endpoint's series go (a validation's temporary one too)."""
+        for metric in (self._restarts, self._probe_failures, self._probe_duration, self._decisions):
+            metric.remove_by_labels({"endpoint": endpoint})
+        self._requests.endpoints.pop(endpoint, None)
+
     def decided(self, endpoint: str, direction: str, rule: str | None) -> None:
         self._decisions.labels(endpoint, direction, rule or "idle").inc()
 
