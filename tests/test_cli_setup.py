@@ -90,6 +90,12 @@ def test_doctor_reports_the_box_with_fixes(tmp_path: Path) -> None:
     assert result.returncode == (1 if any(c["status"] == "problem" for c in report["checks"]) else 0)
     human = run_cli("doctor", config=_gpu_config(tmp_path, "{ gpus = 1 }"))
     assert "engines:" in human.stdout and "worker ports:" in human.stdout
+    # what the config asks for: process groups on purpose; an engine a declared endpoint needs and the box lacks
+    config = _gpu_config(tmp_path, "{ cpu = 1 }")
+    config.write_text(config.read_text().replace("[workers]\n", '[workers]\nisolation = "process-group"\n').replace('runtime = "transformers"', 'runtime = "sglang"'))
+    checks = {c["name"]: c for c in json.loads(run_cli("doctor", "--json", config=config).stdout)["checks"]}
+    assert checks["replica cgroups"]["status"] == "ok" and "process-group" in checks["replica cgroups"]["detail"]
+    assert checks["engines"]["status"] == "problem" and "runtime 'sglang' needs" in checks["engines"]["detail"], checks["engines"]
 
 
 def test_create_with_wait_follows_the_endpoint_to_its_verdict(server_factory: Any, tmp_path: Path) -> None:

@@ -121,7 +121,7 @@ def examine(config: Config, server_pid: int | None) -> list[Check]:
     """Every check of the box against `config`; `server_pid` is the running server's, when one runs."""
     view = read_gpus()
     checks = [_nvml(view, config), _engines(config)]
-    checks += [_cgroups(server_pid), _worker_user(config), _ports(config), *_state_dir(config), _clock()]
+    checks += [_cgroups(server_pid, config.workers.isolation), _worker_user(config), _ports(config), *_state_dir(config), _clock()]
     return checks
 
 
@@ -144,24 +144,29 @@ def _nvml(view: GpuView, config: Config) -> Check:
 def _engines(config: Config) -> Check:
     versions = engine_versions()
     text = ", ".join(f"{name} {v}" if v else f"{name}: not installed" for name, v in versions.items())
-    needed = {e.runtime for e in config.endpoints if e.runtime} & {"vllm", "sglang", "transformers"}
-    missing = sorted(n for n in needed if not versions.get(n))
+    from appliance.control.endpoints import check_declared
+
+    # every declared endpoint's runtime as it resolves (a folder's definition, the default), any runtime
+    missing = [p for p in check_declared(list(config.endpoints), config.models.declared)[0] if "which is not installed" in p]
     if missing:
-        return Check("engines", "problem", text, f"install {', '.join(missing)} into the appliance's environment (declared endpoints use it)")
+        return Check("engines", "problem", f"{text}; " + "; ".join(missing), "install what each declared endpoint's runtime needs (above)")
     return Check("engines", "ok", text)
 
 
-def _cgroups(server_pid: int | None) -> Check:
+def _cgroups(server_pid: int | None, isolation: str) -> Check:
     from appliance.control.cgroups import own_cgroup
 
+    if isolation == "process-group":
+        return Check("replica cgroups", "ok", "off (workers.isolation = \"process-group\"): replicas are held by process groups")
+    short = "problem" if isolation == "cgroup" else "warning"  # "cgroup" asks for them: the server will not start without
     proc = Path(f"/proc/{server_pid}") if server_pid else Path("/proc/self")
     own = own_cgroup(proc)
     who = "the running server" if server_pid else "this shell (no server running)"
     if own is None:
-        return Check("replica cgroups", "warning", "no cgroup v2 hierarchy: replicas are held by process groups",
+        return Check("replica cgroups", short, "no cgroup v2 hierarchy: replicas are held by process groups",
                      "use a systemd host with the unified cgroup hierarchy")
     if not os.access(own, os.W_OK):
-        return Check("replica cgroups", "warning", f"{who} is in {own}, which it cannot write: replicas are held by process groups",
+        return Check("replica cgroups", short, f"{who} is in {own}, which it cannot write: replicas are held by process groups",
                      "run the appliance under systemd with Delegate=yes (systemd/appliance.service has it)")
     controllers = (own / "cgroup.controllers").read_text().split() if (own / "cgroup.controllers").exists() else []
     limits = "cpu and memory limits enforced" if {"cpu", "memory"} <= set(controllers) else "resources.cpu/mem not enforced (no cpu or memory controller delegated)"
