@@ -220,7 +220,8 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
-    def start(self, timeout: float = 30.0) -> "ServerProcess":
+    def start(self, timeout: float = 30.0, *, ready: bool = True) -> "ServerProcess":
+        """Start it and wait until /readyz says ready (ready=False: until it answers at all)."""
         server_json = self.state_dir / "server.json"
         server_json.unlink(missing_ok=True)
         self.log = open(self.log_path, "wb")
@@ -241,7 +242,7 @@ class ServerProcess:
                 info = json.loads(server_json.read_text())
                 # readiness only; tests that check certificates do so themselves
                 insecure = ssl._create_unverified_context() if info["url"].startswith("https:") else None
-                with urllib.request.urlopen(info["url"] + "/readyz", timeout=2, context=insecure) as resp:
+                with urllib.request.urlopen(info["url"] + ("/readyz" if ready else "/healthz"), timeout=2, context=insecure) as resp:
                     self.url = info["url"]
                     return resp.status == 200
             except (OSError, ValueError):

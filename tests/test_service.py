@@ -95,3 +95,22 @@ def test_notify_protocol_and_reload(server_factory: Any, tmp_path: Path, notify_
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=30) == 0
     assert messages.find(lambda m: m.get("STOPPING") == "1", after=before)
+
+
+def test_a_failed_start_still_says_ready_with_why_in_status(server_factory: Any, tmp_path: Path, notify_socket: socket.socket) -> None:
+    config = server_config(tmp_path, "")
+    (tmp_path / "state" / "admin.key").mkdir(parents=True)  # the admin key cannot be written: startup fails
+    server = server_factory(config, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}).start(ready=False)
+    messages = Messages(notify_socket)
+    # READY=1 all the same (the process stays up for /healthz, /readyz and the log), and STATUS says why
+    ready = wait_for(lambda: messages.find(lambda m: m.get("READY") == "1"), what="READY=1")
+    assert ready.get("STATUS", "").startswith("startup failed: "), ready
+    with urllib.request.urlopen(server.url + "/healthz", timeout=5) as resp:
+        assert resp.status == 200
+    try:
+        urllib.request.urlopen(server.url + "/readyz", timeout=5).close()
+        raise AssertionError("/readyz answered 200 after a failed start")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 503
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=30) == 0
