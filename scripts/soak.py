@@ -12,7 +12,8 @@ timeout, a stream that does not end with `data: [DONE]`).
 
 The first --warmup-minutes (at most half the run) are warm-up. Targets, exit status 1 if one is missed:
   - appliance RSS growth ≤ 10 % from the end of warm-up to the end of the load
-  - appliance open fds: end − end of warm-up ≤ 5
+  - appliance open fds: end − end of warm-up ≤ 5 (with bursts of streams every --burst-every s that grow
+    the keep-alive pools: their extra connections must be let go again)
   - 0 failed requests (inference and admin)
   - the offered rate achieved: ≥ 99 % of --rate
   - a clean stop: SIGTERM → exit code 0, and no worker left running
@@ -114,6 +115,7 @@ class Stats:
     stream_ttft_ms: list[float] = field(default_factory=list)
     lag_ms: list[float] = field(default_factory=list)  # how late each request left against its slot
     held: int = 0  # requests that waited for the concurrency bound
+    burst: int = 0  # requests sent in bursts, beyond the paced ones
     admin_reads: int = 0
     failures: list[Failure] = field(default_factory=list)
     # Since the last sample: chat answer time, and a stream's first token (its length is the worker's pace).
@@ -273,11 +275,23 @@ class Soak:
         rate = self.args.rate
         pick = random.Random(1)  # the same mix every run
         tasks: set[asyncio.Task[None]] = set()
+        every = self.args.burst_every
+        next_burst = every if every > 0 else None
         i = 0
         while (due := i / rate) < self.duration:
             wait = due - self.now()
             if wait > 0:
                 await asyncio.sleep(wait)
+            if next_burst is not None and due >= next_burst:
+                # Many streams at once: both keep-alive pools (the clients' and the gateway's to the workers)
+                # grow; the extra connections must be let go again before the end is judged.
+                for _ in range(self.args.burst_size):
+                    await self.sem.acquire()
+                    task = asyncio.create_task(self.request(pooled, True))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                self.stats.burst += self.args.burst_size
+                next_burst = next_burst + every if next_burst + every <= self.duration - 90 else None
             if self.sem.locked():
                 self.stats.held += 1
             await self.sem.acquire()
@@ -293,7 +307,7 @@ class Soak:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             i += 1
-        self.stats.started = i
+        self.stats.started = i + self.stats.burst
         self.pending = tasks
 
     async def drain(self) -> None:
@@ -470,6 +484,9 @@ def main() -> int:
     parser.add_argument("--sample-seconds", type=float, default=10.0, help="process sampling period (default 10)")
     parser.add_argument("--admin-seconds", type=float, default=5.0, help="period of the admin reads (default 5)")
     parser.add_argument("--request-timeout", type=float, default=60.0, help="a request slower than this fails (default 60)")
+    parser.add_argument("--burst-every", type=float, default=300.0,
+                        help="seconds between bursts of --burst-size streams at once (none in the last 90 s; 0: no bursts; default 300)")
+    parser.add_argument("--burst-size", type=int, default=48, help="streams in one burst (default 48, within --concurrency)")
     parser.add_argument(
         "--client-pool", choices=("newest", "oldest"), default="newest",
         help="which idle keep-alive connection the load generator reuses: newest (as httpx, the default) or oldest (aiohttp's own)",
@@ -532,7 +549,7 @@ def main() -> int:
     st, samples = soak.stats, soak.samples
     first, base, end = samples[0], at(samples, warmup_s), at(samples, soak.duration)
     send_span = max(soak.duration, (st.last_send or 0) - (st.first_send or 0) + 1 / args.rate)
-    achieved = st.started / send_span
+    achieved = (st.started - st.burst) / send_span
     completed_rate = st.completed / max(soak.duration, st.last_done or 0)
     inference_failures = [f for f in st.failures if f.kind != "admin"]
     admin_failures = [f for f in st.failures if f.kind == "admin"]
@@ -546,7 +563,8 @@ def main() -> int:
     print(f"machine:  {cores} cores ({machine['physical_cores']} physical), {machine['memory_gib']} GiB, "
           f"Python {machine['python']}, {machine['platform']}")
     print(f"load:     {args.minutes:g} min, warm-up {warmup_s / 60:g} min, {REPLICAS} fake-worker replicas, private endpoint with a key; "
-          f"{args.stream_fraction:.0%} streams of {STREAM_TOKENS} tokens, {args.fresh_fraction:.0%} on fresh connections, ≤ {args.concurrency} in flight")
+          f"{args.stream_fraction:.0%} streams of {STREAM_TOKENS} tokens, {args.fresh_fraction:.0%} on fresh connections, ≤ {args.concurrency} in flight; "
+          f"{st.burst} more in bursts of {args.burst_size} streams" + (f" every {args.burst_every:g} s" if args.burst_every > 0 else "") + f"; client pool {args.client_pool} first")
     print(f"requests: {st.started} sent ({chats} chat + {streams} stream answered), {len(inference_failures)} failed; "
           f"{st.admin_reads} admin reads, {len(admin_failures)} failed")
     print(f"rate:     target {args.rate:g} req/s, offered {achieved:.2f} req/s ({achieved / args.rate:.1%}), completed {completed_rate:.2f} req/s; "
