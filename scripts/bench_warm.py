@@ -12,6 +12,9 @@ downloads the prefix through one transfer manager with 10 requests at a time, wi
 8 MiB ranged parts and with one GET per object, and the registry warms it from the same prefix; the
 ratios are boto3's times over the warm's.
 
+With --cold (root only) the page cache is dropped before each local copy: the source is read from
+the disk, as a model on a disk or an NFS mount usually is, rather than from memory.
+
 Free space is checked first (four copies of the local folder must fit, with 1 GiB to spare);
 everything made is removed at the end. Run: .venv/bin/python scripts/bench_warm.py [--size 2gb]
 """
@@ -90,9 +93,18 @@ def cpu_of_self() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(kind: str, work: Path, src: Path, i: int) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of one copy of `src`; what it made is removed and synced away after."""
+def drop_page_cache() -> None:
+    """Written-back pages out of memory: the next read of the source comes from the disk (root only)."""
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def measure(kind: str, work: Path, src: Path, i: int, cold: bool = False) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one copy of `src`; what it made is removed and synced away after.
+    cold: the page cache is dropped first, so the source is read from the disk, as a model's usually is."""
     dst = work / f"{kind}-{i}"
+    if cold:
+        drop_page_cache()
     cpu0, cpu0_self = cpu_of_children(), cpu_of_self()
     started = time.perf_counter()
     if kind == "cp":
@@ -114,7 +126,7 @@ def measure(kind: str, work: Path, src: Path, i: int) -> tuple[float, float]:
     return took, cpu
 
 
-def bench_local(work: Path, size: int, files: int, runs: int) -> None:
+def bench_local(work: Path, size: int, files: int, runs: int, cold: bool = False) -> None:
     src = work / "src"
     print(f"local: making {size_text(size)} in {files} shards at {src} ...", flush=True)
     make_folder(src, size, files)
@@ -125,12 +137,12 @@ def bench_local(work: Path, size: int, files: int, runs: int) -> None:
     for i in range(runs):
         order = kinds[i % len(kinds):] + kinds[: i % len(kinds)]  # each kind in every position: drift spreads evenly
         for kind in order:
-            took, cpu = measure(kind, work, src, i)
+            took, cpu = measure(kind, work, src, i, cold)
             times[kind].append(took)
             cpus[kind].append(cpu)
         print(f"  run {i + 1}: " + ", ".join(f"{k} {times[k][-1]:.2f} s ({cpus[k][-1]:.2f} CPU s)" for k in kinds), flush=True)
     med = statistics.median
-    print(f"local {size_text(total)}, medians of {runs}: " + ", ".join(
+    print(f"local {size_text(total)}, {'cold page cache (read from disk)' if cold else 'source in the page cache'}, medians of {runs}: " + ", ".join(
         f"{k} {total / med(times[k]) / 2**20:.0f} MiB/s ({med(cpus[k]):.2f} CPU s)" for k in kinds))
     ratio = med(times["cp"]) / med(times["warm"])
     print(f"RATIO local warm / cp -r: {ratio:.2f} ({'meets' if ratio >= TARGET else 'misses'} the {TARGET} target); "
@@ -197,6 +209,8 @@ def main() -> int:
     parser.add_argument("--s3-files", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each (medians reported)")
     parser.add_argument("--dir", default=None, help="where to work (default: a temporary directory)")
+    parser.add_argument("--cold", action="store_true",
+                        help="local: drop the page cache before each copy (root), so the source is read from the disk as a model's usually is")
     args = parser.parse_args()
     size, s3_size = parse_bytes(args.size), parse_bytes(args.s3_size)
     base = Path(args.dir) if args.dir else Path(tempfile.gettempdir())
@@ -209,7 +223,7 @@ def main() -> int:
     try:
         print(f"working in {work} ({size_text(free)} free); {os.cpu_count()} CPUs")
         if size:
-            bench_local(work, size, args.files, args.runs)
+            bench_local(work, size, args.files, args.runs, args.cold)
         if s3_size:
             bench_s3(work, s3_size, args.s3_files, args.runs)
     finally:
