@@ -233,8 +233,8 @@ async def _run_command(
         await proc.wait()
         raise
     text_out, text_err = out.decode("utf-8", errors="replace"), err.decode("utf-8", errors="replace")
-    for line in (text_out + text_err).splitlines():
-        sink.write(line)
+    lines = (text_out + text_err).splitlines()
+    await asyncio.to_thread(lambda: [sink.write(line) for line in lines])  # the disk is written off the event loop
     sink.note(f"{where}: {argv[0]} exited with code {proc.returncode}" + (" (Backend.AI goes on regardless)" if proc.returncode else ""))
     await asyncio.to_thread(end_group, proc.pid, 0.0)  # a helper it left in its group would outlive the replica otherwise
     return {"out": text_out, "err": text_err}

@@ -91,15 +91,17 @@ class ReplicaLog:
     def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._handler = _LogFile(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        # delay: the file is opened by the first line written (a pump or the note thread), not here on the loop
+        self._handler = _LogFile(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True)
         self._handler.setFormatter(logging.Formatter("%(message)s"))
         self._lock = threading.Lock()
+        self._tail_lock = threading.Lock()  # never held across a disk write: the event loop reads the tail under it
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._followers: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[str | None]]] = set()
         self._closed = False
 
     def write(self, line: str) -> None:
-        """Thread-safe; called from pump threads and from the event loop (short appliance notes)."""
+        """Thread-safe and blocking: called from pump threads, the note thread and worker threads, never the event loop."""
         with self._lock:
             refused = self._handler.refused
             if refused:  # the disk refused earlier lines: say so in the file, once it takes lines again
@@ -108,7 +110,8 @@ class ReplicaLog:
                 if self._handler.refused:  # still refused: go on counting from where it was
                     self._handler.refused = refused
             self._emit(line)
-            self.tail.append(line)
+            with self._tail_lock:
+                self.tail.append(line)
             followers = list(self._followers)
         for loop, queue in followers:
             loop.call_soon_threadsafe(_offer, queue, line)
@@ -137,7 +140,8 @@ class ReplicaLog:
             self._followers = {f for f in self._followers if f[1] is not queue}
 
     def last_lines(self, n: int = 20) -> list[str]:
-        with self._lock:
+        """The recent lines in memory (on the event loop: takes no lock a disk write holds)."""
+        with self._tail_lock:
             return list(self.tail)[-n:]
 
     def read_tail(self, n: int) -> list[str]:
