@@ -52,8 +52,9 @@ def worker_identity(setting: str | None) -> WorkerIdentity | None:
             return None
         raise ApplianceError(f"workers.user: no account named {name!r} on this box (useradd --system {name})", code="invalid_config") from None
     if os.geteuid() != 0:
-        if setting == "auto":
-            return None  # an unprivileged appliance cannot switch users; its secrets are 0600 all the same
+        if setting == "auto":  # an unprivileged appliance cannot switch users; its secrets are 0600 all the same
+            log.info("workers run as the appliance's own user (uid %d): only an appliance run as root gives them %s", os.geteuid(), name)
+            return None
         raise ApplianceError(f"workers.user = {name!r} needs the appliance to run as root (it runs as uid {os.geteuid()})", code="invalid_config")
     if entry.pw_uid == 0:
         raise ApplianceError(f"workers.user: {name!r} is root; workers must not be", code="invalid_config")
