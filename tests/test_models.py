@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -405,3 +406,14 @@ def test_config_declares_models_and_credentials(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="key pair or a profile"):
         parse_config({"models": {"credentials": {"x": {"access_key_id": "a", "secret_access_key": "b", "profile": "p"}}}}, base=tmp_path)
 
+
+async def test_a_file_rewritten_at_the_same_size_before_the_warm_is_caught(admin: Admin, tmp_path: Path) -> None:
+    source = tmp_path / "same-size"
+    write_model(source, {"config.json": 10, "weights.bin": 1000})
+    assert (await admin.call("POST", "/api/v1/models", json_body={"name": "same-size", "source": str(source), "warm": False}))[0] == 201
+    weights = source / "weights.bin"
+    weights.write_bytes(os.urandom(1000))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten: a new mtime
+    assert (await admin.call("POST", "/api/v1/models/same-size/warm"))[0] in (200, 202)
+    failed = await wait_model(admin, "same-size", "FAILED")
+    assert "source changed" in failed["last_error"] and "rewritten: weights.bin" in failed["last_error"], failed["last_error"]

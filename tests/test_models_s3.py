@@ -189,3 +189,32 @@ async def test_s3_interrupted_warm_resumes_with_ranged_reads(make_config: Any, s
     assert row is not None and same_tree(s3["local"], Path(row["local_path"]))
     await second.stop()
     await store.close()
+
+
+async def test_an_object_rewritten_during_the_warm_fails_it_instead_of_mixing_versions(
+    make_config: Any, s3: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = boto3.client("s3", endpoint_url=s3["url"], region_name="us-east-1", aws_access_key_id=s3["key"][0], aws_secret_access_key=s3["key"][1])
+    for rel, data in {"config.json": b"{}", "a.bin": os.urandom(3 * MiB), "b.bin": os.urandom(MiB)}.items():
+        client.put_object(Bucket=BUCKET, Key=f"rewritten/{rel}", Body=data)
+    monkeypatch.setattr(model_sources, "CHUNK", 256 << 10)
+    config = s3_config(make_config, s3, tmp_path, parallel=1)  # one file at a time, the largest first
+    gate = Gate(monkeypatch, "a.bin", cls=S3Source)
+    store = Store(config.db_path, time.time)
+    await store.open()
+    registry = Registry(config, store, time.time, Vault(config.secret_key_path))
+    await registry.register(ModelSpec(name="moving", source=f"s3://{BUCKET}/rewritten", endpoint_url=s3["url"], credentials="good"))
+    await asyncio.to_thread(gate.reached.wait, 30)
+    client.put_object(Bucket=BUCKET, Key="rewritten/b.bin", Body=os.urandom(MiB))  # the same size, other bytes, after the listing
+    gate.release.set()
+
+    async def failed() -> dict[str, Any] | None:
+        row = await store.models.get("moving")
+        assert row is not None and row["state"] != "READY", "a file rewritten after the listing was copied as if nothing happened"
+        return row if row["state"] == "FAILED" else None
+
+    row = await async_wait_for(failed, timeout=60, what="the warm to fail")
+    assert "rewritten while the model was copied" in row["last_error"], row["last_error"]
+    await registry.stop()
+    await store.close()
+

@@ -146,6 +146,7 @@ class S3Source:
         from botocore.config import Config as BotoConfig
         from botocore.exceptions import BotoCoreError
 
+        self._etags: dict[str, str] = {}  # path -> ETag as last listed: reads ask for that version
         for name in ("boto3", "botocore", "s3transfer", "urllib3"):  # their DEBUG lines carry request signatures
             logging.getLogger(name).setLevel(max(logging.getLogger(name).level, logging.INFO))
         self.ref = ref
@@ -175,6 +176,9 @@ class S3Source:
                 return _problem(f"bucket {ref.bucket!r} does not exist{self._where}", "bucket_not_found")
             if code in ("NoSuchKey", "404") and key is not None:
                 return ApplianceError(f"s3://{ref.bucket}/{key} is gone from the source: register the model again", status=422, code="source_changed")
+            if code in ("PreconditionFailed", "412") and key is not None:
+                return ApplianceError(f"s3://{ref.bucket}/{key} was rewritten while the model was copied: register the model again", status=409,
+                                      code="source_changed")
             if code in _DENIED:
                 return _problem(f"S3 refused access to {ref}{self._where}: {code} ({message}); check the model's credentials", "s3_access_denied")
             return _problem(f"S3 error for {ref}{self._where}: {code}: {message}", "s3_error")
@@ -203,6 +207,7 @@ class S3Source:
                     except ValueError as exc:
                         raise _problem(f"object {obj['Key']!r} cannot be a file of a model folder: {exc}", "source_unsafe_key") from None
                     entries.append(FileEntry(rel, int(obj["Size"]), None, str(obj.get("ETag", "")).strip('"')))
+                    self._etags[rel] = entries[-1].tag
                     if len(entries) > MAX_FILES:
                         raise _problem(f"{ref} has more than {MAX_FILES} objects: is it really one model's folder?", "source_too_large")
         except (BotoCoreError, ClientError) as exc:
@@ -217,7 +222,9 @@ class S3Source:
 
         key = self.ref.prefix + path
         try:
-            extra = {"Range": f"bytes={offset}-"} if offset else {}
+            extra: dict[str, str] = {"Range": f"bytes={offset}-"} if offset else {}
+            if etag := self._etags.get(path):
+                extra["IfMatch"] = etag  # the object as listed, or nothing: a resumed part never mixes two versions
             body = self._client.get_object(Bucket=self.ref.bucket, Key=key, **extra)["Body"]
         except (ConnectionError, ResponseStreamingError) as exc:
             raise SourceBroken(f"s3://{self.ref.bucket}/{key}: {exc}") from None

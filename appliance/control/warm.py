@@ -211,7 +211,7 @@ def copy_files(
                 raise failure
             entry, digest = futures[future], future.result()
             if entry.sha256 != digest:  # learnt as each file completes: a crash later keeps what was verified
-                known[entry.path] = FileEntry(entry.path, entry.size, digest)
+                known[entry.path] = FileEntry(entry.path, entry.size, digest, entry.tag)
                 learnt(known[entry.path])
     return [known[e.path] for e in manifest]
 

@@ -140,7 +140,8 @@ class S3Credentials(Model):
 @dataclass(frozen=True)
 class FileEntry:
     """One file of a model: its path under the model folder, size, sha256 (None until first fetched) and
-    the source's own tag (mtime or ETag), which only feeds the default revision."""
+    the source's own tag (mtime or ETag): it feeds the default revision, and a file whose tag changed
+    since registration changed though its size did not."""
 
     path: str
     size: int
@@ -148,11 +149,11 @@ class FileEntry:
     tag: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+        return {"path": self.path, "size": self.size, "sha256": self.sha256, **({"tag": self.tag} if self.tag else {})}
 
     @classmethod
     def of(cls, data: dict[str, Any]) -> FileEntry:
-        return cls(data["path"], int(data["size"]), data.get("sha256"))
+        return cls(data["path"], int(data["size"]), data.get("sha256"), str(data.get("tag", "")))
 
 
 def check_relative(path: str) -> str:
@@ -176,13 +177,14 @@ class ManifestDiff:
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     resized: tuple[str, ...] = ()
+    rewritten: tuple[str, ...] = ()  # same size, another ETag or mtime
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.removed or self.resized)
+        return bool(self.added or self.removed or self.resized or self.rewritten)
 
     def describe(self, limit: int = 3) -> str:
         parts = []
-        for what, paths in (("new", self.added), ("gone", self.removed), ("changed size", self.resized)):
+        for what, paths in (("new", self.added), ("gone", self.removed), ("changed size", self.resized), ("rewritten", self.rewritten)):
             if paths:
                 shown = ", ".join(paths[:limit]) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
                 parts.append(f"{what}: {shown}")
@@ -191,12 +193,15 @@ class ManifestDiff:
 
 def compare(manifest: Sequence[FileEntry], listing: Sequence[FileEntry]) -> ManifestDiff:
     """How a source's current listing differs from the manifest it was registered with."""
-    old = {e.path: e.size for e in manifest}
-    new = {e.path: e.size for e in listing}
+    old = {e.path: e for e in manifest}
+    new = {e.path: e for e in listing}
+    both = set(old) & set(new)
     return ManifestDiff(
         added=tuple(sorted(set(new) - set(old))),
         removed=tuple(sorted(set(old) - set(new))),
-        resized=tuple(sorted(p for p in set(old) & set(new) if old[p] != new[p])),
+        resized=tuple(sorted(p for p in both if old[p].size != new[p].size)),
+        # a manifest made before tags were kept has none: sizes are all it can compare
+        rewritten=tuple(sorted(p for p in both if old[p].size == new[p].size and old[p].tag and new[p].tag and old[p].tag != new[p].tag)),
     )
 
 
