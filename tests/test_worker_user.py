@@ -56,7 +56,8 @@ def test_a_worker_cannot_read_the_appliances_secrets(server_factory: Any, tmp_pa
     }
     (folder / "model-definition.yaml").write_text(yaml.safe_dump({"models": [{"name": "guarded", "model_path": "/models", "service": service}]}))
     site = next(Path(sys.prefix, "lib").glob("python3.11/site-packages"))
-    config = server_config(tmp_path, f'[[endpoints]]\nname = "guarded"\nmodel_folder = "{folder}"\nenviron = {{ PYTHONPATH = "{site}" }}\n')
+    config = server_config(tmp_path, f'[[endpoints]]\nname = "guarded"\nmodel_folder = "{folder}"\nenviron = {{ PYTHONPATH = "{site}" }}\n'
+                           'secret_environ = { GUARDED_TOKEN = "sealed-under-secret.key" }\n')
     config.write_text(config.read_text().replace("[workers]\n", f'[workers]\nuser = "{ACCOUNT}"\n'))
     server = server_factory(config).start()
     state = tmp_path / "state"
@@ -68,7 +69,9 @@ def test_a_worker_cannot_read_the_appliances_secrets(server_factory: Any, tmp_pa
             return json.loads(resp.read())
 
     rep = wait_for(lambda: next((r for r in api("/api/v1/endpoints/guarded/replicas")["data"] if r["state"] == "HEALTHY"), None), what="a healthy replica")
-    secrets = [state / n for n in ("admin.key", "secret.key", "jwt.key", "appliance.db")]
+    secrets = [state / n for n in ("admin.key", "secret.key", "appliance.db")]
+    assert all(p.exists() for p in secrets), [p for p in secrets if not p.exists()]  # each one there to be refused
+    secrets += [p for p in (state / "jwt.key", *state.glob("appliance.db-*")) if p.exists()]  # the database's WAL and shared memory too
     query = "&".join(f"read={p}" for p in [*secrets, Path(rep["work_dir"]) / "note.txt"])
     me = api(f"/endpoints/guarded/whoami?{query}")
     assert me["uid"] == account.pw_uid
