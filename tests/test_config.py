@@ -165,3 +165,26 @@ def test_the_demo_config_for_each_engine(tmp_path: Path) -> None:
     assert not is_current_demo_model(folder)
     (folder / "config.json").write_text('{"hidden_size": 64, "num_attention_heads": 1}')
     assert is_current_demo_model(folder)
+
+
+def test_every_unmarked_value_in_the_example_is_the_default() -> None:
+    import tomllib
+
+    text = (REPO / "config.example.toml").read_text()
+    lines = text.splitlines()
+    example = tomllib.loads(text)
+    defaults = parse_config({}, base=REPO)
+    unmarked = []
+    for section, table in example.items():
+        if section == "endpoints":
+            continue  # one declared endpoint, an example as a whole
+        for key, value in table.items():
+            if isinstance(value, (dict, list)) and key in ("credentials", "declared"):
+                continue  # entries of the user's own: examples as a whole
+            shown = getattr(parse_config({section: {key: value}}, base=REPO), section)
+            if getattr(shown, key) == getattr(getattr(defaults, section), key):
+                continue
+            at = next(i for i, line in enumerate(lines) if line.startswith(f"{key} ="))
+            if not any("example" in line for line in lines[max(0, at - 3) : at + 1]):
+                unmarked.append(f"[{section}] {key} = {value!r}")
+    assert not unmarked, f"values in config.example.toml that are not the defaults and not marked (example): {unmarked}"
