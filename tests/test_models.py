@@ -417,3 +417,33 @@ async def test_a_file_rewritten_at_the_same_size_before_the_warm_is_caught(admin
     assert (await admin.call("POST", "/api/v1/models/same-size/warm"))[0] in (200, 202)
     failed = await wait_model(admin, "same-size", "FAILED")
     assert "source changed" in failed["last_error"] and "rewritten: weights.bin" in failed["last_error"], failed["last_error"]
+
+
+async def test_declared_models_on_reload_are_updated_pruned_and_their_source_fields_kept(
+    start_inprocess_app: Any, make_config: Any, tmp_path: Path
+) -> None:
+    from appliance.api.app import reload_declared
+
+    one, two = fake_folder(tmp_path, "one"), fake_folder(tmp_path, "two")
+
+    def config(models: list[dict[str, Any]], endpoints: list[dict[str, Any]]) -> Any:
+        return make_config({"workers": WORKERS, "models": {"declared": models}, "endpoints": endpoints})
+
+    serving = [{"name": "on-one", "model": "one"}]
+    admin = await start_inprocess_app(config([{"name": "one", "source": str(one)}, {"name": "two", "source": str(two), "warm": False}], serving))
+    await wait_status(admin, "on-one", "HEALTHY")
+    app = admin.client.app
+    # a new description is applied; `two`, gone from the file, is deleted
+    assert await reload_declared(app, config([{"name": "one", "source": str(one), "description": "now described"}], serving)) == []
+    assert (await model(admin, "one"))["description"] == "now described"
+    assert (await admin.call("GET", "/api/v1/models/two"))[0] == 404
+    # a source field cannot change under the same name: refused, the model as it was
+    problems = await reload_declared(app, config([{"name": "one", "source": str(two)}], serving))
+    assert len(problems) == 1 and "source cannot change on a registered model" in problems[0], problems
+    assert (await model(admin, "one"))["source"] == str(one)
+    # gone from the file while an endpoint (an API one now) serves it: it stays, and the reason is given
+    status, _ = await admin.call("POST", "/api/v1/endpoints", json_body={"name": "api-on-one", "model": "one"})
+    assert status == 201
+    problems = await reload_declared(app, config([], []))
+    assert any("api-on-one" in p for p in problems), problems
+    assert (await model(admin, "one"))["state"] == "READY"
