@@ -111,6 +111,8 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
     async def partial(request: web.Request) -> web.StreamResponse:
         # a plain (not SSE) body of unknown length, cut off after `bytes`: a worker dying mid-answer
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        if request.query.get("length"):  # or one that declared its length, and is cut off short of it
+            resp.content_length = int(request.query["length"])
         await resp.prepare(request)
         await resp.write(b"x" * int(request.query.get("bytes", "100000")))
         assert request.transport is not None

@@ -299,6 +299,15 @@ async def test_a_plain_body_cut_off_by_the_worker_reaches_the_client_incomplete(
     assert resp.status == 200
     with pytest.raises(aiohttp.ClientPayloadError):
         await resp.read()  # not a clean, short 200
+    # the same with a declared length over the 1 MiB the gateway would buffer: streamed, and cut off too
+    resp = await admin.client.get("/endpoints/cutoff/_partial?bytes=1500000&length=3000000")
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    # under it, the whole answer is read before anything is sent: a cut one is the worker's failure, said so
+    resp = await admin.client.get("/endpoints/cutoff/_partial?bytes=300000&length=600000")
+    error = (await resp.json())["error"]
+    assert resp.status == 502 and "cutoff" in error["message"], error
     resp = await admin.client.get("/endpoints/cutoff/health")
     assert resp.status == 200  # the appliance itself is fine
 
