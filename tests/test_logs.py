@@ -59,7 +59,7 @@ def _call(url: str, path: str, key: str, body: dict[str, Any] | None = None, hea
 @pytest.mark.process
 def test_the_server_log_tells_what_happened_in_json_with_request_ids(server_factory: Any, tmp_path: Path) -> None:
     folder = fake_folder(tmp_path, "chat")
-    config = server_config(tmp_path, f'[logging]\nformat = "json"\n[[endpoints]]\nname = "chat"\nmodel_folder = "{folder}"\n')
+    config = server_config(tmp_path, f'[logging]\nformat = "json"\n[gateway]\naccess_log = true\n[[endpoints]]\nname = "chat"\nmodel_folder = "{folder}"\n')
     server = server_factory(config).start()
     admin = (tmp_path / "state" / "admin.key").read_text().strip()
     wait_for(lambda: _call(server.url, "/api/v1/endpoints/chat", admin)[1]["status"] == "HEALTHY", what="chat to be healthy")
@@ -97,4 +97,6 @@ def test_the_server_log_tells_what_happened_in_json_with_request_ids(server_fact
     assert created.get("request_id") == "make-key-1", created  # an event an API call made names that call
     healthy = next(e for e in lines if e.get("kind") == "replica.healthy")
     assert healthy["endpoint"] == "chat" and "replica" in healthy["details"]
-    assert len(lines) < 60, f"{len(lines)} lines for one endpoint, one key and a few requests"
+    access = [e for e in lines if e["logger"] == "appliance.api.access"]
+    assert any("request=chat-call-1" in e["message"] and "/v1/chat/completions" in e["message"] for e in access), access[-3:]
+    assert len(lines) - len(access) < 60, f"{len(lines) - len(access)} lines for one endpoint, one key and a few requests"
