@@ -3,6 +3,9 @@ and answered alike for a private endpoint and a missing one (names cannot be pro
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 from aiohttp import web
 
 from appliance.api.services import SERVICES
@@ -10,31 +13,43 @@ from appliance.domain.routes import is_inference_route
 from appliance.domain.specs import EndpointConfig
 from appliance.errors import ApplianceError
 from appliance.security.auth import ADMIN, INFERENCE, Principal
+from appliance.security.sessions import missing_credential
+
+# Why an anonymous caller would be refused; made only when it is (a public endpoint's anonymous calls,
+# the common case there, never build the error).
+Refusal = ApplianceError | Callable[[], ApplianceError]
 
 
-async def caller(request: web.Request) -> tuple[Principal | None, ApplianceError | None]:
+def _error(refusal: Refusal) -> ApplianceError:
+    return refusal if isinstance(refusal, ApplianceError) else refusal()
+
+
+async def caller(request: web.Request) -> tuple[Principal | None, Refusal | None]:
     """Who is calling, decided from the headers before any body is read: a principal, or None and why not."""
+    headers = request.headers
+    if "Authorization" not in headers and "Cookie" not in headers:
+        return None, partial(missing_credential, request)
     try:
         return await request.app[SERVICES].auth.identify(request, record=False), None
     except ApplianceError as err:
         return None, err
 
 
-def refuse_unless_public(request: web.Request, refusal: ApplianceError | None) -> None:
+def refuse_unless_public(request: web.Request, refusal: Refusal | None) -> None:
     """An anonymous caller is refused before its body is read when no endpoint is public."""
     table = request.app[SERVICES].supervisor.table
     if refusal is not None and not any(c.public for c in table.endpoints.values()):
-        raise request.app[SERVICES].auth.refuse(request, refusal)
+        raise request.app[SERVICES].auth.refuse(request, _error(refusal))
 
 
-def authorize(request: web.Request, principal: Principal | None, refusal: ApplianceError | None, name: str, config: EndpointConfig | None) -> Principal | None:
+def authorize(request: web.Request, principal: Principal | None, refusal: Refusal | None, name: str, config: EndpointConfig | None) -> Principal | None:
     """The principal the call runs as (None: anonymous on a public endpoint). Without a valid credential
     the answer is the same 401 whether the endpoint is private or does not exist: names are not probed."""
     auth = request.app[SERVICES].auth
     if principal is None:
         if config is None or not config.public:
             assert refusal is not None
-            raise auth.refuse(request, refusal)
+            raise auth.refuse(request, _error(refusal))
         return None
     if config is None:
         raise ApplianceError(f"The model '{name}' does not exist", status=404, code="model_not_found", param="model")
