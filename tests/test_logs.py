@@ -23,7 +23,19 @@ def _record(message: str, **extra: Any) -> logging.LogRecord:
     return record
 
 
-def test_json_lines_carry_the_request_id_and_event_fields(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture
+def restored_logging() -> Any:
+    """setup_logging replaces the root logger's handlers: give the next tests back pytest's own. (A handler
+    left on this test's captured stderr, closed after it, made every later log line print a traceback.)"""
+    root, scheduler = logging.getLogger(), logging.getLogger("apscheduler")
+    handlers, level, scheduler_level = root.handlers[:], root.level, scheduler.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    scheduler.setLevel(scheduler_level)
+
+
+def test_json_lines_carry_the_request_id_and_event_fields(capsys: pytest.CaptureFixture[str], restored_logging: None) -> None:
     setup_logging("info", "json")
     try:
         token = REQUEST_ID.set("req-42")
@@ -32,7 +44,7 @@ def test_json_lines_carry_the_request_id_and_event_fields(capsys: pytest.Capture
         logging.getLogger("apscheduler.executors.default").info('Running job "Autoscaler.evaluate"')  # chatter: not shown
         line = capsys.readouterr().err.strip()
     finally:
-        setup_logging("info", "plain")
+        logging.getLogger().handlers[:] = []
     entry = json.loads(line)
     assert entry["request_id"] == "req-42" and entry["kind"] == "endpoint.created" and entry["endpoint"] == "chat"
     assert entry["level"] == "info" and entry["logger"] == "appliance.events" and entry["time"].endswith("Z")
