@@ -332,10 +332,6 @@ class Supervisor:
         await self._publish_status(run)
         self.poke()
 
-    def desired(self, name: str) -> int | None:
-        run = self._runs.get(name)
-        return run.desired if run else None
-
     def desired_version(self, name: str) -> tuple[int, int] | None:
         """The desired count and the version of the stored endpoint it was read from."""
         run = self._runs.get(name)
