@@ -67,7 +67,7 @@ class Vault:
         for name, value in new.items():
             if value == MASK:  # sent back as shown: keep the stored value
                 if name not in old:
-                    raise ApplianceError(f"{param}.{name}: {MASK} means 'keep the stored value', but none is stored", status=422, code="invalid_secret", param=param)
+                    raise _kept(param, f"{param}.{name}")
                 out[name] = old[name]
             elif value.startswith(SEALED):
                 self.open(value)  # must be ours
