@@ -19,6 +19,7 @@ from yarl import URL
 
 from appliance.api.rename import Rename, RenameStream
 from appliance.errors import ApplianceError
+from appliance.security.sessions import COOKIE_PREFIX
 
 HOP_BY_HOP = frozenset(
     h.lower()
@@ -78,7 +79,7 @@ def _answer_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
         out.popall(name, None)
     if "Set-Cookie" in out:
         for cookie in out.popall("Set-Cookie"):
-            if not cookie.startswith("appliance_"):
+            if not cookie.startswith(COOKIE_PREFIX):
                 out.add("Set-Cookie", cookie)
     return out
 
@@ -362,6 +363,6 @@ async def _write_rest(response: web.StreamResponse, events: UsageEventFilter | N
     """What the stream's filters still hold, at its end."""
     rest = events.flush() if events is not None else b""
     if renaming is not None:
-        rest = renaming.feed(rest) + renaming.flush() if rest else renaming.flush()
+        rest = renaming.flush(rest)
     if rest:
         await response.write(rest)

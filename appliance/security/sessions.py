@@ -20,7 +20,8 @@ from aiohttp import web
 from appliance.errors import ApplianceError
 from appliance.store import Clock
 
-SESSION_COOKIE = "appliance_session"
+COOKIE_PREFIX = "appliance_"  # the appliance's own cookies: a worker's answer may not set them
+SESSION_COOKIE = COOKIE_PREFIX + "session"
 CSRF_HEADER = "X-CSRF-Token"
 IDLE_SECONDS = 12 * 3600.0
 MAX_SESSIONS = 10_000  # a bound on memory: past it the least recently used session ends
