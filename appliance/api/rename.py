@@ -62,6 +62,7 @@ class RenameStream:
         self.held = data[cut:]
         return self.rename(data[:cut]) if cut else b""
 
-    def flush(self) -> bytes:
-        rest, self.held = self.held, b""
+    def flush(self, last: bytes = b"") -> bytes:
+        """What is held, with the stream's `last` bytes, renamed: the stream ends here."""
+        rest, self.held = self.held + last, b""
         return self.rename(rest) if rest else b""
