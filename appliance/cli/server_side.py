@@ -25,7 +25,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from appliance.control.endpoints import check_declared
+    from appliance.control.doctor import check_declared
 
     path = Path(args.path or args.config or default_config_path())
     try:

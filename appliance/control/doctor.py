@@ -13,13 +13,15 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.config import Config
 from appliance.control.gpus import Nvml
+from appliance.domain.models import ModelFolder, ModelSpec, parse_source
 from appliance.domain.placement import GpuInfo
-from appliance.domain.specs import EndpointConfig, Resources
+from appliance.domain.specs import EndpointConfig, EndpointSpec, Resources
 from appliance.errors import ApplianceError
 
 # engine → (how it is found: "module:<name>" or "exe:<name>", the distributions that may provide it)
@@ -144,10 +146,8 @@ def _nvml(view: GpuView, config: Config) -> Check:
 def _engines(config: Config) -> Check:
     versions = engine_versions()
     text = ", ".join(f"{name} {v}" if v else f"{name}: not installed" for name, v in versions.items())
-    from appliance.control.endpoints import check_declared
-
     # every declared endpoint's runtime as it resolves (a folder's definition, the default), any runtime
-    missing = [p for p in check_declared(list(config.endpoints), config.models.declared)[0] if "which is not installed" in p]
+    missing = [text for code, text in declared_problems(config.endpoints, config.models.declared) if code == "runtime_not_installed"]
     if missing:
         return Check("engines", "problem", f"{text}; " + "; ".join(missing), "install what each declared endpoint's runtime needs (above)")
     return Check("engines", "ok", text)
@@ -249,3 +249,39 @@ def _clock() -> Check:
             return Check("clock", "ok" if synced else "warning", f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}, NTP synchronized: {done.stdout.strip()}",
                          "" if synced else "enable time sync (timedatectl set-ntp true): token expiry and usage hours depend on the clock")
     return Check("clock", "ok", f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} (synchronization unknown: no systemd-timedated)")
+
+
+def declared_problems(specs: Sequence[EndpointSpec], models: Sequence[ModelSpec] = ()) -> Iterator[tuple[str, str]]:
+    """Offline check of declared endpoints against their folders: (code, text) per problem, code
+    "warning" for what is not one yet. An endpoint on a declared model with a local source is checked
+    against that source."""
+    from appliance.control.endpoints import resolve
+
+    declared = {m.name: m for m in models}
+    for i, spec in enumerate(specs):
+        where = f"endpoints[{i}] ({spec.name})"
+        folder = None
+        if spec.model is not None:
+            m = declared.get(spec.model)
+            if m is None:
+                yield "warning", f"{where}: model {spec.model!r} is not declared in [[models.declared]]; register it (appliance model add) or the endpoint fails"
+                continue
+            source = parse_source(m.source)
+            if source.kind != "path":
+                continue  # its definition files are read when the server registers it
+            if not Path(source.path).is_dir():
+                yield "source_not_found", f"{where}: model {spec.model!r}: source {source.path} is not a directory"
+                continue
+            names = tuple(sorted(p.name for p in Path(source.path).iterdir()))
+            folder = ModelFolder(path=source.path, definitions=source.path, names=names)
+        try:
+            resolve(spec, folder)
+        except ApplianceError as exc:
+            for detail in exc.problems or [exc.message]:
+                yield exc.code, f"{where}: {detail}"
+
+
+def check_declared(specs: Sequence[EndpointSpec], models: Sequence[ModelSpec] = ()) -> tuple[list[str], list[str]]:
+    """declared_problems for check-config: problems, warnings."""
+    found = list(declared_problems(specs, models))
+    return [text for code, text in found if code != "warning"], [text for code, text in found if code == "warning"]

@@ -22,7 +22,7 @@ from appliance.control.folders import find_definition_file, load_model_definitio
 from appliance.control.model_gate import folder_of
 from appliance.control.process import resolve_executable
 from appliance.domain.definitions import ModelDefinition, RuntimeSection
-from appliance.domain.models import ModelFolder, ModelSpec, parse_source
+from appliance.domain.models import ModelFolder
 from appliance.domain.runtimes import NEEDS_COMMAND, VARIANTS, default_health_check, default_served_model_name
 from appliance.domain.specs import EndpointConfig, EndpointSpec, Environment, Resources
 from appliance.domain.states import EndpointStatus
@@ -369,32 +369,3 @@ class EndpointService:
             await self._replace(current, spec, "config", f"endpoint {spec.name} updated from the config file", {"spec": masked(stated(spec))}, config)
         elif config.model_dump(mode="json") != current["config"]:
             await self._replace(current, spec, "config", f"endpoint {spec.name} picked up changes in its model folder", {}, config)
-
-
-def check_declared(specs: Sequence[EndpointSpec], models: Sequence[ModelSpec] = ()) -> tuple[list[str], list[str]]:
-    """Offline check of declared endpoints against their folders (for check-config): problems, warnings.
-    An endpoint on a declared model with a local source is checked against that source."""
-    problems: list[str] = []
-    warnings: list[str] = []
-    declared = {m.name: m for m in models}
-    for i, spec in enumerate(specs):
-        folder = None
-        if spec.model is not None:
-            m = declared.get(spec.model)
-            if m is None:
-                warnings.append(f"endpoints[{i}] ({spec.name}): model {spec.model!r} is not declared in [[models.declared]]; register it (appliance model add) or the endpoint fails")
-                continue
-            source = parse_source(m.source)
-            if source.kind != "path":
-                continue  # its definition files are read when the server registers it
-            if not Path(source.path).is_dir():
-                problems.append(f"endpoints[{i}] ({spec.name}): model {spec.model!r}: source {source.path} is not a directory")
-                continue
-            names = tuple(sorted(p.name for p in Path(source.path).iterdir()))
-            folder = ModelFolder(path=source.path, definitions=source.path, names=names)
-        try:
-            resolve(spec, folder)
-        except ApplianceError as exc:
-            details = exc.problems or [exc.message]
-            problems += [f"endpoints[{i}] ({spec.name}): {d}" for d in details]
-    return problems, warnings
