@@ -217,14 +217,19 @@ class Registry:
 
     async def warm(self, name: str) -> ModelRow:
         """Start copying the model to local disk (or verifying a READY copy, fetching again what does not match).
-        Returns at once; a warm already running is left as it is."""
+        Returns at once; a warm already running is left as it is (the caller is told the model is WARMING)."""
         row = await self.get(name)
         if name in self._warms:
             return row
-        final, staging, partial = self._paths(name, row["revision"])
-        verifying = row["state"] == _READY and await self._io(final.is_dir)
-        target = final if verifying else staging
         async with self._room:
+            # Checked again, and claimed, under the lock that every warm takes: two callers (the models.demand job
+            # and POST …/warm) that both passed the check above must not run two copies into the same partial files.
+            row = await self.get(name)
+            if name in self._warms:
+                return row
+            final, staging, partial = self._paths(name, row["revision"])
+            verifying = row["state"] == _READY and await self._io(final.is_dir)
+            target = final if verifying else staging
             present = row["size"] if verifying else await self._io(bytes_present, [staging, partial])
             for victim in await self._check_room(name, row["size"], present):
                 await self._evict(victim, name)

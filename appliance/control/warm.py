@@ -1,7 +1,8 @@
 """The copy of one model (blocking, on a pool of threads): parallel, resumable, verified.
 
 Every file grows in a partial directory and is moved into the target directory only once its size
-and sha256 match the manifest. A partial file left by a crash or a stop is finished from where it
+and sha256, read back from the file on disk, match the manifest (or, where the manifest has none,
+the bytes read from the source). A partial file left by a crash or a stop is finished from where it
 ended (its bytes are hashed from local disk, the rest is read from the source at that offset); a
 complete file already in the target is hashed and kept when it matches, fetched again when not.
 The registry makes the whole folder appear at once (the target is a staging directory it renames).
@@ -154,20 +155,26 @@ class _Copy:
         raise AssertionError("unreachable")
 
     def _fetch_once(self, part: Path) -> str:
+        """Bring `part` to the entry's size from the source; returns the sha256 of the file as it is on disk.
+        With no sha256 in the manifest the streamed bytes are hashed too, and the two must agree: what was
+        read is what was written (no other writer's bytes in between, nothing lost on the way)."""
         entry = self.entry
         part.parent.mkdir(parents=True, exist_ok=True)
         have = part.stat().st_size if part.exists() else 0
         if have > entry.size:
             self.restart(part)
             have = 0
-        h = sha256_of(part, self.cancel, upto=have) if have else hashlib.sha256()  # resumed: the bytes here are hashed, not fetched
+        # The manifest's sha256, when known, is checked against the file on disk; else the stream's own hash is
+        # the reference (a resumed part's bytes are hashed from disk, not fetched).
+        streamed = None if entry.sha256 is not None else (sha256_of(part, self.cancel, upto=have) if have else hashlib.sha256())
         self.credit(have - self.credited)
         with open(part, "ab") as f:
             flushed = have
             if have < entry.size:
                 for chunk in self.source.read(entry.path, have):
                     f.write(chunk)  # every byte read is kept: a stop loses nothing that was fetched
-                    h.update(chunk)
+                    if streamed is not None:
+                        streamed.update(chunk)
                     have += len(chunk)
                     if have - flushed >= WRITEBACK_BYTES:
                         f.flush()
@@ -188,7 +195,16 @@ class _Copy:
                 f"{entry.path}: the source now has more than the {entry.size} bytes of the manifest: it changed since the model was "
                 "registered; register it again", status=409, code="source_changed",
             )
-        return h.hexdigest()
+        on_disk = part.stat().st_size
+        digest = sha256_of(part, self.cancel).hexdigest()
+        if on_disk != entry.size or (streamed is not None and digest != streamed.hexdigest()):
+            self.restart(part)
+            raise ApplianceError(
+                f"{entry.path}: the file written ({on_disk} bytes, sha256 {digest[:16]}…) is not what was read from the source "
+                f"({entry.size} bytes{f', sha256 {streamed.hexdigest()[:16]}…' if streamed is not None else ''}): something else wrote to "
+                f"{part}; nothing else may write under the model cache", status=500, code="written_file_mismatch",
+            )
+        return digest
 
 
 def copy_files(
