@@ -55,7 +55,10 @@ class WorkersConfig(Model):
     log_dir: Path | None = Field(None, description="replica logs; default state_dir/logs")
     stop_grace_seconds: float = Field(30.0, ge=0, description="SIGTERM, then SIGKILL after this long")
     user: str | None = Field(
-        "auto", description='run workers as this user (needs the appliance to run as root); "auto": appliance-worker when that account exists and the appliance is root; null: the appliance\'s own user'
+        "auto",
+        description='run workers as this account (needs the appliance to run as root); "auto": appliance-worker when that account exists, '
+        'else a uid and gid of their own with no account (61184-65519), when the appliance is root; "root": workers run as root, on purpose; '
+        "null: the appliance's own user (refused when that is root)",
     )
     isolation: Literal["auto", "cgroup", "process-group"] = Field(
         "auto", description="how a replica's processes are held and ended: a cgroup v2 each (needs a delegated cgroup), process groups, or auto"

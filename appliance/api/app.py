@@ -213,7 +213,7 @@ def make_app(
     auth = Authenticator(store, clock, TokenSigner(config.jwt_key_path), on_failure=accounting.auth_failure)
     load = Load(clock)
     isolation = open_isolation(config.workers.isolation, config.server.state_dir)
-    identity = worker_identity(config.workers.user)
+    identity = worker_identity(config.workers.user, config.server.state_dir)
     if identity is not None and config.server.state_dir.is_dir():
         # workers pass through to their own work dirs (which they own); every other file stays 0600
         for path in (config.server.state_dir, config.server.state_dir / "replicas"):

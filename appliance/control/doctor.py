@@ -175,19 +175,43 @@ def _cgroups(server_pid: int | None, isolation: str) -> Check:
 
 def _worker_user(config: Config) -> Check:
     import pwd
+    import sys
 
-    setting = config.workers.user
+    from appliance.control.identity import DEFAULT_ACCOUNT, DYNAMIC_RANGE, dynamic_identity
+
+    setting, root = config.workers.user, os.geteuid() == 0
+    if setting == "root" or (setting is None and root):
+        if not root:
+            return Check("worker user", "problem", f'workers.user = "root", but this runs as uid {os.geteuid()}: the appliance refuses to start',
+                         'run the appliance as root, or set workers.user = "auto"')
+        if setting is None:
+            return Check("worker user", "problem", "workers.user = null would run model code as root: the appliance refuses to start",
+                         'set workers.user = "auto" (the default), or "root" to mean it')
+        return Check("worker user", "warning", 'workers run as root (workers.user = "root"): model code can read the appliance\'s keys and database',
+                     'set workers.user = "auto" (the default): workers then run as appliance-worker, or a uid of their own')
     if setting is None:
         return Check("worker user", "warning", "workers run as the appliance's own user (workers.user = null)",
-                     "set workers.user (default \"auto\") and create the account: useradd --system appliance-worker")
-    name = "appliance-worker" if setting == "auto" else setting
+                     f"set workers.user (default \"auto\"), run the appliance as root and create the account: useradd --system {DEFAULT_ACCOUNT}")
+    name = DEFAULT_ACCOUNT if setting == "auto" else setting
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        status = "warning" if setting == "auto" else "problem"
-        return Check("worker user", status, f"no account {name!r}: workers run as the appliance's user, which can read its keys",
-                     f"useradd --system --groups video,render {name}")
-    if os.geteuid() != 0:
+        if setting != "auto":
+            return Check("worker user", "problem", f"no account {name!r}: the appliance refuses to start", f"useradd --system --groups video,render {name}")
+        if not root:
+            return Check("worker user", "warning", f"this runs unprivileged (uid {os.geteuid()}): workers run as the same user",
+                         "run the appliance as root (the systemd unit does); it gives workers a uid of their own")
+        identity = dynamic_identity(config.server.state_dir)
+        blocked = identity.unreachable(sys.executable)
+        if blocked is not None:
+            return Check("worker user", "problem",
+                         f"workers would run as uid {identity.uid} (no account), which cannot reach {blocked} on the way to this Python ({sys.executable})",
+                         f"install the appliance where other users can read it (e.g. /opt), useradd --system {DEFAULT_ACCOUNT} with access to it, "
+                         'or set workers.user = "root"')
+        first, last = DYNAMIC_RANGE
+        return Check("worker user", "ok", f"no {DEFAULT_ACCOUNT} account: workers run as a uid and gid of their own with no account "
+                     f"(uid {identity.uid} now, from {first}-{last}; GPU device nodes must be readable by others)")
+    if not root:
         return Check("worker user", "warning", f"{name} (uid {entry.pw_uid}) exists, but this runs unprivileged: workers run as uid {os.geteuid()}",
                      "run the appliance as root (the systemd unit does); it drops privileges for workers")
     return Check("worker user", "ok", f"workers run as {name} (uid {entry.pw_uid})")

@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 # Runs as the worker's pid before exec: asks the kernel to SIGKILL it when the appliance dies
 # (the setting survives exec), joins the replica's cgroup when it has one (before any child
-# exists, so none can start outside it), drops to the worker account when there is one (after
-# the join, which needs the privileges), then becomes the worker. A preexec_fn would do the same
+# exists, so none can start outside it), drops to the worker's uid and gid when it has its own
+# (after the join, which needs the privileges; with the account's groups, or none for a uid with
+# no account), then becomes the worker. A preexec_fn would do the same
 # inside fork, where a lock held by another thread of the appliance can deadlock the child.
 _TRAMPOLINE = (
     "import ctypes,os,sys\n"
@@ -42,7 +43,9 @@ _TRAMPOLINE = (
     "os.getppid() == int(sys.argv[1]) or os._exit(1)\n"
     "try:\n    sys.argv[2] and open(sys.argv[2] + '/cgroup.procs', 'w').write(str(os.getpid()))\n"
     "except OSError as e:\n    print(f'could not join cgroup {sys.argv[2]}: {e.strerror}', flush=True); os._exit(126)\n"
-    "if sys.argv[3]:\n    uid, gid, user = sys.argv[3].split(':', 2); os.initgroups(user, int(gid)); os.setgid(int(gid)); os.setuid(int(uid))\n"
+    "if sys.argv[3]:\n    uid, gid, user = sys.argv[3].split(':', 2)\n"
+    "    os.initgroups(user, int(gid)) if user else os.setgroups([])\n"
+    "    os.setgid(int(gid)); os.setuid(int(uid))\n"
     "try:\n    os.execv(sys.argv[4], sys.argv[4:])\n"
     "except OSError as e:\n    print(f'could not start {sys.argv[4]}: {e.strerror}', flush=True); os._exit(127)\n"
 )
@@ -129,11 +132,18 @@ class WorkerProcess:
     ) -> WorkerProcess:
         args = list(argv)
         args[0] = resolve_executable(args[0])
+        if identity is not None and (blocked := await asyncio.to_thread(identity.unreachable, args[0])) is not None:
+            # Said here, in words, rather than as the worker's bare "Permission denied".
+            raise ApplianceError(
+                f"workers run as uid {identity.uid}, which cannot reach {blocked} (to start {args[0]}): install the runtime where other users "
+                f'can read it, create the appliance-worker account with access to it, or set workers.user = "root"',
+                status=422, code="spawn_failed",
+            )
         read_fd, write_fd = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-S", "-c", _TRAMPOLINE, str(os.getpid()), str(cgroup or ""),
-                f"{identity.uid}:{identity.gid}:{identity.user}" if identity else "", *args,
+                f"{identity.uid}:{identity.gid}:{identity.user if identity.account else ''}" if identity else "", *args,
                 cwd=str(cwd),
                 env=dict(env),
                 stdin=asyncio.subprocess.DEVNULL,
@@ -169,9 +179,10 @@ class WorkerProcess:
         process of the tree is left, so what it held can be handed out again."""
         if self.cgroup is not None and self._cgroups is not None:
             await asyncio.to_thread(self._cgroups.end, self.cgroup, grace)
-        if self._proc.returncode is None:
+        if self.cgroup is None or self._proc.returncode is None:
             # No cgroup, or a leader stopped before it joined its cgroup (a stop right after the start):
-            # its process group (its own session) holds it then.
+            # its process group (its own session) holds it then, also once the leader has died: the kernel
+            # gives no new process the group's id while a member of the group lives.
             await asyncio.to_thread(end_group, self._proc.pid, grace)
         return await self.wait()
 
