@@ -17,6 +17,13 @@ async def admin(start_app: Any, make_config: Any) -> Admin:
     return await start_app(make_config({"server": {"max_body_bytes": 4096}}))
 
 
+@pytest.fixture
+def model_folder(model_folder: Path) -> Path:
+    """conftest's folder with weights beside its config.json: what the vllm runtime is refused without."""
+    (model_folder / "model.safetensors").write_bytes(b"")
+    return model_folder
+
+
 def spec(folder: Path, **extra: Any) -> dict[str, Any]:
     return {"name": "llama", "model_folder": str(folder), "runtime": "vllm", **extra}
 
@@ -234,6 +241,8 @@ async def test_custom_folder_endpoint_shows_definition_and_defaults(admin: Admin
     assert status == 201, ep
     assert ep["runtime"] == "custom" and ep["definition_file"] == "model-definition.yaml"
     assert ep["health_check"]["initial_delay"] == 60.0
+    for name in ("config.json", "model.safetensors"):  # vllm serves the folder itself: it needs a model in it
+        (seed_folder / name).write_text("{}")
     status, ep = await admin.call("POST", "/api/v1/endpoints", json_body={"name": "seedvllm", "model_folder": str(seed_folder), "runtime": "vllm"})
     assert ep["environment"] == {"image": "example.com/model-server:latest", "architecture": "x86_64"}
     assert ep["resources"]["gpu_share"] == 0.5 and "resources.gpu_share" in ep["inherited"]

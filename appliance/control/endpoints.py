@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from appliance.config import DeclaredEndpoint
-from appliance.control.folders import find_definition_file, load_model_definition, load_service_definition
+from appliance.control.folders import check_model_files, find_definition_file, load_model_definition, load_service_definition
 from appliance.control.model_gate import folder_of
 from appliance.control.process import resolve_executable
 from appliance.domain.definitions import ModelDefinition, RuntimeSection
@@ -153,6 +153,7 @@ def _resolve(spec: EndpointSpec, model: ModelFolder | None = None) -> tuple[Endp
             param="definition_file",
         )
     _check_installed(runtime)
+    check_model_files(runtime, served_from, model.names if model else (p.name for p in folder.iterdir()), spec.extra_args)
     service = load_service_definition(folder)
     section = service.for_runtime(runtime) if service else None
     inherited: list[str] = []
