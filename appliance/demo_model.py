@@ -4,15 +4,26 @@ A byte-level BPE tokenizer is trained on a few paragraphs shipped below, a Llama
 model of about 0.2 M parameters is initialised from a seed, and both are saved in the
 standard Hugging Face layout (config.json, tokenizer.json, chat template, safetensors),
 so any engine that loads a local folder can serve it — on CPU in seconds.
+
+Random weights alone answer whitespace (a random greedy pick lands on "\n" and stays there), which a
+chat window shows as an empty bubble. So the output layer has rows only for the tokens that read as
+words, numbers or punctuation; every other row (whitespace, bytes that are not text, special tokens)
+is zero, so its logit is 0 while the best of a few hundred random logits is positive: greedy decoding
+always picks visible text. The answer is still noise, and it never ends before max_tokens.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.errors import ApplianceError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _CORPUS = """\
 The appliance serves models on one box. Drop in a model folder, get a URL and a key.
@@ -23,6 +34,12 @@ Autoscaling adds replicas when GPUs are hot or latency grows, and removes them w
 Hello! How can I help you today? Tell me about the weather, numbers 0 1 2 3 4 5 6 7 8 9.
 A quick brown fox jumps over the lazy dog. Questions, answers, lists: one, two, three.
 """
+
+# Bumped whenever the model changes in a way a demo already written must pick up (is_current_demo_model).
+DEMO_VERSION = 2
+# What an answer may be made of: whole words of the corpus below (after a space) and punctuation marks.
+_PUNCTUATION = frozenset(".,!?:;")
+
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
 
@@ -85,11 +102,16 @@ def write_demo_model(folder: Path, *, seed: int = 0, overwrite: bool = False) ->
         bos_token_id=ids["<|bos|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|pad|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,  # the output layer is shaped below; the input embeddings stay whole
         torch_dtype="float32",
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    visible = visible_token_ids(tokenizer)
+    with torch.no_grad():
+        keep = torch.zeros(config.vocab_size, 1)
+        keep[visible] = 1.0
+        model.lm_head.weight.mul_(keep)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=[ids["<|im_end|>"], ids["<|eos|>"]],
@@ -100,16 +122,25 @@ def write_demo_model(folder: Path, *, seed: int = 0, overwrite: bool = False) ->
     model.save_pretrained(folder, safe_serialization=True)
     for path in folder.iterdir():
         path.chmod(0o644)  # safetensors writes 0600; a worker running as another user must read it
-    (folder / "appliance-demo.json").write_text(json.dumps({"kind": "appliance demo model", "seed": seed, "weights": "random"}) + "\n")
+    (folder / "appliance-demo.json").write_text(json.dumps({"kind": "appliance demo model", "version": DEMO_VERSION, "seed": seed, "weights": "random"}) + "\n")
     return folder
 
 
+def visible_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids of the tokens that decode to visible text: a whole word of the corpus after a space, or a punctuation mark."""
+    words = {" " + w for w in re.findall(r"[A-Za-z0-9']+", _CORPUS)} | _PUNCTUATION
+    special = set(tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS))
+    return [i for i in range(len(tokenizer)) if i not in special and tokenizer.decode([i]) in words]
+
+
 def is_current_demo_model(folder: Path) -> bool:
-    """A demo model folder this version wrote (older ones had head_dim 16, which vLLM's CPU attention refuses)."""
+    """A demo model folder this version wrote (older ones had head_dim 16, which vLLM's CPU attention refuses,
+    or answered only whitespace)."""
     try:
         config = json.loads((folder / "config.json").read_text())
-        return int(config["hidden_size"]) // int(config["num_attention_heads"]) >= 32
-    except (OSError, ValueError, KeyError, ZeroDivisionError):
+        marker = json.loads((folder / "appliance-demo.json").read_text())
+        return int(config["hidden_size"]) // int(config["num_attention_heads"]) >= 32 and marker.get("version") == DEMO_VERSION
+    except (OSError, ValueError, KeyError, ZeroDivisionError, AttributeError):
         return False
 
 

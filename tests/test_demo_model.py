@@ -48,6 +48,33 @@ def test_demo_model_folder_is_complete_and_loads(demo_folder: Path) -> None:
     assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
 
 
+@pytest.mark.parametrize("prompt", ["Hello", "What is the weather like?", "hi", "Tell me about GPUs, please."])
+def test_the_demo_model_answers_visible_words_not_whitespace(demo_folder: Path, prompt: str) -> None:
+    """Greedy decoding of random weights used to land on "\n" and stay there: an empty bubble in a chat window."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_folder)
+    model = AutoModelForCausalLM.from_pretrained(demo_folder)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    new = out[0][inputs["input_ids"].shape[1]:].tolist()
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    assert len(new) == 12 and len(text.split()) >= 4, repr(text)  # words, every step
+    assert all(tokenizer.decode([t]).strip() for t in new), repr(text)  # no token that shows nothing
+
+
+def test_a_demo_model_written_before_visible_answers_is_made_again(demo_folder: Path, tmp_path: Path) -> None:
+    from appliance.demo_model import is_current_demo_model
+
+    assert is_current_demo_model(demo_folder)
+    old = tmp_path / "old"
+    shutil.copytree(demo_folder, old)
+    marker = json.loads((old / "appliance-demo.json").read_text())
+    del marker["version"]
+    (old / "appliance-demo.json").write_text(json.dumps(marker))
+    assert not is_current_demo_model(old)
+
+
 def test_demo_model_is_deterministic_and_refuses_to_overwrite(demo_folder: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
     assert run_cli("demo-model", str(again)).returncode == 0
