@@ -8,7 +8,7 @@ from typing import Any
 
 from appliance.cli.options import SharedOptions, Subcommands, admin_client, parse_kv
 from appliance.cli.output import emit, print_table
-from appliance.domain.timefmt import is_duration
+from appliance.domain.timefmt import is_duration, parse_instant
 from appliance.errors import ApplianceError
 
 
@@ -22,7 +22,16 @@ def _expiry_fields(text: str | None, at: str, within: str) -> dict[str, Any]:
         return {}
     if text.lower() == "never":
         return {at: None}
-    return {within: text} if is_duration(text) else {at: text}
+    if is_duration(text):
+        return {within: text}
+    try:
+        parse_instant(text, param="--expires")  # checked here so that a typo such as `30x` is told the forms that work
+    except ApplianceError:
+        raise ApplianceError(
+            f"--expires: {text!r} is neither a duration nor a date: use e.g. 30d, 12h, 15m or 90s (from now), "
+            "a date such as 2027-01-01 (or 2027-01-01T12:00:00Z), or never", code="usage",
+        ) from None
+    return {at: text}
 
 
 def _key_fields(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,6 +4,7 @@ admin-key reset. Their heavy imports happen inside each command, so `appliance -
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from appliance.cli.options import SharedOptions, Subcommands, load_cli_config
 from appliance.config import default_config_path, load_config
@@ -66,6 +68,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from appliance.demo_model import is_current_demo_model, write_demo_config
     from appliance.server import lock_state_dir, serve
 
+    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ApplianceError(
+            f"--engine vllm needs vLLM, which is not installed in this Python ({sys.executable}): run "
+            "`scripts/setup.sh --with-vllm` (or `scripts/demo.sh --engine vllm`, which does), or leave --engine out "
+            "to serve with transformers", code="missing_dependency",
+        )
     state = Path(args.state_dir).resolve()
     os.close(lock_state_dir(state))  # a demo already running here: say so before writing or printing anything
     folder = state / "models" / "demo"
@@ -90,12 +98,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     if args.port:  # known now; with --port 0 the lines follow once the server has taken one
         print(_try_lines(f"http://127.0.0.1:{args.port}", key), flush=True)
-    threading.Thread(target=_say_when_ready, args=(config.server_file, key, not args.port), daemon=True).start()
+    threading.Thread(target=say_when_ready, args=(config.server_file, key, not args.port), daemon=True).start()
     return serve(config)
 
 
 def _try_lines(url: str, key: Path) -> str:
     return (
+        f"demo: web console at {url}/ui (log in with the admin key: paste the contents of {key})\n"
         f"demo: try (the first call waits until the replica is up):\n"
         f"  curl -s {url}/v1/chat/completions -H \"Authorization: Bearer $(cat {key})\" -H 'Content-Type: application/json' "
         f"-d '{{\"model\": \"demo\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'\n"
@@ -104,9 +113,19 @@ def _try_lines(url: str, key: Path) -> str:
     )
 
 
-def _say_when_ready(server_file: Path, key_file: Path, try_lines: bool, timeout: float = 900.0) -> None:
-    """One line once the demo endpoint answers (the server's log says the rest); first the try lines, when
-    they wait for the port the server takes."""
+def _call(url: str, key: str, body: dict[str, Any] | None = None, timeout: float = 2.0) -> Any:
+    """JSON from the appliance at `url` with `key`: a GET, or a POST of `body`."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def say_when_ready(server_file: Path, key_file: Path, try_lines: bool, timeout: float = 900.0, interval: float = 0.5) -> bool:
+    """One line once the demo endpoint has answered a chat request through the appliance's URL with the
+    demo's key (the server's log says the rest); first the try lines, when they wait for the port the
+    server takes. The endpoint's HEALTHY status is only the cue to ask: a replica can pass its health
+    check and still fail a request."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -114,14 +133,19 @@ def _say_when_ready(server_file: Path, key_file: Path, try_lines: bool, timeout:
             if try_lines:
                 print(_try_lines(url, key_file), flush=True)
                 try_lines = False
-            req = urllib.request.Request(url + "/api/v1/endpoints/demo", headers={"Authorization": f"Bearer {key_file.read_text().strip()}"})
-            with urllib.request.urlopen(req, timeout=2) as resp:
-                if json.loads(resp.read()).get("status") == "HEALTHY":
-                    print(f"demo: ready: the demo endpoint answers at {url}/v1", flush=True)
-                    return
-        except (OSError, ValueError, KeyError):
-            pass  # not up yet
-        threading.Event().wait(0.5)
+            key = key_file.read_text().strip()
+            if _call(url + "/api/v1/endpoints/demo", key).get("status") == "HEALTHY":
+                reply = _call(url + "/v1/chat/completions", key, {"model": "demo", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8},
+                              timeout=60.0)
+                text = reply["choices"][0]["message"]["content"]
+                if isinstance(text, str):
+                    print(f"demo: ready: the demo endpoint answers at {url}/v1 (it said {text.strip()[:60]!r})", flush=True)
+                    return True
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            pass  # not up yet, or not answering yet
+        threading.Event().wait(interval)
+    print(f"demo: the demo endpoint did not answer within {timeout:.0f} s; its replica's log: `appliance endpoint logs demo`", flush=True)
+    return False
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
