@@ -5,7 +5,6 @@ tested on its own, then through the real app with an injected clock."""
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import Admin, async_wait_for
-from test_access import bearer, chat
+from test_access import Clock, bearer, chat
 from test_gateway import healthy
 from test_supervisor import WORKERS, create, fake_folder
 
@@ -147,19 +146,6 @@ def test_token_expiry_beyond_year_9999_is_refused(valid_until: Any, duration: An
 
 
 # --- through the app, with a clock the test moves ------------------------------------------------------
-
-
-class Clock:
-    """Real time moved by `offset` seconds: the app keeps ticking, and the test jumps it where it needs."""
-
-    def __init__(self, start: float | None = None) -> None:
-        self.offset = 0.0 if start is None else start - time.time()
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
 
 
 AppWithClock = Callable[[float], Any]

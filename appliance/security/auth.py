@@ -320,7 +320,8 @@ class Authenticator:
         if principal is None:
             raise self._fail(request, token, unauthorized("invalid API key", "invalid_api_key"), record)
         if principal.revoked:
-            raise self._fail(request, token, unauthorized(f"this {_what(principal)} was revoked", "revoked_api_key"), record)
+            code = "revoked_token" if principal.kind == "endpoint_token" else "revoked_api_key"
+            raise self._fail(request, token, unauthorized(f"this {_what(principal)} was revoked", code), record)
         if principal.expires_at is not None and self._clock() >= principal.expires_at:
             raise self._fail(request, token, unauthorized(f"this {_what(principal)} expired at {iso(principal.expires_at)}", "expired_api_key"), record)
         return principal
