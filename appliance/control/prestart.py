@@ -16,7 +16,7 @@ from typing import Any
 
 from appliance.control.identity import WorkerIdentity
 from appliance.control.process import end_group, resolve_executable
-from appliance.control.replica_log import ReplicaLog
+from appliance.control.replica_log import LineSplitter, ReplicaLog
 from appliance.domain.definitions import PreStartAction
 from appliance.domain.templates import WORK_MOUNT, map_paths, render
 from appliance.errors import ApplianceError
@@ -214,27 +214,75 @@ async def run_pre_start_actions(
             variables[action.ref] = result
 
 
+RESULT_BYTES = 1 << 20  # of each stream, kept for the action's `ref` (its last bytes); the log has every line
+
+
+class _Captured:
+    """The end of one stream as the `ref` result (bounded), its lines sent to the log as they come."""
+
+    def __init__(self) -> None:
+        self.kept = bytearray()
+        self.dropped = 0
+
+    def add(self, data: bytes) -> None:
+        self.kept += data
+        if len(self.kept) > RESULT_BYTES:
+            cut = len(self.kept) - RESULT_BYTES
+            del self.kept[:cut]
+            self.dropped += cut
+
+    def text(self) -> str:
+        return self.kept.decode("utf-8", errors="replace")
+
+
+async def _stream(reader: asyncio.StreamReader, sink: ReplicaLog, kept: _Captured) -> None:
+    """A command's output into the replica log line by line as it comes, in bounded memory: the next
+    chunk is read once the lines of this one are written (off the event loop)."""
+    lines: list[str] = []
+    splitter = LineSplitter(lines.append)
+    while chunk := await reader.read(1 << 16):
+        kept.add(chunk)
+        splitter.feed(chunk)
+        if lines:
+            batch, lines[:] = lines[:], []
+            await asyncio.to_thread(_write_all, sink, batch)
+    splitter.flush()
+    if lines:
+        await asyncio.to_thread(_write_all, sink, lines)
+
+
+def _write_all(sink: ReplicaLog, lines: list[str]) -> None:
+    for line in lines:
+        sink.write(line)
+
+
 async def _run_command(
     argv: list[str], *, env: Mapping[str, str], cwd: Path, sink: ReplicaLog, where: str, grace: float, identity: WorkerIdentity | None
 ) -> dict[str, str]:
     """Backend.AI's run_command: an argv (no shell), output captured and returned as {out, err},
-    the exit code noted but not fatal. Here the output also goes to the replica log."""
+    the exit code noted but not fatal. Here the output also goes to the replica log as it comes (a long
+    download shows its progress), and the result keeps the last RESULT_BYTES of each stream."""
     sink.note(f"{where}: running {mask_argv(argv)}")  # read keys may read the log: no secrets in it
     proc = await asyncio.create_subprocess_exec(
         resolve_executable(argv[0]), *argv[1:], cwd=str(cwd), env=dict(env),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
         **({"user": identity.uid, "group": identity.gid, "extra_groups": os.getgrouplist(identity.user, identity.gid)} if identity else {}),
     )
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = _Captured(), _Captured()
+    pumps = asyncio.gather(_stream(proc.stdout, sink, out), _stream(proc.stderr, sink, err))
     try:
-        out, err = await proc.communicate()
+        await pumps
+        await proc.wait()
     except asyncio.CancelledError:
+        pumps.cancel()
         sink.note(f"{where}: stopped with the replica")
         await asyncio.to_thread(end_group, proc.pid, grace)
         await proc.wait()
         raise
-    text_out, text_err = out.decode("utf-8", errors="replace"), err.decode("utf-8", errors="replace")
-    lines = (text_out + text_err).splitlines()
-    await asyncio.to_thread(lambda: [sink.write(line) for line in lines])  # the disk is written off the event loop
+    for stream, kept in (("stdout", out), ("stderr", err)):
+        if kept.dropped:
+            sink.note(f"{where}: its {stream} was {kept.dropped + len(kept.kept):,} bytes; the result keeps the last {len(kept.kept):,}")
     sink.note(f"{where}: {argv[0]} exited with code {proc.returncode}" + (" (Backend.AI goes on regardless)" if proc.returncode else ""))
     await asyncio.to_thread(end_group, proc.pid, 0.0)  # a helper it left in its group would outlive the replica otherwise
-    return {"out": text_out, "err": text_err}
+    return {"out": out.text(), "err": err.text()}

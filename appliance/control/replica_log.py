@@ -8,14 +8,18 @@ import asyncio
 import logging
 import os
 import queue as queues
+import re
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 TAIL_LINES = 200
+FILTER_SCAN_BYTES = 32 << 20  # a filtered tail reads at most this much of the log
+Keep = Callable[[str], bool]  # which lines a reader wants
 
 
 class _NoteWriter:
@@ -123,12 +127,13 @@ class ReplicaLog:
         """An appliance note (any thread, the event loop included): written by the note thread, in order."""
         _NOTES.put(self, f"[appliance {time.strftime('%Y-%m-%dT%H:%M:%S')}] {message}")
 
-    def follow_from(self, n: int, loop: asyncio.AbstractEventLoop) -> tuple[list[str], asyncio.Queue[str | None]]:
-        """The last n lines and a queue of every line after them, with none lost or repeated (blocking)."""
+    def follow_from(self, n: int, loop: asyncio.AbstractEventLoop, keep: Keep | None = None) -> tuple[list[str], asyncio.Queue[str | None]]:
+        """The last n lines (those `keep` accepts) and a queue of every line after them, with none lost
+        or repeated (blocking). The queue is not filtered: the follower filters what it takes."""
         queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=FOLLOW_BACKLOG + 2)
         with self._lock:
             self._handler.flush()
-            lines = self.read_tail(n)
+            lines = self.read_tail(n, keep)
             if self._closed:
                 queue.put_nowait(None)  # a finished replica: its tail, then the end
             else:
@@ -144,15 +149,17 @@ class ReplicaLog:
         with self._tail_lock:
             return list(self.tail)[-n:]
 
-    def read_tail(self, n: int) -> list[str]:
-        """The last n lines from disk, rotated files included (blocking: call off the loop).
-        Reads from the end, so a 50 MB log costs what its last lines cost."""
+    def read_tail(self, n: int, keep: Keep | None = None) -> list[str]:
+        """The last n lines from disk (those `keep` accepts, if given), rotated files included (blocking:
+        call off the loop). Reads from the end, so a 50 MB log costs what its last lines cost; a filtered
+        read gives up after FILTER_SCAN_BYTES, so that a log of nothing but hidden lines stays cheap."""
         lines: list[str] = []
+        budget = [FILTER_SCAN_BYTES] if keep is not None else None
         files = [self.path] + [Path(f"{self.path}.{i}") for i in range(1, self._handler.backupCount + 1)]
         for f in files:
-            if len(lines) >= n or not f.exists():
+            if len(lines) >= n or not f.exists() or (budget is not None and budget[0] <= 0):
                 break
-            lines = _last_lines(f, n - len(lines)) + lines
+            lines = _last_lines(f, n - len(lines), keep=keep, budget=budget) + lines
         return lines[-n:] if n else []
 
     def end_followers(self) -> None:
@@ -173,20 +180,97 @@ class ReplicaLog:
         self.end_followers()
 
 
-def _last_lines(path: Path, n: int, block: int = 64 << 10) -> list[str]:
+def _last_lines(path: Path, n: int, block: int = 64 << 10, keep: Keep | None = None, budget: list[int] | None = None) -> list[str]:
+    """The last n lines of a file (those `keep` accepts, if given), read block by block from its end.
+    `budget` is bytes left to read for a filtered read, shared across files and spent here."""
+    found: list[list[str]] = []  # blocks' lines, newest block first
+    count = 0
     with open(path, "rb") as f:
         end = f.seek(0, os.SEEK_END)
-        data = b""
-        while end > 0 and data.count(b"\n") <= n:
+        head = b""  # the oldest line read so far, whose start is in the block before
+        first = True
+        while end > 0 and count < n and (budget is None or budget[0] > 0):
             step = min(block, end)
             end -= step
+            if budget is not None:
+                budget[0] -= step
             f.seek(end)
-            data = f.read(step) + data
-    return data.decode("utf-8", errors="replace").splitlines()[-n:]
+            parts = (f.read(step) + head).split(b"\n")
+            if first and parts[-1] == b"":  # the file's last line ends with its newline
+                parts.pop()
+            first = False
+            head = parts.pop(0) if end > 0 else b""
+            lines = [p.decode("utf-8", errors="replace") for p in parts]
+            if keep is not None:
+                lines = [line for line in lines if keep(line)]
+            found.append(lines)
+            count += len(lines)
+    out = [line for lines in reversed(found) for line in lines]
+    return out[-n:] if n else []
+
+
+MAX_LINE = 8 << 10  # bytes of one line kept; the rest of a longer line is dropped (and the cut is marked)
+_BREAK = re.compile(rb"[\r\n]")
+
+
+class LineSplitter:
+    """Bytes from a worker, cut into lines as they come, in memory bounded by MAX_LINE.
+    \r ends a line too (progress bars redraw with it; \r\n is one break), and a line longer than
+    `limit` is passed on at once, cut and marked, its remainder dropped up to the next break, so that
+    an output that never breaks its line neither grows a buffer nor hides what came first."""
+
+    def __init__(self, emit: Callable[[str], None], limit: int = MAX_LINE) -> None:
+        self._emit, self._limit = emit, limit
+        self._buf = bytearray()
+        self._dropping = False  # the current line was cut: the rest of it is skipped
+        self._after_cr = False  # the last break was \r: a \n right after it ends nothing new
+
+    def feed(self, data: bytes) -> None:
+        pos, size = 0, len(data)
+        while pos < size:
+            found = _BREAK.search(data, pos)
+            end = found.start() if found else size
+            if end > pos:
+                self._take(data, pos, end)
+                self._after_cr = False
+            if found is None:
+                return
+            cr = data[end] == 0x0D
+            if self._dropping:
+                self._dropping = False
+            elif self._buf or not (cr or self._after_cr):  # an empty piece between \r and a break is no line
+                self._line(bytes(self._buf))
+            self._buf.clear()
+            self._after_cr = cr
+            pos = end + 1
+
+    def flush(self) -> None:
+        """The last bytes, which no break ended."""
+        if self._buf and not self._dropping:
+            self._line(bytes(self._buf))
+        self._buf.clear()
+        self._dropping = False
+
+    def _take(self, data: bytes, start: int, end: int) -> None:
+        if self._dropping:
+            return
+        room = self._limit - len(self._buf)
+        if end - start <= room:
+            self._buf += data[start:end]
+            return
+        self._buf += data[start:start + room]
+        self._line(bytes(self._buf), cut=True)
+        self._buf.clear()
+        self._dropping = True
+
+    def _line(self, raw: bytes, cut: bool = False) -> None:
+        mark = f" [appliance: line cut at {self._limit:,} bytes]" if cut else ""
+        self._emit(raw.decode("utf-8", errors="replace") + mark)
 
 
 def _pump(fd: int, sink: ReplicaLog) -> None:
-    partial = b""
+    """A worker's output (its pipe's reading end) into its log, line by line, until the pipe closes."""
+    lines = LineSplitter(sink.write)
     while True:
         try:
             chunk = os.read(fd, 65536)
@@ -194,10 +278,6 @@ def _pump(fd: int, sink: ReplicaLog) -> None:
             chunk = b""
         if not chunk:
             break
-        partial += chunk
-        *lines, partial = partial.split(b"\n")
-        for raw in lines:
-            sink.write(raw.decode("utf-8", errors="replace").rstrip("\r"))
-    if partial:
-        sink.write(partial.decode("utf-8", errors="replace"))
+        lines.feed(chunk)
+    lines.flush()
     os.close(fd)
