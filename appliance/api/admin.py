@@ -12,8 +12,10 @@ from appliance.api.http import Query, Route, endpoint_name, int_query, json_resp
 from appliance.api.services import SERVICES
 from appliance.api.views import Deleted, EndpointList, EndpointView, EventList, EventView, GpuHolder, GpuList, GpuView, ReplicaList, ReplicaView, RequestList, RequestView
 from appliance.control.replica import Replica
+from appliance.control.replica_log import Keep
+from appliance.domain.health import probe_access_line
 from appliance.domain.placement import visible
-from appliance.domain.specs import EndpointPatch, EndpointSpec
+from appliance.domain.specs import EndpointPatch, EndpointSpec, HealthCheck
 from appliance.errors import ApplianceError
 from appliance.security.vault import mask_argv
 from appliance.store import iso
@@ -111,6 +113,22 @@ async def list_replicas(request: web.Request) -> web.Response:
     return json_response(ReplicaList(data=[_replica_view(r) for r in services.supervisor.replicas(name)]))
 
 
+def _flag(request: web.Request, name: str) -> bool:
+    return request.query.get(name, "0").lower() in ("1", "true", "yes")
+
+
+async def _log_view(request: web.Request, name: str) -> Keep | None:
+    """Which lines of a replica's log the reader sees: all with probes=1, else all but the worker's own
+    access lines of the passing health probes (they are still in the file)."""
+    if _flag(request, "probes"):
+        return None
+    row = await request.app[SERVICES].store.endpoints.get(name)
+    if row is None:
+        return None
+    hide = probe_access_line(HealthCheck.model_validate(row["config"]["health_check"], strict=False))
+    return None if hide is None else (lambda line: not hide(line))
+
+
 async def replica_logs(request: web.Request) -> web.StreamResponse:
     name = endpoint_name(request)
     rid = request.match_info["replica"]
@@ -118,10 +136,11 @@ async def replica_logs(request: web.Request) -> web.StreamResponse:
     if replica is None:
         raise ApplianceError(f"replica {rid!r} of endpoint {name!r} not found", status=404, code="replica_not_found", param="replica")
     tail = int_query(request, "tail", 100, low=0, high=100_000) or 0
-    if request.query.get("follow", "0").lower() not in ("1", "true", "yes"):
-        lines = await asyncio.to_thread(replica.log.read_tail, tail)
+    keep = await _log_view(request, name)
+    if not _flag(request, "follow"):
+        lines = await asyncio.to_thread(replica.log.read_tail, tail, keep)
         return web.Response(text="".join(f"{line}\n" for line in lines), content_type="text/plain")
-    lines, queue = await asyncio.to_thread(replica.log.follow_from, tail, asyncio.get_running_loop())
+    lines, queue = await asyncio.to_thread(replica.log.follow_from, tail, asyncio.get_running_loop(), keep)
     resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         await resp.prepare(request)
@@ -136,7 +155,8 @@ async def replica_logs(request: web.Request) -> web.StreamResponse:
                 continue
             if line is None:
                 break  # the replica is gone for good
-            await resp.write(f"{line}\n".encode())
+            if keep is None or keep(line):
+                await resp.write(f"{line}\n".encode())
         await resp.write_eof()
     except ConnectionResetError:
         pass  # the client went away
@@ -211,8 +231,11 @@ ROUTES = [
         "GET",
         f"{PREFIX}/endpoints/{{name}}/replicas/{{replica}}/logs",
         replica_logs,
-        "A replica's log as text: the last `tail` lines, then new lines as they come with follow=1",
-        query=(Query("tail", "lines from the end (default 100)", "integer"), Query("follow", "1: keep streaming new lines")),
+        "A replica's log as text: the last `tail` lines, then new lines as they come with follow=1; passing health probes' access lines are left out unless probes=1",
+        query=(
+            Query("tail", "lines from the end (default 100)", "integer"), Query("follow", "1: keep streaming new lines"),
+            Query("probes", "1: show the worker's access lines of passing health probes too (hidden by default; the file keeps them)"),
+        ),
         tags=("replicas",),
     ),
     Route("POST", f"{PREFIX}/endpoints/{{name}}/retry", retry_endpoint, "Clear the error and retry (restart failed replicas now)", response=EndpointView, tags=("endpoints",)),

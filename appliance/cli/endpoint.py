@@ -219,7 +219,7 @@ def cmd_endpoint_logs(args: argparse.Namespace) -> int:
             # On stderr, so that stdout stays the log itself.
             print(f"(replica {rid}; others: {', '.join(r['id'] for r in reps[1:])}; choose with --replica)", file=sys.stderr)
     path = f"/api/v1/endpoints/{args.name}/replicas/{rid}/logs"
-    query = {"tail": args.tail, "follow": 1 if args.follow else None}
+    query = {"tail": args.tail, "follow": 1 if args.follow else None, "probes": 1 if args.probes else None}
     for line in client.lines(path, query):
         print(line, flush=True)
     return 0
@@ -286,6 +286,7 @@ def register(sub: Subcommands, shared: SharedOptions) -> Subcommands:
     q.add_argument("--replica", help="replica id (default: the first listed)")
     q.add_argument("--tail", type=int, default=100, help="lines from the end (default 100)")
     q.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    q.add_argument("--probes", action="store_true", help="show the worker's access lines of passing health probes too (hidden by default)")
     q.set_defaults(func=cmd_endpoint_logs)
     e = ep.add_parser("events", parents=[shared.client], help="an endpoint's audit events, newest first")
     e.add_argument("name")

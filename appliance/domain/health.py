@@ -10,6 +10,8 @@ at about `interval × (max_retries + 1)` after its last pass.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -70,3 +72,21 @@ def due_for_replacement(state: HealthState, replace_after: float, now: float) ->
 def next_probe_delay(started: float, finished: float, interval: float) -> float:
     """Probes start every `interval`; one that overran is followed at once, never overlapped."""
     return max(0.0, started + interval - finished)
+
+
+def probe_access_line(check: HealthCheck) -> Callable[[str], bool] | None:
+    """A test for the worker's own access-log line of a passing probe of `check`: the wall of them hides
+    everything else in a replica's log. Knows uvicorn's (vLLM, SGLang, transformers serve:
+    `"GET /health HTTP/1.1" 200 OK`), the common log format's (aiohttp, http.server: `"GET /health HTTP/1.1" 200 -`)
+    and llama.cpp's (`request: GET /health 127.0.0.1 200`). None when the check is a TCP connect (no line to hide).
+    A probe answered with another status is not matched: a failing probe's line stays in sight."""
+    if check.path is None:
+        return None
+    path, status = re.escape(check.path), check.expected_status_code
+    pattern = re.compile(rf'"GET {path}(?:\?[^" ]*)? HTTP/[0-9.]+" {status}(?!\d)|\bGET {path}(?:\?\S*)? \S+ {status}(?!\d)')
+    needle = check.path
+
+    def matches(line: str) -> bool:
+        return needle in line and pattern.search(line) is not None
+
+    return matches

@@ -19,13 +19,18 @@ from appliance.domain.templates import MODEL_MOUNT, WORK_MOUNT, map_paths, map_p
 from appliance.errors import ApplianceError
 
 
+# Backend.AI's default probe interval: no runtime here has a reason for another. (A replica that was never
+# healthy is polled faster between these counted probes, so a longer interval does not delay readiness.)
+PROBE_INTERVAL = 10.0
+
+
 def _http(path: str, initial_delay: float = 900.0) -> HealthCheck:
-    return HealthCheck(path=path, interval=5.0, max_retries=5, max_wait_time=10.0, initial_delay=initial_delay)
+    return HealthCheck(path=path, interval=PROBE_INTERVAL, max_retries=5, max_wait_time=10.0, initial_delay=initial_delay)
 
 
 # "Healthy once the port accepts connections", for servers without a health check of their own:
 # Backend.AI calls such a route healthy as soon as it started; routing there before it listens would fail.
-TCP_CHECK = HealthCheck(path=None, interval=5.0, max_retries=5, max_wait_time=5.0, initial_delay=900.0)
+TCP_CHECK = HealthCheck(path=None, interval=PROBE_INTERVAL, max_retries=5, max_wait_time=5.0, initial_delay=900.0)
 
 
 @dataclass(frozen=True)

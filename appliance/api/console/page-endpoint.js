@@ -172,6 +172,8 @@ function logPanel(ctx, name) {
   const select = h('select', {});
   const out = h('pre', { class: 'log', tabindex: '0', 'aria-label': 'Replica log', 'aria-live': 'off' });
   const follow = h('button', { type: 'button', 'aria-pressed': 'false' }, 'Follow');
+  // The worker's access lines of passing health probes are left out unless asked for (they stay in the file).
+  const probes = h('input', { type: 'checkbox' });
   const status = h('span', { class: 'muted small' });
   let following = null;
   let known = null;
@@ -190,14 +192,14 @@ function logPanel(ctx, name) {
     follow.setAttribute('aria-pressed', 'false');
     follow.textContent = 'Follow';
   };
-  const base = () => `/api/v1/endpoints/${encodeURIComponent(name)}/replicas/${encodeURIComponent(select.value)}/logs`;
+  const base = () => `/api/v1/endpoints/${encodeURIComponent(name)}/replicas/${encodeURIComponent(select.value)}/logs?probes=${probes.checked ? 1 : 0}`;
   const load = async () => {
     stop();
     if (!select.value) return;
     lines.length = 0;
     out.textContent = '';
     try {
-      const text = await (await send('GET', `${base()}?tail=200`)).text();
+      const text = await (await send('GET', `${base()}&tail=200`)).text();
       text.split('\n').filter((l, i, all) => l || i < all.length - 1).forEach(write);
       status.textContent = `last ${Math.min(lines.length, 200)} lines`;
     } catch (err) {
@@ -215,7 +217,7 @@ function logPanel(ctx, name) {
     status.textContent = 'following new lines…';
     const mine = following;
     try {
-      const resp = await send('GET', `${base()}?tail=200&follow=1`, { signal: mine.signal });
+      const resp = await send('GET', `${base()}&tail=200&follow=1`, { signal: mine.signal });
       await readLines(resp, write);
       if (following === mine) status.textContent = 'the replica is gone: no more lines';
     } catch (err) {
@@ -225,8 +227,10 @@ function logPanel(ctx, name) {
     }
   });
   select.addEventListener('change', load);
+  probes.addEventListener('change', load);
   const el = panel('Log',
-    h('div', { class: 'bar end' }, field('Replica', select), follow, h('button', { type: 'button', class: 'quiet', onclick: load }, 'Reload'), status),
+    h('div', { class: 'bar end' }, field('Replica', select), follow, h('button', { type: 'button', class: 'quiet', onclick: load }, 'Reload'),
+      check('Show health probes', probes), status),
     out);
   return {
     el,
