@@ -16,6 +16,14 @@ from appliance.domain.templates import render, render_all
 from appliance.errors import ApplianceError
 
 
+def with_weights(folder: Path) -> Path:
+    """What an engine runtime needs to find in a model folder (config.json and weights), added to a test's folder."""
+    if not (folder / "config.json").exists():
+        (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
 def definition_problems(text: str) -> list[str]:
     with pytest.raises(ApplianceError) as info:
         parse_model_definition(text, path=Path("/m/model-definition.yaml"))
@@ -150,6 +158,7 @@ def test_broken_service_definitions() -> None:
 
 
 def test_service_definition_supplies_defaults_and_explicit_fields_win(seed_folder: Path) -> None:
+    with_weights(seed_folder)
     config, _ = resolve(EndpointSpec(name="e", model_folder=str(seed_folder), runtime="vllm"))
     assert config.resources.cpu == 1.0 and config.resources.mem == 8 << 30 and config.resources.gpu_share == 0.5
     assert config.environ == {"MODEL_NAME": "example-model-name"}
@@ -166,6 +175,7 @@ def test_service_definition_supplies_defaults_and_explicit_fields_win(seed_folde
 
 
 def test_runtime_defaults_from_folder(seed_folder: Path, model_folder: Path) -> None:
+    with_weights(model_folder)
     custom, definition = resolve(EndpointSpec(name="s", model_folder=str(seed_folder)))
     assert custom.runtime == "custom" and custom.definition_file == "model-definition.yaml"
     assert custom.served_model_name == "simple-http-server"
@@ -210,6 +220,7 @@ def test_custom_runtime_string_command_model_path_and_placeholders(tmp_path: Pat
 
 def test_engine_runtimes_build_their_commands(model_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(endpoints, "_check_installed", lambda runtime: None)  # commands are built whatever is installed here
+    with_weights(model_folder)
     place = Placement(port=20001, replica_id="e-1", work_dir="/w", gpu_share=0.5)
     vllm, _ = resolve(EndpointSpec(name="e", model_folder=str(model_folder), runtime="vllm", extra_args=["--max-model-len", "4096"]))
     assert argv(build_worker_spec(vllm, None, place)) == (
@@ -261,6 +272,7 @@ def test_runtime_variants_use_backend_ai_ports_and_health_paths() -> None:
 
 
 def test_service_definition_slots_beyond_one_gpu_and_unknown_slots(tmp_path: Path) -> None:
+    with_weights(tmp_path)
     (tmp_path / "service-definition.toml").write_text('[resource_slots]\n"cuda.shares" = 2\n[vllm.resource_slots]\n"tpu.device" = 1\n')
     endpoints_mod = endpoints
     config, _ = resolve(EndpointSpec(name="two", model_folder=str(tmp_path), runtime="transformers"))
