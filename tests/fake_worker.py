@@ -7,7 +7,7 @@ once with a message), --dead-generation (health passes, completions fail), --por
 FILE (the first start pretends its port was taken), --spawn-child (leave a grandchild in
 the process group, as engines with helper processes do), --health-path PATH (health served there too; /moved
 redirects to /health), --old-metric-names (/metrics with
-vLLM's pre-0.9 KV-cache gauge name); POST /_burn?seconds=N keeps its GPU busy. Each probe and event is printed
+vLLM's pre-0.9 KV-cache gauge name), --usage-on-last-chunk (a stream's usage on its last content chunk); POST /_burn?seconds=N keeps its GPU busy. Each probe and event is printed
 with its time so tests can read them back from the replica log.
 
 Run as a script it is a worker process of its own; tests/inprocess.py runs the same `parser()`,
@@ -86,6 +86,8 @@ def parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     p.add_argument("--metrics-padding", type=int, default=0, help="this many more series in /metrics (a vLLM-sized exposition)")
     p.add_argument("--health-path", default="/health", help="serve the health check here too (a runtime's own path, e.g. /info)")
     p.add_argument("--log-request-bytes", type=int, default=0, help="print a line this long for every completion (a chatty engine)")
+    p.add_argument("--usage-on-last-chunk", action="store_true",
+                   help="streams: usage rides on the last content chunk, as `transformers serve` sends it, not on a chunk of its own")
     return p
 
 
@@ -200,14 +202,17 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
                 await resp.write(f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': 'x' * 200_000}}]})}\n\n".encode())
             # As OpenAI and vLLM do: with stream_options.include_usage every chunk carries "usage": null,
             # and one last chunk has no choices and the usage of the whole request.
+            # --usage-on-last-chunk: no null ones, and the usage on the last chunk that has choices.
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            extra = {"usage": None} if include_usage else {}
+            usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
+            extra: dict[str, object] = {"usage": None} if include_usage and not args.usage_on_last_chunk else {}
             for i in range(n):
                 delta = {"delta": {"content": f"tok{i} "}} if chat else {"text": f"tok{i} "}
+                if include_usage and args.usage_on_last_chunk and i + 1 == n:
+                    extra = {"usage": usage}
                 await resp.write(f"data: {json.dumps({'model': body.get('model'), 'choices': [{'index': 0, **delta}], **extra})}\n\n".encode())
                 await asyncio.sleep(3600 if i + 1 == body.get("stall_after") else 1.0 / args.tokens_per_second)
-            if include_usage:
-                usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
+            if include_usage and not args.usage_on_last_chunk:
                 await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):

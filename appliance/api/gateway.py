@@ -1,8 +1,8 @@
 """The OpenAI-compatible gateway (/v1/*) and each endpoint's own URL (/endpoints/{name}/*).
 
 Handlers only: the routing table comes from the supervisor, the pick from router.py, the
-forwarding from proxy.py. Admission lives here: requests in flight per replica, a bounded
-queue per endpoint, and a wait for a starting replica instead of an instant 503.
+forwarding from proxy.py, admission (requests in flight per replica, a first-come first-served queue
+per endpoint, the wait for a starting replica) from admission.py.
 """
 
 from __future__ import annotations
@@ -10,17 +10,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from appliance.api.admission import Admission, EndpointQueue
 from appliance.api.callers import authorize, caller, check_route, lookup, refuse_unless_public
 from appliance.api.http import Route, parse_json, read_body, request_id
 from appliance.api.proxy import Outcome, UpstreamUnreachable, forward, make_session, worker_headers
@@ -29,13 +28,13 @@ from appliance.api.rename import rename as renamed
 from appliance.api.services import SERVICES, Services
 from appliance.control.telemetry import Telemetry
 from appliance.domain.limits import retry_after_header
-from appliance.domain.routing import RoutableReplica, RoutingTable, pick, prefix_key
+from appliance.domain.routing import RoutableReplica, prefix_key
 from appliance.domain.specs import EndpointConfig
 from appliance.errors import ApplianceError
 from appliance.security.auth import INFERENCE, READ, Principal
 
 log = logging.getLogger(__name__)
-_STARTING = ("PROVISIONING", "STARTING")
+CLIENT_CLOSED = "client_closed"  # a request's error_source when its client went away before the answer ended
 
 
 @dataclass(slots=True)
@@ -52,15 +51,8 @@ class RequestRecord:
     prompt_tokens: int | None
     completion_tokens: int | None
     streamed: bool
-    error_source: str | None  # "appliance" or "worker" for failures
+    error_source: str | None  # "appliance" or "worker" for failures; "client_closed": the client left first
     request_id: str = ""
-
-
-@dataclass
-class _Admission:
-    inflight: dict[str, int]  # the live counts kept by Load
-    waiting: int = 0
-    released: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Gateway:
@@ -72,8 +64,7 @@ class Gateway:
         self.stopping = asyncio.Event()
         cfg = services.config.gateway
         self._session: aiohttp.ClientSession | None = None
-        self._admission: dict[str, _Admission] = {}
-        self._rng = random.Random()
+        self._admission = Admission(services)
         self.records: deque[RequestRecord] = deque(maxlen=cfg.request_records)
 
     async def drain(self, timeout: float) -> None:
@@ -99,6 +90,7 @@ class Gateway:
         self._session = make_session(cfg.connect_timeout_seconds, cfg.idle_read_timeout_seconds, cfg.max_connections)
 
     async def stop(self) -> None:
+        await self._admission.close()
         if self._session:
             await self._session.close()
 
@@ -106,82 +98,14 @@ class Gateway:
         return dict(self._services.load.inflight(endpoint))
 
     def queue_length(self, endpoint: str) -> int:
-        adm = self._admission.get(endpoint)
-        return adm.waiting if adm else 0
+        return self._admission.queue_length(endpoint)
 
-    # --- admission -------------------------------------------------------------------------------
-
-    async def acquire(self, endpoint: str, config: EndpointConfig, key: str | None, exclude: set[str]) -> tuple[_Admission, RoutableReplica]:
+    async def acquire(self, endpoint: str, config: EndpointConfig, key: str | None, exclude: set[str]) -> tuple[EndpointQueue, RoutableReplica]:
         """A replica with room for one more request, counted in flight until release()."""
-        adm = self._admission.get(endpoint)
-        if adm is None:
-            adm = self._admission[endpoint] = _Admission(self._services.load.inflight(endpoint))
-        replica = await self._acquire(endpoint, config, key, exclude, adm)
-        self._services.load.begin(endpoint, replica.id)  # no await since the pick: a DRAINING replica is never chosen
-        return adm, replica
+        return await self._admission.acquire(endpoint, config, key, exclude)
 
-    def release(self, adm: _Admission, replica: RoutableReplica) -> None:
-        self._services.load.end(replica.endpoint, replica.id)
-        if adm.waiting:  # wake the queue only when someone waits
-            adm.released.set()
-            adm.released = asyncio.Event()
-
-    async def _acquire(self, endpoint: str, config: EndpointConfig, key: str | None, exclude: set[str], adm: _Admission) -> RoutableReplica:
-        supervisor = self._services.supervisor
-        deadline = patient = 0.0
-        woke = False
-        while True:
-            table: RoutingTable = supervisor.table
-            routable = table.routable.get(endpoint, ())
-            if exclude:
-                routable = [r for r in routable if r.id not in exclude]
-            free = routable if config.max_concurrency is None else [r for r in routable if adm.inflight.get(r.id, 0) < config.max_concurrency]
-            if free:
-                return pick(config.routing, free, adm.inflight, key=key, overload_factor=config.prefix_overload_factor, rng=self._rng)
-            if not deadline:  # from here on the request waits: its clock starts
-                now = time.monotonic()
-                deadline = now + config.queue_timeout_seconds
-                # With nothing routable after a wake, or a roll that had to stop the last serving replica first, the
-                # new replica is worth waiting for as long as a start may take; otherwise queue_timeout applies.
-                patient = now + max(config.queue_timeout_seconds, config.wake_timeout_seconds)
-            counts = table.counts.get(endpoint, {})
-            starting = sum(counts.get(s, 0) for s in _STARTING)
-            if woke and table.statuses.get(endpoint) != "ERROR":
-                starting += counts.get("FAILED", 0)  # a woken replica that failed is restarted; wait unless the endpoint gave up
-            if not routable and not starting and not woke and config.idle_timeout_seconds is not None and table.desired.get(endpoint) == 0:
-                woke = True
-                await supervisor.wake(endpoint)  # requests arriving meanwhile see it STARTING and wait for the same replica
-                continue
-            if not routable and not starting:
-                raise self._no_replica(endpoint, counts, table)
-            if adm.waiting >= config.queue_size:
-                raise ApplianceError(
-                    f"endpoint {endpoint} is at capacity: {adm.waiting} requests already waiting (queue_size {config.queue_size})",
-                    status=429, code="queue_full", headers={"Retry-After": "1"},
-                )
-            remaining = (patient if not routable and (woke or endpoint in table.awaiting) else deadline) - time.monotonic()
-            if remaining <= 0:
-                if routable:
-                    raise ApplianceError(
-                        f"endpoint {endpoint} is at capacity: waited {config.queue_timeout_seconds:g}s for a free replica",
-                        status=429, code="queue_timeout", headers={"Retry-After": "1"},
-                    )
-                raise self._no_replica(endpoint, counts, table)
-            adm.waiting += 1
-            try:
-                released = asyncio.ensure_future(adm.released.wait())
-                changed = asyncio.ensure_future(supervisor.wait_for_change(remaining))
-                await asyncio.wait({released, changed}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-                for t in (released, changed):
-                    t.cancel()
-            finally:
-                adm.waiting -= 1
-
-    def _no_replica(self, endpoint: str, counts: Any, table: RoutingTable) -> ApplianceError:
-        detail = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()) if s != "HEALTHY") or "none running"
-        status = table.statuses.get(endpoint, "")
-        extra = f"; endpoint status {status}" if status == "ERROR" else ""
-        return ApplianceError(f"endpoint {endpoint} has no healthy replica ({detail}){extra}", status=503, code="no_healthy_replica", headers={"Retry-After": "5"})
+    def release(self, queue: EndpointQueue, replica: RoutableReplica) -> None:
+        self._admission.release(queue, replica)
 
     # --- one request ----------------------------------------------------------------------------
 
@@ -240,10 +164,16 @@ class Gateway:
                     self.release(adm, replica)
                 if outcome.error:
                     error_source = "worker"
+                elif outcome.client_closed:
+                    error_source = CLIENT_CLOSED
                 return response
         except ApplianceError as exc:
             outcome.status = exc.status
             error_source = exc.source
+            raise
+        except asyncio.CancelledError:
+            if not self.stopping.is_set():  # the server cancels a request whose client disconnected
+                error_source = CLIENT_CLOSED
             raise
         finally:
             self._active -= 1

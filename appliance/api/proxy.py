@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -18,6 +17,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from appliance.api.rename import Rename, RenameStream
+from appliance.api.usage import UsageEventFilter, usage_from_body, usage_from_sse
 from appliance.errors import ApplianceError
 from appliance.security.sessions import COOKIE_PREFIX
 
@@ -68,6 +68,7 @@ class Outcome:
     error: str = ""
     chunks: int = 0  # body chunks relayed from a stream
     last_chunk: float | None = None  # seconds from the start to the last of them
+    client_closed: bool = False  # the client went away before the answer ended
 
 
 def _answer_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
@@ -101,87 +102,6 @@ def worker_headers(headers: Mapping[str, str], request_id: str) -> dict[str, str
         if name not in headers:  # case-insensitive on a request's headers
             out[name] = value
     return out
-
-
-_DECODER = json.JSONDecoder()
-
-
-def _usage_from(data: Any, outcome: Outcome) -> None:
-    usage = data.get("usage") if isinstance(data, dict) else None
-    if isinstance(usage, dict):
-        outcome.prompt_tokens = usage.get("prompt_tokens", outcome.prompt_tokens)
-        outcome.completion_tokens = usage.get("completion_tokens", outcome.completion_tokens)
-
-
-def usage_from_body(body: bytes, outcome: Outcome) -> None:
-    """Decode only the `usage` object of a JSON answer, not the whole (possibly long) completion."""
-    at = body.rfind(b'"usage"')
-    colon = body.find(b":", at) if at >= 0 else -1
-    if colon < 0:
-        return
-    try:
-        usage, _ = _DECODER.raw_decode(body[colon + 1 :].decode("utf-8", errors="replace").lstrip())
-    except ValueError:
-        return
-    _usage_from({"usage": usage}, outcome)
-
-
-def usage_from_sse(tail: bytes, outcome: Outcome) -> None:
-    """The last event that carries `usage` (vLLM and OpenAI send it in the final chunk)."""
-    for event in reversed(tail.split(b"\n\n")):
-        line = event.strip()
-        if line.startswith(b"data:") and b'"usage"' in line:
-            try:
-                data = json.loads(line[5:])
-            except ValueError:
-                continue
-            if isinstance(data, dict) and data.get("usage"):
-                _usage_from(data, outcome)
-                return
-
-
-_EVENT_END = re.compile(rb"\r?\n\r?\n")
-
-
-class UsageEventFilter:
-    """Passes an SSE stream through whole events, minus the usage-only event (`"choices": []` with a
-    `usage` object) that the gateway asked for on the client's behalf; its counts go to `outcome`."""
-
-    def __init__(self, outcome: Outcome) -> None:
-        self._outcome = outcome
-        self._partial = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        data = self._partial + chunk if self._partial else chunk
-        if (data.endswith(b"\n\n") or data.endswith(b"\r\n\r\n")) and b'"choices":[]' not in data and b'"choices": []' not in data:
-            self._partial = b""
-            return data  # whole events, none usage-only: the common case, passed without framing
-        out = []
-        start = 0
-        for match in _EVENT_END.finditer(data):
-            event = data[start : match.end()]
-            start = match.end()
-            if b'"usage"' in event and b'"choices"' in event and self._usage_only(event):
-                continue
-            out.append(event)
-        self._partial = data[start:]
-        return b"".join(out)
-
-    def flush(self) -> bytes:
-        rest, self._partial = self._partial, b""
-        return rest
-
-    def _usage_only(self, event: bytes) -> bool:
-        for line in event.splitlines():
-            if line.startswith(b"data:"):
-                try:
-                    body = json.loads(line[5:])
-                except ValueError:
-                    return False
-                if isinstance(body, dict) and body.get("choices") == [] and isinstance(body.get("usage"), dict):
-                    _usage_from(body, self._outcome)
-                    return True
-        return False
 
 
 class IdleWatch:
@@ -294,61 +214,12 @@ async def forward(
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             raise _failed_answering(replica, exc) from None
         response = (_HeadWithFirstChunk if chunk else web.StreamResponse)(status=upstream.status, headers=out_headers)
-        await response.prepare(request)
-        # Usage rides in the final event(s): remember only the last chunk that mentions it (and the one
-        # before, in case the event straddles two), found with one substring test per chunk.
-        previous = usage_at = b""
-        sse = "text/event-stream" in ctype
-        events = UsageEventFilter(outcome) if sse and drop_usage_event else None
-        renaming = RenameStream(rename, sse) if rename is not None else None
-        idle = session.timeout.sock_read
-        watch = IdleWatch(upstream, idle) if idle else None
-        now = asyncio.get_running_loop().time
         try:
-            while True:
-                if not chunk:
-                    chunk = await content.readany()
-                    if not chunk:
-                        break
-                if watch is not None:
-                    watch.last = IdleWatch.WRITING  # a slow client is not a silent worker
-                if outcome.ttfb is None:
-                    outcome.ttfb = clock() - started
-                if events is not None:
-                    chunk = events.feed(chunk)
-                elif sse:
-                    if b'"usage"' in chunk:
-                        usage_at = previous + chunk
-                    previous = chunk
-                if chunk and renaming is not None:
-                    chunk = renaming.feed(chunk)  # a stream's events name the model too
-                if chunk:
-                    await response.write(chunk)
-                    chunk = b""
-                    outcome.chunks += 1
-                if watch is not None:
-                    watch.last = now()
-            await _write_rest(response, events, renaming)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-            silent = f" (sent nothing for {idle:g}s, [gateway] idle_read_timeout_seconds)" if isinstance(exc, TimeoutError) else ""
-            outcome.error = f"replica {replica} failed mid-stream: {exc.__class__.__name__}{silent}"
-            if stopping is not None and stopping.is_set():
-                outcome.error = "the appliance is shutting down: this stream was ended after server.shutdown_timeout_seconds"
-            if not sse:
-                # A plain body cannot carry an error: end the connection without a clean end, so the client
-                # sees an incomplete response instead of a short one that looks whole.
-                if request.transport is not None:
-                    request.transport.abort()
-                return response
-            await _write_rest(response, events, renaming)
-            await response.write(sse_error_event(outcome.error, replica))
-        finally:
-            if watch is not None:
-                watch.cancel()
-            outcome.last_chunk = clock() - started
-        if usage_at:
-            usage_from_sse(usage_at, outcome)
-        await response.write_eof()
+            await _relay(request, response, upstream, chunk, replica, outcome, drop_usage_event, rename, clock, started, stopping, session.timeout.sock_read)
+        except _ClientGone:
+            # The client left: nothing more can reach it, and the worker is not to blame. The upstream
+            # connection is closed below, so the worker sees the disconnect and stops generating.
+            outcome.client_closed = True
         return response
     finally:
         if track is not None:
@@ -359,10 +230,96 @@ async def forward(
             upstream.close()  # cut short (client gone, error): the worker sees the disconnect and stops generating
 
 
+class _ClientGone(Exception):
+    """Writing to the client failed: it closed the connection (or reset it)."""
+
+
+async def _send(response: web.StreamResponse, data: bytes) -> None:
+    """A write to the client, whose failure is told apart from the worker's (both are connection errors)."""
+    try:
+        await response.write(data)
+    except ConnectionError as exc:  # aiohttp's ClientConnectionResetError is a ConnectionResetError
+        raise _ClientGone(str(exc)) from None
+
+
+# What reading a worker's body raises when the worker fails (or stays silent past the idle timeout).
+_UPSTREAM_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
+
+
+async def _relay(
+    request: web.Request, response: web.StreamResponse, upstream: aiohttp.ClientResponse, chunk: bytes, replica: str, outcome: Outcome,
+    drop_usage_event: bool, rename: Rename | None, clock: Callable[[], float], started: float, stopping: asyncio.Event | None, idle: float | None,
+) -> None:
+    """A streamed body, chunk by chunk, as it comes. A worker's failure ends an SSE stream with an error
+    event (a plain body with an abort); a client's raises _ClientGone and nothing more is written."""
+    try:
+        await response.prepare(request)
+    except ConnectionError as exc:
+        raise _ClientGone(str(exc)) from None
+    # Usage rides in the final event(s): remember only the last chunk that mentions it (and the one
+    # before, in case the event straddles two), found with one substring test per chunk.
+    previous = usage_at = b""
+    ctype = upstream.headers.get("Content-Type", "")
+    sse = "text/event-stream" in ctype
+    events = UsageEventFilter(outcome) if sse and drop_usage_event else None
+    renaming = RenameStream(rename, sse) if rename is not None else None
+    content = upstream.content
+    watch = IdleWatch(upstream, idle) if idle else None
+    now = asyncio.get_running_loop().time
+    try:
+        while True:
+            if not chunk:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+            if watch is not None:
+                watch.last = IdleWatch.WRITING  # a slow client is not a silent worker
+            if outcome.ttfb is None:
+                outcome.ttfb = clock() - started
+            if events is not None:
+                chunk = events.feed(chunk)
+            elif sse:
+                if b'"usage"' in chunk:
+                    usage_at = previous + chunk
+                previous = chunk
+            if chunk and renaming is not None:
+                chunk = renaming.feed(chunk)  # a stream's events name the model too
+            if chunk:
+                await _send(response, chunk)
+                chunk = b""
+                outcome.chunks += 1
+            if watch is not None:
+                watch.last = now()
+        await _write_rest(response, events, renaming)
+    except _UPSTREAM_ERRORS as exc:
+        silent = f" (sent nothing for {idle:g}s, [gateway] idle_read_timeout_seconds)" if isinstance(exc, TimeoutError) else ""
+        outcome.error = f"replica {replica} failed mid-stream: {exc.__class__.__name__}{silent}"
+        if stopping is not None and stopping.is_set():
+            outcome.error = "the appliance is shutting down: this stream was ended after server.shutdown_timeout_seconds"
+        if not sse:
+            # A plain body cannot carry an error: end the connection without a clean end, so the client
+            # sees an incomplete response instead of a short one that looks whole.
+            if request.transport is not None:
+                request.transport.abort()
+            return
+        await _write_rest(response, events, renaming)
+        await _send(response, sse_error_event(outcome.error, replica))
+    finally:
+        if watch is not None:
+            watch.cancel()
+        outcome.last_chunk = clock() - started
+    if usage_at:
+        usage_from_sse(usage_at, outcome)
+    try:
+        await response.write_eof()
+    except ConnectionError as exc:
+        raise _ClientGone(str(exc)) from None
+
+
 async def _write_rest(response: web.StreamResponse, events: UsageEventFilter | None, renaming: RenameStream | None) -> None:
     """What the stream's filters still hold, at its end."""
     rest = events.flush() if events is not None else b""
     if renaming is not None:
         rest = renaming.flush(rest)
     if rest:
-        await response.write(rest)
+        await _send(response, rest)
