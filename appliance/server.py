@@ -43,7 +43,8 @@ async def run(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, Reloader(app, config).request)
+    reloader = Reloader(app, config)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
     path = config.server_file
     listening = False
     try:
@@ -71,6 +72,8 @@ async def run(config: Config) -> None:
         sd_notify("STOPPING=1")
         notifier.cancel()
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        await reloader.close()
         await runner.cleanup()
         if listening:  # only this server's own record: another one may have written it
             path.unlink(missing_ok=True)

@@ -111,9 +111,24 @@ class Reloader:
         self._app = app
         self._config = config
         self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[bool]] = set()  # held until done: the loop keeps only weak references
 
     def request(self) -> None:
-        asyncio.ensure_future(self.reload())
+        task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[bool]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # The running config stays as it was; the appliance goes on serving it.
+            log.error("reload failed, the running config is kept: %s", exc, exc_info=exc)
+
+    async def close(self) -> None:
+        """End a reload still running (at shutdown)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def reload(self) -> bool:
         await started(self._app)  # a SIGHUP during startup waits for it: never two reconciliations at once
