@@ -90,7 +90,7 @@ step() {  # step TEXT COMMAND...: a line before, the time while it runs, the log
   fi
 }
 # --no-compile: bytecode is written on first import instead, only for the modules used (saves ~20 s on torch)
-pip() { .venv/bin/python -m pip --disable-pip-version-check --progress-bar off install --no-compile "$@"; }
+pip() { .venv/bin/python -m pip --disable-pip-version-check install --progress-bar off --no-compile "$@"; }
 with_cpu_torch() {  # pip ARGS plus the CPU torch, from wherever pip finds it, else from the PyTorch CPU index
   pip "$@" "$TORCH" || pip --extra-index-url "$CPU_INDEX" "$@" "$TORCH"
 }
