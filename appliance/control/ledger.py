@@ -16,7 +16,7 @@ class Ledger:
     def __init__(self, port_range: tuple[int, int]) -> None:
         self._range = port_range
         self._held: dict[str, Allocation] = {}  # replica id → the GPUs it holds
-        self._ports: set[int] = set()
+        self._ports: dict[int, str] = {}  # port → the replica holding it
         self._quarantine: dict[int, float] = {}
         self._last_port: int | None = None
 
@@ -28,14 +28,16 @@ class Ledger:
         self._held[replica] = allocation
         return allocation
 
-    def take_port(self, now: float) -> int:
-        """The next free port of the range, reserved at once: replicas starting together never share one."""
+    def take_port(self, replica: str, now: float) -> int:
+        """The next free port of the range, reserved at once for `replica` (in place of one it held):
+        replicas starting together never share one."""
+        self._drop_port(replica)
         self._quarantine = {p: t for p, t in self._quarantine.items() if t > now}
         first, last = self._range
-        port = pick_port(first, last, self._ports | set(self._quarantine), start=self._last_port)
+        port = pick_port(first, last, set(self._ports) | set(self._quarantine), start=self._last_port)
         if port is None:
             raise Unplaceable(f"waiting for a free port in {first}-{last}")
-        self._ports.add(port)
+        self._ports[port] = replica
         self._last_port = port
         return port
 
@@ -43,10 +45,14 @@ class Ledger:
         """Another program took `port` before our worker bound it: skip it for a while."""
         self._quarantine[port] = now + PORT_QUARANTINE
 
-    def release(self, replica: str, port: int | None) -> None:
+    def release(self, replica: str) -> None:
+        """Free what `replica` holds: by holder, never by number, so a port that has since gone to
+        another replica stays with it."""
         self._held.pop(replica, None)
-        if port is not None:
-            self._ports.discard(port)
+        self._drop_port(replica)
+
+    def _drop_port(self, replica: str) -> None:
+        self._ports = {p: holder for p, holder in self._ports.items() if holder != replica}
 
     def held(self) -> dict[str, Allocation]:
         return dict(self._held)

@@ -169,9 +169,9 @@ class WorkerProcess:
         return self._proc.returncode
 
     async def wait(self) -> int:
-        code = await self._proc.wait()
-        await asyncio.to_thread(self._pump.join, 5.0)  # the last lines are in the log before anyone reads it
-        return code
+        """The leader's exit code, as soon as it has exited. Its helpers may live on and hold the log's
+        pipe open: stop() ends them and then waits for the log's last lines."""
+        return await self._proc.wait()
 
     async def stop(self, grace: float) -> int:
         """End the worker's whole process tree, also when its leader already exited: its cgroup
@@ -184,7 +184,9 @@ class WorkerProcess:
             # its process group (its own session) holds it then, also once the leader has died: the kernel
             # gives no new process the group's id while a member of the group lives.
             await asyncio.to_thread(end_group, self._proc.pid, grace)
-        return await self.wait()
+        code = await self._proc.wait()
+        await asyncio.to_thread(self._pump.join, 5.0)  # the tree is gone: its last lines are in the log before anyone reads it
+        return code
 
 
 def group_members(pgid: int) -> list[int]:

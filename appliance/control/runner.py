@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -29,15 +28,14 @@ from appliance.control.ledger import Ledger
 from appliance.control.load import Load
 from appliance.control.model_gate import wait_for_model
 from appliance.control.prestart import run_pre_start_actions
-from appliance.control.probe import probe
 from appliance.control.process import Launcher, Slot, looks_like_port_conflict
+from appliance.control.prober import Prober
 from appliance.control.replica import EndpointRun, Replica, RunnerHost
 from appliance.control.telemetry import Telemetry
-from appliance.domain.health import Health, HealthState, due_for_replacement, next_probe_delay, observe
+from appliance.domain.health import HealthState
 from appliance.domain.placement import GpuInfo, GpuRequest, Unplaceable, visible
 from appliance.domain.rollout import backoff_delay, drains
 from appliance.domain.runtimes import Placement, WorkerSpec, build_worker_spec
-from appliance.domain.specs import EndpointConfig, HealthCheck
 from appliance.domain.states import ReplicaState, check_transition
 from appliance.domain.templates import render, render_all
 from appliance.errors import ApplianceError
@@ -49,8 +47,7 @@ log = logging.getLogger(__name__)
 GpuSource = Callable[[], Awaitable[list[GpuInfo]]]
 Outcome = Literal["stopped", "crashed", "retry"]
 _WAIT_FOR_CAPACITY = 2.0  # seconds between placement attempts while GPUs are busy
-_READY_POLL = 0.05  # seconds between readiness polls of a starting replica
-_MIN_INTERVAL = 0.1  # seconds: Backend.AI allows interval 0, which would probe in a busy loop
+_ORPHAN_GRACE = 2.0  # seconds a tree whose leader died gets to end on its own: no graceful stop is coming
 
 
 class ReplicaRunner:
@@ -157,20 +154,31 @@ class ReplicaRunner:
         r.health = HealthState(spawned_at=r.started_at)
         await self._record(r, ReplicaState.STARTING, f"spawned pid {r.process.pid} on port {r.port}" if r.process.pid else f"started on port {r.port}")
         replace = asyncio.Event()
-        prober = asyncio.create_task(self._probe_loop(config, spec, r, replace), name=f"probe-{r.id}")
+        assert self._session is not None
+        deep = spec.served_model_name if config.deep_probe else None  # asked for: the operator knows it speaks OpenAI
+        checks = Prober(self._session, config, self._config.workers, r, deep_model=deep, clock=self._clock, telemetry=self._telemetry, record=self._record)
+        prober = asyncio.create_task(checks.run(replace), name=f"probe-{r.id}")
         exited = asyncio.create_task(r.process.wait())
         stop = asyncio.create_task(r.stop_requested.wait())
         swap = asyncio.create_task(replace.wait())
         try:
-            await asyncio.wait({exited, stop, swap}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({exited, stop, swap, prober}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await cancel_and_wait(prober, stop, swap)
         process = r.process
         if exited.done():
-            # The leader is gone; its helpers (an engine's core and workers) may not be. The replica ends
-            # with its whole tree, before its GPUs and port are handed out again.
-            await process.stop(self._config.workers.stop_grace_seconds)
+            # The leader is gone (wait() returns at its exit); its helpers (an engine's core and workers) may not be, and nobody will stop
+            # them gracefully now: a short grace, then the whole tree ends, before its GPUs and port are
+            # handed out again.
+            await process.stop(min(_ORPHAN_GRACE, self._config.workers.stop_grace_seconds))
             return await self._exited(r, spec, exited.result())
+        broken = prober.exception() if prober.done() and not prober.cancelled() and not replace.is_set() else None
+        if broken is not None and not r.stop_requested.is_set():
+            # Without its health checks a replica could stay routable while it fails: a crash of the replica.
+            log.error("replica %s: health checks stopped: %r", r.id, broken, exc_info=broken)
+            exited.cancel()
+            await process.stop(self._config.workers.stop_grace_seconds)
+            return await self._failed(r, f"health checks failed: {broken.__class__.__name__}: {broken}")
         if r.stop_requested.is_set() and drains(r.state, self._load.inflight(r.endpoint).get(r.id, 0)):
             await self._drain(run, r, exited)
         exited.cancel()
@@ -253,7 +261,7 @@ class ReplicaRunner:
             except ApplianceError as exc:
                 raise Unplaceable(exc.message, permanent=True) from None
         r.allocation = allocation = self._ledger.hold_gpus(r.id, request, inventory)
-        r.port = port = self._ledger.take_port(self._clock())
+        r.port = port = self._ledger.take_port(r.id, self._clock())
         await asyncio.to_thread(r.work_dir.mkdir, parents=True, exist_ok=True)
         definition = None
         if config.runtime == "custom":
@@ -285,52 +293,10 @@ class ReplicaRunner:
         return spec, env
 
     def _release(self, r: Replica) -> None:
-        self._ledger.release(r.id, r.port)
+        self._ledger.release(r.id)
+        r.port = None  # no longer ours: a later release or record must not name it
         r.allocation = None
         r.process = None
-
-    async def _probe_loop(self, config: EndpointConfig, spec: WorkerSpec, r: Replica, replace: asyncio.Event) -> None:
-        assert self._session is not None
-        check = config.health_check
-        deep = spec.served_model_name if config.deep_probe else None  # asked for: the operator knows it speaks OpenAI
-        w = self._config.workers
-        while True:
-            started = self._clock()
-            sent = time.monotonic()
-            passed, detail = await probe(self._session, r.url, check, deep_model=deep)
-            self._telemetry.probed(r.endpoint, r.id, passed, time.monotonic() - sent)
-            now = self._clock()
-            before = r.health
-            assert before is not None
-            r.health = after = observe(before, check, passed=passed, detail=detail, now=now)
-            if after.status is not before.status:
-                if after.status is Health.HEALTHY:
-                    await self._record(r, ReplicaState.HEALTHY, detail)
-                elif after.status is Health.UNHEALTHY:
-                    await self._record(r, ReplicaState.UNHEALTHY, f"{after.consecutive_failures} failed probes in a row: {detail}")
-            if after.healthy_since is not None and now - after.healthy_since >= w.restart_backoff_reset_seconds:
-                r.failures = 0
-            if due_for_replacement(after, config.unhealthy_replace_after, now):
-                replace.set()
-                return
-            delay = next_probe_delay(started, self._clock(), max(check.interval, _MIN_INTERVAL))
-            if not after.ever_healthy:
-                delay = await self._poll_until_ready(r, check, deep, self._clock() + delay)
-            await asyncio.sleep(delay)
-
-    async def _poll_until_ready(self, r: Replica, check: HealthCheck, deep: str | None, until: float) -> float:
-        """Between the counted probes of a replica that was never healthy, poll every _READY_POLL:
-        a pass makes it HEALTHY at once (a wake or a roll waits less); failures here count for nothing.
-        Returns the time left until the next counted probe."""
-        assert self._session is not None and r.health is not None
-        while (left := until - self._clock()) > 0:
-            await asyncio.sleep(min(_READY_POLL, left))
-            passed, detail = await probe(self._session, r.url, check, deep_model=deep)
-            if passed:
-                r.health = observe(r.health, check, passed=True, detail=detail, now=self._clock())
-                await self._record(r, ReplicaState.HEALTHY, detail)
-                break
-        return max(0.0, until - self._clock())
 
     async def _finish(self, run: EndpointRun, r: Replica) -> None:
         if r.process is not None:
@@ -341,7 +307,7 @@ class ReplicaRunner:
         await asyncio.to_thread(shutil.rmtree, r.work_dir, True)  # its log stays in log_dir
         self._host.finished(run, r)
 
-    async def _record(self, r: Replica, state: ReplicaState, message: str, details: dict[str, Any] | None = None) -> None:
+    async def _record(self, r: Replica, state: ReplicaState, message: str, details: dict[str, Any] | None = None, kind: str | None = None) -> None:
         check_transition(r.state, state)
         changed = r.state is not state
         r.state = state
@@ -362,7 +328,7 @@ class ReplicaRunner:
         }
         if r.watch is not None:
             r.watch.put_nowait((state.value, message))
-        kind = f"replica.{state.value.lower()}" if changed else "replica.note"
+        kind = kind or (f"replica.{state.value.lower()}" if changed else "replica.note")
         await self._store.replicas.save(row, kind, f"replica {r.id}: {message}", {"replica": r.id, **(details or {})})
         await self._host.recorded(r, changed)
 

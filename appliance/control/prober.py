@@ -1,0 +1,105 @@
+"""The health checks of one running worker: probes on Backend.AI's schedule (domain/health.py decides),
+a fast readiness poll while it was never healthy, and the check that what answered is the replica's own
+process tree (control/listener.py). The runner creates one per worker and records what it reports."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from appliance.config import WorkersConfig
+from appliance.control.listener import Intruder, foreign_listener
+from appliance.control.probe import probe
+from appliance.control.replica import Replica
+from appliance.control.telemetry import Telemetry
+from appliance.domain.health import Health, due_for_replacement, next_probe_delay, observe
+from appliance.domain.specs import EndpointConfig, HealthCheck
+from appliance.domain.states import ReplicaState
+
+Record = Callable[..., Awaitable[None]]  # the runner's _record(r, state, message, details=None, kind=None)
+_READY_POLL = 0.05  # seconds between readiness polls of a starting replica
+_MIN_INTERVAL = 0.1  # seconds: Backend.AI allows interval 0, which would probe in a busy loop
+
+
+class Prober:
+    def __init__(
+        self, session: aiohttp.ClientSession, config: EndpointConfig, workers: WorkersConfig, r: Replica, *, deep_model: str | None,
+        clock: Callable[[], float], telemetry: Telemetry, record: Record,
+    ) -> None:
+        self._session = session
+        self._config = config
+        self._workers = workers
+        self._r = r
+        self._deep = deep_model
+        self._clock = clock
+        self._telemetry = telemetry
+        self._record = record
+        self._intruder: Intruder | None = None  # the last one reported, so a squatter is one event, not one per probe
+        self._holders: dict[int, Intruder] = {}  # socket inode → its process, found once
+
+    async def run(self, replace: asyncio.Event) -> None:
+        """Probe until the replica is due for replacement (then set `replace` and return). An exception
+        here ends the loop: the runner treats it as the replica's crash."""
+        r = self._r
+        check = self._config.health_check
+        while True:
+            started = self._clock()
+            sent = time.monotonic()
+            passed, detail = await self._probe(check)
+            self._telemetry.probed(r.endpoint, r.id, passed, time.monotonic() - sent)
+            now = self._clock()
+            before = r.health
+            assert before is not None
+            r.health = after = observe(before, check, passed=passed, detail=detail, now=now)
+            if after.status is not before.status:
+                if after.status is Health.HEALTHY:
+                    await self._record(r, ReplicaState.HEALTHY, detail)
+                elif after.status is Health.UNHEALTHY:
+                    await self._record(r, ReplicaState.UNHEALTHY, f"{after.consecutive_failures} failed probes in a row: {detail}")
+            if after.healthy_since is not None and now - after.healthy_since >= self._workers.restart_backoff_reset_seconds:
+                r.failures = 0
+            if due_for_replacement(after, self._config.unhealthy_replace_after, now):
+                replace.set()
+                return
+            delay = next_probe_delay(started, self._clock(), max(check.interval, _MIN_INTERVAL))
+            if not after.ever_healthy:
+                delay = await self._poll_until_ready(check, self._clock() + delay)
+            await asyncio.sleep(delay)
+
+    async def _poll_until_ready(self, check: HealthCheck, until: float) -> float:
+        """Between the counted probes of a replica that was never healthy, poll every _READY_POLL:
+        a pass makes it HEALTHY at once (a wake or a roll waits less); failures here count for nothing.
+        Returns the time left until the next counted probe."""
+        r = self._r
+        assert r.health is not None
+        while (left := until - self._clock()) > 0:
+            await asyncio.sleep(min(_READY_POLL, left))
+            passed, detail = await self._probe(check)
+            if passed:
+                r.health = observe(r.health, check, passed=True, detail=detail, now=self._clock())
+                await self._record(r, ReplicaState.HEALTHY, detail)
+                break
+        return max(0.0, until - self._clock())
+
+    async def _probe(self, check: HealthCheck) -> tuple[bool, str]:
+        """One probe; a pass counts only when the socket that answered is the replica's own."""
+        r = self._r
+        passed, detail = await probe(self._session, r.url, check, deep_model=self._deep)
+        worker = r.process
+        if not passed or worker is None or worker.pid is None or r.port is None:
+            return passed, detail  # a worker with no OS process of its own (tests' in-process ones) has no socket to check
+        intruder = await asyncio.to_thread(foreign_listener, r.port, worker.pid, worker.cgroup, self._holders)
+        if intruder is None:
+            self._intruder = None
+            return passed, detail
+        why = f"port {r.port} is held by {intruder.describe()}"
+        if intruder != self._intruder:
+            self._intruder = intruder
+            r.log.note(f"not routed to: {why}")
+            details: dict[str, Any] = {"port": r.port, "intruder_pid": intruder.pid, "intruder_program": intruder.program, "intruder_uid": intruder.uid}
+            await self._record(r, r.state, why, details, kind="replica.foreign_listener")
+        return False, why
