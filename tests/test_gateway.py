@@ -77,7 +77,7 @@ async def test_sdk_errors(admin: Admin, tmp_path: Path) -> None:
         await sdk(admin, key="ak-wrong").chat.completions.create(model="private", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.NotFoundError) as info:
         await sdk(admin).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
-    assert info.value.code == "model_not_found"
+    assert info.value.code == "model_not_found" and "did you mean" not in info.value.message
     with pytest.raises(openai.BadRequestError) as bad:
         await sdk(admin).chat.completions.create(model="", messages=[{"role": "user", "content": "x"}])
     assert bad.value.code == "missing_model"
@@ -181,18 +181,36 @@ async def test_large_sse_events_pass_unbuffered(admin: Admin, tmp_path: Path) ->
 
 
 async def test_least_outstanding_prefers_the_fast_replica(admin: Admin, tmp_path: Path) -> None:
-    folder = fake_folder(tmp_path, "skew", "--slow-marker", str(tmp_path / "slow"), "--slow-latency", "0.3")
-    await healthy(admin, "skew", folder, replicas=2, max_replicas=2, public=True)
-    seen: Counter[str] = Counter()
+    # The slow replica holds every request it gets until the test ends: least outstanding sends it one only
+    # while it holds no more than the fast one has in flight, so of 32 requests from 4 clients it can hold
+    # at most 2 (with 4 clients, a pick that finds it holding 2 sees at most 1 on the fast one).
+    folder = fake_folder(tmp_path, "skew", "--slow-marker", str(tmp_path / "slow"), "--slow-latency", "3600")
+    reps = await healthy(admin, "skew", folder, replicas=2, max_replicas=2, public=True)
+    answered: Counter[str] = Counter()
+    budget = 32
 
-    async def worker() -> None:
-        for _ in range(8):
+    async def client() -> None:
+        nonlocal budget
+        while budget:
+            budget -= 1
             resp = await admin.client.post("/v1/chat/completions", json={"model": "skew", "messages": [], "max_tokens": 1})
-            seen[(await resp.json())["id"]] += 1
+            answered[(await resp.json())["id"]] += 1
 
-    await asyncio.gather(*(worker() for _ in range(4)))
-    (fast, n_fast), (_, n_slow) = seen.most_common(2)
-    assert n_fast + n_slow == 32 and n_fast > 2 * n_slow, seen
+    clients = [asyncio.create_task(client()) for _ in range(4)]
+
+    async def held() -> tuple[int] | None:  # settled: each request answered or held by the slow replica (or every client stuck there)
+        running = sum([(await stats(r["port"])).get("running", 0) for r in reps])
+        settled = not budget and sum(c.done() for c in clients) + running == len(clients) and sum(answered.values()) + running == 32
+        return (running,) if settled or running == len(clients) else None
+
+    try:
+        (n_slow,) = await async_wait_for(held, timeout=30, what="every request answered or held by the slow replica")
+    finally:
+        for c in clients:
+            c.cancel()  # their clients leave: the held requests end
+        await asyncio.gather(*clients, return_exceptions=True)
+    assert len(answered) <= 1 and n_slow <= 2, (answered, n_slow)  # every answer from the fast replica
+    assert sum(answered.values()) + n_slow == 32
 
 
 async def test_session_affinity_sticks_and_moves_when_the_replica_dies(admin: Admin, launcher: InProcessLauncher, tmp_path: Path) -> None:

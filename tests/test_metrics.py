@@ -128,3 +128,15 @@ def test_restarts_probe_failures_decisions_and_rejections_are_counted_and_a_gone
     t.endpoint_gone("chat")
     left = [key for key in samples(t.exposition(Live()).decode()) if ("endpoint", "chat") in key[1]]
     assert left == [], left
+
+
+async def test_answers_the_appliance_refuses_itself_are_counted_400_and_404_included(admin: Admin, tmp_path: Path) -> None:
+    await healthy(admin, "chat", fake_folder(tmp_path, "chat"))
+    c, h = admin.client, admin.headers
+    for body, status in ((b"{nope", 400), (b'{"messages": []}', 400), (b'{"model": "nope", "messages": []}', 404)):
+        assert (await c.post("/v1/chat/completions", data=body, headers={**h, "Content-Type": "application/json"})).status == status
+    assert (await c.get("/endpoints/nobody/x", headers=h)).status == 404
+    assert (await c.get("/no/such/route", headers=h)).status == 404
+    got = samples((await scrape(admin))[2])
+    for code, n in (("invalid_json", 1), ("missing_model", 1), ("model_not_found", 1), ("endpoint_not_found", 1), ("not_found", 1)):
+        assert got.get(("appliance_rejections_total", (("code", code),))) == n, code

@@ -3,6 +3,7 @@ and answered alike for a private endpoint and a missing one (names cannot be pro
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from functools import partial
 
@@ -52,7 +53,7 @@ def authorize(request: web.Request, principal: Principal | None, refusal: Refusa
             raise auth.refuse(request, _error(refusal))
         return None
     if config is None:
-        raise ApplianceError(f"The model '{name}' does not exist", status=404, code="model_not_found", param="model")
+        raise ApplianceError(f"The model '{name}' does not exist{did_you_mean(request, principal, name)}", status=404, code="model_not_found", param="model")
     if config.public and not (principal.has(INFERENCE) and principal.allows(name)):
         return None  # on a public endpoint a key that may not use it still gets in, anonymously
     if not principal.has(INFERENCE):
@@ -79,3 +80,15 @@ def lookup(request: web.Request, model: str) -> tuple[str, EndpointConfig | None
     if name is None or name not in table.endpoints:
         return model, None
     return name, table.endpoints[name]
+
+
+def did_you_mean(request: web.Request, principal: Principal, name: str) -> str:
+    """A hint naming the endpoints (or aliases) closest to a name that is not one, among those the caller
+    may use, as /v1/models lists them for it: a credential never learns of names it could not call."""
+    table = request.app[SERVICES].supervisor.table
+    names = [n for n, endpoint in table.names.items() if (cfg := table.endpoints.get(endpoint)) is not None and (cfg.public or principal.allows(endpoint))]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    if not close:
+        return ""
+    quoted = [f"'{n}'" for n in close]
+    return "; did you mean " + (quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]) + "?"

@@ -20,7 +20,7 @@ from aiohttp import web
 from yarl import URL
 
 from appliance.api.admission import Admission, EndpointQueue
-from appliance.api.callers import authorize, caller, check_route, lookup, refuse_unless_public
+from appliance.api.callers import authorize, caller, check_route, did_you_mean, lookup, refuse_unless_public
 from appliance.api.http import Route, parse_json, read_body, request_id
 from appliance.api.proxy import Outcome, UpstreamUnreachable, forward, make_session, worker_headers
 from appliance.api.rename import Rename
@@ -253,7 +253,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     principal, refusal = await caller(request)
     found = request.app[SERVICES].supervisor.table.endpoints.get(name)
     if principal is not None and found is None:
-        raise ApplianceError(f"endpoint {name!r} not found", status=404, code="endpoint_not_found", param="name")
+        raise ApplianceError(f"endpoint {name!r} not found{did_you_mean(request, principal, name)}", status=404, code="endpoint_not_found", param="name")
     principal = authorize(request, principal, refusal, name, found)
     assert found is not None
     config = found

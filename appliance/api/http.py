@@ -26,7 +26,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = web.AppKey("max_body_bytes", int)  # the limit aiohttp enforces, for the 413 message
 BODY_TIMEOUT = web.AppKey("body_timeout_seconds", float)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
-_REJECTIONS = frozenset((401, 403, 429))  # refused before any worker saw the request: auth and rate limits
 
 
 @dataclass(frozen=True)
@@ -221,7 +220,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApplianceError as err:
-        if err.status in _REJECTIONS:
+        if 400 <= err.status < 500:  # refused by the appliance itself: malformed, unknown, unauthorized, limited
             request.app[TELEMETRY].rejected(err.code)
         return error_response(err)
     except web.HTTPException as exc:
@@ -229,6 +228,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status, "http_error")
+        request.app[TELEMETRY].rejected(code)
         message = {
             404: f"no route for {request.method} {request.path}",
             405: f"method {request.method} is not allowed on {request.path}",

@@ -144,7 +144,7 @@ class Telemetry:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
-        self._rejections = Counter("appliance_rejections", "Requests refused before a worker saw them: auth and rate limits, by code", ["code"], registry=r)
+        self._rejections = Counter("appliance_rejections", "Requests the appliance answered with a 4xx itself, by code: malformed, unknown model or route, auth, limits", ["code"], registry=r)
         self._restarts = Counter("appliance_replica_restarts", "Replica restarts after a crash or failed start", ["endpoint"], registry=r)
         self._probe_failures = Counter("appliance_health_probe_failures", "Failed health probes", ["endpoint", "replica"], registry=r)
         self._probe_duration = Histogram(
