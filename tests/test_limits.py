@@ -81,7 +81,9 @@ def test_usage_event_filter_drops_only_the_usage_event_whatever_the_chunking(siz
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (7, 2)
 
 
-def test_usage_event_filter_keeps_crlf_framing_and_events_that_also_carry_choices() -> None:
+def test_usage_event_filter_keeps_crlf_framing_and_strips_usage_from_events_that_also_carry_choices() -> None:
     stream = b'data: {"choices":[{"text":"x"}],"usage":{"prompt_tokens":1,"completion_tokens":1}}\r\n\r\ndata: [DONE]\r\n\r\n'
-    f = UsageEventFilter(Outcome())
-    assert f.feed(stream) + f.flush() == stream
+    outcome = Outcome()
+    f = UsageEventFilter(outcome)
+    assert f.feed(stream) + f.flush() == b'data: {"choices": [{"text": "x"}]}\r\n\r\ndata: [DONE]\r\n\r\n'
+    assert (outcome.prompt_tokens, outcome.completion_tokens) == (1, 1)
