@@ -14,6 +14,8 @@ import time
 from contextvars import ContextVar
 from typing import Any, Literal
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 # The id of the request being handled, set by the HTTP layer (X-Request-ID, taken or made).
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 EVENT_FIELDS = ("kind", "endpoint", "details")  # what an event's log record carries besides its message
@@ -54,6 +56,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+class ClientHttpErrors(logging.Filter):
+    """aiohttp's server logs a request it could not parse as an error with a traceback ("Error handling
+    request from <peer>"). Malformed HTTP is the client's error, not the appliance's: one line at INFO
+    naming the peer and what was wrong. Its other errors (a handler's bug) keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else "an unknown peer"
+        # The parser quotes what the client sent: one line of printable characters, of bounded length.
+        text = " ".join(str(exc.message).split())
+        text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)[:300]
+        record.msg, record.args = "bad HTTP request from %s: %s %s", (peer, exc.code, text)
+        record.exc_info, record.exc_text = None, None
+        if record.levelno > logging.INFO:
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return logging.getLogger(record.name).isEnabledFor(record.levelno)
+
+
+def quiet_client_errors(logger: logging.Logger) -> None:
+    """Install ClientHttpErrors on aiohttp's server logger (once)."""
+    if not any(isinstance(f, ClientHttpErrors) for f in logger.filters):
+        logger.addFilter(ClientHttpErrors())
+
+
 def setup_logging(level: str, fmt: Literal["plain", "json"] = "plain") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_WithRequestId())
@@ -61,6 +89,7 @@ def setup_logging(level: str, fmt: Literal["plain", "json"] = "plain") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    quiet_client_errors(logging.getLogger("aiohttp.server"))
     if level.lower() != "debug":
         # APScheduler logs two INFO lines per job run: 40 lines a minute of nothing on an idle box.
         logging.getLogger("apscheduler").setLevel(logging.WARNING)

@@ -9,6 +9,7 @@ server runs); the server fixture checks that the served /api/v1/openapi.json is 
 from __future__ import annotations
 
 import json
+import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,6 +156,48 @@ def map_body(ctx: schemathesis.HookContext, body: Any) -> Any:
     if isinstance(body, dict) and isinstance(body.get("runtime"), str) and body["runtime"] in ENGINES and ctx.operation is not None and ctx.operation.path.startswith("/api/v1/endpoints"):
         return {**body, "runtime": "custom"}
     return body
+
+
+# Requests aiohttp's parser refuses before any route: a client's error, which the log tells in a line
+# naming the peer, never with a traceback. The last one follows a good request on a kept-alive connection
+# (aiohttp logs a bad method at debug level only on a connection's first request).
+MALFORMED = (
+    b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 20_000 + b"\r\n\r\n",
+    b"POST /oauth/token HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"POST /oauth/token HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /\x7f\x00 HTTP/1.1\r\n\r\n",
+    b"G\x00T / HTTP/1.1\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 HTTP/1.1\r\n\r\n",
+)
+
+
+def _send_raw(url: str, data: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_malformed_http_is_one_log_line_naming_the_peer(api: Api) -> None:
+    before = len(api.server.output())
+    for data in MALFORMED:
+        answer = _send_raw(api.server.url, data)
+        assert answer.startswith((b"HTTP/1.0 ", b"HTTP/1.1 ")), (data[:60], answer[:200])
+        assert answer[9:10] != b"5", (data[:60], answer[:200])  # the client's error, not the server's
+
+    def logged() -> str | None:
+        out = api.server.output()[before:]
+        return out if out.count("Error handling request") + out.count("bad HTTP request from") >= 2 else None
+
+    log = wait_for(logged, timeout=10, what="the malformed requests in the server log")
+    assert "Traceback" not in log, log
+    lines = [line for line in log.splitlines() if "bad HTTP request from 127.0.0.1: 4" in line]
+    assert len(lines) >= 2 and all(" INFO aiohttp.server: " in line for line in lines), log
 
 
 @schema.parametrize()

@@ -112,3 +112,28 @@ def test_the_server_log_tells_what_happened_in_json_with_request_ids(server_fact
     access = [e for e in lines if e["logger"] == "appliance.api.access"]
     assert any("request=chat-call-1" in e["message"] and "/v1/chat/completions" in e["message"] for e in access), access[-3:]
     assert len(lines) - len(access) < 60, f"{len(lines) - len(access)} lines for one endpoint, one key and a few requests"
+
+
+def test_a_clients_malformed_http_is_one_line_and_a_handlers_error_keeps_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from appliance.logs import ClientHttpErrors
+
+    def failed(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            import sys
+
+            return logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s", ("203.0.113.7",), sys.exc_info())
+
+    caplog.set_level(logging.INFO, logger="aiohttp.server")
+    bad = failed(BadHttpMessage("Invalid char in url path:\n\n  b'GET /\\x01\x1b[31m HTTP/1.1'\n         ^"))
+    assert ClientHttpErrors().filter(bad) is True
+    line = PlainFormatter().format(bad)
+    assert "\n" not in line and "\x1b" not in line and "Traceback" not in line
+    assert " INFO aiohttp.server: bad HTTP request from 203.0.113.7: 400 Invalid char in url path: b'GET /" in line
+    bug = failed(RuntimeError("a handler's bug"))
+    assert ClientHttpErrors().filter(bug) is True and "Traceback" in PlainFormatter().format(bug)
+    caplog.set_level(logging.WARNING, logger="aiohttp.server")  # served at WARNING: the client's errors are left out
+    assert ClientHttpErrors().filter(failed(BadHttpMessage("Bad status line"))) is False
