@@ -59,8 +59,9 @@ def _guarded(server_factory: Any, tmp_path: Path, user: str | None) -> tuple[Any
     site = next(Path(sys.prefix, "lib").glob("python3.11/site-packages"))
     config = server_config(tmp_path, f'[[endpoints]]\nname = "guarded"\nmodel_folder = "{folder}"\nenviron = {{ PYTHONPATH = "{site}" }}\n'
                            'secret_environ = { GUARDED_TOKEN = "sealed-under-secret.key" }\n')
-    if user is not None:
-        config.write_text(config.read_text().replace("[workers]\n", f'[workers]\nuser = "{user}"\n'))
+    # whatever the shared test settings say of workers.user, this test's own (or the default) is the one
+    text = "\n".join(line for line in config.read_text().splitlines() if not line.startswith("user = ")) + "\n"
+    config.write_text(text if user is None else text.replace("[workers]\n", f'[workers]\nuser = "{user}"\n'))
     server = server_factory(config).start()
     state = tmp_path / "state"
     key = (state / "admin.key").read_text().strip()
