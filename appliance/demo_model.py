@@ -144,9 +144,9 @@ def is_current_demo_model(folder: Path) -> bool:
         return False
 
 
-def write_demo_config(state_dir: Path, model_folder: Path, *, port: int, engine: str = "transformers") -> Path:
+def write_demo_config(state_dir: Path, model_folder: Path, *, port: int, engine: str = "transformers", workers_user: str | None = None) -> Path:
     """A config that serves the demo model on CPU with `engine`: transformers (starts in seconds) or
-    vllm (vLLM's CPU build; about a minute)."""
+    vllm (vLLM's CPU build; about a minute). `workers_user` sets `[workers] user` (default: the appliance's)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / "config.toml"
     path.write_text(
@@ -154,7 +154,8 @@ def write_demo_config(state_dir: Path, model_folder: Path, *, port: int, engine:
         "[server]\n"
         f"port = {port}\n"
         f'state_dir = "{state_dir}"\n\n'
-        "[gpus]\n"
+        + (f"[workers]\nuser = {json.dumps(workers_user)}\n\n" if workers_user else "")
+        + "[gpus]\n"
         'devices = "none"\n\n'
         "[[endpoints]]\n"
         'name = "demo"\n'
@@ -162,6 +163,8 @@ def write_demo_config(state_dir: Path, model_folder: Path, *, port: int, engine:
         f'runtime = "{engine}"\n'
         + ('environ = { VLLM_CPU_KVCACHE_SPACE = "1" }\n' if engine == "vllm" else "")
         + f'description = "tiny random-weight demo model on CPU ({engine})"\n'
-        "health_check = { path = \"/health\", interval = 1.0, max_retries = 5, max_wait_time = 5.0, initial_delay = 300.0 }\n"
+        # Backend.AI's 10 s between probes: a starting replica is polled until its first pass anyway, so
+        # the demo is ready as soon as its worker is, and its log is not a probe line a second.
+        "health_check = { path = \"/health\", interval = 10.0, max_retries = 5, max_wait_time = 5.0, initial_delay = 300.0 }\n"
     )
     return path

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -113,3 +115,38 @@ def test_expires_that_is_neither_a_duration_nor_a_date_names_the_forms_that_work
     err = capsys.readouterr().err
     assert f"--expires: {given!r} is neither a duration nor a date" in err
     assert "30d" in err and "12h" in err and "2027-01-01" in err and "never" in err
+
+
+def test_demo_workers_run_as_root_only_where_a_uid_of_their_own_cannot_reach_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                                    request: pytest.FixtureRequest) -> None:
+    import os
+    import pwd
+
+    from appliance.config import load_config
+    from appliance.demo_model import write_demo_config
+
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+
+    def no_account(name: str) -> Any:
+        raise KeyError(name)
+
+    monkeypatch.setattr(pwd, "getpwnam", no_account)
+    opened = Path(tempfile.mkdtemp(prefix="appliance-demo-"))  # pytest's tmp_path sits in a 0700 folder
+    request.addfinalizer(lambda: shutil.rmtree(opened))
+    opened.chmod(0o755)
+    state = opened / "state"
+    state.mkdir()
+    shared = opened / "python"
+    shared.write_text("")
+    shared.chmod(0o755)
+    assert server_side.demo_workers_user(state, python=str(shared)) == (None, None)  # secure by default where it works
+
+    home = opened / "home"  # as pyenv's Python under /root: 0700
+    home.mkdir(mode=0o700)
+    (home / "python").write_text("")
+    user, why = server_side.demo_workers_user(state, python=str(home / "python"))
+    assert user == "root" and why is not None and f"cannot reach {home}," in why and "appliance-worker" in why
+
+    config = load_config(write_demo_config(state, tmp_path / "model", port=0, workers_user=user))
+    assert config.workers.user == "root"
+    assert load_config(write_demo_config(state, tmp_path / "model", port=0)).workers.user != "root"

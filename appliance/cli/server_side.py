@@ -85,7 +85,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if made.returncode != 0:
             raise ApplianceError(f"could not write the demo model: {made.stderr.strip()[-2000:]}", code="demo_model_failed")
         print(f"done ({time.monotonic() - started:.1f} s)", flush=True)
-    path = write_demo_config(state, folder, port=args.port, engine=args.engine)
+    workers_user, why = demo_workers_user(state)
+    if why:
+        print(f"demo: {why}", flush=True)
+    path = write_demo_config(state, folder, port=args.port, engine=args.engine, workers_user=workers_user)
     key = state / "admin.key"
     config = load_config(path)
     config.server_file.unlink(missing_ok=True)  # a killed run's: no server holds the state dir (the lock said so)
@@ -100,6 +103,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(_try_lines(f"http://127.0.0.1:{args.port}", key), flush=True)
     threading.Thread(target=say_when_ready, args=(config.server_file, key, not args.port), daemon=True).start()
     return serve(config)
+
+
+def demo_workers_user(state: Path, python: str = sys.executable) -> tuple[str | None, str | None]:
+    """`[workers] user` for the demo, and why when it is not the default. As root, workers run as a uid of
+    their own; where that uid cannot reach this Python or the state dir (a Python under /root, as pyenv
+    puts it), the demo's workers would never start, so there they run as root, said out loud."""
+    import pwd
+
+    from appliance.control.identity import DEFAULT_ACCOUNT, dynamic_identity
+
+    if os.geteuid() != 0:
+        return None, None
+    try:
+        pwd.getpwnam(DEFAULT_ACCOUNT)
+        return None, None  # the account's access is its administrator's to arrange
+    except KeyError:
+        pass
+    identity = dynamic_identity(state)
+    blocked = identity.unreachable(python) or identity.unreachable(state.parent)
+    if blocked is None:
+        return None, None
+    return "root", (f"workers run as root: a uid of their own ({identity.uid}) cannot reach {blocked}, on the way to {python} or {state}; "
+                    f"to keep model code away from the keys, install where other users can read (or create the {DEFAULT_ACCOUNT} account)")
 
 
 def _try_lines(url: str, key: Path) -> str:
