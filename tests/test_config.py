@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,7 @@ def test_check_config_checks_declared_folders(tmp_path: Path, seed_folder: Path)
 
 def test_the_demo_config_for_each_engine(tmp_path: Path) -> None:
     from appliance.config import load_config
-    from appliance.demo_model import is_current_demo_model, write_demo_config
+    from appliance.demo_model import DEMO_VERSION, is_current_demo_model, write_demo_config
 
     for engine in ("transformers", "vllm"):
         config = load_config(write_demo_config(tmp_path / engine, tmp_path / "model", port=8123, engine=engine))
@@ -164,6 +165,10 @@ def test_the_demo_config_for_each_engine(tmp_path: Path) -> None:
     (folder / "config.json").write_text('{"hidden_size": 64, "num_attention_heads": 4}')  # head_dim 16: written by an older version
     assert not is_current_demo_model(folder)
     (folder / "config.json").write_text('{"hidden_size": 64, "num_attention_heads": 1}')
+    assert not is_current_demo_model(folder)  # no marker: an older version's, which answered only whitespace
+    (folder / "appliance-demo.json").write_text(json.dumps({"version": DEMO_VERSION - 1}))
+    assert not is_current_demo_model(folder)
+    (folder / "appliance-demo.json").write_text(json.dumps({"version": DEMO_VERSION}))
     assert is_current_demo_model(folder)
 
 
