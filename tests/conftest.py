@@ -5,6 +5,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -115,6 +116,7 @@ def model_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "models" / "plain"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")  # an engine runtime's folder must hold weights
     return folder
 
 
@@ -134,6 +136,8 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
         raw = json.loads(json.dumps(raw or {}))
         raw.setdefault("server", {}).setdefault("state_dir", str(tmp_path / "state"))
         raw["server"].setdefault("port", 0)
+        if ROOT_WORKERS:
+            raw.setdefault("workers", {}).setdefault("user", "root")
         return parse_config(raw, base=tmp_path)
 
     return make
@@ -224,6 +228,7 @@ class ServerProcess:
         """Start it and wait until /readyz says ready (ready=False: until it answers at all)."""
         server_json = self.state_dir / "server.json"
         server_json.unlink(missing_ok=True)
+        root_workers(self.config_path)
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "appliance", "serve", "--config", str(self.config_path)],
@@ -292,6 +297,27 @@ def run_cli(*args: str, config: Path | None = None, check: bool = False) -> subp
     if check and result.returncode != 0:
         raise AssertionError(f"{argv} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+# Run as root, the appliance gives workers a uid of their own, which cannot start this test run's
+# interpreter where it lives under /root (0700). Tests about that identity set workers.user themselves
+# (tests/test_worker_user.py); every other test says "root" outright, as an operator would.
+ROOT_WORKERS = os.geteuid() == 0
+
+
+def root_workers(config_path: Path) -> None:
+    """Add workers.user = "root" to a config file that does not set workers.user, when run as root."""
+    if not ROOT_WORKERS or not config_path.exists():
+        return
+    text = config_path.read_text()
+    workers = re.search(r"^\[workers\]\n(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    if workers and re.search(r"^\s*user\s*=", workers.group(1), re.M):
+        return
+    if "[workers]\n" in text:
+        text = text.replace("[workers]\n", '[workers]\nuser = "root"\n', 1)
+    else:
+        text = text.rstrip("\n") + '\n\n[workers]\nuser = "root"\n'
+    config_path.write_text(text)
 
 
 def write_config(path: Path, text: str) -> Path:

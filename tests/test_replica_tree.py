@@ -56,7 +56,7 @@ def _free_pair() -> tuple[int, int]:
 @pytest.mark.process
 async def test_a_squatter_on_the_replicas_port_never_makes_it_healthy(start_app: Any, make_config: Any, tmp_path: Path) -> None:
     first, second = _free_pair()
-    admin: Admin = await start_app(make_config({"workers": {**WORKERS, "user": "root", "port_range": [first, second]}}))
+    admin: Admin = await start_app(make_config({"workers": {**WORKERS, "port_range": [first, second]}}))
     # The worker takes its time before it binds (a slow import): the window another program can win.
     await create(admin, "sq", fake_folder(tmp_path, "sq", "--startup-delay", "4", health={"initial_delay": 20.0}))
 
@@ -105,7 +105,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.process
 async def test_a_tree_whose_leader_died_ends_within_seconds(start_app: Any, make_config: Any, tmp_path: Path) -> None:
     # A long graceful stop: the orphaned tree must not wait for it, nobody will stop it gracefully.
-    admin: Admin = await start_app(make_config({"workers": {**WORKERS, "user": "root", "stop_grace_seconds": 30.0}}))
+    admin: Admin = await start_app(make_config({"workers": {**WORKERS, "stop_grace_seconds": 30.0}}))
     script = tmp_path / "stubborn.py"
     script.write_text(STUBBORN)
     helpers = tmp_path / "helpers"

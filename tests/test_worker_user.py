@@ -61,7 +61,8 @@ def _guarded(server_factory: Any, tmp_path: Path, user: str | None) -> tuple[Any
                            'secret_environ = { GUARDED_TOKEN = "sealed-under-secret.key" }\n')
     # whatever the shared test settings say of workers.user, this test's own (or the default) is the one
     text = "\n".join(line for line in config.read_text().splitlines() if not line.startswith("user = ")) + "\n"
-    config.write_text(text if user is None else text.replace("[workers]\n", f'[workers]\nuser = "{user}"\n'))
+    # None: the default, "auto", stated so that the test harness (conftest.root_workers) leaves it
+    config.write_text(text.replace("[workers]\n", f'[workers]\nuser = "{user or "auto"}"\n'))
     server = server_factory(config).start()
     state = tmp_path / "state"
     key = (state / "admin.key").read_text().strip()
