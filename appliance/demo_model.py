@@ -1,7 +1,7 @@
 """A tiny random-weight causal LM, made here with no download: the demo's and the engine tests' model.
 
 A byte-level BPE tokenizer is trained on a few paragraphs shipped below, a Llama-shaped
-model of about 0.2 M parameters is initialised from a seed, and both are saved in the
+model of about 0.15 M parameters is initialised from a seed, and both are saved in the
 standard Hugging Face layout (config.json, tokenizer.json, chat template, safetensors),
 so any engine that loads a local folder can serve it — on CPU in seconds.
 
@@ -18,12 +18,12 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from appliance.errors import ApplianceError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from tokenizers import Tokenizer
 
 _CORPUS = """\
 The appliance serves models on one box. Drop in a model folder, get a URL and a key.
@@ -36,7 +36,7 @@ A quick brown fox jumps over the lazy dog. Questions, answers, lists: one, two, 
 """
 
 # Bumped whenever the model changes in a way a demo already written must pick up (is_current_demo_model).
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 # What an answer may be made of: whole words of the corpus below (after a space) and punctuation marks.
 _PUNCTUATION = frozenset(".,!?:;")
 
@@ -52,11 +52,18 @@ CHAT_TEMPLATE = (
 )
 
 
+# The model's shape: Llama, head_dim 64 (vLLM's CPU attention needs head_dim ≥ 32), about 0.15 M parameters.
+_SHAPE = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 1,
+          "num_key_value_heads": 1, "max_position_embeddings": 512}
+
+
 def write_demo_model(folder: Path, *, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write the demo model to `folder`. Only tokenizers, safetensors and numpy are needed (all three come
+    with the transformers extra): no torch or transformers import, so it takes a second, not ten."""
     try:
-        import torch
+        import numpy as np
+        from safetensors.numpy import save_file
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     except ImportError as exc:
         raise ApplianceError(
             f"the demo model needs the transformers extra (pip install 'appliance[transformers]'): {exc}",
@@ -74,63 +81,73 @@ def write_demo_model(folder: Path, *, seed: int = 0, overwrite: bool = False) ->
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512,
+        vocab_size=_SHAPE["vocab_size"],
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodes: no unknown input
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|bos|>",
-        eos_token="<|im_end|>",
-        pad_token="<|pad|>",
-        model_max_length=512,
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    _write_json(folder / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|im_end|>", "pad_token": "<|pad|>",
+        "model_max_length": _SHAPE["max_position_embeddings"], "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE,
+    })
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    hidden, inner, vocab = _SHAPE["hidden_size"], _SHAPE["intermediate_size"], tok.get_vocab_size()
+    heads, kv_heads = _SHAPE["num_attention_heads"], _SHAPE["num_key_value_heads"]
+    head_dim = hidden // heads
+    _write_json(folder / "config.json", {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", **_SHAPE, "vocab_size": vocab, "head_dim": head_dim,
+        "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "initializer_range": 0.02, "attention_bias": False,
+        "mlp_bias": False, "tie_word_embeddings": False,  # the output layer is shaped below; the input embeddings stay whole
+        "bos_token_id": ids["<|bos|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|pad|>"],
+        "torch_dtype": "float32", "use_cache": True,
+    })
+    _write_json(folder / "generation_config.json", {
+        "bos_token_id": ids["<|bos|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|eos|>"]], "pad_token_id": ids["<|pad|>"],
+        "max_new_tokens": 32, "do_sample": False,
+    })
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=1,  # head_dim 64: vLLM's CPU attention needs head_dim ≥ 32
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        bos_token_id=ids["<|bos|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|pad|>"],
-        tie_word_embeddings=False,  # the output layer is shaped below; the input embeddings stay whole
-        torch_dtype="float32",
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    visible = visible_token_ids(tokenizer)
-    with torch.no_grad():
-        keep = torch.zeros(config.vocab_size, 1)
-        keep[visible] = 1.0
-        model.lm_head.weight.mul_(keep)
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=[ids["<|im_end|>"], ids["<|eos|>"]],
-        pad_token_id=config.pad_token_id,
-        max_new_tokens=32,
-        do_sample=False,
-    )
-    model.save_pretrained(folder, safe_serialization=True)
-    for path in folder.iterdir():
-        path.chmod(0o644)  # safetensors writes 0600; a worker running as another user must read it
+    # Llama's initialisation: every matrix from N(0, 0.02), every norm 1 (weights as [out, in]).
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape: int) -> Any:
+        return rng.normal(0.0, 0.02, size=shape).astype(np.float32)
+
+    weights = {"model.embed_tokens.weight": normal(vocab, hidden), "model.norm.weight": np.ones(hidden, np.float32)}
+    for n in range(_SHAPE["num_hidden_layers"]):
+        layer = f"model.layers.{n}"
+        weights |= {
+            f"{layer}.self_attn.q_proj.weight": normal(heads * head_dim, hidden),
+            f"{layer}.self_attn.k_proj.weight": normal(kv_heads * head_dim, hidden),
+            f"{layer}.self_attn.v_proj.weight": normal(kv_heads * head_dim, hidden),
+            f"{layer}.self_attn.o_proj.weight": normal(hidden, heads * head_dim),
+            f"{layer}.mlp.gate_proj.weight": normal(inner, hidden),
+            f"{layer}.mlp.up_proj.weight": normal(inner, hidden),
+            f"{layer}.mlp.down_proj.weight": normal(hidden, inner),
+            f"{layer}.input_layernorm.weight": np.ones(hidden, np.float32),
+            f"{layer}.post_attention_layernorm.weight": np.ones(hidden, np.float32),
+        }
+    keep = np.zeros((vocab, 1), np.float32)
+    keep[visible_token_ids(tok)] = 1.0
+    weights["lm_head.weight"] = normal(vocab, hidden) * keep
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "appliance-demo.json").write_text(json.dumps({"kind": "appliance demo model", "version": DEMO_VERSION, "seed": seed, "weights": "random"}) + "\n")
+    for path in folder.iterdir():
+        path.chmod(0o644)  # a worker running as another user must read them
     return folder
 
 
-def visible_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def visible_token_ids(tokenizer: Tokenizer) -> list[int]:
     """The ids of the tokens that decode to visible text: a whole word of the corpus after a space, or a punctuation mark."""
     words = {" " + w for w in re.findall(r"[A-Za-z0-9']+", _CORPUS)} | _PUNCTUATION
-    special = set(tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS))
-    return [i for i in range(len(tokenizer)) if i not in special and tokenizer.decode([i]) in words]
+    special = {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    return [i for i in range(tokenizer.get_vocab_size()) if i not in special and tokenizer.decode([i]) in words]
 
 
 def is_current_demo_model(folder: Path) -> bool:
