@@ -228,7 +228,7 @@ def register(sub: Subcommands, shared: SharedOptions) -> None:
     p.add_argument("--state-dir", default="demo-state")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
-                   help="transformers serve (ready in seconds, the default) or real vLLM on CPU (about a minute)")
+                   help="transformers serve (ready in seconds, the default) or real vLLM on CPU (about a minute; needs vLLM: scripts/setup.sh --with-vllm)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("admin-key", help="admin key recovery")
