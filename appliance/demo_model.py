@@ -8,8 +8,10 @@ so any engine that loads a local folder can serve it — on CPU in seconds.
 Random weights alone answer whitespace (a random greedy pick lands on "\n" and stays there), which a
 chat window shows as an empty bubble. So the output layer has rows only for the tokens that read as
 words, numbers or punctuation; every other row (whitespace, bytes that are not text, special tokens)
-is zero, so its logit is 0 while the best of a few hundred random logits is positive: greedy decoding
-always picks visible text. The answer is still noise, and it never ends before max_tokens.
+is zero, so its logit is 0. The rows it has are drawn 50 times larger than Llama's initialisation, so
+the best of their logits stands about 20 above 0: greedy decoding always picks visible text, and so
+does sampling at temperature 1 (vLLM's default), but for a chance of about one in a million per token.
+The answer is still noise, and it never ends before max_tokens.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ A quick brown fox jumps over the lazy dog. Questions, answers, lists: one, two, 
 """
 
 # Bumped whenever the model changes in a way a demo already written must pick up (is_current_demo_model).
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 # What an answer may be made of: whole words of the corpus below (after a space) and punctuation marks.
 _PUNCTUATION = frozenset(".,!?:;")
 
@@ -130,7 +132,7 @@ def write_demo_model(folder: Path, *, seed: int = 0, overwrite: bool = False) ->
             f"{layer}.post_attention_layernorm.weight": np.ones(hidden, np.float32),
         }
     keep = np.zeros((vocab, 1), np.float32)
-    keep[visible_token_ids(tok)] = 1.0
+    keep[visible_token_ids(tok)] = 50.0  # logits of about ±8 (the final norm's output has length 8): see above
     weights["lm_head.weight"] = normal(vocab, hidden) * keep
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "appliance-demo.json").write_text(json.dumps({"kind": "appliance demo model", "version": DEMO_VERSION, "seed": seed, "weights": "random"}) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -51,7 +52,10 @@ def test_demo_model_folder_is_complete_and_loads(demo_folder: Path) -> None:
 @pytest.mark.parametrize("prompt", ["Hello", "What is the weather like?", "hi", "Tell me about GPUs, please."])
 def test_the_demo_model_answers_visible_words_not_whitespace(demo_folder: Path, prompt: str) -> None:
     """Greedy decoding of random weights used to land on "\n" and stay there: an empty bubble in a chat window."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from appliance.demo_model import _CORPUS
 
     tokenizer = AutoTokenizer.from_pretrained(demo_folder)
     model = AutoModelForCausalLM.from_pretrained(demo_folder)
@@ -61,6 +65,11 @@ def test_the_demo_model_answers_visible_words_not_whitespace(demo_folder: Path, 
     text = tokenizer.decode(new, skip_special_tokens=True)
     assert len(new) == 12 and len(text.split()) >= 4, repr(text)  # words, every step
     assert all(tokenizer.decode([t]).strip() for t in new), repr(text)  # no token that shows nothing
+    # vLLM samples at temperature 1 unless told otherwise: words all the same
+    torch.manual_seed(0)
+    sampled = model.generate(**inputs, max_new_tokens=12, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)[0][inputs["input_ids"].shape[1]:]
+    words = set(re.findall(r"[A-Za-z0-9']+", _CORPUS)) | set(".,!?:;")
+    assert all(tokenizer.decode([t]).strip() in words for t in sampled.tolist()), repr(tokenizer.decode(sampled))
 
 
 def test_a_demo_model_written_before_visible_answers_is_made_again(demo_folder: Path, tmp_path: Path) -> None:
