@@ -19,11 +19,12 @@ from appliance.api.views import Health
 from appliance.config import Config
 from appliance.control.autoscaler import Autoscaler
 from appliance.control.cgroups import open_isolation
+from appliance.control.cpu_share import YieldingLauncher
 from appliance.control.endpoints import EndpointService
 from appliance.control.gpus import GpuMonitor
 from appliance.control.identity import worker_identity
 from appliance.control.load import Load
-from appliance.control.process import Launcher
+from appliance.control.process import Launcher, ProcessLauncher
 from appliance.control.retention import Retention
 from appliance.control.signals import Signals
 from appliance.control.supervisor import Supervisor
@@ -220,6 +221,8 @@ def make_app(
             path.mkdir(mode=0o711, exist_ok=True)
             path.chmod(0o711)
     telemetry = Telemetry()
+    # Workers yield the CPU to the appliance: an engine filling the cores must not stall its streams.
+    launcher = launcher or YieldingLauncher(ProcessLauncher(isolation, identity))
     supervisor = Supervisor(
         config, store, clock, gpus.inventory, unseal=vault.open_all, load=load, launcher=launcher, isolation=isolation, identity=identity,
         telemetry=telemetry,

@@ -1,0 +1,61 @@
+"""Workers yield the CPU to the appliance: a saturated engine must not starve the front door.
+
+Each worker runs in a session of its own, and on Linux with autogroups (the default on most
+distributions) every session is one scheduling group, weighed as a whole against the others. An
+engine's tree (its API server, engine core and busy-polling compute threads) then gets as much CPU
+as the appliance's whole session, whatever the nice value of its threads, and on a box whose cores
+it fills the appliance's event loop waits on the run queue for hundreds of milliseconds: streams
+arrive in one lump at their end. So each worker's session group, and its leader (whose threads and
+children inherit it), run at WORKER_NICE above the appliance: the appliance wins the CPU when both
+want it, the engine keeps every cycle the appliance leaves idle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from appliance.control.process import Launcher, Slot, Worker
+from appliance.control.replica_log import ReplicaLog
+
+log = logging.getLogger(__name__)
+
+WORKER_NICE = 10  # nice 10 weighs 110 against nice 0's 1024: about a tenth of a contended core
+_MAX_NICE = 19
+
+
+def lower_weight(pid: int, nice: int = WORKER_NICE, proc: Path = Path("/proc")) -> list[str]:
+    """Runs process `pid` (a worker's leader, just started) and its session's scheduling group at
+    `nice` above the appliance. Returns what could not be done, in words (nothing when all went)."""
+    problems = []
+    target = min(_MAX_NICE, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+    try:
+        if os.getpriority(os.PRIO_PROCESS, pid) < target:
+            os.setpriority(os.PRIO_PROCESS, pid, target)  # the leader's threads and children start from it
+    except OSError as exc:
+        problems.append(f"nice {target}: {exc.strerror or exc}")
+    try:
+        (proc / str(pid) / "autogroup").write_text(str(target))  # the session's group, as a whole
+    except FileNotFoundError:
+        pass  # a kernel without autogroups: nice alone sets the weight
+    except OSError as exc:
+        problems.append(f"autogroup nice {target}: {exc.strerror or exc}")
+    return problems
+
+
+class YieldingLauncher:
+    """A launcher whose workers run at a lower CPU weight than the appliance (see the module)."""
+
+    def __init__(self, inner: Launcher, nice: int = WORKER_NICE) -> None:
+        self._inner = inner
+        self._nice = nice
+
+    async def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, sink: ReplicaLog, slot: Slot) -> Worker:
+        worker = await self._inner(argv, env=env, cwd=cwd, sink=sink, slot=slot)
+        if worker.pid is not None:
+            problems = lower_weight(worker.pid, self._nice)  # a few syscalls: no thread needed
+            if problems:
+                sink.note(f"could not lower the worker's CPU weight ({'; '.join(problems)}): it competes with the appliance for the CPU")
+        return worker
