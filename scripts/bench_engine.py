@@ -143,7 +143,8 @@ def main() -> int:
     config = work / "config.toml"
     config.write_text(
         f'[server]\nport = 0\nstate_dir = "{state}"\n[gpus]\ndevices = "none"\n'
-        f'[[endpoints]]\nname = "tiny"\nmodel_folder = "{model}"\nruntime = "vllm"\nmax_concurrency = 256\nqueue_size = 1024\n'
+        + ('[workers]\nuser = "root"\n' if os.geteuid() == 0 else "")  # as root, workers would get a uid that cannot read a venv under /root
+        + f'[[endpoints]]\nname = "tiny"\nmodel_folder = "{model}"\nruntime = "vllm"\nmax_concurrency = 256\nqueue_size = 1024\n'
         'environ = { VLLM_CPU_KVCACHE_SPACE = "1", VLLM_CPU_OMP_THREADS_BIND = "' + omp + '" }\n'
     )
     log = open(work / "server.log", "wb")

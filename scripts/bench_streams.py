@@ -64,6 +64,8 @@ app.router.add_route("*", "/{tail:.*}", relay)
 web.run_app(app, host="127.0.0.1", port=port, print=None)
 """
 
+# Run as root, the appliance would start workers as a uid of their own, which cannot read a venv under /root.
+WORKERS_USER = 'user = "root"\n' if os.geteuid() == 0 else ""
 LUMP_GAP = 0.0002  # seconds: a median gap below this means the chunks came together
 
 
@@ -214,7 +216,7 @@ def main() -> int:
     config = work / "config.toml"
     port = free_port()
     config.write_text(
-        f'[server]\nport = {port}\nstate_dir = "{state}"\n[gpus]\ndevices = "none"\n[workers]\nuser = "root"\nport_range = {list(free_range())}\n'
+        f'[server]\nport = {port}\nstate_dir = "{state}"\n[gpus]\ndevices = "none"\n[workers]\n{WORKERS_USER}port_range = {list(free_range())}\n'
         f'[[endpoints]]\nname = "tiny"\nmodel_folder = "{model}"\nruntime = "vllm"\npublic = false\nmax_concurrency = 256\nqueue_size = 1024\n'
         'environ = { VLLM_CPU_KVCACHE_SPACE = "1" }\n'
     )
