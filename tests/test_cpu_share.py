@@ -5,6 +5,7 @@ cannot starve the gateway's event loop."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +69,17 @@ def test_lowering_a_process_that_is_gone_says_so_instead_of_failing(tmp_path: Pa
     proc.wait()
     problems = lower_weight(proc.pid, proc=tmp_path)  # no /proc entry: only the nice value is tried
     assert problems and "nice" in problems[0]
+
+
+def test_where_the_kernel_weighs_cgroups_the_replicas_cgroup_is_lowered(tmp_path: Path) -> None:
+    instance = tmp_path / "appliance-x"
+    leaf = instance / "replica-1"
+    leaf.mkdir(parents=True)
+    (instance / "cpu.weight.nice").write_text("0")  # the cpu controller is on for the replicas' cgroup
+    child = psutil.Popen(["python3", "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        assert lower_weight(child.pid, proc=tmp_path, cgroup=leaf) == []
+        assert os.getpriority(os.PRIO_PROCESS, child.pid) == expected_nice()
+    finally:
+        child.communicate(b"")
+    assert (instance / "cpu.weight.nice").read_text() == str(WORKER_NICE)
