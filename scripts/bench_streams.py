@@ -2,9 +2,10 @@
 """Streams from a real vLLM replica under concurrency: direct, through a bare pass-through proxy and
 through the appliance, side by side in one run.
 
-Starts `appliance serve` with one `vllm` endpoint on the locally made tiny model (the engine's whole
-tree reniced to +5), a bare aiohttp pass-through proxy (about 20 lines, below) in a process of its
-own, and an inference key with rpm/tpm limits. Then, in rounds whose order rotates, it sends bursts
+Starts `appliance serve` with one `vllm` endpoint on the locally made tiny model (every thread of
+the engine's tree at nice 5 or more; the appliance itself starts it at nice 10, its session's
+autogroup too), a bare aiohttp pass-through proxy (about 20 lines, below) in a process of its own,
+and an inference key with rpm/tpm limits. Then, in rounds whose order rotates, it sends bursts
 of N concurrent `/v1/completions` streams of T tokens (ignore_eos) to each path while a liveness
 poll runs every 10 ms against the same path (the replica's /health, the proxy's, the appliance's
 /healthz). Per path it prints:
@@ -12,9 +13,12 @@ poll runs every 10 ms against the same path (the replica's /health, the proxy's,
   - the median inter-chunk gap and the TTFT (medians over streams), and the output tokens/s;
   - the share of lumped streams and bursts: a stream is lumped when its chunks arrive together at the
     end (median gap under 0.2 ms and TTFT over half its total time), a burst when one of its streams is;
-  - how many liveness answers came per second of burst and the slowest one (the proxy's loop lag).
+  - how many liveness answers came per second of burst, their p99 and the slowest one (the proxy's loop lag);
+  - the proxy's CPU per output token, and the share of the time its main thread and the engine's API
+    server waited for a CPU (runnable, on the run queue: /proc/PID/task/PID/schedstat).
 
 Usage: .venv/bin/python scripts/bench_streams.py [--rounds 6] [--concurrency 8] [--tokens 128] [--nice 5]
+       [--engine-group-nice N] [--verbose] [--keep]
 """
 
 from __future__ import annotations
@@ -148,7 +152,7 @@ async def burst(url: str, live: str, headers: dict[str, str], model: str, conc: 
         wall = time.perf_counter() - t
         stop.set()
         await poller
-    return {"streams": streams, "wall": wall, "tokens": conc * tokens, "polls": len(lat), "poll_max": max(lat, default=float("inf"))}
+    return {"streams": streams, "wall": wall, "tokens": conc * tokens, "polls": len(lat), "poll_max": max(lat, default=float("inf")), "lat": lat}
 
 
 def schedstat(pid: int) -> tuple[float, float]:
@@ -194,6 +198,7 @@ def summary(bursts: list[dict[str, Any]]) -> dict[str, float]:
         "tps": sum(b["tokens"] for b in bursts) / wall,
         "polls_per_s": sum(b["polls"] for b in bursts) / wall,
         "poll_max_ms": max(b["poll_max"] for b in bursts) * 1000,
+        "poll_p99_ms": statistics.quantiles([x for b in bursts for x in b["lat"]] or [0.0, 0.0], n=100)[-1] * 1000,
         "cpu_us_tok": sum(b["cpu"] for b in bursts) / sum(b["tokens"] for b in bursts) * 1e6,
         "rq_wait": sum(b["rq_wait"] for b in bursts) / wall,
         "engine_rq_wait": sum(b["engine_rq_wait"] for b in bursts) / wall,
@@ -271,10 +276,10 @@ def main() -> int:
         ref = res["bare proxy"]
         print(f"{args.concurrency} concurrent streams of {args.tokens} tokens, {args.rounds} bursts per path (rq wait: the share of the time the proxy's main thread waited for a CPU)")
         print(f"{'path':<11} {'gap p50':>8} {'TTFT p50':>9} {'TTFT p90':>9} {'lumped str.':>11} {'lumped bursts':>13} "
-              f"{'tok/s':>7} {'÷bare':>6} {'live/s':>7} {'live max':>9} {'CPU µs/tok':>10} {'rq wait':>7} {'engine rq':>9}")
+              f"{'tok/s':>7} {'÷bare':>6} {'live/s':>7} {'live p99':>9} {'live max':>9} {'CPU µs/tok':>10} {'rq wait':>7} {'engine rq':>9}")
         for name, r in res.items():
             print(f"{name:<11} {r['gap_ms']:>6.2f}ms {r['ttft_ms']:>7.1f}ms {r['ttft_p90_ms']:>7.1f}ms {r['lumped_streams']:>11.0%} "
-                  f"{r['lumped_bursts']:>13.0%} {r['tps']:>7.0f} {r['tps'] / ref['tps']:>6.3f} {r['polls_per_s']:>7.1f} {r['poll_max_ms']:>7.1f}ms "
+                  f"{r['lumped_bursts']:>13.0%} {r['tps']:>7.0f} {r['tps'] / ref['tps']:>6.3f} {r['polls_per_s']:>7.1f} {r['poll_p99_ms']:>7.1f}ms {r['poll_max_ms']:>7.1f}ms "
                   f"{r['cpu_us_tok']:>10.1f} {r['rq_wait']:>7.0%} {r['engine_rq_wait']:>9.0%}")
         return 0
     finally:
