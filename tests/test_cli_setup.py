@@ -70,6 +70,7 @@ def _gpu_config(tmp_path: Path, resources: str) -> Path:
     folder = tmp_path / "models" / "plain"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
     config = server_config(tmp_path, f'[[endpoints]]\nname = "big"\nmodel_folder = "{folder}"\nruntime = "transformers"\nresources = {resources}\n')
     return config
 
@@ -114,6 +115,7 @@ def test_check_config_follows_endpoints_to_declared_models_and_refuses_missing_e
     source = tmp_path / "share" / "m1"
     source.mkdir(parents=True)
     (source / "config.json").write_text("{}")
+    (source / "model.safetensors").write_bytes(b"")
     declared = (
         f'[[models.declared]]\nname = "m1"\nsource = "{source}"\n\n'
         '[[models.declared]]\nname = "far"\nsource = "s3://bucket/far"\n\n'
