@@ -63,6 +63,11 @@ class WorkersConfig(Model):
     isolation: Literal["auto", "cgroup", "process-group"] = Field(
         "auto", description="how a replica's processes are held and ended: a cgroup v2 each (needs a delegated cgroup), process groups, or auto"
     )
+    nice: int = Field(
+        10, ge=0, le=19,
+        description="workers (their session's scheduling group, or their cgroups) run this much below the appliance's CPU priority, "
+        "so an engine that fills the cores never starves the front door; 0: the same priority",
+    )
     log_max_bytes: ByteSize = Field(50 << 20, ge=4096, description="a replica log rotates at this size")
     log_backups: int = Field(3, ge=0, description="rotated replica logs kept")
     restart_backoff_seconds: float = Field(1.0, gt=0, description="first delay before restarting a failed replica; doubles each time")

@@ -22,8 +22,8 @@ FAKE = Path(__file__).resolve().parent / "fake_worker.py"
 PORTS = (10000 + (os.getpid() % 22) * 1000 + 500, 10000 + (os.getpid() % 22) * 1000 + 999)
 
 
-def expected_nice() -> int:
-    return min(19, os.getpriority(os.PRIO_PROCESS, 0) + WORKER_NICE)
+def expected_nice(nice: int = WORKER_NICE) -> int:
+    return min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice)
 
 
 def autogroup_nice(pid: int) -> int | None:
@@ -33,8 +33,13 @@ def autogroup_nice(pid: int) -> int | None:
     return int(path.read_text().split()[-1])  # "/autogroup-N nice K"
 
 
-async def test_a_worker_tree_and_its_session_group_run_below_the_appliance(start_app: Any, make_config: Any, tmp_path: Path) -> None:
-    admin: Admin = await start_app(make_config({"workers": {"port_range": list(PORTS), "stop_grace_seconds": 3.0}}))
+@pytest.mark.parametrize("nice", [None, 4], ids=["default", "workers.nice=4"])
+async def test_a_worker_tree_and_its_session_group_run_below_the_appliance(start_app: Any, make_config: Any, tmp_path: Path, nice: int | None) -> None:
+    workers: dict[str, Any] = {"port_range": list(PORTS), "stop_grace_seconds": 3.0}
+    if nice is not None:
+        workers["nice"] = nice
+    want = expected_nice(WORKER_NICE if nice is None else nice)
+    admin: Admin = await start_app(make_config({"workers": workers}))
     folder = tmp_path / "models" / "fw"
     folder.mkdir(parents=True)
     service = {
@@ -55,12 +60,12 @@ async def test_a_worker_tree_and_its_session_group_run_below_the_appliance(start
     # Every process of the tree, and every thread of each, started from the leader's weight.
     for proc in [leader, *children]:
         for thread in proc.threads():
-            assert os.getpriority(os.PRIO_PROCESS, thread.id) == expected_nice(), (proc.pid, thread.id)
+            assert os.getpriority(os.PRIO_PROCESS, thread.id) == want, (proc.pid, thread.id)
     # With autogroups the scheduler weighs the worker's session as a whole: that group is lowered too
     # (the thread's nice alone counts only against the other threads of the same session).
     group = autogroup_nice(pid)
     if group is not None:
-        assert group == expected_nice()
+        assert group == want
         assert (autogroup_nice(os.getpid()) or 0) < group  # the appliance's own group keeps its weight
 
 

@@ -222,7 +222,7 @@ def make_app(
             path.chmod(0o711)
     telemetry = Telemetry()
     # Workers yield the CPU to the appliance: an engine filling the cores must not stall its streams.
-    launcher = launcher or YieldingLauncher(ProcessLauncher(isolation, identity))
+    launcher = launcher or YieldingLauncher(ProcessLauncher(isolation, identity), nice=config.workers.nice)
     supervisor = Supervisor(
         config, store, clock, gpus.inventory, unseal=vault.open_all, load=load, launcher=launcher, isolation=isolation, identity=identity,
         telemetry=telemetry,
