@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import parse_config
-from appliance.control import warm as warm_module
-from appliance.control.registry import Registry
+from appliance.control.models import warm as warm_module
+from appliance.control.models.registry import Registry
 from appliance.domain.models import ModelSpec, size_text
 from appliance.domain.specs import parse_bytes
 from appliance.security.vault import Vault

@@ -22,7 +22,7 @@ from inprocess import InProcessLauncher
 
 from appliance.api.app import make_app
 from appliance.config import Config, parse_config
-from appliance.control.process import Launcher
+from appliance.control.host.process import Launcher
 
 
 def _dump_tasks(signum: int, frame: Any) -> None:

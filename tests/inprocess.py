@@ -19,8 +19,8 @@ import fake_worker
 from aiohttp import web
 from fake_worker import Runtime, parser, serve
 
-from appliance.control.process import Slot
-from appliance.control.replica_log import ReplicaLog
+from appliance.control.host.process import Slot
+from appliance.control.host.replica_log import ReplicaLog
 from appliance.errors import ApplianceError
 
 FAKE = Path(fake_worker.__file__).resolve()
@@ -127,7 +127,7 @@ class InProcessWorker:
 
 
 class InProcessLauncher:
-    """A Launcher (appliance.control.process) that runs `python tests/fake_worker.py ...` in the current
+    """A Launcher (appliance.control.host.process) that runs `python tests/fake_worker.py ...` in the current
     event loop. Keeps every worker it started, by port, so a test can reach a replica's worker from the
     `port` the admin API shows."""
 

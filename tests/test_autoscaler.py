@@ -11,7 +11,7 @@ import pytest
 from conftest import wait_for
 from pydantic import ValidationError
 
-from appliance.control.signals import _ProcessTree, prometheus_value
+from appliance.control.scaling.signals import _ProcessTree, prometheus_value
 from appliance.domain.scaling import Rule, RuleSpec, ScaleState, decide, percentile, window_average
 
 NOW = 10_000.0

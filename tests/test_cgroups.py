@@ -17,7 +17,7 @@ import pytest
 from conftest import Admin, async_wait_for, wait_for
 from test_supervisor import WORKERS, _alive, create, fake_folder, replicas, server_config, wait_status
 
-from appliance.control.cgroups import Cgroups, open_isolation, own_cgroup
+from appliance.control.host.cgroups import Cgroups, open_isolation, own_cgroup
 from appliance.errors import ApplianceError
 
 
@@ -61,7 +61,7 @@ def test_own_cgroup_is_read_from_mountinfo_and_the_unified_line(tmp_path: Path) 
 
 
 def test_without_cgroups_auto_falls_back_and_cgroup_mode_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("appliance.control.cgroups.own_cgroup", lambda: None)
+    monkeypatch.setattr("appliance.control.host.cgroups.own_cgroup", lambda: None)
     iso = open_isolation("auto", tmp_path)
     assert iso.mechanism == "process-group" and iso.cgroups is None and "no cgroup v2 hierarchy is mounted" in iso.detail
     with pytest.raises(ApplianceError, match='workers.isolation = "cgroup", but no cgroup v2 hierarchy is mounted'):
@@ -163,8 +163,8 @@ def test_kill_9_of_the_appliance_then_a_restart_ends_what_its_cgroups_held(serve
 
 @needs_cgroups
 async def test_a_worker_stopped_right_after_its_start_is_ended_even_before_it_joined_its_cgroup(tmp_path: Path) -> None:
-    from appliance.control.process import ProcessLauncher, Slot
-    from appliance.control.replica_log import ReplicaLog
+    from appliance.control.host.process import ProcessLauncher, Slot
+    from appliance.control.host.replica_log import ReplicaLog
 
     iso = open_isolation("cgroup", tmp_path)
     launcher = ProcessLauncher(iso)

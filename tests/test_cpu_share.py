@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import Admin, async_wait_for
 
-from appliance.control.cpu_share import WORKER_NICE, lower_weight
+from appliance.control.host.cpu_share import WORKER_NICE, lower_weight
 
 pytestmark = pytest.mark.process
 

@@ -8,7 +8,7 @@ from conftest import SEED_DEFINITION, SEED_SERVICE_DEFINITION
 
 from appliance.control import endpoints
 from appliance.control.endpoints import resolve
-from appliance.control.folders import find_definition_file, load_model_definition
+from appliance.control.models.folders import find_definition_file, load_model_definition
 from appliance.domain.definitions import parse_model_definition, parse_service_definition
 from appliance.domain.runtimes import Placement, WorkerSpec, build_worker_spec
 from appliance.domain.specs import EndpointSpec, HealthCheck

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from appliance.api.gateway import Gateway
-from appliance.control.load import Load
+from appliance.control.supervision.load import Load
 from appliance.control.telemetry import Telemetry
 from appliance.domain.routing import RoutableReplica, RoutingTable
 from appliance.domain.specs import EndpointConfig

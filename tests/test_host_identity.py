@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from appliance.control import identity as identity_mod
-from appliance.control.identity import DYNAMIC_RANGE, WorkerIdentity, dynamic_identity, worker_identity
+from appliance.control.host import identity as identity_mod
+from appliance.control.host.identity import DYNAMIC_RANGE, WorkerIdentity, dynamic_identity, worker_identity
 from appliance.errors import ApplianceError
 
 
@@ -53,7 +53,7 @@ def test_a_dynamic_uid_skips_ids_that_are_taken(tmp_path: Path) -> None:
 
 
 def test_root_only_when_the_config_says_root(as_root: None, no_account: None, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="appliance.control.identity"):
+    with caplog.at_level(logging.WARNING, logger="appliance.control.host.identity"):
         assert worker_identity("root", tmp_path) is None
     assert any('workers run as root (workers.user = "root")' in r.getMessage() for r in caplog.records)
     with pytest.raises(ApplianceError, match='set "root" to mean it'):
@@ -86,7 +86,7 @@ def test_what_a_dynamic_uid_cannot_reach(tmp_path: Path) -> None:
 
 
 async def test_a_worker_that_cannot_reach_its_program_is_refused_in_words(tmp_path: Path) -> None:
-    from appliance.control.process import WorkerProcess
+    from appliance.control.host.process import WorkerProcess
 
     closed = tmp_path / "closed"
     closed.mkdir(mode=0o700)
@@ -100,7 +100,7 @@ async def test_a_worker_that_cannot_reach_its_program_is_refused_in_words(tmp_pa
 
 
 def test_doctor_says_who_workers_run_as(as_root: None, no_account: None, monkeypatch: pytest.MonkeyPatch, make_config: Any, tmp_path: Path) -> None:
-    from appliance.control import doctor
+    from appliance.control.ops import doctor
 
     monkeypatch.setattr(doctor.os, "geteuid", lambda: 0)
     check = doctor._worker_user(make_config({"workers": {"user": "auto"}}))

@@ -102,6 +102,43 @@ def test_no_import_cycles() -> None:
     assert not cycles, "import cycles: " + "; ".join(" → ".join(c) for c in cycles)
 
 
+# Rooms of control/: what each may import from the others (besides itself). endpoints and telemetry
+# sit at control/'s top; every other control module lives in one of the rooms.
+CONTROL_ALLOWED: dict[str, set[str]] = {
+    "host": set(),
+    "models": set(),
+    "supervision": {"host", "models", "telemetry"},
+    "scaling": {"supervision", "telemetry"},
+    "ops": {"host", "endpoints"},
+    "endpoints": {"host", "models"},
+    "telemetry": set(),
+    "__init__": set(),
+}
+
+
+def room(module: str) -> str:
+    """A control module's room: its name under appliance.control (control's own __init__ is __init__)."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 else "__init__"
+
+
+def test_every_control_module_is_in_a_room() -> None:
+    control = [m for m in MODULES if part(m) == "control"]
+    assert {room(m) for m in control} <= set(CONTROL_ALLOWED), "a room of control/ with no rule"
+    loose = [m for m in control if m.count(".") == 2 and MODULES[m].name != "__init__.py" and room(m) not in ("endpoints", "telemetry")]
+    assert not loose, f"put these in a room of control/ (host, models, supervision, scaling, ops): {loose}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if part(m) == "control"))
+def test_control_rooms_follow_their_rule(module: str) -> None:
+    mine = room(module)
+    wrong = sorted(
+        m for m in imports(MODULES[module])
+        if part(m) == "control" and m != "appliance.control" and room(m) != mine and room(m) not in CONTROL_ALLOWED[mine]
+    )
+    assert not wrong, f"{module} ({mine}) may not import {wrong}: allowed are {sorted(CONTROL_ALLOWED[mine])}"
+
+
 def test_no_module_is_over_400_lines() -> None:
     long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 400}
     assert not long, f"split these modules (one responsibility each): {long}"

@@ -19,9 +19,9 @@ from conftest import Admin, async_wait_for
 from test_supervisor import WORKERS, fake_folder, replicas, wait_status
 
 from appliance.config import parse_config
-from appliance.control import model_sources
-from appliance.control.model_sources import PathSource
-from appliance.control.registry import Registry
+from appliance.control.models import sources as model_sources
+from appliance.control.models.sources import PathSource
+from appliance.control.models.registry import Registry
 from appliance.domain.models import Cached, FileEntry, ModelSpec, RateMeter, check_relative, choose_evictions, compare, eta_seconds, parse_source, revision_of
 from appliance.security.vault import Vault
 from appliance.store import Store

@@ -23,9 +23,9 @@ from conftest import Admin, async_wait_for, wait_for
 from test_models import Gate, MiB, model_events, same_tree, wait_model, write_model
 from test_supervisor import WORKERS
 
-from appliance.control import model_sources
-from appliance.control.model_sources import S3Source
-from appliance.control.registry import Registry
+from appliance.control.models import sources as model_sources
+from appliance.control.models.sources import S3Source
+from appliance.control.models.registry import Registry
 from appliance.domain.models import ModelSpec
 from appliance.security.vault import Vault
 from appliance.store import Store

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from appliance.control.identity import WorkerIdentity
-from appliance.control.prestart import run_pre_start_actions
-from appliance.control.replica_log import ReplicaLog
+from appliance.control.host.identity import WorkerIdentity
+from appliance.control.host.prestart import run_pre_start_actions
+from appliance.control.host.replica_log import ReplicaLog
 from appliance.domain.definitions import PreStartAction
 from appliance.errors import ApplianceError
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import async_wait_for
 
-from appliance.control.prestart import RESULT_BYTES, run_pre_start_actions
-from appliance.control.replica_log import ReplicaLog
+from appliance.control.host.prestart import RESULT_BYTES, run_pre_start_actions
+from appliance.control.host.replica_log import ReplicaLog
 from appliance.domain.definitions import PreStartAction
 
 pytestmark = pytest.mark.process

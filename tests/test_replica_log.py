@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from conftest import async_wait_for, wait_for
 
-from appliance.control import replica_log
-from appliance.control.replica_log import ReplicaLog
+from appliance.control.host import replica_log
+from appliance.control.host.replica_log import ReplicaLog
 
 BACKLOG = 50
 

@@ -18,8 +18,8 @@ import yaml
 from conftest import Admin, async_wait_for
 from test_supervisor import FAST, WORKERS, create, events, fake_folder, replicas, wait_status
 
-from appliance.control import prober as prober_module
-from appliance.control.ledger import Ledger
+from appliance.control.supervision import prober as prober_module
+from appliance.control.supervision.ledger import Ledger
 from appliance.domain.placement import Unplaceable
 
 # A stand-in for another program on the box: answers every GET with 200, as a worker's /health would.
@@ -188,7 +188,7 @@ def test_a_replica_that_takes_a_port_again_gives_back_its_old_one() -> None:
 
 
 def test_a_listener_is_told_from_the_trees_own_without_a_cgroup(tmp_path: Path) -> None:
-    from appliance.control.listener import foreign_listener
+    from appliance.control.host.listener import foreign_listener
 
     ready = tmp_path / "port"
     code = "import socket, sys\ns = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\nopen(sys.argv[1], 'w').write(str(s.getsockname()[1]))\ninput()"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import RetentionConfig
-from appliance.control.retention import Retention, prune_logs
+from appliance.control.ops.retention import Retention, prune_logs
 from appliance.store import Store
 from appliance.store.codec import iso
 

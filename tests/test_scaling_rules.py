@@ -13,7 +13,7 @@ import psutil
 import pytest
 from pydantic import ValidationError
 
-from appliance.control.signals import Signals, prometheus_value
+from appliance.control.scaling.signals import Signals, prometheus_value
 from appliance.domain.placement import GpuInfo
 from appliance.domain.scaling import Rule, RulePatch, RuleSpec, ScaleState, decide, pct, per_route, series_names
 from appliance.domain.specs import MAX_REPLICAS

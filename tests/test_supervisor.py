@@ -17,7 +17,7 @@ import yaml
 from conftest import SEED_DEFINITION, Admin, async_wait_for
 
 from appliance.api.services import SERVICES
-from appliance.control.process import group_members
+from appliance.control.host.process import group_members
 from appliance.store import parse_iso
 
 pytestmark = pytest.mark.process

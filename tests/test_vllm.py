@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_access import new_key
 from test_supervisor import WORKERS, _alive, create, replicas, server_config, wait_status
 
-from appliance.control.process import group_members
-from appliance.control.signals import prometheus_value
+from appliance.control.host.process import group_members
+from appliance.control.scaling.signals import prometheus_value
 from appliance.demo_model import write_demo_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -14,10 +14,10 @@ import pytest
 from conftest import async_wait_for
 from test_models import MiB, Gate, same_tree, write_model
 
-from appliance.control import model_sources
-from appliance.control.model_sources import PathSource
-from appliance.control.registry import Registry
-from appliance.control.warm import Layout, Tally, copy_files
+from appliance.control.models import sources as model_sources
+from appliance.control.models.sources import PathSource
+from appliance.control.models.registry import Registry
+from appliance.control.models.warm import Layout, Tally, copy_files
 from appliance.domain.models import FileEntry, ModelSpec
 from appliance.errors import ApplianceError
 from appliance.security.vault import Vault

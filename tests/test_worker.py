@@ -12,8 +12,8 @@ from pathlib import Path
 import psutil
 from conftest import wait_for
 
-from appliance.control.process import group_members, pick_port, port_is_free, stop_orphan, wait_group_gone
-from appliance.control.replica_log import ReplicaLog, _last_lines
+from appliance.control.host.process import group_members, pick_port, port_is_free, stop_orphan, wait_group_gone
+from appliance.control.host.replica_log import ReplicaLog, _last_lines
 
 
 def test_log_tail_reads_from_the_end_across_rotated_files(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from appliance.api.gateway import GATEWAY
 from appliance.api.http import Query, Route, endpoint_name, int_query, json_response, page, read_model
 from appliance.api.services import SERVICES
 from appliance.api.views import Deleted, EndpointList, EndpointView, EventList, EventView, GpuHolder, GpuList, GpuView, ReplicaList, ReplicaView, RequestList, RequestView
-from appliance.control.replica import Replica
-from appliance.control.replica_log import Keep
+from appliance.control.supervision.replica import Replica
+from appliance.control.host.replica_log import Keep
 from appliance.domain.health import probe_access_line
 from appliance.domain.placement import visible
 from appliance.domain.specs import EndpointPatch, EndpointSpec, HealthCheck

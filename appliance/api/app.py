@@ -17,17 +17,17 @@ from appliance.api.openapi import build_openapi
 from appliance.api.services import SERVICES, Services
 from appliance.api.views import Health
 from appliance.config import Config
-from appliance.control.autoscaler import Autoscaler
-from appliance.control.cgroups import open_isolation
-from appliance.control.cpu_share import YieldingLauncher
+from appliance.control.scaling.autoscaler import Autoscaler
+from appliance.control.host.cgroups import open_isolation
+from appliance.control.host.cpu_share import YieldingLauncher
 from appliance.control.endpoints import EndpointService
-from appliance.control.gpus import GpuMonitor
-from appliance.control.identity import worker_identity
-from appliance.control.load import Load
-from appliance.control.process import Launcher, ProcessLauncher
-from appliance.control.retention import Retention
-from appliance.control.signals import Signals
-from appliance.control.supervisor import Supervisor
+from appliance.control.host.gpus import GpuMonitor
+from appliance.control.host.identity import worker_identity
+from appliance.control.supervision.load import Load
+from appliance.control.host.process import Launcher, ProcessLauncher
+from appliance.control.ops.retention import Retention
+from appliance.control.scaling.signals import Signals
+from appliance.control.supervision.supervisor import Supervisor
 from appliance.control.telemetry import EXPOSITION_TYPE, Live, Telemetry
 from appliance.errors import ApplianceError
 from appliance.security.auth import Authenticator, TokenSigner, bootstrap_admin_key

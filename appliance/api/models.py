@@ -14,8 +14,8 @@ from appliance.api.http import Query, Route, json_response, page, read_model
 from appliance.api.services import SERVICES, Services
 from appliance.api.views import Deleted, View
 from appliance.config import Config
-from appliance.control.declared_models import apply_declared, prune_declared
-from appliance.control.registry import Registry
+from appliance.control.models.declared import apply_declared, prune_declared
+from appliance.control.models.registry import Registry
 from appliance.domain.models import ModelSpec, ModelState
 from appliance.domain.specs import NAME_RE, NAME_RULE
 from appliance.domain.states import EndpointStatus

@@ -8,10 +8,10 @@ from aiohttp import web
 
 from appliance.config import Config
 from appliance.control.endpoints import EndpointService
-from appliance.control.gpus import GpuMonitor
-from appliance.control.jobs import Jobs
-from appliance.control.load import Load
-from appliance.control.supervisor import Supervisor
+from appliance.control.host.gpus import GpuMonitor
+from appliance.control.ops.jobs import Jobs
+from appliance.control.supervision.load import Load
+from appliance.control.supervision.supervisor import Supervisor
 from appliance.domain.limits import RateLimiter
 from appliance.security.auth import Authenticator
 from appliance.security.usage import Accounting

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from appliance.api.http import Query, Route, int_query, read_model
 from appliance.api.services import SERVICES
-from appliance.control.validation import default_timeout, validate
+from appliance.control.supervision.validation import default_timeout, validate
 from appliance.domain.specs import EndpointSpec
 
 PREFIX = "/api/v1"

@@ -27,7 +27,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from appliance.control.doctor import check_declared
+    from appliance.control.ops.doctor import check_declared
 
     path = Path(args.path or args.config or default_config_path())
     try:
@@ -36,7 +36,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for p in exc.problems or [exc.message]:
             print(f"{path}: {p}" if not p.startswith(str(path)) else p, file=sys.stderr)
         return 1
-    from appliance.control.doctor import gpu_warnings, read_gpus
+    from appliance.control.ops.doctor import gpu_warnings, read_gpus
     from appliance.control.endpoints import resolve
 
     problems, model_warnings = check_declared(list(config.endpoints), config.models.declared)
@@ -111,7 +111,7 @@ def demo_workers_user(state: Path, python: str = sys.executable) -> tuple[str | 
     puts it), the demo's workers would never start, so there they run as root, said out loud."""
     import pwd
 
-    from appliance.control.identity import DEFAULT_ACCOUNT, dynamic_identity
+    from appliance.control.host.identity import DEFAULT_ACCOUNT, dynamic_identity
 
     if os.geteuid() != 0:
         return None, None
@@ -177,7 +177,7 @@ def say_when_ready(server_file: Path, key_file: Path, try_lines: bool, timeout: 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from appliance.control.doctor import examine
+    from appliance.control.ops.doctor import examine
 
     config = load_cli_config(args)
     try:

@@ -18,9 +18,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from appliance.config import DeclaredEndpoint
-from appliance.control.folders import check_model_files, find_definition_file, load_model_definition, load_service_definition
-from appliance.control.model_gate import folder_of
-from appliance.control.process import resolve_executable
+from appliance.control.models.folders import check_model_files, find_definition_file, load_model_definition, load_service_definition
+from appliance.control.models.gate import folder_of
+from appliance.control.host.process import resolve_executable
 from appliance.domain.definitions import ModelDefinition, RuntimeSection
 from appliance.domain.models import ModelFolder
 from appliance.domain.runtimes import NEEDS_COMMAND, VARIANTS, default_health_check, default_served_model_name

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.control.model_sources import CHUNK, Source, SourceBroken
+from appliance.control.models.sources import CHUNK, Source, SourceBroken
 from appliance.domain.models import FileEntry
 from appliance.errors import ApplianceError
 

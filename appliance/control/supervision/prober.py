@@ -1,6 +1,6 @@
 """The health checks of one running worker: probes on Backend.AI's schedule (domain/health.py decides),
 a fast readiness poll while it was never healthy, and the check that what answered is the replica's own
-process tree (control/listener.py). The runner creates one per worker and records what it reports."""
+process tree (control/host/listener.py). The runner creates one per worker and records what it reports."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 import aiohttp
 
 from appliance.config import WorkersConfig
-from appliance.control.listener import Intruder, foreign_listener
-from appliance.control.probe import probe
-from appliance.control.replica import Replica
+from appliance.control.host.listener import Intruder, foreign_listener
+from appliance.control.supervision.probe import probe
+from appliance.control.supervision.replica import Replica
 from appliance.control.telemetry import Telemetry
 from appliance.domain.health import Health, due_for_replacement, next_probe_delay, observe
 from appliance.domain.specs import EndpointConfig, HealthCheck

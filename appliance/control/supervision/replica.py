@@ -1,5 +1,5 @@
 """A replica and an endpoint as the supervisor knows them, and what a replica's runner
-(control/runner.py) reports back. Only the runner changes a replica's state, through the
+(control/supervision/runner.py) reports back. Only the runner changes a replica's state, through the
 transition table in domain/states.py."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from appliance.control.process import Worker
-from appliance.control.replica_log import ReplicaLog
+from appliance.control.host.process import Worker
+from appliance.control.host.replica_log import ReplicaLog
 from appliance.domain.health import HealthState
 from appliance.domain.placement import Allocation
 from appliance.domain.specs import EndpointConfig

@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from appliance.control.load import Load
-from appliance.control.signals import Signals
-from appliance.control.supervisor import Supervisor
+from appliance.control.supervision.load import Load
+from appliance.control.scaling.signals import Signals
+from appliance.control.supervision.supervisor import Supervisor
 from appliance.control.telemetry import Telemetry
 from appliance.domain.scaling import Decision, Rule, ScaleState, decide
 from appliance.store import Clock, Store, parse_iso

@@ -18,14 +18,14 @@ from types import MappingProxyType
 from typing import Any
 
 from appliance.config import Config
-from appliance.control.cgroups import Isolation
-from appliance.control.identity import WorkerIdentity
-from appliance.control.ledger import Ledger
-from appliance.control.load import Load
-from appliance.control.process import Launcher, ProcessLauncher, stop_orphan
-from appliance.control.replica import EndpointRun, Replica
-from appliance.control.replica_log import ReplicaLog
-from appliance.control.runner import GpuSource, ReplicaRunner
+from appliance.control.host.cgroups import Isolation
+from appliance.control.host.identity import WorkerIdentity
+from appliance.control.supervision.ledger import Ledger
+from appliance.control.supervision.load import Load
+from appliance.control.host.process import Launcher, ProcessLauncher, stop_orphan
+from appliance.control.supervision.replica import EndpointRun, Replica
+from appliance.control.host.replica_log import ReplicaLog
+from appliance.control.supervision.runner import GpuSource, ReplicaRunner
 from appliance.control.telemetry import Telemetry
 from appliance.domain.placement import Allocation
 from appliance.domain.rollout import ReplicaView, plan, wake_target

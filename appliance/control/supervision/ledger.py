@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from appliance.control.process import pick_port
+from appliance.control.host.process import pick_port
 from appliance.domain.placement import Allocation, GpuInfo, GpuRequest, Unplaceable, place
 
 PORT_QUARANTINE = 60.0  # a port another program took is skipped this long

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.config import Config
-from appliance.control.gpus import Nvml
+from appliance.control.host.gpus import Nvml
 from appliance.domain.models import ModelFolder, ModelSpec, parse_source
 from appliance.domain.placement import GpuInfo
 from appliance.domain.specs import EndpointConfig, EndpointSpec, Resources
@@ -154,7 +154,7 @@ def _engines(config: Config) -> Check:
 
 
 def _cgroups(server_pid: int | None, isolation: str) -> Check:
-    from appliance.control.cgroups import own_cgroup
+    from appliance.control.host.cgroups import own_cgroup
 
     if isolation == "process-group":
         return Check("replica cgroups", "ok", "off (workers.isolation = \"process-group\"): replicas are held by process groups")
@@ -177,7 +177,7 @@ def _worker_user(config: Config) -> Check:
     import pwd
     import sys
 
-    from appliance.control.identity import DEFAULT_ACCOUNT, DYNAMIC_RANGE, dynamic_identity
+    from appliance.control.host.identity import DEFAULT_ACCOUNT, DYNAMIC_RANGE, dynamic_identity
 
     setting, root = config.workers.user, os.geteuid() == 0
     if setting == "root" or (setting is None and root):

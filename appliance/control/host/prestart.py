@@ -14,9 +14,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from appliance.control.identity import WorkerIdentity
-from appliance.control.process import end_group, resolve_executable
-from appliance.control.replica_log import LineSplitter, ReplicaLog
+from appliance.control.host.identity import WorkerIdentity
+from appliance.control.host.process import end_group, resolve_executable
+from appliance.control.host.replica_log import LineSplitter, ReplicaLog
 from appliance.domain.definitions import PreStartAction
 from appliance.domain.templates import WORK_MOUNT, map_paths, render
 from appliance.errors import ApplianceError

@@ -19,8 +19,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from appliance.control.process import Launcher, Slot, Worker
-from appliance.control.replica_log import ReplicaLog
+from appliance.control.host.process import Launcher, Slot, Worker
+from appliance.control.host.replica_log import ReplicaLog
 
 log = logging.getLogger(__name__)
 

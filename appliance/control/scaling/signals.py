@@ -28,14 +28,14 @@ import aiohttp
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.control.load import Load
+from appliance.control.supervision.load import Load
 from appliance.domain.placement import GpuInfo
 from appliance.domain.scaling import pct, per_route, percentile, series_names, window_average
 from appliance.domain.states import ReplicaState
 
 if TYPE_CHECKING:
-    from appliance.control.replica import Replica
-    from appliance.control.supervisor import Supervisor
+    from appliance.control.supervision.replica import Replica
+    from appliance.control.supervision.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 

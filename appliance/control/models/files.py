@@ -12,8 +12,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from appliance.control.model_sources import Source
-from appliance.control.warm import Layout, Tally, copy_files, fsync_tree
+from appliance.control.models.sources import Source
+from appliance.control.models.warm import Layout, Tally, copy_files, fsync_tree
 from appliance.domain.models import DEFINITIONS_DIR, FileEntry, is_definition
 from appliance.errors import ApplianceError
 

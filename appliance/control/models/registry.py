@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from appliance.config import Config
-from appliance.control.model_files import bytes_present, claim_folder, fetch_definitions, publish, remove_folder, seed_definitions
-from appliance.control.model_sources import Source, SourceBroken, open_source, s3_access
-from appliance.control.warm import RETRIES, Cancelled, Layout, Tally, copy_files
+from appliance.control.models.files import bytes_present, claim_folder, fetch_definitions, publish, remove_folder, seed_definitions
+from appliance.control.models.sources import Source, SourceBroken, open_source, s3_access
+from appliance.control.models.warm import RETRIES, Cancelled, Layout, Tally, copy_files
 from appliance.domain.models import (
     Cached,
     FileEntry,

@@ -22,15 +22,15 @@ from typing import Any, Literal
 import aiohttp
 
 from appliance.config import Config
-from appliance.control.folders import find_definition_file, load_model_definition
-from appliance.control.identity import WorkerIdentity
-from appliance.control.ledger import Ledger
-from appliance.control.load import Load
-from appliance.control.model_gate import wait_for_model
-from appliance.control.prestart import run_pre_start_actions
-from appliance.control.process import Launcher, Slot, looks_like_port_conflict
-from appliance.control.prober import Prober
-from appliance.control.replica import EndpointRun, Replica, RunnerHost
+from appliance.control.models.folders import find_definition_file, load_model_definition
+from appliance.control.host.identity import WorkerIdentity
+from appliance.control.supervision.ledger import Ledger
+from appliance.control.supervision.load import Load
+from appliance.control.models.gate import wait_for_model
+from appliance.control.host.prestart import run_pre_start_actions
+from appliance.control.host.process import Launcher, Slot, looks_like_port_conflict
+from appliance.control.supervision.prober import Prober
+from appliance.control.supervision.replica import EndpointRun, Replica, RunnerHost
 from appliance.control.telemetry import Telemetry
 from appliance.domain.health import HealthState
 from appliance.domain.placement import GpuInfo, GpuRequest, Unplaceable, visible

@@ -24,9 +24,9 @@ from typing import Protocol
 
 import psutil
 
-from appliance.control.cgroups import KILL_WAIT, Cgroups, Isolation
-from appliance.control.identity import WorkerIdentity
-from appliance.control.replica_log import ReplicaLog, _pump
+from appliance.control.host.cgroups import KILL_WAIT, Cgroups, Isolation
+from appliance.control.host.identity import WorkerIdentity
+from appliance.control.host.replica_log import ReplicaLog, _pump
 from appliance.errors import ApplianceError
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from appliance.control.process import group_members
+from appliance.control.host.process import group_members
 
 _LISTEN = "0A"
 # Local addresses that accept a connection to 127.0.0.1 (the kernel's hex, each 32-bit word little-endian).

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from appliance.control.registry import Registry
+from appliance.control.models.registry import Registry
 from appliance.domain.models import ModelSpec, ModelState
 from appliance.errors import ApplianceError
 from appliance.store import Store

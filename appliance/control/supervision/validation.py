@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from appliance.control.replica import EndpointRun
-from appliance.control.supervisor import Supervisor
+from appliance.control.supervision.replica import EndpointRun
+from appliance.control.supervision.supervisor import Supervisor
 from appliance.domain.specs import EndpointConfig
 from appliance.domain.states import ReplicaState
 

@@ -1,0 +1,1 @@
+"""Offline and periodic tools: scheduled jobs, retention, doctor."""

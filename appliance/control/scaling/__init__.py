@@ -1,0 +1,1 @@
+"""Autoscaling: the evaluation job and the signals it reads."""
