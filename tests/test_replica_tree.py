@@ -158,13 +158,20 @@ async def _healthy_again(admin: Admin, name: str, new: Any) -> None:
     await async_wait_for(check, timeout=40, what=f"a replacement replica of {name} to be HEALTHY")
 
 
-def test_a_stale_release_leaves_a_port_with_its_new_holder() -> None:
+def _one_port_ledger() -> Ledger:
+    """A ledger whose range is one free port."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ledger = Ledger((port, port))
+    return Ledger((port, port))
+
+
+def test_a_stale_release_leaves_a_port_with_its_new_holder() -> None:
+    ledger = _one_port_ledger()
+    port = ledger.take_port("a", 0.0)
+    ledger.release("a")
     assert ledger.take_port("a", 0.0) == port
     ledger.release("a")
     assert ledger.take_port("b", 0.0) == port
@@ -176,16 +183,11 @@ def test_a_stale_release_leaves_a_port_with_its_new_holder() -> None:
 
 
 def test_a_replica_that_takes_a_port_again_gives_back_its_old_one() -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ledger = Ledger((port, port))
+    ledger = _one_port_ledger()
+    port = ledger.take_port("a", 0.0)
+    ledger.release("a")
     assert ledger.take_port("a", 0.0) == port
     assert ledger.take_port("a", 0.0) == port  # a retry of the same replica: not "no free port"
-
-
 
 def test_a_listener_is_told_from_the_trees_own_without_a_cgroup(tmp_path: Path) -> None:
     from appliance.control.host.listener import foreign_listener
