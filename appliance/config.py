@@ -119,6 +119,12 @@ class GpusConfig(Model):
     devices: Literal["all", "none"] | list[int | str] = Field(
         "all", description='"all", "none", or a list of GPU indices / UUIDs the appliance may use'
     )
+    memory_reserve: ByteSize = Field(
+        1 << 30, description="memory of each GPU never claimed by replicas (the display, other programs): a GPU's budget is its total less this"
+    )
+    claim_overhead: ByteSize = Field(
+        2 << 30, description="added to a replica's estimate (weights + KV cache) for its claim: CUDA context, activations, CUDA graphs"
+    )
 
     @field_validator("devices")
     @classmethod

@@ -10,12 +10,16 @@ from aiohttp import web
 from appliance.api.gateway import GATEWAY
 from appliance.api.http import Query, Route, endpoint_name, int_query, json_response, page, read_model
 from appliance.api.services import SERVICES
-from appliance.api.views import Deleted, EndpointList, EndpointView, EventList, EventView, GpuHolder, GpuList, GpuView, ReplicaList, ReplicaView, RequestList, RequestView
+from appliance.api.views import (
+    Deleted, EndpointList, EndpointView, EventList, EventView, GpuBudget, GpuHolder, GpuList, GpuView, ReplicaList, ReplicaView, RequestList, RequestView,
+)
 from appliance.control.supervision.replica import Replica
 from appliance.control.host.replica_log import Keep
 from appliance.domain.health import probe_access_line
-from appliance.domain.placement import visible
-from appliance.domain.specs import EndpointPatch, EndpointSpec, HealthCheck
+from appliance.domain.memory import budget, fmt_bytes
+from appliance.domain.memory import claim as memory_claim
+from appliance.domain.placement import claimed, visible
+from appliance.domain.specs import EndpointPatch, EndpointSpec, HealthCheck, Resources
 from appliance.errors import ApplianceError
 from appliance.security.vault import mask_argv
 from appliance.store import iso
@@ -28,12 +32,56 @@ _EVENT_QUERY = (
 )
 
 
-def _view(request: web.Request, row: dict) -> EndpointView:  # type: ignore[type-arg]
-    return EndpointView.of(row, request.app[SERVICES].supervisor.counts(row["name"]))
+def _view(request: web.Request, row: dict, budgets: list[GpuBudget] | None = None) -> EndpointView:  # type: ignore[type-arg]
+    services = request.app[SERVICES]
+    view = EndpointView.of(row, services.supervisor.counts(row["name"]))
+    res, overhead = view.resources, services.config.gpus.claim_overhead
+    claim = memory_claim(res, view.memory_estimate, overhead)
+    source = (
+        "stated" if res.gpu_memory is not None else "estimate" if claim is not None
+        else "share" if res.gpu_share is not None else "whole" if res.gpus else "none"
+    )
+    return view.model_copy(update={"gpu_memory_claim": claim, "claim_source": source, "gpu_budgets": budgets or []})
+
+
+async def _budgets(request: web.Request) -> list[GpuBudget]:
+    """Each usable GPU's budget and what replicas claim on it; none when NVML is not there."""
+    services = request.app[SERVICES]
+    try:
+        gpus = visible(await services.gpus.inventory(), services.config.gpus.devices)
+    except ApplianceError:
+        return []
+    held = services.supervisor.held()
+    claims, whole = claimed(held), {u for a in held.values() if a.whole for u in a.uuids}
+    reserve = services.config.gpus.memory_reserve
+    return [
+        GpuBudget(index=g.index, uuid=g.uuid, memory_total=g.memory_total, budget=(b := budget(g.memory_total, reserve)),
+                  claimed=b if g.uuid in whole else claims.get(g.uuid, 0))
+        for g in gpus
+    ]
+
+
+async def _check_claim(request: web.Request, resources: Resources | None) -> None:
+    """A stated gpu_memory above every GPU's budget is refused now (422), not left to wait for ever."""
+    if resources is None or resources.gpu_memory is None:
+        return
+    budgets = await _budgets(request)
+    if not budgets:
+        return  # no GPU seen: placement says so
+    per_gpu = -(-resources.gpu_memory // max(1, resources.gpus))
+    largest = max(budgets, key=lambda b: b.budget)
+    if per_gpu > largest.budget:
+        reserve = request.app[SERVICES].config.gpus.memory_reserve
+        raise ApplianceError(
+            f"resources.gpu_memory: {fmt_bytes(per_gpu)} per GPU is more than any GPU here can give: the largest budget is "
+            f"{fmt_bytes(largest.budget)} (GPU {largest.index}: {fmt_bytes(largest.memory_total)} less the {fmt_bytes(reserve)} reserve)",
+            status=422, code="invalid_field", param="resources.gpu_memory",
+        )
 
 
 async def create_endpoint(request: web.Request) -> web.Response:
     spec = await read_model(request, EndpointSpec, "endpoint")
+    await _check_claim(request, spec.resources)
     row = await request.app[SERVICES].endpoints.create(spec)
     return json_response(_view(request, row), status=201)
 
@@ -45,13 +93,14 @@ async def list_endpoints(request: web.Request) -> web.Response:
 
 async def get_endpoint(request: web.Request) -> web.Response:
     row = await request.app[SERVICES].endpoints.get(endpoint_name(request))
-    return json_response(_view(request, row))
+    return json_response(_view(request, row, await _budgets(request)))
 
 
 async def update_endpoint(request: web.Request) -> web.Response:
     name = endpoint_name(request)
     patch = await read_model(request, EndpointPatch, "endpoint update")
     changes = patch.model_dump(mode="json", include=patch.model_fields_set)
+    await _check_claim(request, patch.resources)
     row = await request.app[SERVICES].endpoints.update(name, changes)
     return json_response(_view(request, row))
 
@@ -94,6 +143,7 @@ def _replica_view(r: Replica) -> ReplicaView:
         port=r.port,
         gpus=list(r.allocation.uuids) if r.allocation else [],
         gpu_share=r.allocation.share if r.allocation else None,
+        gpu_memory=r.allocation.claim if r.allocation else None,
         command=mask_argv(r.argv),
         started_at=iso(r.started_at) if r.started_at else None,
         restarts=r.restarts,
@@ -183,13 +233,15 @@ async def list_gpus(request: web.Request) -> web.Response:
     holders: dict[str, list[GpuHolder]] = {}
     for rid, alloc in services.supervisor.held().items():
         for uuid in alloc.uuids:
-            holders.setdefault(uuid, []).append(GpuHolder(replica=rid, share=alloc.share))
+            holders.setdefault(uuid, []).append(GpuHolder(replica=rid, share=alloc.share, claim=alloc.claim))
+    budgets = {b.uuid: b for b in await _budgets(request)}
     data = [
         GpuView(
             index=g.index, uuid=g.uuid, name=g.name, memory_total=g.memory_total, memory_used=g.memory_used,
             utilization_gpu=g.utilization_gpu, utilization_memory=g.utilization_memory, mig_mode=g.mig_mode,
             processes=[{"pid": p.pid, "used_memory": p.used_memory} for p in g.processes],
             allowed=g.uuid in allowed, held_by=holders.get(g.uuid, []),
+            budget=budgets[g.uuid].budget if g.uuid in budgets else 0, claimed=budgets[g.uuid].claimed if g.uuid in budgets else 0,
         )
         for g in gpus
     ]

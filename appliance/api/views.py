@@ -16,6 +16,14 @@ class View(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
+class GpuBudget(View):
+    index: int
+    uuid: str
+    memory_total: int
+    budget: int = Field(description="memory_total less [gpus] memory_reserve: what replicas' claims may add up to")
+    claimed: int = Field(description="bytes claimed by the replicas on it (the whole budget when one holds it whole)")
+
+
 class EndpointView(EndpointConfig):
     # Stored rows are shown as they are: one written before numbers had to be finite must not make a 500.
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True, allow_inf_nan=True)
@@ -29,6 +37,14 @@ class EndpointView(EndpointConfig):
     spec: dict[str, Any] = Field(description="the fields as the user stated them, before the folder's defaults")
     replica_counts: dict[str, int] = Field(default_factory=dict, description="replicas by state")
     desired_replicas: int = Field(description="replicas wanted now: set by autoscaling (and scale to zero), else `replicas`")
+    gpu_memory_claim: int | None = Field(
+        None, description="bytes of GPU memory one replica claims: resources.gpu_memory, else memory_estimate + [gpus] claim_overhead; "
+        "null: gpu_share × the GPU's budget (or no GPU)",
+    )
+    claim_source: Literal["stated", "estimate", "share", "whole", "none"] = Field(
+        "none", description="where gpu_memory_claim comes from: resources.gpu_memory, the estimate, gpu_share, whole GPUs, or no GPU asked for"
+    )
+    gpu_budgets: list[GpuBudget] = Field(default_factory=list, description="GET of one endpoint: each usable GPU's budget and what is claimed on it")
 
     @classmethod
     def of(cls, row: EndpointRow, counts: dict[str, int] | None = None) -> EndpointView:
@@ -95,6 +111,7 @@ class ReplicaView(View):
     port: int | None
     gpus: list[str] = Field(description="UUIDs of the GPUs the replica is pinned to (CUDA_VISIBLE_DEVICES)")
     gpu_share: float | None
+    gpu_memory: int | None = Field(None, description="bytes of GPU memory the replica claims on each of its GPUs (null: held whole, or none)")
     command: list[str]
     started_at: str | None
     restarts: int
@@ -113,7 +130,8 @@ class ReplicaList(View):
 
 class GpuHolder(View):
     replica: str
-    share: float | None = Field(description="null: the GPU is held whole")
+    share: float | None = Field(description="null: the GPU is held whole, or shared by memory claim only")
+    claim: int | None = Field(None, description="bytes of memory the replica claims on it; null: held whole")
 
 
 class GpuView(View):
@@ -128,6 +146,8 @@ class GpuView(View):
     processes: list[dict[str, int | None]]
     allowed: bool = Field(description="listed in [gpus] devices")
     held_by: list[GpuHolder]
+    budget: int = Field(0, description="memory_total less [gpus] memory_reserve: what replicas' claims may add up to")
+    claimed: int = Field(0, description="bytes claimed by the replicas on it (the whole budget when one holds it whole)")
 
 
 class GpuList(View):

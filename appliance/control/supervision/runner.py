@@ -33,6 +33,7 @@ from appliance.control.supervision.prober import Prober
 from appliance.control.supervision.replica import EndpointRun, Replica, RunnerHost
 from appliance.control.telemetry import Telemetry
 from appliance.domain.health import HealthState
+from appliance.domain.memory import claim as memory_claim
 from appliance.domain.placement import GpuInfo, GpuRequest, Unplaceable, visible
 from appliance.domain.rollout import backoff_delay, drains
 from appliance.domain.runtimes import Placement, WorkerSpec, build_worker_spec
@@ -253,7 +254,11 @@ class ReplicaRunner:
         config = run.config
         await wait_for_model(self._store, config, r.log.note)  # a model still warming: wait here, holding no GPU and no port
         res = config.resources
-        request = GpuRequest(count=res.gpus, share=res.gpu_share, name=res.gpu_name, min_free_memory=res.gpu_min_free_mem, placement=res.placement)
+        gpus = self._config.gpus
+        request = GpuRequest(
+            count=res.gpus, share=res.gpu_share, name=res.gpu_name, min_free_memory=res.gpu_min_free_mem, placement=res.placement,
+            memory=memory_claim(res, config.memory_estimate, gpus.claim_overhead), reserve=gpus.memory_reserve,
+        )
         inventory: list[GpuInfo] = []
         if request.wants_gpu:
             try:
@@ -268,7 +273,8 @@ class ReplicaRunner:
             folder = Path(config.model_folder)
             path = await asyncio.to_thread(find_definition_file, folder, config.definition_file)
             definition = await asyncio.to_thread(load_model_definition, path) if path else None
-        placement = Placement(port=port, replica_id=r.id, work_dir=str(r.work_dir), gpu_share=allocation.share, runtime_path=sys.executable)
+        placement = Placement(port=port, replica_id=r.id, work_dir=str(r.work_dir), gpu_share=allocation.share, runtime_path=sys.executable,
+                              memory_fraction=allocation.fraction)
         spec = build_worker_spec(config, definition, placement)
         if definition is not None and definition.unused:
             r.log.note(f"model definition: serving {definition.model.name!r}; entries not started here: {', '.join(definition.unused)}")
