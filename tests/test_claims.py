@@ -239,3 +239,38 @@ async def test_an_estimated_claim_above_every_gpu_puts_the_endpoint_in_error(box
     ep = await async_wait_for(error, timeout=20, what="huge in ERROR")
     assert ep["gpu_memory_claim"] == 30 * GIB and ep["claim_source"] == "estimate"
     assert "claims 30 GiB" in ep["status_message"] and "budget is 23 GiB (GPU 0: 24 GiB less the 1 GiB reserve)" in ep["status_message"], ep
+
+
+def test_doctor_shows_each_budget_and_each_declared_claim(make_config: Any, tmp_path: Path) -> None:
+    from appliance.control.ops.doctor import GpuView, _claims, gpu_warnings
+
+    demo = write_demo_model(tmp_path / "demo")
+    config = make_config({"endpoints": [
+        {"name": "demo", "model_folder": str(demo), "runtime": "transformers", "resources": {"gpu_share": 0.5}},
+        {"name": "big", "model_folder": str(demo), "runtime": "transformers", "resources": {"gpu_memory": "30gb"}},
+    ]})
+    check = _claims(GpuView(gpus=[gpu()]), config)
+    est = estimate_folder(demo)
+    assert est is not None and est.max_model_len is not None
+    assert check.status == "problem" and check.fix
+    assert "big claims 30 GiB of GPU memory per GPU; the largest budget here is 23 GiB (GPU 0: 24 GiB less the 1 GiB reserve)" in check.detail
+    assert "GPU 0 budget 23 GiB" in check.detail and f"at {est.max_model_len} tokens + 2 GiB overhead" in check.detail, check.detail
+    ok = _claims(GpuView(gpus=[gpu(total=80 * GIB)]), config)
+    assert ok.status == "ok" and "big: claims 30 GiB (stated)" in ok.detail
+    # check-config's warnings on resolved endpoints say the same
+    from appliance.control.endpoints import resolve
+
+    resolved = [resolve(e.spec())[0] for e in config.endpoints]
+    assert [w.split(":")[0] for w in gpu_warnings(config, resolved, GpuView(gpus=[gpu()]))] == ["endpoints[1] (big)"]
+
+
+def test_cli_shows_the_claim_the_estimate_and_the_budgets(capsys: pytest.CaptureFixture[str]) -> None:
+    from appliance.cli.endpoint import _memory_lines
+
+    ep = {"memory_estimate": {"weights": 4 * GIB, "kv_cache": GIB, "max_model_len": 4096}, "gpu_memory_claim": 7 * GIB, "claim_source": "estimate",
+          "gpu_budgets": [{"index": 0, "uuid": "GPU-0000", "memory_total": 24 * GIB, "budget": 23 * GIB, "claimed": 7 * GIB}]}
+    assert dict(_memory_lines(ep)) == {
+        "GPU memory claim": "7 GiB per replica (estimate + [gpus] claim_overhead)",
+        "memory estimate": "weights 4 GiB + KV cache 1 GiB at 4096 tokens",
+        "GPU budgets": "GPU 0: 7 GiB of 23 GiB claimed",
+    }

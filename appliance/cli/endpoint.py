@@ -14,6 +14,7 @@ from typing import Any
 
 from appliance.cli.options import SharedOptions, Subcommands, admin_client, parse_kv
 from appliance.cli.output import Spinner, emit, print_table
+from appliance.domain.memory import fmt_bytes
 from appliance.config import absolute, read_toml
 from appliance.errors import ApplianceError
 
@@ -76,7 +77,23 @@ def _gpu_list(replica: dict[str, Any]) -> str:
     if not replica["gpus"]:
         return "-"
     text = ",".join(u[:12] for u in replica["gpus"])
+    if replica.get("gpu_memory"):
+        return f"{text} ({fmt_bytes(replica['gpu_memory'])})"
     return f"{text} ({replica['gpu_share']:g})" if replica["gpu_share"] else text
+
+
+def _memory_lines(ep: dict[str, Any]) -> list[tuple[str, str]]:
+    """The replica's GPU memory claim, where it comes from, and each GPU's budget."""
+    est, claim, source = ep.get("memory_estimate"), ep.get("gpu_memory_claim"), ep.get("claim_source", "none")
+    what = {"stated": "resources.gpu_memory", "estimate": "estimate + [gpus] claim_overhead", "share": "gpu_share × the GPU's budget",
+            "whole": "whole GPUs", "none": "no GPU asked for"}.get(source, source)
+    claimed = f"{fmt_bytes(claim)} per replica ({what})" if claim is not None else what
+    estimate = "-"
+    if est:
+        context = f" at {est['max_model_len']} tokens" if est.get("max_model_len") else ""
+        estimate = f"weights {fmt_bytes(est['weights'])} + KV cache {fmt_bytes(est['kv_cache'])}{context}"
+    budgets = "; ".join(f"GPU {b['index']}: {fmt_bytes(b['claimed'])} of {fmt_bytes(b['budget'])} claimed" for b in ep.get("gpu_budgets", []))
+    return [("GPU memory claim", claimed), ("memory estimate", estimate), ("GPU budgets", budgets or "-")]
 
 
 def _show_endpoint(ep: dict[str, Any]) -> None:
@@ -93,6 +110,7 @@ def _show_endpoint(ep: dict[str, Any]) -> None:
         ("scaling", f"surge {ep['max_surge']}, drain {ep['drain_timeout_seconds']:g}s"
          + (f", idle to zero after {ep['idle_timeout_seconds']:g}s, wake up to {ep['wake_timeout_seconds']:g}s" if ep.get("idle_timeout_seconds") else "")),
         ("resources", json.dumps({k: v for k, v in ep["resources"].items() if v not in (None, 0)}) or "{}"),
+        *_memory_lines(ep),
         ("environ", ", ".join(f"{k}={v}" for k, v in ep["environ"].items()) or "-"),
         ("extra args", " ".join(ep["extra_args"]) or "-"),
         ("health check", (f"GET {hc['path']} every {hc['interval']:g}s, expect {hc['expected_status_code']}, "

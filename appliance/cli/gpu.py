@@ -7,6 +7,7 @@ from typing import Any
 
 from appliance.cli.options import SharedOptions, Subcommands, admin_client
 from appliance.cli.output import emit, print_table
+from appliance.domain.memory import fmt_bytes
 
 
 def cmd_gpu_list(args: argparse.Namespace) -> int:
@@ -19,10 +20,11 @@ def cmd_gpu_list(args: argparse.Namespace) -> int:
         rows = [
             [str(g["index"]), g["uuid"], g["name"], f"{g['memory_used'] >> 20}/{g['memory_total'] >> 20} MiB",
              f"{g['utilization_gpu']}%" if g["utilization_gpu"] is not None else "-", g["mig_mode"], "yes" if g["allowed"] else "no",
-             ", ".join(h["replica"] + (f" ({h['share']:g})" if h["share"] else "") for h in g["held_by"]) or "-"]
+             f"{fmt_bytes(g.get('claimed', 0))}/{fmt_bytes(g.get('budget', 0))}",
+             ", ".join(h["replica"] + (f" ({fmt_bytes(h['claim'])})" if h.get("claim") else f" ({h['share']:g})" if h["share"] else "") for h in g["held_by"]) or "-"]
             for g in d["data"]
         ]
-        print_table(rows, ["IDX", "UUID", "NAME", "MEMORY", "UTIL", "MIG", "ALLOWED", "HELD BY"])
+        print_table(rows, ["IDX", "UUID", "NAME", "MEMORY", "UTIL", "MIG", "ALLOWED", "CLAIMED/BUDGET", "HELD BY"])
 
     return emit(args, data, human)
 

@@ -1,4 +1,4 @@
-// GPUs: utilisation and memory as NVML reports them, and which replica holds which GPU.
+// GPUs: utilisation and memory as NVML reports them, the memory replicas claim against each GPU's budget, and who holds it.
 
 import { get } from './api.js';
 import { badge, bytes, errorSlot, fill, h, table } from './dom.js';
@@ -22,10 +22,11 @@ function card(g) {
     h('p', { class: 'muted small mono' }, g.uuid),
     meter('Utilisation', g.utilization_gpu),
     meter(`Memory ${bytes(g.memory_used)} of ${bytes(g.memory_total)}`, memPct),
+    meter(`Claimed ${bytes(g.claimed)} of a ${bytes(g.budget)} budget`, g.budget ? (100 * g.claimed) / g.budget : null),
     h('p', { class: 'small' }, `MIG: ${g.mig_mode || 'n/a'}`),
     h('h3', {}, 'Held by'),
     g.held_by.length
-      ? h('ul', {}, g.held_by.map((r) => h('li', {}, h('code', {}, r.replica), r.share ? ` — ${r.share} of it` : ' — whole GPU')))
+      ? h('ul', {}, g.held_by.map((r) => h('li', {}, h('code', {}, r.replica), r.claim ? ` — claims ${bytes(r.claim)}` + (r.share ? ` (${r.share} share)` : '') : r.share ? ` — ${r.share} of it` : ' — whole GPU')))
       : h('p', { class: 'muted' }, 'no replica'),
     h('h3', {}, 'Processes'),
     g.processes.length ? table([

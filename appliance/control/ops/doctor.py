@@ -21,7 +21,9 @@ from appliance.config import Config
 from appliance.control.host.gpus import Nvml
 from appliance.domain.models import ModelFolder, ModelSpec, parse_source
 from appliance.domain.placement import GpuInfo
-from appliance.domain.specs import EndpointConfig, EndpointSpec, Resources
+from appliance.domain.memory import budget, fmt_bytes
+from appliance.domain.memory import claim as memory_claim
+from appliance.domain.specs import EndpointConfig, EndpointSpec, MemoryEstimate, Resources
 from appliance.errors import ApplianceError
 
 # engine → (how it is found: "module:<name>" or "exe:<name>", the distributions that may provide it)
@@ -73,7 +75,7 @@ def gpu_warnings(config: Config, endpoints: list[EndpointConfig], view: GpuView)
     usable = _usable(config, view.gpus)
     out = []
     for i, endpoint in enumerate(endpoints):
-        problem = _gpu_problem(endpoint.resources, usable, view, config)
+        problem = _gpu_problem(endpoint.resources, usable, view, config) or _claim_problem(endpoint.resources, endpoint.memory_estimate, usable, config)
         if problem:
             out.append(f"endpoints[{i}] ({endpoint.name}): {problem}")
     return out
@@ -109,6 +111,55 @@ def _gpu_problem(r: Resources, usable: list[GpuInfo], view: GpuView, config: Con
     return None
 
 
+def _claim_problem(r: Resources, estimate: MemoryEstimate | None, usable: list[GpuInfo], config: Config) -> str | None:
+    """A replica's memory claim (per GPU) that no usable GPU's budget holds."""
+    claim = memory_claim(r, estimate, config.gpus.claim_overhead)
+    if claim is None or not usable:
+        return None
+    per_gpu = -(-claim // max(1, r.gpus))
+    largest = max(usable, key=lambda g: g.memory_total)
+    room = budget(largest.memory_total, config.gpus.memory_reserve)
+    if per_gpu <= room:
+        return None
+    return (f"claims {fmt_bytes(per_gpu)} of GPU memory per GPU; the largest budget here is {fmt_bytes(room)} "
+            f"(GPU {largest.index}: {fmt_bytes(largest.memory_total)} less the {fmt_bytes(config.gpus.memory_reserve)} reserve)")
+
+
+def _claims(view: GpuView, config: Config) -> Check:
+    """Each GPU's budget, and what each declared endpoint's replica claims (stated, or estimated from its folder)."""
+    usable = _usable(config, view.gpus)
+    reserve, overhead = config.gpus.memory_reserve, config.gpus.claim_overhead
+    parts = [f"GPU {g.index} budget {fmt_bytes(budget(g.memory_total, reserve))}" for g in usable]
+    problems = []
+    from appliance.control.endpoints import resolve  # resolving imports the engines' checks: only here
+
+    for entry in config.endpoints:
+        if entry.spec().model_folder is None:
+            continue  # a registered model: its files are in the cache once warmed
+        try:
+            resolved = resolve(entry.spec())[0]  # the folder's defaults and the estimate from its weights
+        except ApplianceError:
+            continue  # the engines and check-config say why
+        spec, r, est = entry.spec(), resolved.resources, resolved.memory_estimate
+        if not (r.gpus or r.gpu_share is not None or r.gpu_memory is not None):
+            continue
+        claim = memory_claim(r, est, overhead)
+        if claim is None:
+            parts.append(f"{spec.name}: {'whole GPUs' if r.gpus else f'{r.gpu_share:g} × the budget'} (no estimate)")
+            continue
+        how = "stated"
+        if r.gpu_memory is None and est is not None:
+            context = f" at {est.max_model_len} tokens" if est.max_model_len else ""
+            how = f"weights {fmt_bytes(est.weights)} + KV cache {fmt_bytes(est.kv_cache)}{context} + {fmt_bytes(overhead)} overhead"
+        parts.append(f"{spec.name}: claims {fmt_bytes(claim)} ({how})")
+        if problem := _claim_problem(r, est, usable, config):
+            problems.append(f"{spec.name} {problem}")
+    if problems:
+        return Check("GPU memory claims", "problem", "; ".join(problems + parts),
+                     "lower resources.gpu_memory or --max-model-len, or spread the replica over whole GPUs (resources.gpus)")
+    return Check("GPU memory claims", "ok", "; ".join(parts) or "no GPU on this box and no claim declared")
+
+
 @dataclass
 class Check:
     """One line of `appliance doctor`: ok, a warning (works, but not as it should), or a problem, with its fix."""
@@ -122,7 +173,7 @@ class Check:
 def examine(config: Config, server_pid: int | None) -> list[Check]:
     """Every check of the box against `config`; `server_pid` is the running server's, when one runs."""
     view = read_gpus()
-    checks = [_nvml(view, config), _engines(config)]
+    checks = [_nvml(view, config), _claims(view, config), _engines(config)]
     checks += [_cgroups(server_pid, config.workers.isolation), _worker_user(config), _ports(config), *_state_dir(config), _clock()]
     return checks
 
