@@ -109,6 +109,21 @@ def test_a_claim_larger_than_any_gpu_is_permanent_naming_both_numbers() -> None:
     assert len(place(GpuRequest(count=2, memory=30 * GIB, reserve=GIB), [gpu(0), gpu(1)], {}).uuids) == 2
 
 
+def test_a_share_claims_its_slice_or_the_estimate_if_more_and_whole_gpus_keep_the_engine_default() -> None:
+    small, big = GpuRequest(share=0.5, needs=3 * GIB, reserve=GIB), GpuRequest(share=0.25, needs=20 * GIB, reserve=GIB)
+    assert place(small, [gpu()], {}).claim == int(0.5 * 23 * GIB)  # the slice the user asked for
+    held = {"big": place(big, [gpu()], {})}
+    assert held["big"].claim == 20 * GIB and held["big"].share == 0.25  # what the model needs, though the share is smaller
+    with pytest.raises(Unplaceable) as info:  # shares 0.75 would fit; memory does not
+        place(small, [gpu()], held)
+    assert "GPU 0: 20 GiB of 23 GiB claimed, 0.25 share held" in info.value.reason
+    whole = place(GpuRequest(count=1, needs=20 * GIB, reserve=GIB), [gpu()], {})
+    assert whole.whole and whole.fraction is None  # held whole: vLLM's own default
+    with pytest.raises(Unplaceable) as info:
+        place(GpuRequest(count=1, needs=40 * GIB, reserve=GIB), [gpu()], {})
+    assert info.value.permanent and "claims 40 GiB" in info.value.reason
+
+
 def _vllm(fraction: float | None, share: float | None = None) -> list[str]:
     config = EndpointConfig(
         name="m", model_folder="/models/m", runtime="vllm", definition_file=None, served_model_name="m", aliases=[], replicas=1,
@@ -270,7 +285,7 @@ def test_cli_shows_the_claim_the_estimate_and_the_budgets(capsys: pytest.Capture
     ep = {"memory_estimate": {"weights": 4 * GIB, "kv_cache": GIB, "max_model_len": 4096}, "gpu_memory_claim": 7 * GIB, "claim_source": "estimate",
           "gpu_budgets": [{"index": 0, "uuid": "GPU-0000", "memory_total": 24 * GIB, "budget": 23 * GIB, "claimed": 7 * GIB}]}
     assert dict(_memory_lines(ep)) == {
-        "GPU memory claim": "7 GiB per replica (estimate + [gpus] claim_overhead)",
+        "GPU memory claim": "7 GiB per replica (estimate + [gpus] claim_overhead, at least)",
         "memory estimate": "weights 4 GiB + KV cache 1 GiB at 4096 tokens",
         "GPU budgets": "GPU 0: 7 GiB of 23 GiB claimed",
     }

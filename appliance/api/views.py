@@ -38,8 +38,9 @@ class EndpointView(EndpointConfig):
     replica_counts: dict[str, int] = Field(default_factory=dict, description="replicas by state")
     desired_replicas: int = Field(description="replicas wanted now: set by autoscaling (and scale to zero), else `replicas`")
     gpu_memory_claim: int | None = Field(
-        None, description="bytes of GPU memory one replica claims: resources.gpu_memory, else memory_estimate + [gpus] claim_overhead; "
-        "null: gpu_share × the GPU's budget (or no GPU)",
+        None, description="bytes of GPU memory one replica claims: resources.gpu_memory; else, on a GPU, at least memory_estimate + "
+        "[gpus] claim_overhead (a gpu_share claims share × the GPU's budget when that is more: see each replica's gpu_memory); "
+        "null: gpu_share × the budget, whole GPUs, or no GPU",
     )
     claim_source: Literal["stated", "estimate", "share", "whole", "none"] = Field(
         "none", description="where gpu_memory_claim comes from: resources.gpu_memory, the estimate, gpu_share, whole GPUs, or no GPU asked for"

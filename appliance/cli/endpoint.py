@@ -85,7 +85,7 @@ def _gpu_list(replica: dict[str, Any]) -> str:
 def _memory_lines(ep: dict[str, Any]) -> list[tuple[str, str]]:
     """The replica's GPU memory claim, where it comes from, and each GPU's budget."""
     est, claim, source = ep.get("memory_estimate"), ep.get("gpu_memory_claim"), ep.get("claim_source", "none")
-    what = {"stated": "resources.gpu_memory", "estimate": "estimate + [gpus] claim_overhead", "share": "gpu_share × the GPU's budget",
+    what = {"stated": "resources.gpu_memory", "estimate": "estimate + [gpus] claim_overhead, at least", "share": "gpu_share × the GPU's budget",
             "whole": "whole GPUs", "none": "no GPU asked for"}.get(source, source)
     claimed = f"{fmt_bytes(claim)} per replica ({what})" if claim is not None else what
     estimate = "-"

@@ -98,15 +98,18 @@ def estimate(headers: Iterable[Mapping[str, Any]], config: Mapping[str, Any] | N
     return MemoryEstimate(weights=weights, kv_cache=kv[0] if kv else 0, max_model_len=kv[1] if kv else None)
 
 
-def claim(resources: Resources, estimate: MemoryEstimate | None, overhead: int) -> int | None:
-    """Bytes of GPU memory one replica claims (on each of its GPUs when it holds several whole ones, split
-    evenly): the stated gpu_memory; else, for a replica that asks for a GPU, the estimate plus the
-    overhead; None: its share of the GPU's budget, decided where it is placed."""
-    if resources.gpu_memory is not None:
-        return resources.gpu_memory
+def need(resources: Resources, estimate: MemoryEstimate | None, overhead: int) -> int | None:
+    """The estimate plus the overhead, for a replica that asks for a GPU (whole or a share); None otherwise."""
     if (resources.gpus or resources.gpu_share is not None) and estimate is not None:
         return estimate.weights + estimate.kv_cache + overhead
     return None
+
+
+def claim(resources: Resources, estimate: MemoryEstimate | None, overhead: int) -> int | None:
+    """Bytes of GPU memory one replica claims at least (on its GPUs together when it holds several whole
+    ones): the stated gpu_memory, else its need (a share claims share × the GPU's budget when that is more);
+    None: only its share of the budget, decided where it is placed."""
+    return resources.gpu_memory if resources.gpu_memory is not None else need(resources, estimate, overhead)
 
 
 def budget(memory_total: int, reserve: int) -> int:

@@ -59,12 +59,18 @@ class GpuRequest:
     name: str | None = None
     min_free_memory: int | None = None
     placement: Literal["spread", "binpack"] = "spread"
-    memory: int | None = None  # bytes claimed (split over `count` whole GPUs); None: share × the GPU's budget
+    memory: int | None = None  # bytes stated (split over `count` whole GPUs): the claim, exactly
+    needs: int | None = None  # bytes estimated: a share claims the larger of this and share × the GPU's budget
     reserve: int = 0  # bytes of each GPU never handed out ([gpus] memory_reserve)
 
     @property
     def wants_gpu(self) -> bool:
         return self.count > 0 or self.share is not None or self.memory is not None
+
+    @property
+    def per_gpu(self) -> int | None:
+        wanted = self.memory if self.memory is not None else self.needs
+        return None if wanted is None else -(-wanted // max(1, self.count))
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,7 @@ def place(request: GpuRequest, gpus: Sequence[GpuInfo], held: Mapping[str, Alloc
     if request.count > len(named):
         raise Unplaceable(f"no GPU available: {request.count} GPUs asked for, this box has {len(named)} that match", permanent=True)
     reserve = request.reserve
-    per_gpu = None if request.memory is None else -(-request.memory // max(1, request.count))
+    per_gpu = request.per_gpu
     if per_gpu is not None and (problem := _too_big(per_gpu, named, reserve)):
         raise problem
     roomy = [g for g in named if request.min_free_memory is None or g.memory_free >= request.min_free_memory]
@@ -156,11 +162,14 @@ def place(request: GpuRequest, gpus: Sequence[GpuInfo], held: Mapping[str, Alloc
         if len(free) < request.count:
             raise Unplaceable(f"waiting for GPUs: {request.count} needed, {len(free)} of {len(named)} matching are free")
         chosen = free[: request.count]
-        fraction = None if per_gpu is None else min(per_gpu / g.memory_total for g in chosen)
+        # whole GPUs: the engine's own default, unless a claim was stated
+        fraction = None if request.memory is None or per_gpu is None else min(per_gpu / g.memory_total for g in chosen)
         return Allocation(uuids=tuple(g.uuid for g in chosen), fraction=fraction)
 
     def claim_on(g: GpuInfo) -> int:
-        return per_gpu if per_gpu is not None else int((request.share or 0.0) * budget(g.memory_total, reserve))
+        if request.memory is not None:
+            return request.memory
+        return max(int((request.share or 0.0) * budget(g.memory_total, reserve)), per_gpu or 0)
 
     free_gpus = [g for g in roomy if g.uuid not in whole]
     by_share = [g for g in free_gpus if request.share is None or shares.get(g.uuid, 0.0) + request.share <= 1 + _EPS]

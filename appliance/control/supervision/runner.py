@@ -33,7 +33,7 @@ from appliance.control.supervision.prober import Prober
 from appliance.control.supervision.replica import EndpointRun, Replica, RunnerHost
 from appliance.control.telemetry import Telemetry
 from appliance.domain.health import HealthState
-from appliance.domain.memory import claim as memory_claim
+from appliance.domain.memory import need as memory_need
 from appliance.domain.placement import GpuInfo, GpuRequest, Unplaceable, visible
 from appliance.domain.rollout import backoff_delay, drains
 from appliance.domain.runtimes import Placement, WorkerSpec, build_worker_spec
@@ -257,7 +257,7 @@ class ReplicaRunner:
         gpus = self._config.gpus
         request = GpuRequest(
             count=res.gpus, share=res.gpu_share, name=res.gpu_name, min_free_memory=res.gpu_min_free_mem, placement=res.placement,
-            memory=memory_claim(res, config.memory_estimate, gpus.claim_overhead), reserve=gpus.memory_reserve,
+            memory=res.gpu_memory, needs=memory_need(res, config.memory_estimate, gpus.claim_overhead), reserve=gpus.memory_reserve,
         )
         inventory: list[GpuInfo] = []
         if request.wants_gpu:
