@@ -289,3 +289,24 @@ def test_cli_shows_the_claim_the_estimate_and_the_budgets(capsys: pytest.Capture
         "memory estimate": "weights 4 GiB + KV cache 1 GiB at 4096 tokens",
         "GPU budgets": "GPU 0: 7 GiB of 23 GiB claimed",
     }
+
+
+def test_gpu_list_shows_claimed_of_budget_and_each_claim(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    import appliance.cli.gpu as cli_gpu
+
+    answer = {"available": True, "data": [{
+        "index": 0, "uuid": "GPU-0000", "name": "NVIDIA L4", "memory_used": 0, "memory_total": 24 * GIB, "utilization_gpu": None,
+        "mig_mode": "disabled", "allowed": True, "budget": 23 * GIB, "claimed": 20 * GIB,
+        "held_by": [{"replica": "a-1", "share": None, "claim": 10 * GIB}, {"replica": "b-1", "share": 0.5, "claim": 10 * GIB}],
+    }]}
+
+    class Client:
+        def request(self, *args: Any) -> dict[str, Any]:
+            return answer
+
+    monkeypatch.setattr(cli_gpu, "admin_client", lambda args: Client())
+    assert cli_gpu.cmd_gpu_list(argparse.Namespace(json=False, output="table")) == 0
+    out = capsys.readouterr().out
+    assert "CLAIMED/BUDGET" in out and "20 GiB/23 GiB" in out and "a-1 (10 GiB), b-1 (10 GiB)" in out
