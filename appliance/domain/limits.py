@@ -63,18 +63,25 @@ class RateLimiter:
         if w is None:
             w = self._windows[key_id] = _Window()
         w.expire(now)
-        headers = self.headers(w, limits, now)
-        if limits.parallel is not None and w.parallel >= limits.parallel:
-            return Refusal("parallel", f"this key already has {w.parallel} requests in flight (max_parallel_requests {limits.parallel})", 1.0, headers), headers
-        if limits.rpm is not None and len(w.requests) >= limits.rpm:
-            wait = w.requests[0] + WINDOW - now
-            return Refusal("rpm", f"rate limit reached: {limits.rpm} requests per minute for this key", wait, headers), headers
-        if limits.tpm is not None and w.token_sum >= limits.tpm:
-            wait = self._tokens_free_at(w, limits.tpm) - now
-            return Refusal("tpm", f"rate limit reached: {limits.tpm} tokens per minute for this key ({w.token_sum} used)", wait, headers), headers
+        refusal = self._refusal(w, limits, now)
+        if refusal is not None:
+            return refusal, refusal.headers
         w.requests.append(now)
         w.parallel += 1
-        return None, self.headers(w, limits, now)
+        return None, self.headers(w, limits, now)  # built once per request: the admitted path is the hot one
+
+    def _refusal(self, w: _Window, limits: Limits, now: float) -> Refusal | None:
+        if limits.parallel is not None and w.parallel >= limits.parallel:
+            message = f"this key already has {w.parallel} requests in flight (max_parallel_requests {limits.parallel})"
+            return Refusal("parallel", message, 1.0, self.headers(w, limits, now))
+        if limits.rpm is not None and len(w.requests) >= limits.rpm:
+            wait = w.requests[0] + WINDOW - now
+            return Refusal("rpm", f"rate limit reached: {limits.rpm} requests per minute for this key", wait, self.headers(w, limits, now))
+        if limits.tpm is not None and w.token_sum >= limits.tpm:
+            wait = self._tokens_free_at(w, limits.tpm) - now
+            message = f"rate limit reached: {limits.tpm} tokens per minute for this key ({w.token_sum} used)"
+            return Refusal("tpm", message, wait, self.headers(w, limits, now))
+        return None
 
     def finish(self, key_id: str, tokens: int, now: float) -> None:
         w = self._windows.get(key_id)
