@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Admin
+from test_access import bearer, new_key
+from test_gateway import healthy, stats
+from test_supervisor import WORKERS, fake_folder
 
 from appliance.domain.limits import Limits, RateLimiter
+
+
+@pytest.fixture
+async def admin(start_inprocess_app: Any, make_config: Any) -> Admin:
+    return await start_inprocess_app(make_config({"workers": WORKERS}))
 
 
 @pytest.fixture
@@ -46,3 +57,18 @@ def test_a_refused_request_builds_its_headers_once_and_is_not_counted(header_bui
     assert len(header_builds) == 2 and headers is refusal.headers
     assert headers["x-ratelimit-remaining-requests"] == "0" and headers["x-ratelimit-reset-requests"] == "30.000s"
     assert limiter.admit("k", limits, 60.0)[0] is None  # the refused request took no place in the window
+
+
+async def test_a_keyed_stream_reaches_the_worker_as_sent_with_the_usage_event_asked_for(admin: Admin, tmp_path: Path) -> None:
+    (rep,) = await healthy(admin, "kp", fake_folder(tmp_path, "kp"))
+    key = await new_key(admin, name="limited", rpm_limit=1000, tpm_limit=100000)
+    # Raw UTF-8, a number written as 1.10, no spaces: a parse and re-encode would change all three.
+    raw = '{"model":"kp","messages":[{"role":"user","content":"héllo"}],"max_tokens":3,"temperature":1.10,"stream":true}\n'
+    resp = await admin.client.post("/v1/chat/completions", data=raw.encode(), headers={**bearer(key["key"]), "Content-Type": "application/json"})
+    assert resp.status == 200
+    events = [e for e in (await resp.text()).split("\n\n") if e.startswith("data: {")]
+    assert events and not any('"usage": {' in e or '"usage":{' in e for e in events)  # the usage event stays with the gateway
+    sent = (await stats(rep["port"]))["last_body"]
+    assert sent.startswith(raw.rstrip()[:-1]) and json.loads(sent)["stream_options"] == {"include_usage": True}
+    status, usage = await admin.call("GET", f"/api/v1/usage?key={key['id']}&since=1h")
+    assert status == 200 and usage["data"][0]["completion_tokens"] == 3 and usage["data"][0]["requests"] == 1

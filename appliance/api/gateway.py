@@ -209,6 +209,14 @@ _STRAGGLERS = 2.0  # seconds for ended answers to be written out at shutdown
 
 
 _USAGE_IN_STREAM = ("/v1/chat/completions", "/v1/completions")
+_ASK_USAGE = b', "stream_options": {"include_usage": true}}'
+
+
+def ask_usage(body: bytes) -> bytes:
+    """A JSON object's body (with a `model`, without `stream_options`) that also asks for the stream's usage
+    event: spliced before its closing brace, so the client's bytes reach the worker as sent, without a
+    parse and re-encode per keyed stream."""
+    return body.rstrip()[:-1] + _ASK_USAGE
 
 
 async def openai_route(request: web.Request) -> web.StreamResponse:
@@ -226,11 +234,13 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
     assert found is not None
     config = found
     check_route(request, principal, config, request.path)
-    # The body is re-encoded only when the worker knows the model by another name, or to learn a keyed
-    # stream's token counts (usage, limits): then the gateway asks for the final usage event and keeps it
-    # from the client. Anonymous calls to public endpoints are spared the extra work.
+    # To learn a keyed stream's token counts (usage, limits) the gateway asks for the final usage event and
+    # keeps it from the client: spliced into the body as sent, re-encoded only when the worker also knows the
+    # model by another name. Anonymous calls to public endpoints are spared the extra work.
     drop_usage_event = principal is not None and data.get("stream") is True and "stream_options" not in data and request.path in _USAGE_IN_STREAM
-    if drop_usage_event or model != config.served_model_name:
+    if drop_usage_event and model == config.served_model_name:
+        body = ask_usage(body)
+    elif drop_usage_event or model != config.served_model_name:
         exact = json.loads(body)  # every number as sent (the fast parser turns huge integers into floats)
         exact["model"] = config.served_model_name
         if drop_usage_event:
