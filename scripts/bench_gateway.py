@@ -226,7 +226,8 @@ def main() -> int:
         port = free_port()
         config = root / "config.toml"
         config.write_text(f'[server]\nport = {port}\nstate_dir = "{root / "state"}"\n[gpus]\ndevices = "none"\n'
-                          f'[[endpoints]]\nname = "bench"\nmodel_folder = "{folder}"\npublic = {"false" if args.private else "true"}\n')
+                          + ('[workers]\nuser = "root"\n' if os.geteuid() == 0 else "")  # as root, workers would get a uid that cannot read a venv under /root
+                          + f'[[endpoints]]\nname = "bench"\nmodel_folder = "{folder}"\npublic = {"false" if args.private else "true"}\n')
         try:
             procs.append(subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(config)], stderr=subprocess.DEVNULL))
             appliance = f"http://127.0.0.1:{port}"

@@ -4,7 +4,7 @@ through the appliance, side by side in one run.
 
 Starts `appliance serve` with one `vllm` endpoint on the locally made tiny model (every thread of
 the engine's tree at nice 5 or more; the appliance itself starts it at nice 10, its session's
-autogroup too), a bare aiohttp pass-through proxy (about 20 lines, below) in a process of its own,
+autogroup too), a bare aiohttp pass-through proxy (about 20 lines, benchkit.BARE_PROXY) in a process of its own,
 and an inference key with rpm/tpm limits. Then, in rounds whose order rotates, it sends bursts
 of N concurrent `/v1/completions` streams of T tokens (ignore_eos) to each path while a liveness
 poll runs every 10 ms against the same path (the replica's /health, the proxy's, the appliance's
@@ -25,94 +25,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchkit import LUMP_GAP, ROOT, WORKERS_USER, api, cpu_seconds, free_port, free_range, liveness, schedstat, start_bare_proxy, wait
+
 sys.path.insert(0, str(ROOT))
 from appliance.demo_model import write_demo_model  # noqa: E402
-
-# The bare reference: every request passed through, bodies streamed chunk by chunk as they come.
-BARE_PROXY = """
-import sys
-from aiohttp import ClientSession, TCPConnector, web
-port, upstream = int(sys.argv[1]), sys.argv[2]
-async def start(app):
-    app["s"] = ClientSession(connector=TCPConnector(limit=0, keepalive_timeout=2), auto_decompress=False)  # under uvicorn's 5 s
-async def relay(request):
-    body = await request.read()
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-    async with request.app["s"].request(request.method, upstream + request.path_qs, data=body, headers=headers) as up:
-        out = web.StreamResponse(status=up.status, headers={"Content-Type": up.headers.get("Content-Type", "")})
-        await out.prepare(request)
-        async for chunk in up.content.iter_any():
-            await out.write(chunk)
-        await out.write_eof()
-        return out
-app = web.Application()
-app.on_startup.append(start)
-app.router.add_route("*", "/{tail:.*}", relay)
-web.run_app(app, host="127.0.0.1", port=port, print=None)
-"""
-
-# Run as root, the appliance would start workers as a uid of their own, which cannot read a venv under /root.
-WORKERS_USER = 'user = "root"\n' if os.geteuid() == 0 else ""
-LUMP_GAP = 0.0002  # seconds: a median gap below this means the chunks came together
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_range(n: int = 8) -> tuple[int, int]:
-    """Ports for the replicas that nothing else holds now (the default range may be another program's)."""
-    while True:
-        first = free_port()
-        if first + n > 65535:
-            continue
-        try:
-            for p in range(first, first + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return first, first + n - 1
-
-
-def api(url: str, path: str, key: str, body: dict[str, Any] | None = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url + path, data=data, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        return json.loads(resp.read())
-
-
-def wait(what: str, check: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"timed out waiting for {what}")
-
 
 async def stream(session: aiohttp.ClientSession, url: str, headers: dict[str, str], model: str, tokens: int) -> dict[str, float]:
     """One streamed completion: when each chunk of the body arrived, as the client's reads see it."""
@@ -129,46 +58,17 @@ async def stream(session: aiohttp.ClientSession, url: str, headers: dict[str, st
     return {"ttft": ttft, "gap": statistics.median(gaps), "total": total, "lumped": float(statistics.median(gaps) < LUMP_GAP and ttft > total / 2)}
 
 
-async def poll(session: aiohttp.ClientSession, url: str, stop: asyncio.Event, out: list[float]) -> None:
-    """A liveness GET every 10 ms (one at a time): each answer's latency into `out`."""
-    while not stop.is_set():
-        t = time.perf_counter()
-        try:
-            async with session.get(url) as resp:
-                await resp.read()
-            out.append(time.perf_counter() - t)
-        except aiohttp.ClientError:
-            out.append(float("inf"))
-        await asyncio.sleep(0.01)
-
-
 async def burst(url: str, live: str, headers: dict[str, str], model: str, conc: int, tokens: int) -> dict[str, Any]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         stop = asyncio.Event()
         lat: list[float] = []
-        poller = asyncio.create_task(poll(session, live, stop, lat))
+        poller = asyncio.create_task(liveness(session, live, stop, lat))
         t = time.perf_counter()
         streams = await asyncio.gather(*(stream(session, url, headers, model, tokens) for _ in range(conc)))
         wall = time.perf_counter() - t
         stop.set()
         await poller
     return {"streams": streams, "wall": wall, "tokens": conc * tokens, "polls": len(lat), "poll_max": max(lat, default=float("inf")), "lat": lat}
-
-
-def schedstat(pid: int) -> tuple[float, float]:
-    """Seconds a process's main thread has run and waited on a run queue (runnable, no CPU given)."""
-    try:
-        run, wait, _ = (Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split())
-    except (OSError, ValueError):
-        return 0.0, 0.0
-    return int(run) / 1e9, int(wait) / 1e9
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        return sum(psutil.Process(pid).cpu_times()[:2])
-    except psutil.Error:
-        return 0.0
 
 
 def renice_tree(pid: int, nice: int) -> int:
@@ -240,10 +140,8 @@ def main() -> int:
         if args.engine_group_nice is not None:  # the scheduler's autogroup of the engine's session, weighed as a whole
             Path(f"/proc/{rep['pid']}/autogroup").write_text(str(args.engine_group_nice))
         direct = f"http://127.0.0.1:{rep['port']}"
-        bare_port = free_port()
-        procs.append(subprocess.Popen([sys.executable, "-c", BARE_PROXY, str(bare_port), direct], stderr=subprocess.DEVNULL))
-        bare = f"http://127.0.0.1:{bare_port}"
-        wait("the bare proxy", lambda: urllib.request.urlopen(bare + "/health", timeout=5).status == 200, 30)
+        bare_proc, bare = start_bare_proxy(direct)
+        procs.append(bare_proc)
         key = api(url, "/api/v1/keys", admin, {"name": "bench", "scopes": ["inference"], "rpm_limit": 10**9, "tpm_limit": 10**12})["key"]
         paths = {
             "direct": (direct, direct + "/health", {}),
