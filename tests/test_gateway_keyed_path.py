@@ -12,6 +12,8 @@ from test_access import bearer, new_key
 from test_gateway import healthy, stats
 from test_supervisor import WORKERS, fake_folder
 
+from appliance.api import usage as usage_module
+from appliance.api.proxy import Outcome, UsageEventFilter
 from appliance.domain.limits import Limits, RateLimiter
 
 
@@ -72,3 +74,22 @@ async def test_a_keyed_stream_reaches_the_worker_as_sent_with_the_usage_event_as
     assert sent.startswith(raw.rstrip()[:-1]) and json.loads(sent)["stream_options"] == {"include_usage": True}
     status, usage = await admin.call("GET", f"/api/v1/usage?key={key['id']}&since=1h")
     assert status == 200 and usage["data"][0]["completion_tokens"] == 3 and usage["data"][0]["requests"] == 1
+
+
+@pytest.mark.parametrize("event", [b'data: {"choices": [{"index": 0}], "usage": null}\n\n', b'data: {"choices": [], "usage":null}\n\n',
+                                   b'data: {"usage" :  null, "choices": []}\r\n\r\n'])
+def test_a_keyed_streams_usage_null_chunks_pass_without_being_decoded(event: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM writes `"usage": null` on every chunk once usage is asked for: each passes as it came, undecoded."""
+    decoded: list[bytes] = []
+    real_loads = usage_module.json.loads
+
+    def counting(data: Any, *args: Any, **kwargs: Any) -> Any:
+        decoded.append(data)
+        return real_loads(data, *args, **kwargs)
+
+    monkeypatch.setattr(usage_module.json, "loads", counting)
+    outcome = Outcome()
+    events = UsageEventFilter(outcome)
+    assert events.feed(event[:10]) + events.feed(event[10:]) == event and decoded == []
+    last = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}}\n\n'
+    assert events.feed(last) == b"" and outcome.completion_tokens == 5  # the real usage event is still read and dropped

@@ -17,7 +17,7 @@ class Counts(Protocol):
 _DECODER = json.JSONDecoder()
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 # A usage object, not the `"usage": null` that vLLM writes on every chunk once usage is asked for.
-_REAL_USAGE = re.compile(rb'"usage"\s*:\s*(?!null)')
+_REAL_USAGE = re.compile(rb'"usage"\s*:(?!\s*null)')  # the look-ahead skips the spaces itself: `\s*(?!null)` backtracks past them
 
 
 def usage_from(data: Any, outcome: Counts) -> bool:
