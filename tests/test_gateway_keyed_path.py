@@ -79,7 +79,7 @@ async def test_a_keyed_stream_reaches_the_worker_as_sent_with_the_usage_event_as
 @pytest.mark.parametrize("event", [b'data: {"choices": [{"index": 0}], "usage": null}\n\n', b'data: {"choices": [], "usage":null}\n\n',
                                    b'data: {"usage" :  null, "choices": []}\r\n\r\n'])
 def test_a_keyed_streams_usage_null_chunks_pass_without_being_decoded(event: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    """vLLM writes `"usage": null` on every chunk once usage is asked for: each passes as it came, undecoded."""
+    """Engines that write `"usage": null` on every chunk once usage is asked for: each passes as it came, undecoded."""
     decoded: list[bytes] = []
     real_loads = usage_module.json.loads
 

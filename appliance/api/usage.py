@@ -16,7 +16,7 @@ class Counts(Protocol):
 
 _DECODER = json.JSONDecoder()
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
-# A usage object, not the `"usage": null` that vLLM writes on every chunk once usage is asked for.
+# A usage object, not the `"usage": null` that some engines (and OpenAI's API) write on every chunk once usage is asked for.
 _REAL_USAGE = re.compile(rb'"usage"\s*:(?!\s*null)')  # the look-ahead skips the spaces itself: `\s*(?!null)` backtracks past them
 
 
