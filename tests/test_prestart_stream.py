@@ -52,8 +52,9 @@ async def test_output_is_in_the_log_while_the_command_runs(tmp_path: Path, sink:
     finally:
         (work / "go").touch()
     await asyncio.wait_for(running, 60)
+    # Notes reach the log through the log's note thread: wait for the last one, not for the moment it was sent.
+    await async_wait_for(lambda: sink.last_lines(1)[-1].endswith("exited with code 0"), timeout=30, what="the exit note in the log")
     lines = sink.last_lines(20)
-    assert lines[-1].endswith("exited with code 0")
     assert " 50%" in lines and "100%" in lines and "done" in lines  # \r ends a line
     assert any(line.startswith("xxxx") and "line cut at" in line for line in lines)  # a long line is cut
     result = variables["fetched"]
