@@ -10,6 +10,7 @@ from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
 import pytest
+from conftest import async_wait_for
 
 from appliance.api.gateway import Gateway
 from appliance.control.supervision.load import Load
@@ -73,11 +74,8 @@ async def gateway() -> Any:
 
 
 async def until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Yield to the loop (no sleep, no task) until `cond` holds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0)
+    """Yield to the loop (no timer, no task) until `cond` holds."""
+    await async_wait_for(cond, timeout=timeout, interval=0, what=what)
 
 
 async def queue_up(gw: Gateway, n: int, cfg: EndpointConfig) -> list[asyncio.Task[Any]]:

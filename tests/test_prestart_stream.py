@@ -18,13 +18,12 @@ from appliance.domain.definitions import PreStartAction
 
 pytestmark = pytest.mark.process
 
-# Prints a line, then waits (for at most a minute) until the test lets it go on; progress with \r; a last line.
+# Prints a line, then waits until the test lets it go on (opening the "go" FIFO blocks until the test
+# opens its other end); progress with \r; a last line.
 COMMAND = """
-import os, sys, time
+import sys
 print("first line", flush=True)
-deadline = time.monotonic() + 60
-while not os.path.exists("go") and time.monotonic() < deadline:
-    time.sleep(0.02)
+open("go").close()
 sys.stderr.write("\\r 50%\\r100%\\n"); sys.stderr.flush()
 print("x" * 3_000_000)
 print("done")
@@ -41,6 +40,7 @@ def sink(tmp_path: Path) -> Iterator[ReplicaLog]:
 async def test_output_is_in_the_log_while_the_command_runs(tmp_path: Path, sink: ReplicaLog) -> None:
     work = tmp_path / "work"
     work.mkdir()
+    os.mkfifo(work / "go")
     variables: dict[str, object] = {}
     action = PreStartAction(action="run_command", args={"command": [sys.executable, "-c", COMMAND]}, ref="fetched")
     running = asyncio.create_task(
@@ -50,7 +50,7 @@ async def test_output_is_in_the_log_while_the_command_runs(tmp_path: Path, sink:
         await async_wait_for(lambda: "first line" in sink.last_lines(), timeout=30, what="the first line while the command runs")
         assert not running.done()
     finally:
-        (work / "go").touch()
+        await asyncio.to_thread(lambda: open(work / "go", "w").close())  # returns once the command has opened it too
     await asyncio.wait_for(running, 60)
     # Notes reach the log through the log's note thread: wait for the last one, not for the moment it was sent.
     await async_wait_for(lambda: sink.last_lines(1)[-1].endswith("exited with code 0"), timeout=30, what="the exit note in the log")
