@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -210,3 +211,88 @@ def test_a_listener_is_told_from_the_trees_own_without_a_cgroup(tmp_path: Path) 
     finally:
         proc.kill()
         proc.wait()
+
+
+def _listen(family: int, address: str, port: int = 0) -> socket.socket:
+    s = socket.socket(family)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind((address, port))
+    s.listen()
+    return s
+
+
+def test_netlink_and_the_proc_tables_name_the_same_listeners() -> None:
+    from appliance.control.host import listener
+
+    reach = [_listen(socket.AF_INET, "127.0.0.1"), _listen(socket.AF_INET, "0.0.0.0")]
+    elsewhere = _listen(socket.AF_INET, "127.0.0.2")  # a connection to 127.0.0.1 never lands here
+    wide = _listen(socket.AF_INET6, "::")  # dual-stack: 127.0.0.1 lands here too
+    sockets = [*reach, elsewhere, wide]
+    try:
+        for s in sockets:
+            port = s.getsockname()[1]
+            want = {os.fstat(s.fileno()).st_ino: os.geteuid()} if s is not elsewhere else {}
+            assert listener.proc_listening_sockets(port) == want
+            try:
+                got = listener._diag_listeners(socket.AF_INET, port) | listener._diag_listeners(socket.AF_INET6, port)
+            except OSError as exc:
+                pytest.skip(f"netlink sock_diag refused here: {exc}")
+            assert got == want
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_without_netlink_the_proc_tables_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.control.host import listener
+
+    def refused(family: int, port: int) -> dict[int, int]:
+        raise PermissionError(13, "refused")
+
+    monkeypatch.setattr(listener, "_diag_listeners", refused)
+    s = _listen(socket.AF_INET, "127.0.0.1")
+    try:
+        assert listener.listening_sockets(s.getsockname()[1]) == {os.fstat(s.fileno()).st_ino: os.geteuid()}
+    finally:
+        s.close()
+
+
+def test_a_squatter_that_takes_a_known_port_after_the_worker_left_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tree's fds are walked only when a socket not yet found in the tree listens: the sockets
+    proven the replica's own pass at the cost of one netlink dump, and a new one is looked at."""
+    from appliance.control.host import listener
+    from conftest import wait_for
+
+    ready = tmp_path / "port"
+    code = "import socket, sys\ns = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', 0)); s.listen()\nopen(sys.argv[1], 'w').write(str(s.getsockname()[1]))\ninput()"
+    worker = subprocess.Popen([sys.executable, "-c", code, str(ready)], stdin=subprocess.PIPE, start_new_session=True)
+    squatter = None
+    try:
+        port = int(wait_for(lambda: ready.exists() and ready.read_text(), timeout=20, what="the listener"))
+        ours: set[int] = set()
+        assert listener.foreign_listener(port, worker.pid, None, {}, ours) is None
+        assert len(ours) == 1
+        walks = 0
+        tree_pids = listener.tree_pids
+
+        def counted(leader: int, cgroup: Path | None) -> set[int]:
+            nonlocal walks
+            walks += 1
+            return tree_pids(leader, cgroup)
+
+        monkeypatch.setattr(listener, "tree_pids", counted)
+        assert listener.foreign_listener(port, worker.pid, None, {}, ours) is None
+        assert walks == 0  # the same socket listens: nothing to walk
+        worker.kill()
+        worker.wait()
+        squatter = _listen(socket.AF_INET, "0.0.0.0", port)
+        intruder = listener.foreign_listener(port, worker.pid, None, {}, ours)
+        assert walks == 1
+        assert intruder is not None and intruder.pid == os.getpid()
+    finally:
+        worker.kill()
+        worker.wait()
+        if squatter is not None:
+            squatter.close()

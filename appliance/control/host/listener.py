@@ -3,13 +3,17 @@
 user) would pass it and then receive the prompts meant for the model. So a replica is routed to
 only while every socket listening where its probe connects belongs to a process of its own tree.
 
-The kernel's socket tables (/proc/net/tcp, tcp6) name each listening socket's inode and owner
-uid; /proc/PID/fd links name the inodes a process holds. Blocking: run it off the event loop.
+The kernel names each listening socket's inode and owner uid: through netlink's sock_diag, which
+walks only the listening sockets (a probe's cost then stays flat when the box holds thousands of
+connections), else from /proc/net/tcp and tcp6, which list every socket. /proc/PID/fd links name the
+inodes a process holds. Blocking: run it off the event loop.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +45,57 @@ class Intruder:
         return f"{who}, not this replica's worker"
 
 
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_DUMP_REQUEST = 0x1 | 0x300  # NLM_F_REQUEST | NLM_F_DUMP
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_TCPF_LISTEN = 1 << 10
+_NLMSG = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+_DIAG_MSG = struct.Struct("=BBBB2s2s16s16sIQIIIII")  # inet_diag_msg: family … sport, dport, src, dst … uid, inode
+_LOOPBACK_REACH = {
+    socket.AF_INET: {socket.inet_pton(socket.AF_INET, a) for a in ("127.0.0.1", "0.0.0.0")},
+    socket.AF_INET6: {socket.inet_pton(socket.AF_INET6, a) for a in ("::", "::ffff:127.0.0.1")},
+}
+
+
+def _diag_listeners(family: int, port: int) -> dict[int, int]:
+    """inode → uid of the TCP sockets of `family` listening on `port` where 127.0.0.1 lands, from
+    netlink sock_diag. Raises OSError where the kernel or a sandbox refuses it."""
+    found: dict[int, int] = {}
+    request = struct.pack("=BBBxI48x", family, socket.IPPROTO_TCP, 0, _TCPF_LISTEN)  # inet_diag_req_v2, any socket id
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(2.0)
+        nl.send(_NLMSG.pack(_NLMSG.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_DUMP_REQUEST, 1, 0) + request)
+        while True:
+            data = nl.recv(65536)
+            offset = 0
+            while offset + _NLMSG.size <= len(data):
+                length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
+                if kind == _NLMSG_DONE:
+                    return found
+                if kind == _NLMSG_ERROR:
+                    (errno,) = struct.unpack_from("=i", data, offset + _NLMSG.size)
+                    raise OSError(-errno, os.strerror(-errno))
+                if length < _NLMSG.size:
+                    raise OSError("malformed sock_diag answer")
+                fields = _DIAG_MSG.unpack_from(data, offset + _NLMSG.size)
+                sport, src, uid, inode = int.from_bytes(fields[4], "big"), fields[6], fields[13], fields[14]
+                address = src[:4] if family == socket.AF_INET else src
+                if sport == port and address in _LOOPBACK_REACH[family]:
+                    found[inode] = uid
+                offset += (length + 3) & ~3
+
+
 def listening_sockets(port: int, tables: Iterable[Path] = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))) -> dict[int, int]:
     """inode → owner uid of each socket listening on `port` where a connection to 127.0.0.1 lands."""
+    try:
+        return _diag_listeners(socket.AF_INET, port) | _diag_listeners(socket.AF_INET6, port)
+    except OSError:
+        return proc_listening_sockets(port, tables)
+
+
+def proc_listening_sockets(port: int, tables: Iterable[Path] = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))) -> dict[int, int]:
+    """listening_sockets from the text tables: every socket of the box is read."""
     found: dict[int, int] = {}
     want = f"{port:04X}"
     for table in tables:
@@ -106,18 +159,27 @@ def _holder(inode: int, uid: int) -> Intruder:
     return Intruder(None, "?", uid)
 
 
-def foreign_listener(port: int, leader: int, cgroup: Path | None, known: dict[int, Intruder] | None = None) -> Intruder | None:
+def foreign_listener(
+    port: int, leader: int, cgroup: Path | None, known: dict[int, Intruder] | None = None, ours: set[int] | None = None,
+) -> Intruder | None:
     """The first process outside the replica's tree that listens on its port, or None when every
     listener there is the replica's own. Nothing listening at all is None too: the probe says so.
-    `known` (socket inode → holder) spares a walk of every process for a squatter already named."""
+    `known` (socket inode → holder) spares a walk of every process for a squatter already named;
+    `ours` (inodes already found in the tree, updated here) spares the walk of the tree's fds while
+    the same sockets listen: a socket's inode number is not given to another socket while it lives."""
     sockets = listening_sockets(port)
     if not sockets:
         return None
-    ours: set[int] = set()
+    if ours is not None and ours.issuperset(sockets):
+        return None
+    tree: set[int] = set()
     for pid in tree_pids(leader, cgroup):
-        ours |= _socket_inodes(pid)
+        tree |= _socket_inodes(pid)
+    if ours is not None:
+        ours.clear()
+        ours.update(tree & sockets.keys())
     for inode, uid in sockets.items():
-        if inode not in ours:
+        if inode not in tree:
             if known is None:
                 return _holder(inode, uid)
             if inode not in known:

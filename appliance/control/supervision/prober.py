@@ -40,6 +40,7 @@ class Prober:
         self._record = record
         self._intruder: Intruder | None = None  # the last one reported, so a squatter is one event, not one per probe
         self._holders: dict[int, Intruder] = {}  # socket inode → its process, found once
+        self._ours: set[int] = set()  # listening sockets already found in the replica's tree
 
     async def run(self, replace: asyncio.Event) -> None:
         """Probe until the replica is due for replacement (then set `replace` and return). An exception
@@ -92,7 +93,7 @@ class Prober:
         worker = r.process
         if not passed or worker is None or worker.pid is None or r.port is None:
             return passed, detail  # a worker with no OS process of its own (tests' in-process ones) has no socket to check
-        intruder = await asyncio.to_thread(foreign_listener, r.port, worker.pid, worker.cgroup, self._holders)
+        intruder = await asyncio.to_thread(foreign_listener, r.port, worker.pid, worker.cgroup, self._holders, self._ours)
         if intruder is None:
             self._intruder = None
             return passed, detail
