@@ -204,6 +204,14 @@ class ModelsConfig(Model):
         return self
 
 
+class ResidencyConfig(Model):
+    host_memory_budget: ByteSize | None = Field(
+        None, description="host memory the replicas may claim together (resources.mem, else the model's estimate): past it, idle on-demand "
+        "endpoints are evicted, least recently used first; unset: host memory is not counted",
+    )
+    min_resident_seconds: float = Field(30.0, ge=0, description="an endpoint loaded less than this long ago is not evicted (no thrashing)")
+
+
 class Config(Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
@@ -215,6 +223,7 @@ class Config(Model):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
+    residency: ResidencyConfig = Field(default_factory=ResidencyConfig)
     endpoints: list[DeclaredEndpoint] = Field(default_factory=list, description="declared endpoints, created or updated at start")
     source: Path | None = Field(None, exclude=True, description="the file this came from (not a key)")
 

@@ -26,13 +26,13 @@ def test_example_config_loads_and_documents_every_key() -> None:
     (ep,) = config.endpoints
     assert ep.name == "llama-8b" and ep.runtime == "vllm" and ep.resources is not None and ep.resources.mem == 32 << 30
     text = (REPO / "config.example.toml").read_text()
-    from appliance.config import AuthConfig, AutoscalingConfig, Config, GatewayConfig, GpusConfig, RetentionConfig, ServerConfig, WorkersConfig
+    from appliance.config import AuthConfig, AutoscalingConfig, Config, GatewayConfig, GpusConfig, ResidencyConfig, RetentionConfig, ServerConfig, WorkersConfig
     from appliance.domain.specs import EndpointSpec, HealthCheck, Resources
 
-    for model in (ServerConfig, WorkersConfig, GpusConfig, GatewayConfig, AuthConfig, AutoscalingConfig, RetentionConfig, EndpointSpec, Resources, HealthCheck):
+    for model in (ServerConfig, WorkersConfig, GpusConfig, GatewayConfig, AuthConfig, AutoscalingConfig, RetentionConfig, ResidencyConfig, EndpointSpec, Resources, HealthCheck):
         for key in model.model_fields:
             assert f"{key} =" in text or f"[endpoints.{key}]" in text, f"config.example.toml does not document {model.__name__}.{key}"
-    assert set(Config.model_fields) - {"source"} <= {"server", "workers", "gpus", "gateway", "auth", "autoscaling", "retention", "logging", "metrics", "models", "endpoints"}
+    assert set(Config.model_fields) - {"source"} <= {"server", "workers", "gpus", "gateway", "auth", "autoscaling", "retention", "logging", "metrics", "models", "residency", "endpoints"}
 
 
 def test_defaults_without_a_file_section() -> None:

@@ -24,6 +24,9 @@ _STARTING = ("PROVISIONING", "STARTING")
 _WATCH_SECONDS = 5.0  # a watcher with no waiters left ends within this long
 
 
+_NO_ROOM_RETRY = 30  # seconds: an operator's unload or an idle unload is what frees room
+
+
 class _Waiter:
     """One queued request. Its future resolves to a replica (the slot already counted in flight), or to
     None: look at the routing table again (a new table, or its deadline came)."""
@@ -158,12 +161,16 @@ class Admission:
                 starting = sum(counts.get(s, 0) for s in _STARTING)
                 if woke and table.statuses.get(endpoint) != "ERROR":
                     starting += counts.get("FAILED", 0)  # a woken replica that failed is restarted; wait unless the endpoint gave up
-                if not routable and not starting and not woke and config.idle_timeout_seconds is not None and table.desired.get(endpoint) == 0:
+                if not routable and not starting and not woke and config.wakes and table.desired.get(endpoint) == 0:
                     woke = True
                     await supervisor.wake(endpoint)  # requests arriving meanwhile see it STARTING and wait for the same replica
                     continue
                 if not routable and not starting:
                     raise no_replica(endpoint, counts, table)
+                if not routable and (blocked := table.blocked.get(endpoint)):
+                    raise ApplianceError(
+                        f"endpoint {endpoint} cannot be loaded now: {blocked}", status=503, code="no_room", headers={"Retry-After": str(_NO_ROOM_RETRY)},
+                    )
                 if waiter is None and len(q.waiters) >= config.queue_size:
                     raise ApplianceError(
                         f"endpoint {endpoint} is at capacity: {len(q.waiters)} requests already waiting (queue_size {config.queue_size})",

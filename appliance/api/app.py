@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from appliance.api import access, admin, console, gateway, models, oauth, scaling, validate
+from appliance.api import access, admin, console, gateway, models, oauth, residency, scaling, validate
 from appliance.api.gateway import GATEWAY, Gateway
 from appliance.api.http import BODY_TIMEOUT, MAX_BODY, TELEMETRY, Handler, Route, add_routes, error_middleware, error_response, json_response, request_id
 from appliance.api.openapi import build_openapi
@@ -27,8 +27,10 @@ from appliance.control.supervision.load import Load
 from appliance.control.host.process import Launcher, ProcessLauncher
 from appliance.control.ops.retention import Retention
 from appliance.control.scaling.signals import Signals
+from appliance.control.supervision.residency import memory_books
 from appliance.control.supervision.supervisor import Supervisor
 from appliance.control.telemetry import EXPOSITION_TYPE, Live, Telemetry
+from appliance.domain.placement import visible
 from appliance.errors import ApplianceError
 from appliance.security.auth import Authenticator, TokenSigner, bootstrap_admin_key
 from appliance.security.usage import Accounting
@@ -83,6 +85,10 @@ async def metrics(request: web.Request) -> web.Response:
         held=supervisor.held(),
         replica_endpoint={r.id: n for n in names for r in supervisor.replicas(n)},
     )
+    live.claims, live.budgets = memory_books(
+        live.held, supervisor.ledger.host_claims(), visible(gpus, services.config.gpus.devices), services.config.gpus.memory_reserve,
+        services.config.residency.host_memory_budget,
+    )
     return web.Response(body=request.app[TELEMETRY].exposition(live), headers={"Content-Type": EXPOSITION_TYPE})
 
 
@@ -99,6 +105,7 @@ def all_routes() -> list[Route]:
         *validate.ROUTES,  # before admin's {name} routes
         *admin.ROUTES,
         *scaling.ROUTES,
+        *residency.ROUTES,
         *models.ROUTES,
         *access.ROUTES,
         *oauth.ROUTES,

@@ -30,6 +30,7 @@ from appliance.control.telemetry import Telemetry
 from appliance.domain.limits import retry_after_header
 from appliance.domain.routing import RoutableReplica, prefix_key
 from appliance.domain.specs import EndpointConfig
+from appliance.domain.timefmt import parse_keep_alive
 from appliance.errors import ApplianceError
 from appliance.security.auth import INFERENCE, READ, Principal
 
@@ -238,14 +239,19 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
     # keeps it from the client: spliced into the body as sent, re-encoded only when the worker also knows the
     # model by another name. Anonymous calls to public endpoints are spared the extra work.
     drop_usage_event = principal is not None and data.get("stream") is True and "stream_options" not in data and request.path in _USAGE_IN_STREAM
-    if drop_usage_event and model == config.served_model_name:
+    # Ollama's per-request keep_alive: how long the endpoint stays loaded after this request; engines do not know it.
+    keep: float | None | bool = parse_keep_alive(data["keep_alive"], param="keep_alive", status=400) if "keep_alive" in data else False
+    if drop_usage_event and model == config.served_model_name and keep is False:
         body = ask_usage(body)
-    elif drop_usage_event or model != config.served_model_name:
+    elif drop_usage_event or model != config.served_model_name or keep is not False:
         exact = json.loads(body)  # every number as sent (the fast parser turns huge integers into floats)
         exact["model"] = config.served_model_name
+        exact.pop("keep_alive", None)
         if drop_usage_event:
             exact["stream_options"] = {"include_usage": True}
         body = json.dumps(exact).encode()
+    if config.wakes and (keep is not False or name in request.app[SERVICES].load.keep_alive):
+        request.app[SERVICES].load.keep(name, keep)
     session_key = None
     if config.routing == "session_affinity":
         session_key = request.headers.get("X-Session-ID") or (data.get("user") if isinstance(data.get("user"), str) else None)

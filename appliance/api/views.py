@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance.domain.specs import EndpointConfig
+from appliance.domain.specs import EndpointConfig, resting_replicas
 from appliance.domain.states import EndpointStatus, ReplicaState
 from appliance.security.vault import masked
 from appliance.store.repos import EndpointRow
@@ -52,7 +52,7 @@ class EndpointView(EndpointConfig):
         keys = ("status", "status_message", "source", "generation", "created_at", "updated_at")
         return cls.model_validate(
             {**masked(row["config"]), **{k: row[k] for k in keys}, "spec": masked(row["spec"]), "replica_counts": counts or {},
-             "desired_replicas": row["config"]["replicas"] if row.get("desired_replicas") is None else row["desired_replicas"]}
+             "desired_replicas": resting_replicas(row["config"]) if row.get("desired_replicas") is None else row["desired_replicas"]}
         )
 
 

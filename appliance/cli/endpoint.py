@@ -49,6 +49,10 @@ def spec_fields(args: argparse.Namespace) -> dict[str, Any]:
         "drain_timeout_seconds": args.drain_timeout,
         "idle_timeout_seconds": args.idle_timeout,
         "wake_timeout_seconds": args.wake_timeout,
+        "on_demand": args.on_demand,
+        "keep_alive": args.keep_alive,
+        "pin": args.pin,
+        "priority": args.priority,
     }
     body.update({k: v for k, v in simple.items() if v is not None})
     resources = {"gpus": args.gpus, "gpu_share": args.gpu_share, "cpu": args.cpu, "mem": args.mem}
@@ -243,6 +247,16 @@ def cmd_endpoint_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_endpoint_load(args: argparse.Namespace) -> int:
+    r = admin_client(args).request("POST", f"/api/v1/endpoints/{args.name}/load")
+    return emit(args, r, lambda x: print(f"endpoint {x['endpoint']}: {'loading' if x['changed'] else 'already loaded'} ({x['desired_replicas']} desired)"))
+
+
+def cmd_endpoint_unload(args: argparse.Namespace) -> int:
+    r = admin_client(args).request("POST", f"/api/v1/endpoints/{args.name}/unload")
+    return emit(args, r, lambda x: print(f"endpoint {x['endpoint']}: {'unloading' if x['changed'] else 'not loaded'}"))
+
+
 def cmd_endpoint_retry(args: argparse.Namespace) -> int:
     ep = admin_client(args).request("POST", f"/api/v1/endpoints/{args.name}/retry")
     return emit(args, ep, lambda e: print(f"endpoint {e['name']}: error cleared, retrying ({e['status']})"))
@@ -263,6 +277,10 @@ def endpoint_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-timeout", type=float, metavar="SECONDS", help="a leaving replica gets this long to finish its requests")
     p.add_argument("--idle-timeout", type=float, metavar="SECONDS", help="scale to zero after this long without a request (min replicas 0)")
     p.add_argument("--wake-timeout", type=float, metavar="SECONDS", help="longest a request waits for a scaled-to-zero endpoint to start")
+    p.add_argument("--on-demand", action=argparse.BooleanOptionalAction, default=None, help="load on the first request; unload after --keep-alive idle, or when evicted")
+    p.add_argument("--keep-alive", metavar="DURATION", help="stay loaded this long after the last request: 5m, 1h, 300, 0 (unload once idle), -1 (no idle unload)")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None, help="never evicted for another endpoint; loaded first at start")
+    p.add_argument("--priority", type=int, help="start order at boot, higher first")
     p.add_argument("--gpus", type=int, help="whole GPUs per replica")
     p.add_argument("--gpu-share", type=float, help="fraction of one GPU per replica (0 < f < 1)")
     p.add_argument("--cpu", type=float)
@@ -295,6 +313,8 @@ def register(sub: Subcommands, shared: SharedOptions) -> Subcommands:
         ("delete", cmd_endpoint_delete, "delete an endpoint"),
         ("replicas", cmd_endpoint_replicas, "an endpoint's replicas: state, pid, port, GPUs, probes"),
         ("retry", cmd_endpoint_retry, "clear the endpoint's error and restart failed replicas now"),
+        ("load", cmd_endpoint_load, "load an endpoint that has no replica, as its first request would"),
+        ("unload", cmd_endpoint_unload, "unload an on-demand endpoint: its replicas drain and stop"),
     ):
         q = ep.add_parser(action, parents=[shared.client], help=text)
         q.add_argument("name")

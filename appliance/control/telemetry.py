@@ -19,6 +19,7 @@ from appliance.domain.placement import Allocation, GpuInfo
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+LOAD_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 PROBE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 EXPOSITION_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes: the classic text format
 
@@ -33,6 +34,8 @@ class Live:
     gpus: Sequence[GpuInfo] = ()
     held: dict[str, Allocation] = field(default_factory=dict)  # replica id -> its GPUs
     replica_endpoint: dict[str, str] = field(default_factory=dict)
+    claims: dict[str, int] = field(default_factory=dict)  # device ("host", or a GPU's uuid) → bytes replicas claim there
+    budgets: dict[str, int] = field(default_factory=dict)  # device → bytes the appliance hands out of it
 
 
 class _LiveCollector(Collector):
@@ -68,6 +71,12 @@ class _LiveCollector(Collector):
             for uuid in allocation.uuids:
                 holders.add_metric([index.get(uuid, uuid), live.replica_endpoint.get(replica, ""), replica], allocation.share or 1.0)
         yield holders
+        claimed = GaugeMetricFamily("appliance_memory_claimed_bytes", "Memory the replicas claim (and reserve for a load), by device: a GPU's index, or host", labels=["device"])
+        budgets = GaugeMetricFamily("appliance_memory_budget_bytes", "Memory the appliance hands out, by device: a GPU's total less [gpus] memory_reserve, or [residency] host_memory_budget", labels=["device"])
+        for device, n in sorted(live.budgets.items()):
+            budgets.add_metric([index.get(device, device)], n)
+            claimed.add_metric([index.get(device, device)], live.claims.get(device, 0))
+        yield from (claimed, budgets)
 
 
 def _per_endpoint(name: str, text: str, values: dict[str, int]) -> GaugeMetricFamily:
@@ -154,6 +163,14 @@ class Telemetry:
             "appliance_autoscaler_decisions", "Scaling decisions applied, by direction and rule (idle: the idle timeout)", ["endpoint", "direction", "rule"],
             registry=r,
         )
+        self._loads = Histogram(
+            "appliance_endpoint_load_seconds", "Loads of an endpoint that had no replica (a request or /load asked for it), by the seconds to its first healthy replica",
+            ["endpoint"], buckets=LOAD_BUCKETS, registry=r,
+        )
+        self._evictions = Counter(
+            "appliance_endpoint_evictions", "Endpoints unloaded, by reason: room (for another endpoint), idle (keep_alive), unload (asked for)",
+            ["endpoint", "reason"], registry=r,
+        )
         self._requests = _RequestCollector()
         self._live = _LiveCollector()
         r.register(self._requests)
@@ -194,9 +211,15 @@ class Telemetry:
 
     def endpoint_gone(self, endpoint: str) -> None:
         """A deleted endpoint's series go (a validation's temporary one too)."""
-        for metric in (self._restarts, self._probe_failures, self._probe_duration, self._decisions):
+        for metric in (self._restarts, self._probe_failures, self._probe_duration, self._decisions, self._loads, self._evictions):
             metric.remove_by_labels({"endpoint": endpoint})
         self._requests.endpoints.pop(endpoint, None)
+
+    def loaded(self, endpoint: str, seconds: float) -> None:
+        self._loads.labels(endpoint).observe(seconds)
+
+    def evicted(self, endpoint: str, reason: str) -> None:
+        self._evictions.labels(endpoint, reason).inc()
 
     def decided(self, endpoint: str, direction: str, rule: str | None) -> None:
         self._decisions.labels(endpoint, direction, rule or "idle").inc()

@@ -112,6 +112,13 @@ def claim(resources: Resources, estimate: MemoryEstimate | None, overhead: int) 
     return resources.gpu_memory if resources.gpu_memory is not None else need(resources, estimate, overhead)
 
 
+def host_claim(resources: Resources, estimate: MemoryEstimate | None, overhead: int) -> int | None:
+    """Host memory one replica claims where host memory is counted: resources.mem, else the estimate plus the overhead."""
+    if resources.mem:
+        return int(resources.mem)
+    return estimate.weights + estimate.kv_cache + overhead if estimate is not None else None
+
+
 def budget(memory_total: int, reserve: int) -> int:
     """What the appliance hands out of one GPU: NVML's total less the configured reserve."""
     return max(0, memory_total - reserve)

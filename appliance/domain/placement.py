@@ -138,6 +138,40 @@ def _busy(g: GpuInfo, shares: Mapping[str, float], claims: Mapping[str, int], re
     return f"GPU {g.index}: {fmt_bytes(claims.get(g.uuid, 0))} of {fmt_bytes(budget(g.memory_total, reserve))} claimed{held}"
 
 
+def claim_on_gpu(request: GpuRequest, g: GpuInfo) -> int:
+    """Bytes a shared-GPU replica claims on `g`."""
+    if request.memory is not None:
+        return request.memory
+    return max(int((request.share or 0.0) * budget(g.memory_total, request.reserve)), request.per_gpu or 0)
+
+
+def holdings(held: Mapping[str, Allocation], gpus: Sequence[GpuInfo], reserve: int) -> dict[str, dict[str, int]]:
+    """Bytes each holder claims on each GPU; a GPU held whole counts as its whole budget."""
+    totals = {g.uuid: budget(g.memory_total, reserve) for g in gpus}
+    return {
+        holder: {uuid: (totals.get(uuid, 0) if alloc.whole else (alloc.claim or 0)) for uuid in alloc.uuids}
+        for holder, alloc in held.items()
+    }
+
+
+def shortfall(request: GpuRequest, gpus: Sequence[GpuInfo], held: Mapping[str, Allocation]) -> dict[str, int]:
+    """Bytes that must be freed on each GPU that could take the replica (≤ 0: its claim fits beside what
+    `held` holds). A replica of whole GPUs needs every claim on a GPU gone."""
+    if not request.wants_gpu:
+        return {}
+    taken: dict[str, int] = {}
+    for per in holdings(held, gpus, request.reserve).values():
+        for uuid, n in per.items():
+            taken[uuid] = taken.get(uuid, 0) + n
+    out: dict[str, int] = {}
+    for g in gpus:
+        if request.name is not None and not fnmatch.fnmatch(g.name, request.name):
+            continue
+        here = taken.get(g.uuid, 0)
+        out[g.uuid] = here if request.count else here + claim_on_gpu(request, g) - budget(g.memory_total, request.reserve)
+    return out
+
+
 def place(request: GpuRequest, gpus: Sequence[GpuInfo], held: Mapping[str, Allocation]) -> Allocation:
     """Choose GPUs for one replica, given what other replicas hold."""
     if not request.wants_gpu:
@@ -167,17 +201,20 @@ def place(request: GpuRequest, gpus: Sequence[GpuInfo], held: Mapping[str, Alloc
         return Allocation(uuids=tuple(g.uuid for g in chosen), fraction=fraction)
 
     def claim_on(g: GpuInfo) -> int:
-        if request.memory is not None:
-            return request.memory
-        return max(int((request.share or 0.0) * budget(g.memory_total, reserve)), per_gpu or 0)
+        return claim_on_gpu(request, g)
 
     free_gpus = [g for g in roomy if g.uuid not in whole]
     by_share = [g for g in free_gpus if request.share is None or shares.get(g.uuid, 0.0) + request.share <= 1 + _EPS]
-    fits = [g for g in by_share if claims.get(g.uuid, 0) + claim_on(g) <= budget(g.memory_total, reserve)]
+    by_claims = [g for g in by_share if claims.get(g.uuid, 0) + claim_on(g) <= budget(g.memory_total, reserve)]
+    # A claim must also be free in fact: a stopped engine's memory can stay held for seconds after its exit.
+    fits = [g for g in by_claims if g.memory_free >= claim_on(g)]
     if not fits:
         if not by_share:
             what = "every matching GPU is held whole" if request.share is None else f"no matching GPU has a {request.share:g} share free"
             raise Unplaceable(f"waiting for GPUs: {what}")
+        if by_claims:
+            states = "; ".join(f"GPU {g.index}: {fmt_bytes(g.memory_free)} free" for g in by_claims)
+            raise Unplaceable(f"waiting for GPUs: a replica claims {fmt_bytes(claim_on(by_claims[0]))}, not yet free by NVML ({states})")
         states = "; ".join(_busy(g, shares, claims, reserve) for g in by_share)
         raise Unplaceable(f"waiting for GPUs: a replica claims {fmt_bytes(claim_on(by_share[0]))} of GPU memory, and no matching GPU has it free ({states})")
     if request.placement == "binpack":

@@ -35,6 +35,7 @@ class RoutingTable:
     # Endpoints whose serving capacity was taken away on purpose (a wake, a roll with no room for one
     # more replica) until a new replica is HEALTHY: requests wait for it as long as a start may take.
     awaiting: frozenset[str] = frozenset()
+    blocked: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # endpoint → why nothing can be evicted for it
 
     def resolve(self, model: str) -> str | None:
         return self.names.get(model)

@@ -12,7 +12,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
+from appliance.domain.timefmt import parse_keep_alive
+from appliance.errors import ApplianceError
+
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,50}$")
+DEFAULT_KEEP_ALIVE = 300.0  # seconds, as Ollama's default
 NAME_RULE = "must be 1–50 characters of A–Z, a–z, 0–9, '_' or '-'"
 # Backend.AI's runtime variants a box can run, and `transformers` (the appliance's own).
 RUNTIMES = ("custom", "vllm", "sglang", "nim", "huggingface-tgi", "modular-max", "llama-cpp", "cmd", "transformers")
@@ -155,6 +159,15 @@ class EndpointSpec(Model):
         None, gt=0, description="scale to zero after this long without a request (needs min_replicas = 0); a request wakes it"
     )
     wake_timeout_seconds: float = Field(600.0, gt=0, description="longest a request waits for a scaled-to-zero endpoint to start")
+    on_demand: bool = Field(
+        False, description="not loaded until its first request; unloaded after keep_alive idle, or evicted (least recently used first) when another needs its memory"
+    )
+    keep_alive: str | float | None = Field(
+        None, description="how long a loaded endpoint stays after its last request: 5m, 1h, 300 (seconds), 0 (unload once idle), -1 (no idle unload); "
+        "default 5m for on_demand endpoints; the same as idle_timeout_seconds, Ollama's way",
+    )
+    pin: bool = Field(False, description="never evicted to make room for another endpoint; loaded first at start, even when on_demand")
+    priority: int = Field(0, description="start order at boot: higher first (pinned endpoints before all)")
     autoscaling_policy: Literal["appliance", "backend.ai"] = Field(
         "appliance",
         description="how autoscaling rules combine: appliance (scale-out wins, largest step, clamp, cooldown per direction) "
@@ -167,12 +180,42 @@ class EndpointSpec(Model):
             raise ValueError("give exactly one of model_folder (a path) and model (a registered model)")
         return self
 
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive(cls, v: str | float | None) -> str | float | None:
+        if v is not None:
+            try:
+                parse_keep_alive(v, param="keep_alive")
+            except ApplianceError as exc:
+                raise ValueError(exc.message.removeprefix("keep_alive: ")) from None
+        return v
+
     @model_validator(mode="after")
     def _idle_needs_zero(self) -> EndpointSpec:
-        low = self.replicas if self.min_replicas is None else self.min_replicas
-        if self.idle_timeout_seconds is not None and low != 0:
-            raise ValueError(f"idle_timeout_seconds scales to zero, so it needs min_replicas = 0 (min_replicas is {low})")
+        low = self.low_replicas
+        if self.keep_alive is not None and self.idle_timeout_seconds is not None:
+            raise ValueError("give keep_alive or idle_timeout_seconds, not both: they are the same setting")
+        which = "keep_alive" if self.keep_alive is not None else "idle_timeout_seconds"
+        if (self.idle_timeout_seconds is not None or self.keep_alive is not None) and low != 0:
+            raise ValueError(f"{which} scales to zero, so it needs min_replicas = 0 (min_replicas is {low})")
+        if self.on_demand and low != 0:
+            raise ValueError(f"on_demand endpoints are unloaded when idle, so they need min_replicas = 0 (min_replicas is {low})")
         return self
+
+    @property
+    def low_replicas(self) -> int:
+        """min_replicas with its default: replicas, or 0 for an on-demand endpoint."""
+        if self.min_replicas is not None:
+            return self.min_replicas
+        return 0 if self.on_demand else self.replicas
+
+    def idle_seconds(self) -> float | None:
+        """The idle unload: idle_timeout_seconds, or keep_alive (5m for on-demand endpoints that state neither)."""
+        if self.idle_timeout_seconds is not None:
+            return self.idle_timeout_seconds
+        if self.keep_alive is not None:
+            return parse_keep_alive(self.keep_alive, param="keep_alive")
+        return DEFAULT_KEEP_ALIVE if self.on_demand else None
 
     @field_validator("min_replicas")
     @classmethod
@@ -236,9 +279,15 @@ NO_RESTART_FIELDS = frozenset(
     {
         "replicas", "min_replicas", "max_replicas", "public", "description", "aliases", "routing", "prefix_length",
         "prefix_overload_factor", "max_concurrency", "queue_size", "queue_timeout_seconds", "max_surge", "drain_timeout_seconds",
-        "idle_timeout_seconds", "wake_timeout_seconds", "autoscaling_policy",
+        "idle_timeout_seconds", "wake_timeout_seconds", "autoscaling_policy", "on_demand", "keep_alive", "pin", "priority",
     }
 )
+
+
+def resting_replicas(config: dict[str, Any]) -> int:
+    """Replicas an endpoint has when nothing (autoscaling, a wake, an eviction) set a count: none for an
+    on-demand endpoint that is not pinned, which waits for its first request."""
+    return 0 if config.get("on_demand") and not config.get("pin") else int(config["replicas"])
 
 
 def worker_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
@@ -298,7 +347,20 @@ class EndpointConfig(Model):
     drain_timeout_seconds: float = 120.0
     idle_timeout_seconds: float | None = None
     wake_timeout_seconds: float = 600.0
+    on_demand: bool = False
+    pin: bool = False
+    priority: int = 0
     autoscaling_policy: str = "appliance"
     environment: Environment | None = None
     inherited: list[str] = Field(default_factory=list, description="fields whose value came from the model folder's files")
     memory_estimate: MemoryEstimate | None = Field(None, description="GPU memory estimated from the folder's safetensors headers and config.json; null: no weights there")
+
+    @property
+    def wakes(self) -> bool:
+        """A request loads it when it has no replica (on demand, or scaled to zero when idle)."""
+        return self.on_demand or self.idle_timeout_seconds is not None
+
+    @property
+    def evictable(self) -> bool:
+        """Its replicas may be stopped to make room for another endpoint: it wakes again on a request."""
+        return self.wakes and not self.pin and self.min_replicas == 0

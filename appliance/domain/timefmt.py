@@ -8,6 +8,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import MAXYEAR, MINYEAR, UTC, datetime
+from typing import Any
 
 from appliance.errors import ApplianceError
 
@@ -38,6 +39,24 @@ def parse_duration(text: str | float, *, param: str) -> float:
     if seconds <= 0:
         raise ApplianceError(f"{param}: a duration must be positive", status=422, code="invalid_duration", param=param)
     return seconds
+
+
+KEEP_ALIVE_FORMS = "a duration such as 5m, 1h or 300 (seconds), 0 (unload once idle) or -1 (never unload for idleness)"
+
+
+def parse_keep_alive(value: Any, *, param: str, status: int = 422) -> float | None:
+    """Ollama's keep_alive: seconds a loaded model stays after its last request; None for a negative
+    value (kept until evicted or unloaded); 0 unloads it as soon as it is idle."""
+    if isinstance(value, str) and re.fullmatch(r"\s*-\d+(?:\.\d+)?\s*[smhdw]?\s*", value):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        return None
+    if value in (0, "0") or (isinstance(value, str) and re.fullmatch(r"\s*0+(?:\.0+)?\s*[smhdw]?\s*", value)):
+        return 0.0
+    try:
+        return parse_duration(value, param=param)
+    except ApplianceError:
+        raise ApplianceError(f"{param}: {value!r} is not a keep_alive: use {KEEP_ALIVE_FORMS}", status=status, code="invalid_keep_alive", param=param) from None
 
 
 def parse_instant(text: str, *, param: str) -> float:

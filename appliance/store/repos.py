@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from sqlite_utils import Database
 from sqlite_utils.db import NotFoundError
 
-from appliance.domain.specs import worker_fingerprint
+from appliance.domain.specs import resting_replicas, worker_fingerprint
 from appliance.errors import ApplianceError
 from appliance.store.codec import dumps
 
@@ -163,7 +163,7 @@ class EndpointsRepo:
                 row = next(iter(db.query("select desired_replicas, config, version from endpoints where name = ?", [name])), None)
                 if row is None:
                     return False
-                current = row["desired_replicas"] if row["desired_replicas"] is not None else json.loads(row["config"])["replicas"]
+                current = row["desired_replicas"] if row["desired_replicas"] is not None else resting_replicas(json.loads(row["config"]))
                 if expected is not None and current != expected:
                     return False
                 if expected_version is not None and (row["version"] or 0) != expected_version:

@@ -49,7 +49,9 @@ class Autoscaler:
         for name, config in table.endpoints.items():
             rules = by_endpoint.get(name, [])
             known = self._supervisor.desired_version(name)
-            if known is None or (not rules and config.idle_timeout_seconds is None):
+            # a request's own keep_alive (Ollama's) replaces the endpoint's until a request without one comes
+            idle_timeout = self._load.keep_alive[name] if name in self._load.keep_alive else config.idle_timeout_seconds
+            if known is None or (not rules and idle_timeout is None):
                 continue
             desired, version = known
             needed = {r.metric for r in rules if r.enabled}
@@ -61,7 +63,7 @@ class Autoscaler:
             activity = max(self._load.last_request.get(name, 0.0), self._active_since.get(name, now))
             state = ScaleState(
                 replicas=desired, min_replicas=config.min_replicas, max_replicas=config.max_replicas, last_fired=last_fired,
-                notes=self._notes.get(name, {}), idle_timeout=config.idle_timeout_seconds, last_activity=activity,
+                notes=self._notes.get(name, {}), idle_timeout=idle_timeout, last_activity=activity,
                 inflight=self._load.total(name), policy=config.autoscaling_policy,
             )
             decision = decide(rules, metrics, state, now)
@@ -88,3 +90,5 @@ class Autoscaler:
         )
         if applied:
             self._telemetry.decided(name, way, w.rule)
+            if w.rule is None:
+                self._telemetry.evicted(name, "idle")

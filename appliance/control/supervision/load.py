@@ -18,6 +18,8 @@ class Load:
         self._inflight: dict[str, dict[str, int]] = {}
         self._idle: dict[tuple[str, str], asyncio.Event] = {}
         self.last_request: dict[str, float] = {}  # endpoint → wall time its last request arrived
+        # endpoint → the keep_alive its last request asked for (seconds; None: no idle unload); absent: the endpoint's own
+        self.keep_alive: dict[str, float | None] = {}
 
     def inflight(self, endpoint: str) -> dict[str, int]:
         """The live counts of one endpoint (the gateway's pick reads this dict; do not change it)."""
@@ -31,6 +33,13 @@ class Load:
 
     def arrived(self, endpoint: str) -> None:
         self.last_request[endpoint] = self._clock()
+
+    def keep(self, endpoint: str, seconds: float | None | bool) -> None:
+        """A request's own keep_alive (False: it gave none, and the endpoint's own applies again, as in Ollama)."""
+        if seconds is False:
+            self.keep_alive.pop(endpoint, None)
+        else:
+            self.keep_alive[endpoint] = None if seconds is None or seconds is True else float(seconds)
 
     def begin(self, endpoint: str, replica: str) -> None:
         counts = self.inflight(endpoint)

@@ -5,6 +5,7 @@ transition table in domain/states.py."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -12,7 +13,7 @@ from typing import Protocol
 from appliance.control.host.process import Worker
 from appliance.control.host.replica_log import ReplicaLog
 from appliance.domain.health import HealthState
-from appliance.domain.placement import Allocation
+from appliance.domain.placement import Allocation, GpuInfo, GpuRequest
 from appliance.domain.specs import EndpointConfig
 from appliance.domain.states import EndpointStatus, ReplicaState
 
@@ -39,6 +40,7 @@ class Replica:
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # retry or stop while parked
     task: asyncio.Task[None] | None = None
+    wants: tuple[GpuRequest, int | None, list[GpuInfo]] | None = None  # its last placement: GPUs, host bytes, the GPUs seen
     watch: asyncio.Queue[tuple[str, str]] | None = None  # (state, reason) of every record, for a validation's stream
 
     @property
@@ -65,6 +67,8 @@ class EndpointRun:
     finished: list[Replica] = field(default_factory=list)
     status: tuple[EndpointStatus, str] | None = None
     awaiting: bool = False  # capacity taken away on purpose (wake, roll without room) until a replica is HEALTHY
+    blocked: str | None = None  # why it cannot be loaded now (nothing can be evicted for it): requests get 503 at once
+    loading_since: float | None = None  # when a request (or /load) asked for it while it had no replica
 
 
 class RunnerHost(Protocol):
@@ -75,5 +79,7 @@ class RunnerHost(Protocol):
     def poke(self) -> None: ...
 
     def finished(self, run: EndpointRun, r: Replica) -> None: ...
+
+    async def make_room(self, run: EndpointRun, r: Replica, request: GpuRequest, host_claim: int | None, inventory: Sequence[GpuInfo]) -> None: ...
 
 

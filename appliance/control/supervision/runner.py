@@ -33,8 +33,10 @@ from appliance.control.supervision.prober import Prober
 from appliance.control.supervision.replica import EndpointRun, Replica, RunnerHost
 from appliance.control.telemetry import Telemetry
 from appliance.domain.health import HealthState
+from appliance.domain.memory import host_claim
 from appliance.domain.memory import need as memory_need
 from appliance.domain.placement import GpuInfo, GpuRequest, Unplaceable, visible
+from appliance.domain.residency import NoRoom
 from appliance.domain.rollout import backoff_delay, drains
 from appliance.domain.runtimes import Placement, WorkerSpec, build_worker_spec
 from appliance.domain.states import ReplicaState, check_transition
@@ -126,10 +128,15 @@ class ReplicaRunner:
                 return "stopped"
             spec, env = prepared
         except Unplaceable as exc:
-            self._release(r)  # hold nothing while waiting
+            self._release(r)  # hold nothing while waiting (but what evicted endpoints free for it, reserved below)
             r.waiting_for_capacity = not exc.permanent
             if r.waiting_for_capacity:
                 self._host.poke()
+                if r.wants is not None:
+                    try:
+                        await self._host.make_room(run, r, *r.wants)
+                    except NoRoom as blocked:
+                        exc = Unplaceable(f"{exc.reason}; {blocked.reason}")
             if exc.permanent:
                 run.error = exc.reason
                 r.last_error = exc.reason
@@ -144,6 +151,9 @@ class ReplicaRunner:
         except (ApplianceError, OSError) as exc:  # a failed start, counted: a lasting cause ends in ERROR
             return await self._failed(r, exc.message if isinstance(exc, ApplianceError) else f"could not prepare the replica: {exc}")
         r.waiting_for_capacity = False
+        if run.blocked is not None:
+            run.blocked = None
+            self._host.poke()
         try:
             r.log.note(f"starting: {' '.join(mask_argv(spec.argv))} (port {r.port})")
             res = config.resources
@@ -265,7 +275,10 @@ class ReplicaRunner:
                 inventory = visible(await self._gpus(), self._config.gpus.devices)
             except ApplianceError as exc:
                 raise Unplaceable(exc.message, permanent=True) from None
+        host = host_claim(res, config.memory_estimate, gpus.claim_overhead) if self._config.residency.host_memory_budget is not None else None
+        r.wants = (request, host, inventory)
         r.allocation = allocation = self._ledger.hold_gpus(r.id, request, inventory)
+        self._ledger.hold_host(r.id, host, self._config.residency.host_memory_budget)
         r.port = port = self._ledger.take_port(r.id, self._clock())
         await asyncio.to_thread(r.work_dir.mkdir, parents=True, exist_ok=True)
         definition = None

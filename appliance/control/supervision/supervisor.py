@@ -24,13 +24,14 @@ from appliance.control.supervision.ledger import Ledger
 from appliance.control.supervision.load import Load
 from appliance.control.host.process import Launcher, ProcessLauncher, stop_orphan
 from appliance.control.supervision.replica import EndpointRun, Replica
+from appliance.control.supervision.residency import Residency
 from appliance.control.host.replica_log import ReplicaLog
 from appliance.control.supervision.runner import GpuSource, ReplicaRunner
 from appliance.control.telemetry import Telemetry
-from appliance.domain.placement import Allocation
-from appliance.domain.rollout import ReplicaView, plan, wake_target
+from appliance.domain.placement import Allocation, GpuInfo, GpuRequest
+from appliance.domain.rollout import ReplicaView, plan
 from appliance.domain.routing import RoutableReplica, RoutingTable
-from appliance.domain.specs import EndpointConfig
+from appliance.domain.specs import EndpointConfig, resting_replicas
 from appliance.domain.states import EndpointStatus, ReplicaState, derive_status
 from appliance.errors import ApplianceError
 from appliance.store import Clock, Store
@@ -49,7 +50,6 @@ class Supervisor:
         self.isolation = isolation or Isolation("process-group", "process groups")
         launcher = launcher or ProcessLauncher(self.isolation, identity)
         self._load = load or Load(clock)  # requests in flight per replica, counted by the gateway
-        self._wakes: dict[str, asyncio.Future[None]] = {}
         self._config = config
         self._store = store
         self._clock = clock
@@ -57,6 +57,7 @@ class Supervisor:
         self._detached: dict[str, Replica] = {}  # validations' replicas, by id
         self._ledger = Ledger(config.workers.port_range)
         self.telemetry = telemetry or Telemetry()
+        self.residency = Residency(config, self._ledger, self._load, clock, self._runs, self._scale_to, self.telemetry)
         self._runner = ReplicaRunner(
             config, store, clock, self._load, self._ledger, gpus, launcher, unseal, host=self, identity=identity, telemetry=self.telemetry
         )
@@ -179,9 +180,10 @@ class Supervisor:
                     del self._runs[name]
                     self.telemetry.endpoint_gone(name)
                 self._dirty = True
-        for name, row in rows.items():
+        # Pinned endpoints first, then by priority: those created first are placed first when memory is short.
+        for name, row in sorted(rows.items(), key=lambda kv: (not kv[1]["config"].get("pin"), -kv[1]["config"].get("priority", 0))):
             run = self._runs.get(name)
-            desired = row["desired_replicas"] if row.get("desired_replicas") is not None else row["config"]["replicas"]
+            desired = row["desired_replicas"] if row.get("desired_replicas") is not None else resting_replicas(row["config"])
             if run is None:
                 run = self._runs[name] = EndpointRun(name, EndpointConfig.model_validate(row["config"]), row["generation"], desired, row["updated_at"])
                 if row["status"] == EndpointStatus.ERROR.value:
@@ -258,9 +260,18 @@ class Supervisor:
         if run is not None:
             if r.state is ReplicaState.HEALTHY:
                 run.awaiting = False
+                self.residency.healthy(run)
             await self._publish_status(run)
         if changed:
             self._publish_snapshot()
+
+    async def make_room(self, run: EndpointRun, r: Replica, request: GpuRequest, host_claim: int | None, inventory: Sequence[GpuInfo]) -> None:
+        blocked = run.blocked
+        try:
+            await self.residency.make_room(run, r, request, host_claim, inventory)
+        finally:
+            if run.blocked != blocked:
+                self._publish_snapshot()
 
     def finished(self, run: EndpointRun, r: Replica) -> None:
         run.replicas.pop(r.id, None)
@@ -303,6 +314,7 @@ class Supervisor:
             statuses=MappingProxyType({name: (run.status[0].value if run.status else "PENDING") for name, run in self._runs.items()}),
             desired=MappingProxyType({name: run.desired for name, run in self._runs.items()}),
             awaiting=frozenset(name for name, run in self._runs.items() if run.awaiting),
+            blocked=MappingProxyType({name: run.blocked for name, run in self._runs.items() if run.blocked}),
         )
         self._dirty = False
         self._changed.set()
@@ -352,23 +364,10 @@ class Supervisor:
         return False
 
     async def wake(self, name: str) -> None:
-        """A request for a scaled-to-zero endpoint: ask for one replica. Concurrent callers share one wake."""
-        waking = self._wakes.get(name)
-        if waking is None:
-            waking = self._wakes[name] = asyncio.ensure_future(self._wake(name))
-            waking.add_done_callback(lambda _: self._wakes.pop(name, None))
-        await asyncio.shield(waking)
+        await self.residency.wake(name)
 
-    async def _wake(self, name: str) -> None:
-        run = self._runs.get(name)
-        target = wake_target(run.desired, run.config.min_replicas) if run else None
-        if run is None or target is None:
-            return
-        run.awaiting = True
-        await self.scale(
-            name, target, "autoscale.wake", f"endpoint {name}: a request arrived while scaled to zero: 0 → {target}", {"from": 0, "to": target, "reason": "wake"},
-            expected=0,
-        )
+    async def _scale_to(self, name: str, n: int, kind: str, message: str, details: dict[str, Any], expected: int | None) -> bool:
+        return await self.scale(name, n, kind, message, details, expected=expected)
 
     def replicas(self, name: str) -> list[Replica]:
         run = self._runs.get(name)
@@ -388,3 +387,10 @@ class Supervisor:
 
     def held(self) -> dict[str, Allocation]:
         return self._ledger.held()
+
+    @property
+    def ledger(self) -> Ledger:
+        return self._ledger
+
+    def runs(self) -> dict[str, EndpointRun]:
+        return dict(self._runs)
