@@ -43,6 +43,7 @@ _MORE_ERRORS: dict[str, tuple[int, ...]] = {
     "create_model": (409,),  # the name is taken, or the model does not fit on the disk or in the cache
     "warm_model": (409,),
     "delete_model": (409,),  # an endpoint serves it
+    "unload_endpoint": (409,),  # pinned, or not on demand
     "get_usage": (422,),
     "metrics": (401, 403),  # unless [metrics] public
     "login": (401, 403, 503),  # the console's: a wrong key, a key without the read scope, another site's page

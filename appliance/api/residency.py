@@ -74,7 +74,7 @@ async def _change(request: web.Request, load: bool) -> web.Response:
     residency = services.supervisor.residency
     changed = await (residency.load(name) if load else residency.unload(name))
     known = services.supervisor.desired_version(name)
-    return json_response(LoadResult(endpoint=name, changed=changed, desired_replicas=known[0] if known else 0), status=202 if changed else 200)
+    return json_response(LoadResult(endpoint=name, changed=changed, desired_replicas=known[0] if known else 0), status=202)
 
 
 async def load_endpoint(request: web.Request) -> web.Response:
