@@ -8,6 +8,7 @@ import * as endpoint from './page-endpoint.js';
 import * as endpoints from './page-endpoints.js';
 import * as gpus from './page-gpus.js';
 import * as keys from './page-keys.js';
+import * as loaded from './page-loaded.js';
 import * as usage from './page-usage.js';
 
 const main = document.getElementById('main');
@@ -52,6 +53,7 @@ const PAGES = [
   [/^#\/chat(?:\/([^/]+))?$/, chat, 'chat'],
   [/^#\/keys$/, keys, 'keys'],
   [/^#\/gpus$/, gpus, 'gpus'],
+  [/^#\/loaded$/, loaded, 'loaded'],
   [/^#\/usage$/, usage, 'usage'],
 ];
 

@@ -5,7 +5,8 @@ import { badge, bytes, errorSlot, fill, h, table } from './dom.js';
 
 const EVERY_MS = 2000;
 
-function meter(label, percent) {
+// A labelled bar (also the Loaded page's memory lines); `percent` null shows n/a.
+export function meter(label, percent) {
   const p = Math.max(0, Math.min(100, percent ?? 0));
   const fill = h('span', {});
   fill.style.width = `${p}%`; // through the CSSOM, which the style policy allows (style attributes it does not)
