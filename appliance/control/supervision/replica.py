@@ -39,6 +39,7 @@ class Replica:
     waiting_for_capacity: bool = False  # no GPU room yet: during a roll an old replica makes way
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # retry or stop while parked
+    room: asyncio.Event = field(default_factory=asyncio.Event)  # another replica let go of its holdings: place again now
     task: asyncio.Task[None] | None = None
     wants: tuple[GpuRequest, int | None, list[GpuInfo]] | None = None  # its last placement: GPUs, host bytes, the GPUs seen
     watch: asyncio.Queue[tuple[str, str]] | None = None  # (state, reason) of every record, for a validation's stream
@@ -79,6 +80,8 @@ class RunnerHost(Protocol):
     def poke(self) -> None: ...
 
     def finished(self, run: EndpointRun, r: Replica) -> None: ...
+
+    def released(self) -> None: ...
 
     async def make_room(self, run: EndpointRun, r: Replica, request: GpuRequest, host_claim: int | None, inventory: Sequence[GpuInfo]) -> None: ...
 

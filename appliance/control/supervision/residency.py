@@ -90,6 +90,12 @@ class Residency:
 
     # --- room -----------------------------------------------------------------------------------
 
+    def released(self) -> None:
+        for run in self._runs.values():
+            for waiting in run.replicas.values():
+                if waiting.waiting_for_capacity:
+                    waiting.room.set()
+
     async def make_room(self, run: EndpointRun, r: Replica, request: GpuRequest, host_claim: int | None, inventory: Sequence[GpuInfo]) -> None:
         """`r` of `run` found no room. Evict for it when a request or a pin asks for it; raise NoRoom when
         nothing can be evicted. Victims already leaving are not chosen again: what they free is reserved."""

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 GpuSource = Callable[[], Awaitable[list[GpuInfo]]]
 Outcome = Literal["stopped", "crashed", "retry"]
-_WAIT_FOR_CAPACITY = 2.0  # seconds between placement attempts while GPUs are busy
+_WAIT_FOR_CAPACITY = 1.0  # seconds between placement attempts while memory is short (a release retries at once)
 _ORPHAN_GRACE = 2.0  # seconds a tree whose leader died gets to end on its own: no graceful stop is coming
 
 
@@ -121,6 +121,7 @@ class ReplicaRunner:
         if r.state is not ReplicaState.PROVISIONING:
             await self._record(r, ReplicaState.PROVISIONING, f"restarting (attempt {r.restarts + 1})")
         config = run.config
+        r.room.clear()  # a release from here on is seen by the wait for room below
         try:
             prepared = await self._provision_unless_stopped(run, r)
             if prepared is None:
@@ -146,7 +147,7 @@ class ReplicaRunner:
             if r.last_error != exc.reason:
                 r.last_error = exc.reason
                 await self._record(r, ReplicaState.PROVISIONING, exc.reason)
-            await _wait_or_stop(r, _WAIT_FOR_CAPACITY)
+            await _wait_for_room(r, _WAIT_FOR_CAPACITY)
             return "retry"
         except (ApplianceError, OSError) as exc:  # a failed start, counted: a lasting cause ends in ERROR
             return await self._failed(r, exc.message if isinstance(exc, ApplianceError) else f"could not prepare the replica: {exc}")
@@ -312,6 +313,8 @@ class ReplicaRunner:
         return spec, env
 
     def _release(self, r: Replica) -> None:
+        if r.allocation is not None or r.port is not None:
+            self._host.released()  # replicas waiting for room look again at once
         self._ledger.release(r.id)
         r.port = None  # no longer ours: a later release or record must not name it
         r.allocation = None
@@ -350,6 +353,16 @@ class ReplicaRunner:
         kind = kind or (f"replica.{state.value.lower()}" if changed else "replica.note")
         await self._store.replicas.save(row, kind, f"replica {r.id}: {message}", {"replica": r.id, **(details or {})})
         await self._host.recorded(r, changed)
+
+
+async def _wait_for_room(r: Replica, seconds: float) -> None:
+    """Up to `seconds`, or until another replica lets go of what it held, or a stop."""
+    waits = [asyncio.ensure_future(r.stop_requested.wait()), asyncio.ensure_future(r.room.wait())]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 async def _wait_or_stop(r: Replica, seconds: float) -> bool:

@@ -58,6 +58,7 @@ class Supervisor:
         self._ledger = Ledger(config.workers.port_range)
         self.telemetry = telemetry or Telemetry()
         self.residency = Residency(config, self._ledger, self._load, clock, self._runs, self._scale_to, self.telemetry)
+        self.released = self.residency.released  # a replica let go of its holdings: those waiting for room look again
         self._runner = ReplicaRunner(
             config, store, clock, self._load, self._ledger, gpus, launcher, unseal, host=self, identity=identity, telemetry=self.telemetry
         )
