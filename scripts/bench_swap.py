@@ -80,9 +80,15 @@ def loaded(url: str, key: str) -> set[str]:
 
 
 def unload_all(url: str, key: str) -> None:
+    """Nothing loaded, and every worker gone (its memory back), so a cold start starts from nothing."""
     for name in loaded(url, key):
         api(url, f"/api/v1/endpoints/{name}/unload", key, {})
-    wait("every endpoint unloaded", lambda: not loaded(url, key), 120)
+
+    def gone() -> bool:
+        reps = [r for n in ("a", "b") for r in api(url, f"/api/v1/endpoints/{n}/replicas", key)["data"]]
+        return all(r["state"] == "TERMINATED" for r in reps)
+
+    wait("every endpoint unloaded", gone, 120)
 
 
 async def first_token(url: str, model: str) -> float:
