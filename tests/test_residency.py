@@ -51,9 +51,14 @@ class ClaimsNvml:
 
 
 @pytest.fixture
-async def box(launcher: Any, aiohttp_client: Any, make_config: Any) -> Admin:
+def residency() -> dict[str, Any]:
+    return {"min_resident_seconds": 0}
+
+
+@pytest.fixture
+async def box(launcher: Any, aiohttp_client: Any, make_config: Any, residency: dict[str, Any]) -> Admin:
     nvml = ClaimsNvml()
-    config = make_config({"workers": WORKERS, "residency": {"min_resident_seconds": 0}})
+    config = make_config({"workers": WORKERS, "residency": residency})
     app = make_app(config, gpus=GpuMonitor(nvml, ttl=0.0), launcher=launcher)
     client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
     nvml.supervisor = app[SERVICES].supervisor
@@ -170,6 +175,39 @@ async def test_keep_alive_per_request_is_honoured_and_not_forwarded(box: Admin, 
     await _wait_ps(box, timeout=30, what="b unloaded by keep_alive 0", until=lambda ps: not ps["data"])
     status, body = await box.call("PATCH", "/api/v1/endpoints/b", json_body={"keep_alive": "sometime"})
     assert status == 422, body
+
+
+@pytest.mark.parametrize("residency", [{"min_resident_seconds": 3600}])
+async def test_an_endpoint_loaded_moments_ago_is_not_evicted_and_the_load_waits_instead_of_503(box: Admin, tmp_path: Path) -> None:
+    assert (await _create(box, tmp_path, "b", "15gb", on_demand=True))[0] == 201
+    assert (await _create(box, tmp_path, "c", "15gb", on_demand=True, wake_timeout_seconds=1.5, queue_timeout_seconds=1.0))[0] == 201
+    assert (await _chat(box, "b"))[0] == 200
+    status, body = await _chat(box, "c")
+    assert status == 503 and body["error"]["code"] != "no_room", body  # waited for its wake, then gave up: not refused at once
+    assert _loaded(await _ps(box)) >= {"b"}
+    status, reps = await box.call("GET", "/api/v1/endpoints/c/replicas")
+    assert any("min_resident_seconds" in r["last_error"] for r in reps["data"]), reps
+
+
+async def test_at_start_the_higher_priority_is_placed_first(launcher: Any, aiohttp_client: Any, make_config: Any, tmp_path: Path) -> None:
+    nvml = ClaimsNvml()
+    endpoints = [
+        {"name": name, "model_folder": str(fake_folder(tmp_path, name, health=FAST)), "resources": {"gpu_memory": "15gb"}, "priority": priority}
+        for name, priority in (("alpha", 0), ("zulu", 5))  # zulu comes last by name and in the file: priority decides
+    ]
+    app = make_app(make_config({"workers": WORKERS, "endpoints": endpoints}), gpus=GpuMonitor(nvml, ttl=0.0), launcher=launcher)
+    nvml.supervisor = app[SERVICES].supervisor
+    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+    admin = Admin(client, app[SERVICES].config)
+
+    async def ready() -> bool:
+        return (await client.get("/readyz")).status == 200
+
+    await async_wait_for(ready, timeout=10, what="/readyz")
+    ps = await _wait_ps(admin, until=lambda ps: bool(ps["data"]), what="one loaded")
+    assert _loaded(ps) == {"zulu"}
+    status, reps = await admin.call("GET", "/api/v1/endpoints/alpha/replicas")
+    assert any("waiting for GPUs" in r["last_error"] for r in reps["data"]), reps
 
 
 async def test_unload_of_an_endpoint_that_is_not_on_demand_is_refused(box: Admin, tmp_path: Path) -> None:

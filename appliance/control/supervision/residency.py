@@ -222,7 +222,7 @@ def resident(
     index = {g.uuid: g.index for g in gpus}
     out: list[dict[str, Any]] = []
     for name, run in runs.items():
-        live = [r for r in run.replicas.values() if r.live]
+        live = [r for r in run.replicas.values() if r.live and r.process is not None]  # loaded: a worker runs (not one waiting for room)
         if not live:
             continue
         starts = [r.started_at for r in live if r.started_at is not None]
