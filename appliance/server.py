@@ -30,7 +30,7 @@ LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 async def run(config: Config) -> None:
     app = make_app(config)
     # handler_cancellation: a client that disconnects cancels its request, and so the worker's generation.
-    access = logging.getLogger("appliance.api.access") if config.gateway.access_log else None
+    access = logging.getLogger("appliance.api.manage.access") if config.gateway.access_log else None
     # The app's on_shutdown hook already gave requests shutdown_timeout_seconds and ended the rest; aiohttp's own
     # wait (which it makes twice, around a cancel) only has stragglers left to see out.
     # keepalive_timeout also closes a connection that has not finished sending its headers (slowloris).

@@ -50,7 +50,7 @@ import aiohttp
 import psutil
 from yarl import URL
 
-from appliance.api.proxy import NewestFirstConnector
+from appliance.api.inference.proxy import NewestFirstConnector
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = ROOT / "tests" / "fake_worker.py"

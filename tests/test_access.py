@@ -443,7 +443,7 @@ async def test_without_public_endpoints_a_keyless_request_is_refused_before_its_
 
 
 async def test_the_token_endpoints_errors_match_their_documented_rfc_6749_schema(admin: Admin) -> None:
-    from appliance.api.oauth import OAuthErrorBody
+    from appliance.api.manage.oauth import OAuthErrorBody
 
     resp = await admin.client.post("/oauth/token", data={"grant_type": "password"}, headers={"Authorization": "Basic " + base64.b64encode(b"a:b").decode()})
     body = await resp.json()

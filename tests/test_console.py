@@ -339,7 +339,7 @@ def test_the_gpu_page_says_what_nvml_shows(server: ServerProcess, open_page: Cal
     snap(page, "gpus")
 
     # What the page makes of NVML's answer on a GPU box: an answer of the API's own model, served in its place.
-    from appliance.api.views import GpuHolder, GpuList, GpuView
+    from appliance.api.manage.views import GpuHolder, GpuList, GpuView
 
     gpu = GpuView(index=0, uuid="GPU-5c3f0a2e-0000-4000-8000-000000000000", name="NVIDIA H100 80GB HBM3", memory_total=85_520_809_984,
                   memory_used=61_203_988_480, utilization_gpu=93, utilization_memory=71, mig_mode="disabled",

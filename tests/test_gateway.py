@@ -377,7 +377,7 @@ async def test_worker_pages_are_sandboxed_from_the_consoles_origin(admin: Admin,
 
 
 def test_a_served_name_the_worker_extends_is_renamed_too() -> None:
-    from appliance.api.rename import rename
+    from appliance.api.inference.rename import rename
 
     to_demo = rename("/srv/models/demo", "demo")  # transformers serve answers with <path>@<revision>
     assert to_demo(b'{"id":"1","model":"/srv/models/demo@main","object":"chat.completion"}') == b'{"id":"1","model":"demo","object":"chat.completion"}'

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import async_wait_for
 
-from appliance.api.gateway import Gateway
+from appliance.api.inference.gateway import Gateway
 from appliance.control.supervision.load import Load
 from appliance.control.telemetry import Telemetry
 from appliance.domain.routing import RoutableReplica, RoutingTable

@@ -12,8 +12,8 @@ from test_access import bearer, new_key
 from test_gateway import healthy, stats
 from test_supervisor import WORKERS, fake_folder
 
-from appliance.api import usage as usage_module
-from appliance.api.proxy import Outcome, UsageEventFilter
+from appliance.api.inference import usage as usage_module
+from appliance.api.inference.proxy import Outcome, UsageEventFilter
 from appliance.domain.limits import Limits, RateLimiter
 
 

@@ -21,7 +21,7 @@ from test_metrics import samples, scrape
 from test_supervisor import WORKERS, fake_folder
 
 from appliance.api.app import make_app
-from appliance.api.proxy import Outcome, UsageEventFilter
+from appliance.api.inference.proxy import Outcome, UsageEventFilter
 from appliance.config import Config
 
 pytestmark = pytest.mark.usefixtures("slow_callback_guard")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from appliance.api.proxy import Outcome, UsageEventFilter
+from appliance.api.inference.proxy import Outcome, UsageEventFilter
 from appliance.domain.limits import Limits, RateLimiter
 from appliance.domain.timefmt import parse_deadline, parse_duration, parse_instant
 from appliance.errors import ApplianceError

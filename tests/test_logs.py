@@ -109,7 +109,7 @@ def test_the_server_log_tells_what_happened_in_json_with_request_ids(server_fact
     assert created.get("request_id") == "make-key-1", created  # an event an API call made names that call
     healthy = next(e for e in lines if e.get("kind") == "replica.healthy")
     assert healthy["endpoint"] == "chat" and "replica" in healthy["details"]
-    access = [e for e in lines if e["logger"] == "appliance.api.access"]
+    access = [e for e in lines if e["logger"] == "appliance.api.manage.access"]
     assert any("request=chat-call-1" in e["message"] and "/v1/chat/completions" in e["message"] for e in access), access[-3:]
     assert len(lines) - len(access) < 60, f"{len(lines) - len(access)} lines for one endpoint, one key and a few requests"
 

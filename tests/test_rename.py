@@ -3,7 +3,7 @@ two: every split point of an SSE stream and of a plain streamed body is tried.""
 
 from __future__ import annotations
 
-from appliance.api.rename import RenameStream, rename
+from appliance.api.inference.rename import RenameStream, rename
 
 SERVED = "/srv/models/demo"
 EVENTS = b"".join(

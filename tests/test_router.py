@@ -57,7 +57,7 @@ def test_prefix_key_from_prompt_or_messages() -> None:
 
 
 def test_usage_is_read_from_answers_and_stream_tails() -> None:
-    from appliance.api.proxy import Outcome, usage_from_body, usage_from_sse
+    from appliance.api.inference.proxy import Outcome, usage_from_body, usage_from_sse
 
     out = Outcome()
     usage_from_body(b'{"choices": [{"text": "a \\"usage\\": trap"}], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}', out)

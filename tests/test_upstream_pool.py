@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import async_wait_for
 
-from appliance.api.proxy import NewestFirstConnector
+from appliance.api.inference.proxy import NewestFirstConnector
 
 
 async def _serve_with_ports() -> tuple[TestServer, list[int], asyncio.Event]:

@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from appliance.api import access, admin, console, gateway, models, oauth, residency, scaling, validate
-from appliance.api.gateway import GATEWAY, Gateway
+from appliance.api import console
+from appliance.api.inference import gateway
+from appliance.api.manage import access, admin, models, oauth, residency, scaling, validate
+from appliance.api.inference.gateway import GATEWAY, Gateway
 from appliance.api.http import BODY_TIMEOUT, MAX_BODY, TELEMETRY, Handler, Route, add_routes, error_middleware, error_response, json_response, request_id
 from appliance.api.openapi import build_openapi
 from appliance.api.services import SERVICES, Services
-from appliance.api.views import Health
+from appliance.api.manage.views import Health
 from appliance.config import Config
 from appliance.control.scaling.autoscaler import Autoscaler
 from appliance.control.host.cgroups import open_isolation

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from appliance.api.http import Route, json_response, read_body, read_model
 from appliance.api.services import SERVICES
-from appliance.api.views import View
+from appliance.api.manage.views import View
 from appliance.domain.specs import Model
 from appliance.errors import ApplianceError
 from appliance.security.auth import ADMIN, READ, Principal

@@ -11,7 +11,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from appliance import __version__
 from appliance.api.http import Route
-from appliance.api.views import ErrorResponse
+from appliance.api.manage.views import ErrorResponse
 from appliance.domain.specs import NAME_RE
 
 _REF = "#/components/schemas/{model}"

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from appliance.api.http import Query, Route, json_response, page, read_model
 from appliance.api.services import SERVICES, Services
-from appliance.api.views import Deleted, View
+from appliance.api.manage.views import Deleted, View
 from appliance.config import Config
 from appliance.control.models.declared import apply_declared, prune_declared
 from appliance.control.models.registry import Registry

@@ -7,10 +7,10 @@ from dataclasses import asdict
 
 from aiohttp import web
 
-from appliance.api.gateway import GATEWAY
+from appliance.api.inference.gateway import GATEWAY
 from appliance.api.http import Query, Route, endpoint_name, int_query, json_response, page, read_model
 from appliance.api.services import SERVICES
-from appliance.api.views import (
+from appliance.api.manage.views import (
     Deleted, EndpointList, EndpointView, EventList, EventView, GpuBudget, GpuHolder, GpuList, GpuView, ReplicaList, ReplicaView, RequestList, RequestView,
 )
 from appliance.control.supervision.replica import Replica

@@ -19,12 +19,12 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from appliance.api.admission import Admission, EndpointQueue
-from appliance.api.callers import authorize, caller, check_route, did_you_mean, lookup, refuse_unless_public
+from appliance.api.inference.admission import Admission, EndpointQueue
+from appliance.api.inference.callers import authorize, caller, check_route, did_you_mean, lookup, refuse_unless_public
 from appliance.api.http import Route, parse_json, read_body, request_id
-from appliance.api.proxy import Outcome, UpstreamUnreachable, forward, make_session, worker_headers
-from appliance.api.rename import Rename
-from appliance.api.rename import rename as renamed
+from appliance.api.inference.proxy import Outcome, UpstreamUnreachable, forward, make_session, worker_headers
+from appliance.api.inference.rename import Rename
+from appliance.api.inference.rename import rename as renamed
 from appliance.api.services import SERVICES, Services
 from appliance.control.telemetry import Telemetry
 from appliance.domain.limits import retry_after_header

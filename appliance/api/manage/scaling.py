@@ -10,7 +10,7 @@ from pydantic import ConfigDict, Field, ValidationError
 
 from appliance.api.http import Query, Route, endpoint_name, int_query, json_response, read_model
 from appliance.api.services import SERVICES
-from appliance.api.views import Deleted, EventList, EventView, View
+from appliance.api.manage.views import Deleted, EventList, EventView, View
 from appliance.domain.scaling import Rule, RulePatch, RuleSpec, ScaleState, bounds, new_rule_id
 from appliance.errors import ApplianceError, validation_error
 

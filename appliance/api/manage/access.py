@@ -10,7 +10,7 @@ from pydantic import Field
 
 from appliance.api.http import Query, Route, endpoint_name, json_response, page, read_model
 from appliance.api.services import SERVICES, Services
-from appliance.api.views import Deleted, View
+from appliance.api.manage.views import Deleted, View
 from appliance.domain.limits import Limits
 from appliance.domain.specs import INT64_MAX, Model, Name
 from appliance.domain.timefmt import BAI_DURATION_HELP, LATEST, parse_duration, parse_instant, parse_since, token_expiry

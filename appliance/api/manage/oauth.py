@@ -17,7 +17,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from appliance.api.http import MAX_BODY, Query, Route, json_response, page, read_model
 from appliance.api.services import SERVICES
-from appliance.api.views import Deleted, View
+from appliance.api.manage.views import Deleted, View
 from appliance.domain.specs import Model
 from appliance.security.auth import ADMIN, ROLES, hash_key
 

@@ -16,8 +16,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from appliance.api.rename import Rename, RenameStream
-from appliance.api.usage import UsageEventFilter, usage_from_body, usage_from_sse
+from appliance.api.inference.rename import Rename, RenameStream
+from appliance.api.inference.usage import UsageEventFilter, usage_from_body, usage_from_sse
 from appliance.errors import ApplianceError
 from appliance.security.sessions import COOKIE_PREFIX
 

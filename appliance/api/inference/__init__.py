@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway: who calls, admission, relaying to workers, usage and renaming in answers."""

@@ -1,0 +1,1 @@
+"""The admin API: endpoints, replicas, keys and tokens, service accounts, autoscaling, models, validation, residency, and their views."""
