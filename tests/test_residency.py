@@ -237,3 +237,20 @@ async def test_host_memory_budget_swaps_real_workers_on_a_box_without_gpu(start_
     ps = await _ps(admin)
     assert _loaded(ps) == {"b"} and ps["memory"] == [{"device": "host", "claimed": 600 << 20, "budget": 1 << 30}]
     assert not psutil.pid_exists(pid_a) or psutil.Process(pid_a).status() == psutil.STATUS_ZOMBIE  # a's worker is gone
+
+
+def test_doctor_weighs_the_host_budget_against_the_box_and_the_pinned_claims(make_config: Any, tmp_path: Path) -> None:
+    from appliance.control.ops.doctor import _residency
+
+    folder = str(fake_folder(tmp_path, "m", health=FAST))
+
+    def endpoint(name: str, pin: bool) -> dict[str, Any]:
+        return {"name": name, "model_folder": folder, "resources": {"mem": "600mb"}, "pin": pin}
+
+    assert _residency(make_config({}), 8 << 30) is None  # host memory not counted: nothing to say
+    ok = _residency(make_config({"residency": {"host_memory_budget": "4gb"}, "endpoints": [endpoint("a", True), endpoint("b", False)]}), 8 << 30)
+    assert ok is not None and ok.status == "ok" and "pinned endpoints claim 600 MiB (a 600 MiB)" in ok.detail, ok
+    too_big = _residency(make_config({"residency": {"host_memory_budget": "16gb"}}), 8 << 30)
+    assert too_big is not None and too_big.status == "problem" and "16 GiB of 8 GiB" in too_big.detail, too_big
+    pinned = _residency(make_config({"residency": {"host_memory_budget": "1gb"}, "endpoints": [endpoint("a", True), endpoint("c", True)]}), 8 << 30)
+    assert pinned is not None and pinned.status == "problem" and "never loads" in pinned.detail, pinned

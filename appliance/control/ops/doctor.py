@@ -17,12 +17,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from appliance.config import Config
 from appliance.control.host.gpus import Nvml
 from appliance.domain.models import ModelFolder, ModelSpec, parse_source
 from appliance.domain.placement import GpuInfo
 from appliance.domain.memory import budget, fmt_bytes
 from appliance.domain.memory import claim as memory_claim
+from appliance.domain.memory import host_claim
 from appliance.domain.specs import EndpointConfig, EndpointSpec, MemoryEstimate, Resources
 from appliance.errors import ApplianceError
 
@@ -160,6 +163,36 @@ def _claims(view: GpuView, config: Config) -> Check:
     return Check("GPU memory claims", "ok", "; ".join(parts) or "no GPU on this box and no claim declared")
 
 
+def _residency(config: Config, total_memory: int) -> Check | None:
+    """[residency] host_memory_budget against this box's memory, and the pinned endpoints' claims against it."""
+    budget_ = config.residency.host_memory_budget
+    if budget_ is None:
+        return None
+    from appliance.control.endpoints import resolve  # as in _claims
+
+    pinned: list[tuple[str, int]] = []
+    for entry in config.endpoints:
+        spec = entry.spec()
+        if not spec.pin or spec.model_folder is None:
+            continue
+        try:
+            resolved = resolve(spec)[0]
+        except ApplianceError:
+            continue
+        if (claim := host_claim(resolved.resources, resolved.memory_estimate, config.gpus.claim_overhead)) is not None:
+            pinned.append((spec.name, claim * max(1, resolved.replicas)))
+    held = sum(n for _, n in pinned)
+    detail = f"host memory budget {fmt_bytes(budget_)} of {fmt_bytes(total_memory)} on this box" + (
+        f"; pinned endpoints claim {fmt_bytes(held)} ({', '.join(f'{name} {fmt_bytes(n)}' for name, n in pinned)})" if pinned else ""
+    )
+    if budget_ > total_memory:
+        return Check("Residency", "problem", detail + ": replicas would be loaded past what this box holds", "lower [residency] host_memory_budget below the box's memory")
+    if held > budget_:
+        return Check("Residency", "problem", detail + ": pinned endpoints alone exceed the budget, so one of them never loads",
+                     "unpin one, lower their resources.mem, or raise [residency] host_memory_budget")
+    return Check("Residency", "ok", detail)
+
+
 @dataclass
 class Check:
     """One line of `appliance doctor`: ok, a warning (works, but not as it should), or a problem, with its fix."""
@@ -174,6 +207,8 @@ def examine(config: Config, server_pid: int | None) -> list[Check]:
     """Every check of the box against `config`; `server_pid` is the running server's, when one runs."""
     view = read_gpus()
     checks = [_nvml(view, config), _claims(view, config), _engines(config)]
+    if (residency := _residency(config, psutil.virtual_memory().total)) is not None:
+        checks.append(residency)
     checks += [_cgroups(server_pid, config.workers.isolation), _worker_user(config), _ports(config), *_state_dir(config), _clock()]
     return checks
 
