@@ -254,3 +254,55 @@ def test_doctor_weighs_the_host_budget_against_the_box_and_the_pinned_claims(mak
     assert too_big is not None and too_big.status == "problem" and "16 GiB of 8 GiB" in too_big.detail, too_big
     pinned = _residency(make_config({"residency": {"host_memory_budget": "1gb"}, "endpoints": [endpoint("a", True), endpoint("c", True)]}), 8 << 30)
     assert pinned is not None and pinned.status == "problem" and "never loads" in pinned.detail, pinned
+
+
+async def test_a_load_waiting_for_a_draining_victim_does_not_spin(launcher: Any, start_app: Any, make_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host memory: b waits while a finishes a 3 s stream; its runner looks again once a second or when
+    something is released, not in a loop."""
+    from appliance.control.supervision.residency import Residency
+
+    config = make_config({"workers": WORKERS, "gpus": {"devices": "none"}, "residency": {"host_memory_budget": "1gb", "min_resident_seconds": 0}})
+    admin: Admin = await start_app(config, launcher=launcher)
+    for name in ("a", "b"):
+        body = {"name": name, "model_folder": str(fake_folder(tmp_path, name, "--tokens-per-second", "20", health=FAST)), "resources": {"mem": "600mb"},
+                "public": True, "on_demand": True}
+        assert (await admin.call("POST", "/api/v1/endpoints", json_body=body))[0] == 201
+    assert (await _chat(admin, "a"))[0] == 200
+    calls = 0
+    make_room = Residency.make_room
+
+    async def counted(self: Residency, *args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        await make_room(self, *args)
+
+    monkeypatch.setattr(Residency, "make_room", counted)
+    stream = await admin.client.post("/v1/chat/completions", json={"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "stream": True})
+    assert (await stream.content.readline()).startswith(b"data: ")
+    status, body = await _chat(admin, "b")
+    assert status == 200, body
+    assert b"[DONE]" in await stream.read()
+    assert 1 <= calls <= 10, calls  # about 3 s of drain
+
+
+async def test_a_pinned_endpoint_is_never_unloaded_for_idleness_and_keep_alive_null_is_400(box: Admin, tmp_path: Path) -> None:
+    from appliance.domain.specs import EndpointSpec
+
+    assert EndpointSpec(name="p", model_folder="/m", on_demand=True, pin=True).idle_seconds() is None
+    assert EndpointSpec(name="q", model_folder="/m", on_demand=True).idle_seconds() == 300
+    assert EndpointSpec(name="r", model_folder="/m", on_demand=True, keep_alive="1h30m").idle_seconds() == 5400
+    assert (await _create(box, tmp_path, "b", "10gb", on_demand=True))[0] == 201
+    for bad in (None, True, [1], "soon"):
+        status, body = await _chat(box, "b", keep_alive=bad)
+        assert status == 400 and body["error"]["code"] == "invalid_keep_alive", (bad, body)
+
+
+def test_whole_gpus_with_a_known_claim_wait_until_nvml_shows_it_free() -> None:
+    from appliance.domain.placement import GpuRequest, Unplaceable, place
+
+    held_late = GpuInfo(index=0, uuid="GPU-0000", name="NVIDIA L4", memory_total=24 * GIB, memory_used=20 * GIB)  # a stopped engine's memory
+    with pytest.raises(Unplaceable, match="waiting for GPUs"):
+        place(GpuRequest(count=1, memory=10 * GIB, reserve=GIB), [held_late], {})
+    freed = GpuInfo(index=0, uuid="GPU-0000", name="NVIDIA L4", memory_total=24 * GIB, memory_used=GIB // 2)
+    assert place(GpuRequest(count=1, memory=10 * GIB, reserve=GIB), [freed], {}).uuids == ("GPU-0000",)
+    assert place(GpuRequest(count=1, reserve=GIB), [held_late], {}).uuids == ("GPU-0000",)  # no claim known: the GPU as NVML has it

@@ -191,7 +191,9 @@ def place(request: GpuRequest, gpus: Sequence[GpuInfo], held: Mapping[str, Alloc
     roomy = [g for g in named if request.min_free_memory is None or g.memory_free >= request.min_free_memory]
     whole, shares, claims = _usage(held)
     if request.count:
-        free = [g for g in roomy if g.uuid not in whole and shares.get(g.uuid, 0.0) <= _EPS and not claims.get(g.uuid)]
+        unheld = [g for g in roomy if g.uuid not in whole and shares.get(g.uuid, 0.0) <= _EPS and not claims.get(g.uuid)]
+        # With a known claim, free in fact too: a stopped engine's memory can stay held for seconds after its exit.
+        free = [g for g in unheld if per_gpu is None or g.memory_free >= per_gpu]
         free.sort(key=lambda g: (g.memory_used, g.index) if request.placement == "spread" else (g.index,))
         if len(free) < request.count:
             raise Unplaceable(f"waiting for GPUs: {request.count} needed, {len(free)} of {len(named)} matching are free")

@@ -210,7 +210,10 @@ class EndpointSpec(Model):
         return 0 if self.on_demand else self.replicas
 
     def idle_seconds(self) -> float | None:
-        """The idle unload: idle_timeout_seconds, or keep_alive (5m for on-demand endpoints that state neither)."""
+        """The idle unload: idle_timeout_seconds, or keep_alive (5m for on-demand endpoints that state neither);
+        never for a pinned endpoint."""
+        if self.pin:
+            return None
         if self.idle_timeout_seconds is not None:
             return self.idle_timeout_seconds
         if self.keep_alive is not None:

@@ -41,22 +41,31 @@ def parse_duration(text: str | float, *, param: str) -> float:
     return seconds
 
 
-KEEP_ALIVE_FORMS = "a duration such as 5m, 1h or 300 (seconds), 0 (unload once idle) or -1 (never unload for idleness)"
+KEEP_ALIVE_FORMS = "a duration such as 5m, 1h30m or 300 (seconds), 0 (unload once idle) or -1 (never unload for idleness)"
+
+
+_GO_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(ms|[smhdw]))+$")
+_GO_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|[smhdw])")
 
 
 def parse_keep_alive(value: Any, *, param: str, status: int = 422) -> float | None:
     """Ollama's keep_alive: seconds a loaded model stays after its last request; None for a negative
-    value (kept until evicted or unloaded); 0 unloads it as soon as it is idle."""
-    if isinstance(value, str) and re.fullmatch(r"\s*-\d+(?:\.\d+)?\s*[smhdw]?\s*", value):
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-        return None
-    if value in (0, "0") or (isinstance(value, str) and re.fullmatch(r"\s*0+(?:\.0+)?\s*[smhdw]?\s*", value)):
-        return 0.0
-    try:
-        return parse_duration(value, param=param)
-    except ApplianceError:
-        raise ApplianceError(f"{param}: {value!r} is not a keep_alive: use {KEEP_ALIVE_FORMS}", status=status, code="invalid_keep_alive", param=param) from None
+    value (kept until evicted or unloaded); 0 unloads it as soon as it is idle. Numbers are seconds;
+    strings are a number of seconds or a duration, Go's compound ones (`1h30m`, `500ms`) included."""
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        body = text.lstrip("+-").strip()
+        if re.fullmatch(r"\d+(?:\.\d+)?", body):
+            seconds = sign * float(body)
+        elif _GO_DURATION.match(body):
+            seconds = sign * sum(float(n) * (0.001 if unit == "ms" else _UNITS[unit]) for n, unit in _GO_PART.findall(body))
+    if seconds is None or math.isnan(seconds) or math.isinf(seconds):
+        raise ApplianceError(f"{param}: {value!r} is not a keep_alive: use {KEEP_ALIVE_FORMS}", status=status, code="invalid_keep_alive", param=param)
+    return None if seconds < 0 else seconds
 
 
 def parse_instant(text: str, *, param: str) -> float:

@@ -250,7 +250,7 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
         if drop_usage_event:
             exact["stream_options"] = {"include_usage": True}
         body = json.dumps(exact).encode()
-    if config.wakes and (keep is not False or name in request.app[SERVICES].load.keep_alive):
+    if config.wakes and not config.pin and (keep is not False or name in request.app[SERVICES].load.keep_alive):
         request.app[SERVICES].load.keep(name, keep)
     session_key = None
     if config.routing == "session_affinity":

@@ -90,7 +90,7 @@ def listening_sockets(port: int, tables: Iterable[Path] = (Path("/proc/net/tcp")
     """inode → owner uid of each socket listening on `port` where a connection to 127.0.0.1 lands."""
     try:
         return _diag_listeners(socket.AF_INET, port) | _diag_listeners(socket.AF_INET6, port)
-    except OSError:
+    except (OSError, struct.error):
         return proc_listening_sockets(port, tables)
 
 

@@ -50,7 +50,7 @@ class Autoscaler:
             rules = by_endpoint.get(name, [])
             known = self._supervisor.desired_version(name)
             # a request's own keep_alive (Ollama's) replaces the endpoint's until a request without one comes
-            idle_timeout = self._load.keep_alive[name] if name in self._load.keep_alive else config.idle_timeout_seconds
+            idle_timeout = None if config.pin else self._load.keep_alive[name] if name in self._load.keep_alive else config.idle_timeout_seconds
             if known is None or (not rules and idle_timeout is None):
                 continue
             desired, version = known
@@ -64,7 +64,7 @@ class Autoscaler:
             state = ScaleState(
                 replicas=desired, min_replicas=config.min_replicas, max_replicas=config.max_replicas, last_fired=last_fired,
                 notes=self._notes.get(name, {}), idle_timeout=idle_timeout, last_activity=activity,
-                inflight=self._load.total(name), policy=config.autoscaling_policy,
+                inflight=self._load.total(name) + (1 if name in table.awaiting else 0), policy=config.autoscaling_policy,  # a load in progress is not idle
             )
             decision = decide(rules, metrics, state, now)
             self._notes[name] = decision.notes

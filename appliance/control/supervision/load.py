@@ -52,6 +52,7 @@ class Load:
             counts[replica] = left
             return
         del counts[replica]
+        self.last_request[endpoint] = self._clock()  # idle (keep_alive) counts from a request's end, as in Ollama
         idle = self._idle.pop((endpoint, replica), None)
         if idle is not None:
             idle.set()

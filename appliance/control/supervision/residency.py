@@ -56,6 +56,7 @@ class Residency:
         if run is None or target is None:
             return False
         run.awaiting = True
+        run.blocked = None  # a new load: what blocked the last one is looked at again
         run.loading_since = self._clock()
         return await self._scale(
             name, target, "autoscale.wake", f"endpoint {name}: {why} while it had no replica: 0 → {target}", {"from": 0, "to": target, "reason": "wake"}, 0,
@@ -99,8 +100,8 @@ class Residency:
     async def make_room(self, run: EndpointRun, r: Replica, request: GpuRequest, host_claim: int | None, inventory: Sequence[GpuInfo]) -> None:
         """`r` of `run` found no room. Evict for it when a request or a pin asks for it; raise NoRoom when
         nothing can be evicted. Victims already leaving are not chosen again: what they free is reserved."""
-        if not (run.loading_since is not None or run.config.pin):
-            return  # a scale-out or a roll waits for room as before: eviction is for loads someone asked for
+        if self._runs.get(run.name) is not run or not (run.loading_since is not None or run.config.pin):
+            return  # a scale-out, a roll or a validation waits for room as before: eviction is for loads someone asked for
         owner = {rid: name for name, rn in self._runs.items() for rid in rn.replicas}
         leaving = {rid for rn in self._runs.values() for rid, rep in rn.replicas.items() if rep.stop_requested.is_set()}
         staying = {rid: a for rid, a in self._ledger.held().items() if rid not in leaving and rid != r.id}
@@ -124,10 +125,13 @@ class Residency:
             try:  # only newly loaded endpoints stand in the way: the swap waits for them, requests queue
                 for need in short:
                     choose_victims(need, holders, now, 0.0, waiting=run.name)
+                run.blocked = None
             except NoRoom:
                 run.blocked = exc.reason  # nothing will ever make room as things stand: requests get 503 at once
             raise
         run.blocked = None
+        # Reserved first: while the victims are scaled (awaits), no other load can take what they free.
+        self._reserve(r, request, inventory, host_claim, gpu_short, victims, holders)
         by_name = {h.endpoint: h for h in holders}
         for v in victims:
             h = by_name[v]
@@ -141,7 +145,6 @@ class Residency:
                 v, 0, "residency.evicted", f"endpoint {v} unloaded to make room for {run.name} (least recently used: idle {idle:.0f}s; frees {freed})",
                 details, None,
             )
-        self._reserve(r, request, inventory, host_claim, gpu_short, victims, holders)
 
     def _holders(self, owner: Mapping[str, str], gpu: Mapping[str, Mapping[str, int]], host: Mapping[str, int]) -> list[Holder]:
         claims: dict[str, dict[str, int]] = {}

@@ -130,6 +130,7 @@ class ReplicaRunner:
             spec, env = prepared
         except Unplaceable as exc:
             self._release(r)  # hold nothing while waiting (but what evicted endpoints free for it, reserved below)
+            r.room.clear()  # its own release is no reason to look again
             r.waiting_for_capacity = not exc.permanent
             if r.waiting_for_capacity:
                 self._host.poke()
@@ -276,7 +277,9 @@ class ReplicaRunner:
                 inventory = visible(await self._gpus(), self._config.gpus.devices)
             except ApplianceError as exc:
                 raise Unplaceable(exc.message, permanent=True) from None
-        host = host_claim(res, config.memory_estimate, gpus.claim_overhead) if self._config.residency.host_memory_budget is not None else None
+        # A GPU replica's estimate is GPU memory: in host memory it claims only resources.mem.
+        estimate = None if request.wants_gpu else config.memory_estimate
+        host = host_claim(res, estimate, gpus.claim_overhead) if self._config.residency.host_memory_budget is not None else None
         r.wants = (request, host, inventory)
         r.allocation = allocation = self._ledger.hold_gpus(r.id, request, inventory)
         self._ledger.hold_host(r.id, host, self._config.residency.host_memory_budget)
@@ -313,7 +316,7 @@ class ReplicaRunner:
         return spec, env
 
     def _release(self, r: Replica) -> None:
-        if r.allocation is not None or r.port is not None:
+        if (r.allocation is not None and r.allocation.uuids) or r.port is not None or r.id in self._ledger.host_claims():
             self._host.released()  # replicas waiting for room look again at once
         self._ledger.release(r.id)
         r.port = None  # no longer ours: a later release or record must not name it

@@ -198,6 +198,8 @@ class Supervisor:
             run.version = row.get("version", 0)
             if run.desired != desired:
                 run.desired, self._dirty = desired, True
+                if desired == 0:  # unloaded (idle, evicted, asked for): a load that was under way is over
+                    run.loading_since, run.blocked, run.awaiting = None, None, False
             self._apply_plan(run)
             await self._publish_status(run)
         if self._dirty:
