@@ -269,14 +269,14 @@ async def test_a_load_waiting_for_a_draining_victim_does_not_spin(launcher: Any,
         assert (await admin.call("POST", "/api/v1/endpoints", json_body=body))[0] == 201
     assert (await _chat(admin, "a"))[0] == 200
     calls = 0
-    make_room = Residency.make_room
+    make_room = Residency._make_room
 
     async def counted(self: Residency, *args: Any) -> None:
         nonlocal calls
         calls += 1
         await make_room(self, *args)
 
-    monkeypatch.setattr(Residency, "make_room", counted)
+    monkeypatch.setattr(Residency, "_make_room", counted)
     stream = await admin.client.post("/v1/chat/completions", json={"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "stream": True})
     assert (await stream.content.readline()).startswith(b"data: ")
     status, body = await _chat(admin, "b")
@@ -306,3 +306,25 @@ def test_whole_gpus_with_a_known_claim_wait_until_nvml_shows_it_free() -> None:
     freed = GpuInfo(index=0, uuid="GPU-0000", name="NVIDIA L4", memory_total=24 * GIB, memory_used=GIB // 2)
     assert place(GpuRequest(count=1, memory=10 * GIB, reserve=GIB), [freed], {}).uuids == ("GPU-0000",)
     assert place(GpuRequest(count=1, reserve=GIB), [held_late], {}).uuids == ("GPU-0000",)  # no claim known: the GPU as NVML has it
+
+
+async def test_a_blocked_load_placed_once_room_appears_is_waited_for_again(box: Admin, tmp_path: Path) -> None:
+    """c was refused (everything pinned); b is deleted, c's replica places on its own retry, and a request
+    sent while c starts waits for it instead of reading the old refusal from the routing table."""
+    for name in ("a", "b"):
+        assert (await _create(box, tmp_path, name, "10gb", pin=True))[0] == 201
+    slow = {"name": "c", "model_folder": str(fake_folder(tmp_path, "c", "--startup-delay", "2", health={**FAST, "initial_delay": 10})),
+            "resources": {"gpu_memory": "10gb"}, "public": True, "on_demand": True}
+    assert (await box.call("POST", "/api/v1/endpoints", json_body=slow))[0] == 201
+    await _wait_ps(box, timeout=20, what="a and b loaded", until=lambda ps: _loaded(ps) == {"a", "b"})
+    status, body = await _chat(box, "c")
+    assert status == 503 and body["error"]["code"] == "no_room", body
+    assert (await box.call("DELETE", "/api/v1/endpoints/b"))[0] == 200
+
+    async def starting() -> bool:
+        reps = (await box.call("GET", "/api/v1/endpoints/c/replicas"))[1]["data"]
+        return any(r["state"] == "STARTING" for r in reps)
+
+    await async_wait_for(starting, timeout=20, what="c starting")
+    status, body = await _chat(box, "c")
+    assert status == 200, body

@@ -154,15 +154,21 @@ def holdings(held: Mapping[str, Allocation], gpus: Sequence[GpuInfo], reserve: i
     }
 
 
+def claims_by_device(held: Mapping[str, Allocation], gpus: Sequence[GpuInfo], reserve: int) -> dict[str, int]:
+    """Bytes claimed on each GPU by all holders together (a GPU held whole: its whole budget)."""
+    taken: dict[str, int] = {}
+    for per in holdings(held, gpus, reserve).values():
+        for uuid, n in per.items():
+            taken[uuid] = taken.get(uuid, 0) + n
+    return taken
+
+
 def shortfall(request: GpuRequest, gpus: Sequence[GpuInfo], held: Mapping[str, Allocation]) -> dict[str, int]:
     """Bytes that must be freed on each GPU that could take the replica (≤ 0: its claim fits beside what
     `held` holds). A replica of whole GPUs needs every claim on a GPU gone."""
     if not request.wants_gpu:
         return {}
-    taken: dict[str, int] = {}
-    for per in holdings(held, gpus, request.reserve).values():
-        for uuid, n in per.items():
-            taken[uuid] = taken.get(uuid, 0) + n
+    taken = claims_by_device(held, gpus, request.reserve)
     out: dict[str, int] = {}
     for g in gpus:
         if request.name is not None and not fnmatch.fnmatch(g.name, request.name):

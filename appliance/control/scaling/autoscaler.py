@@ -50,7 +50,7 @@ class Autoscaler:
             rules = by_endpoint.get(name, [])
             known = self._supervisor.desired_version(name)
             # a request's own keep_alive (Ollama's) replaces the endpoint's until a request without one comes
-            idle_timeout = None if config.pin else self._load.keep_alive[name] if name in self._load.keep_alive else config.idle_timeout_seconds
+            idle_timeout = self._load.idle_timeout(name, config.idle_timeout_seconds, config.pin)
             if known is None or (not rules and idle_timeout is None):
                 continue
             desired, version = known

@@ -8,6 +8,7 @@ metric and for idle detection. Everything runs on the event loop: no locks.
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 from appliance.store import Clock
 
@@ -34,12 +35,19 @@ class Load:
     def arrived(self, endpoint: str) -> None:
         self.last_request[endpoint] = self._clock()
 
-    def keep(self, endpoint: str, seconds: float | None | bool) -> None:
+    def keep(self, endpoint: str, seconds: float | None | Literal[False]) -> None:
         """A request's own keep_alive (False: it gave none, and the endpoint's own applies again, as in Ollama)."""
         if seconds is False:
             self.keep_alive.pop(endpoint, None)
         else:
-            self.keep_alive[endpoint] = None if seconds is None or seconds is True else float(seconds)
+            self.keep_alive[endpoint] = seconds
+
+    def idle_timeout(self, endpoint: str, configured: float | None, pinned: bool) -> float | None:
+        """How long `endpoint` stays loaded without a request: its last request's keep_alive, else its own;
+        never unloaded for idleness when pinned."""
+        if pinned:
+            return None
+        return self.keep_alive[endpoint] if endpoint in self.keep_alive else configured
 
     def begin(self, endpoint: str, replica: str) -> None:
         counts = self.inflight(endpoint)

@@ -7,7 +7,7 @@ from the replicas' claims, host memory against `[residency] host_memory_budget`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from appliance.config import Config
@@ -16,8 +16,8 @@ from appliance.control.supervision.ledger import Ledger
 from appliance.control.supervision.load import Load
 from appliance.control.supervision.replica import EndpointRun, Replica
 from appliance.control.telemetry import Telemetry
-from appliance.domain.memory import fmt_bytes
-from appliance.domain.placement import Allocation, GpuInfo, GpuRequest, claim_on_gpu, holdings, shortfall
+from appliance.domain.memory import budget, fmt_bytes
+from appliance.domain.placement import Allocation, GpuInfo, GpuRequest, claim_on_gpu, claims_by_device, holdings, shortfall
 from appliance.domain.residency import HOST, Holder, NoRoom, Shortfall, choose_victims
 from appliance.domain.rollout import wake_target
 from appliance.errors import ApplianceError
@@ -29,7 +29,7 @@ Scale = Callable[[str, int, str, str, dict[str, Any], int | None], Awaitable[boo
 class Residency:
     def __init__(
         self, config: Config, ledger: Ledger, load: Load, clock: Callable[[], float], runs: Mapping[str, EndpointRun], scale: Scale,
-        telemetry: Telemetry,
+        telemetry: Telemetry, publish: Callable[[], None],
     ) -> None:
         self._config = config
         self._ledger = ledger
@@ -38,6 +38,7 @@ class Residency:
         self._runs = runs
         self._scale = scale
         self._telemetry = telemetry
+        self._publish = publish  # a new routing table: `blocked` is read from it
         self._wakes: dict[str, asyncio.Future[None]] = {}
 
     # --- loads ----------------------------------------------------------------------------------
@@ -91,15 +92,24 @@ class Residency:
 
     # --- room -----------------------------------------------------------------------------------
 
-    def released(self) -> None:
+    def released(self, by: Replica) -> None:
+        """`by` let go of what it held: the others waiting for room look again at once."""
         for run in self._runs.values():
             for waiting in run.replicas.values():
-                if waiting.waiting_for_capacity:
+                if waiting.waiting_for_capacity and waiting is not by:
                     waiting.room.set()
 
     async def make_room(self, run: EndpointRun, r: Replica, request: GpuRequest, host_claim: int | None, inventory: Sequence[GpuInfo]) -> None:
         """`r` of `run` found no room. Evict for it when a request or a pin asks for it; raise NoRoom when
         nothing can be evicted. Victims already leaving are not chosen again: what they free is reserved."""
+        blocked = run.blocked
+        try:
+            await self._make_room(run, r, request, host_claim, inventory)
+        finally:
+            if run.blocked != blocked:
+                self._publish()
+
+    async def _make_room(self, run: EndpointRun, r: Replica, request: GpuRequest, host_claim: int | None, inventory: Sequence[GpuInfo]) -> None:
         if self._runs.get(run.name) is not run or not (run.loading_since is not None or run.config.pin):
             return  # a scale-out, a roll or a validation waits for room as before: eviction is for loads someone asked for
         owner = {rid: name for name, rn in self._runs.items() for rid in rn.replicas}
@@ -163,8 +173,7 @@ class Residency:
         now = self._clock()
         for name, per in claims.items():
             run = self._runs[name]
-            starts = [rep.started_at for rep in run.replicas.values() if rep.started_at is not None]
-            loaded = min(starts) if starts else now
+            loaded = loaded_at(run.replicas.values()) or now
             out.append(Holder(
                 endpoint=name, claims=per, evictable=run.config.evictable and run.desired > 0, busy=self._load.total(name),
                 loaded_at=loaded, last_used=max(self._load.last_request.get(name, loaded), loaded),
@@ -194,15 +203,17 @@ class Residency:
         self._ledger.reserve(r.id, allocation, host_claim)
 
 
+def loaded_at(replicas: Iterable[Replica]) -> float | None:
+    """When an endpoint was loaded: its oldest replica's start; None before any started."""
+    return min((r.started_at for r in replicas if r.started_at is not None), default=None)
+
+
 def memory_books(
     held: Mapping[str, Allocation], host: Mapping[str, int], gpus: Sequence[GpuInfo], reserve: int, host_budget: int | None,
 ) -> tuple[dict[str, int], dict[str, int]]:
     """Bytes claimed and bytes handed out, per device (a GPU's uuid, or host): /metrics and `ps`."""
-    claims: dict[str, int] = {}
-    for per in holdings(held, gpus, reserve).values():
-        for device, n in per.items():
-            claims[device] = claims.get(device, 0) + n
-    budgets = {g.uuid: max(0, g.memory_total - reserve) for g in gpus}
+    claims = claims_by_device(held, gpus, reserve)
+    budgets = {g.uuid: budget(g.memory_total, reserve) for g in gpus}
     if host_budget is not None:
         budgets[HOST] = host_budget
         claims[HOST] = sum(host.values())
@@ -228,11 +239,10 @@ def resident(
         live = [r for r in run.replicas.values() if r.live and r.process is not None]  # loaded: a worker runs (not one waiting for room)
         if not live:
             continue
-        starts = [r.started_at for r in live if r.started_at is not None]
-        loaded = min(starts) if starts else None
+        loaded = loaded_at(live)
         last = load.last_request.get(name)
         idle = now - max(last or 0.0, loaded or now)
-        keep = load.keep_alive.get(name, run.config.idle_timeout_seconds) if name in load.keep_alive else run.config.idle_timeout_seconds
+        keep = load.idle_timeout(name, run.config.idle_timeout_seconds, run.config.pin)
         mine = holdings({r.id: held[r.id] for r in live if r.id in held}, gpus, reserve)
         in_use = 0
         for r in live:

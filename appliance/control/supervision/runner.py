@@ -130,7 +130,6 @@ class ReplicaRunner:
             spec, env = prepared
         except Unplaceable as exc:
             self._release(r)  # hold nothing while waiting (but what evicted endpoints free for it, reserved below)
-            r.room.clear()  # its own release is no reason to look again
             r.waiting_for_capacity = not exc.permanent
             if r.waiting_for_capacity:
                 self._host.poke()
@@ -153,9 +152,6 @@ class ReplicaRunner:
         except (ApplianceError, OSError) as exc:  # a failed start, counted: a lasting cause ends in ERROR
             return await self._failed(r, exc.message if isinstance(exc, ApplianceError) else f"could not prepare the replica: {exc}")
         r.waiting_for_capacity = False
-        if run.blocked is not None:
-            run.blocked = None
-            self._host.poke()
         try:
             r.log.note(f"starting: {' '.join(mask_argv(spec.argv))} (port {r.port})")
             res = config.resources
@@ -317,7 +313,7 @@ class ReplicaRunner:
 
     def _release(self, r: Replica) -> None:
         if (r.allocation is not None and r.allocation.uuids) or r.port is not None or r.id in self._ledger.host_claims():
-            self._host.released()  # replicas waiting for room look again at once
+            self._host.released(r)  # replicas waiting for room look again at once
         self._ledger.release(r.id)
         r.port = None  # no longer ours: a later release or record must not name it
         r.allocation = None

@@ -28,7 +28,7 @@ from appliance.control.supervision.residency import Residency
 from appliance.control.host.replica_log import ReplicaLog
 from appliance.control.supervision.runner import GpuSource, ReplicaRunner
 from appliance.control.telemetry import Telemetry
-from appliance.domain.placement import Allocation, GpuInfo, GpuRequest
+from appliance.domain.placement import Allocation
 from appliance.domain.rollout import ReplicaView, plan
 from appliance.domain.routing import RoutableReplica, RoutingTable
 from appliance.domain.specs import EndpointConfig, resting_replicas
@@ -57,8 +57,9 @@ class Supervisor:
         self._detached: dict[str, Replica] = {}  # validations' replicas, by id
         self._ledger = Ledger(config.workers.port_range)
         self.telemetry = telemetry or Telemetry()
-        self.residency = Residency(config, self._ledger, self._load, clock, self._runs, self._scale_to, self.telemetry)
+        self.residency = Residency(config, self._ledger, self._load, clock, self._runs, self._scale_to, self.telemetry, self._publish_snapshot)
         self.released = self.residency.released  # a replica let go of its holdings: those waiting for room look again
+        self.make_room = self.residency.make_room  # a replica found no room: evict for it, or say why not (RunnerHost)
         self._runner = ReplicaRunner(
             config, store, clock, self._load, self._ledger, gpus, launcher, unseal, host=self, identity=identity, telemetry=self.telemetry
         )
@@ -264,17 +265,11 @@ class Supervisor:
             if r.state is ReplicaState.HEALTHY:
                 run.awaiting = False
                 self.residency.healthy(run)
+            if r.state is ReplicaState.STARTING:
+                run.blocked = None  # placed after all: requests for it wait again (published with this change)
             await self._publish_status(run)
         if changed:
             self._publish_snapshot()
-
-    async def make_room(self, run: EndpointRun, r: Replica, request: GpuRequest, host_claim: int | None, inventory: Sequence[GpuInfo]) -> None:
-        blocked = run.blocked
-        try:
-            await self.residency.make_room(run, r, request, host_claim, inventory)
-        finally:
-            if run.blocked != blocked:
-                self._publish_snapshot()
 
     def finished(self, run: EndpointRun, r: Replica) -> None:
         run.replicas.pop(r.id, None)
