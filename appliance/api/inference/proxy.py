@@ -206,7 +206,15 @@ async def forward(
                 usage_from_body(data, outcome)
                 if rename is not None:
                     data = rename(data)
-            return web.Response(body=data, status=upstream.status, headers=out_headers)
+            answer = web.Response(body=data, status=upstream.status, headers=out_headers)
+            # Sent here, not after the handler returns: the request's bookkeeping (records, usage, limits)
+            # then runs while the client reads the answer instead of before it is sent.
+            try:
+                await answer.prepare(request)
+                await answer.write_eof()
+            except ConnectionError:
+                outcome.client_closed = True
+            return answer
         outcome.streamed = True
         content = upstream.content
         try:
