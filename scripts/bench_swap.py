@@ -12,8 +12,8 @@ the victim's drain and stop (A: out of routing → its worker gone, swap only), 
 appliance's own share (wake, placement, waiting for memory, routing, the relay). Printed: medians
 per kind, swap ÷ cold, and the appliance's share of each.
 
-vLLM's sleep mode (a wake instead of a cold start) is not used by the appliance yet: on a GPU box
-this measures the stop-and-start swap.
+Evictions by vLLM's sleep (a wake instead of a cold start) need vLLM on a CUDA GPU; on this box
+(and on CPU anywhere) the swap measured is a stop and a start.
 
 Usage: .venv/bin/python scripts/bench_swap.py [--engine transformers|vllm] [--rounds N]
 """

@@ -86,6 +86,7 @@ def parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     p.add_argument("--metrics-padding", type=int, default=0, help="this many more series in /metrics (a vLLM-sized exposition)")
     p.add_argument("--health-path", default="/health", help="serve the health check here too (a runtime's own path, e.g. /info)")
     p.add_argument("--log-request-bytes", type=int, default=0, help="print a line this long for every completion (a chatty engine)")
+    p.add_argument("--sleep-api", action="store_true", help="vLLM's dev-mode sleep routes: /sleep, /wake_up, /is_sleeping (asleep: /v1/* answers 503)")
     p.add_argument("--usage-on-last-chunk", action="store_true",
                    help="streams: usage rides on the last content chunk, as `transformers serve` sends it, not on a chunk of its own")
     return p
@@ -183,6 +184,8 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
 
     async def _complete(request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        if state.get("asleep"):
+            return web.json_response({"error": {"message": "the engine is asleep", "type": "server_error"}}, status=503)
         if args.dead_generation:
             return web.json_response({"error": {"message": "generation is dead", "type": "server_error"}}, status=500)
         await asyncio.sleep(latency)
@@ -262,6 +265,19 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
         state["sick"] = True
         return web.json_response({"sick": True})
 
+    async def sleep(request: web.Request) -> web.Response:
+        state["asleep"] = True
+        say(f"sleep level {request.query.get('level', '1')}")
+        return web.json_response({"status": "sleeping", "level": int(request.query.get("level", "1"))})
+
+    async def wake_up(request: web.Request) -> web.Response:
+        state["asleep"] = False
+        say("wake_up")
+        return web.json_response({"status": "awake", "tags": None})
+
+    async def is_sleeping(request: web.Request) -> web.Response:
+        return web.json_response({"is_sleeping": bool(state.get("asleep"))})
+
     async def stop_listening(request: web.Request) -> web.Response:
         # The process lives on but refuses new connections, as a worker whose server died would.
         for site in request.app[SITES]:
@@ -273,6 +289,10 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
     app.router.add_get("/health", health)
     if args.health_path != "/health":
         app.router.add_get(args.health_path, health)
+    if args.sleep_api:
+        app.router.add_post("/sleep", sleep)
+        app.router.add_post("/wake_up", wake_up)
+        app.router.add_get("/is_sleeping", is_sleeping)
     app.router.add_get("/moved", moved)
     app.router.add_get("/_partial", partial)  # a health path that redirects
     app.router.add_get("/whoami", whoami)

@@ -61,7 +61,8 @@ async def serves(admin: Admin) -> None:
 
 
 async def test_a_vllm_replica_serves_and_a_killed_leader_takes_its_whole_tree(admin: Admin, tiny_model: Path) -> None:
-    await create(admin, "tiny", tiny_model, runtime="vllm", environ=VLLM_ENV)
+    # Dev mode: the engine serves /sleep, /wake_up and /is_sleeping (on CPU a sleep pauses it and frees nothing).
+    await create(admin, "tiny", tiny_model, runtime="vllm", environ={**VLLM_ENV, "VLLM_SERVER_DEV_MODE": "1"})
     await wait_status(admin, "tiny", "HEALTHY", timeout=READY)
     (rep,) = await replicas(admin, "tiny")
     assert rep["command"][1:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model"]
@@ -86,6 +87,18 @@ async def test_a_vllm_replica_serves_and_a_killed_leader_takes_its_whole_tree(ad
     resp.close()
     await async_wait_for(lambda: _running(rep["port"], lambda n: n == 0), timeout=30, what="vllm:num_requests_running back to 0")
     assert await _metric(rep["port"], "vllm:generation_tokens_total") - generated < LONG - 64  # aborted, not finished
+    # Put to sleep behind the appliance's back: /health stays 200, /is_sleeping says true. The replica is
+    # taken out of routing, and a request wakes the same engine instead of reaching it asleep.
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{rep['port']}/sleep?level=1") as resp:
+            assert resp.status == 200, await resp.text()
+        await async_wait_for(lambda: _state(admin, "tiny", "SLEEPING"), timeout=30, what="the replica seen asleep")
+        status, table = await admin.call("GET", "/api/v1/endpoints/tiny")
+        assert status == 200 and table["status"] == "SLEEPING", table
+        await serves(admin)
+        async with s.get(f"http://127.0.0.1:{rep['port']}/is_sleeping") as resp:
+            assert (await resp.json())["is_sleeping"] is False
+    assert [r["pid"] for r in await replicas(admin, "tiny") if r["state"] == "HEALTHY"] == [rep["pid"]]  # woken, not restarted
     # The engine runs as several processes (API server, EngineCore, Worker), all in the replica's group.
     leader = rep["pid"]
     tree = group_members(leader)
@@ -105,6 +118,10 @@ async def _metric(port: int, name: str, **labels: str) -> float:
         sample.value for family in text_string_to_metric_families(text) for sample in family.samples
         if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
     )
+
+
+async def _state(admin: Admin, name: str, state: str) -> bool:
+    return any(r["state"] == state for r in await replicas(admin, name))
 
 
 async def _running(port: int, ok: Any) -> bool:

@@ -209,6 +209,7 @@ def _resolve(spec: EndpointSpec, model: ModelFolder | None = None) -> tuple[Endp
         on_demand=spec.on_demand,
         pin=spec.pin,
         priority=spec.priority,
+        sleep=spec.sleep,
         wake_timeout_seconds=spec.wake_timeout_seconds,
         autoscaling_policy=spec.autoscaling_policy,
         environment=Environment(**section.environment.model_dump()) if section else None,

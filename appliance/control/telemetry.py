@@ -171,6 +171,11 @@ class Telemetry:
             "appliance_endpoint_evictions", "Endpoints unloaded, by reason: room (for another endpoint), idle (keep_alive), unload (asked for)",
             ["endpoint", "reason"], registry=r,
         )
+        self._sleeps = Counter("appliance_replica_sleeps", "Replicas evicted by their engine's sleep (or found asleep)", ["endpoint"], registry=r)
+        self._wakes = Histogram(
+            "appliance_replica_wake_seconds", "Sleeping replicas woken for a request, by the seconds from the wake to serving (room made included)",
+            ["endpoint"], buckets=LOAD_BUCKETS, registry=r,
+        )
         self._requests = _RequestCollector()
         self._live = _LiveCollector()
         r.register(self._requests)
@@ -220,6 +225,12 @@ class Telemetry:
 
     def evicted(self, endpoint: str, reason: str) -> None:
         self._evictions.labels(endpoint, reason).inc()
+
+    def slept(self, endpoint: str) -> None:
+        self._sleeps.labels(endpoint).inc()
+
+    def woke(self, endpoint: str, seconds: float) -> None:
+        self._wakes.labels(endpoint).observe(seconds)
 
     def decided(self, endpoint: str, direction: str, rule: str | None) -> None:
         self._decisions.labels(endpoint, direction, rule or "idle").inc()

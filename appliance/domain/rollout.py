@@ -102,3 +102,8 @@ def backoff_delay(failures: int, base: float, cap: float) -> float:
 def wake_target(desired: int, min_replicas: int) -> int | None:
     """The count a request asks for when it finds the endpoint scaled to zero; None if it is not."""
     return max(1, min_replicas) if desired == 0 else None
+
+
+def sleep_unsupported(log_tail: Sequence[str]) -> bool:
+    """Whether an engine's last lines say it was given a sleep mode its platform lacks (vLLM on CPU)."""
+    return any("Sleep mode is not supported" in line for line in log_tail)

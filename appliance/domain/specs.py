@@ -168,6 +168,10 @@ class EndpointSpec(Model):
     )
     pin: bool = Field(False, description="never evicted to make room for another endpoint; loaded first at start, even when on_demand")
     priority: int = Field(0, description="start order at boot: higher first (pinned endpoints before all)")
+    sleep: bool = Field(
+        True, description="evicted replicas sleep instead of stopping where the engine can (vLLM on a shared GPU: --enable-sleep-mode; "
+        "weights wait in host RAM, a request wakes them in seconds); where a sleep fails or frees no GPU memory, eviction stops them",
+    )
     autoscaling_policy: Literal["appliance", "backend.ai"] = Field(
         "appliance",
         description="how autoscaling rules combine: appliance (scale-out wins, largest step, clamp, cooldown per direction) "
@@ -353,6 +357,7 @@ class EndpointConfig(Model):
     on_demand: bool = False
     pin: bool = False
     priority: int = 0
+    sleep: bool = True
     autoscaling_policy: str = "appliance"
     environment: Environment | None = None
     inherited: list[str] = Field(default_factory=list, description="fields whose value came from the model folder's files")

@@ -18,6 +18,7 @@ class EndpointStatus(StrEnum):
     UNHEALTHY = "UNHEALTHY"
     ERROR = "ERROR"
     SCALED_TO_ZERO = "SCALED_TO_ZERO"
+    SLEEPING = "SLEEPING"  # every replica asleep (evicted by sleep): the next request wakes them
 
 
 class ReplicaState(StrEnum):
@@ -26,6 +27,7 @@ class ReplicaState(StrEnum):
     HEALTHY = "HEALTHY"
     UNHEALTHY = "UNHEALTHY"
     DRAINING = "DRAINING"
+    SLEEPING = "SLEEPING"  # evicted by the engine's sleep: its process lives on, its weights in host RAM; never routed to
     TERMINATING = "TERMINATING"
     TERMINATED = "TERMINATED"
     FAILED = "FAILED"
@@ -39,10 +41,14 @@ TRANSITIONS: Mapping[ReplicaState, frozenset[ReplicaState]] = MappingProxyType({
     _S.PROVISIONING: frozenset({_S.STARTING, _S.FAILED, _S.TERMINATED}),
     # PROVISIONING again: the port was taken by another program before the worker bound it.
     _S.STARTING: frozenset({_S.HEALTHY, _S.UNHEALTHY, _S.PROVISIONING, _S.FAILED, _S.TERMINATING, _S.TERMINATED}),
-    _S.HEALTHY: frozenset({_S.UNHEALTHY, _S.DRAINING, _S.FAILED, _S.TERMINATED}),
+    # SLEEPING: found asleep by a probe (put to sleep by someone else), or sent to sleep with nothing in flight.
+    _S.HEALTHY: frozenset({_S.UNHEALTHY, _S.DRAINING, _S.SLEEPING, _S.FAILED, _S.TERMINATED}),
     # TERMINATING: replaced after unhealthy_replace_after; DRAINING: stopped with requests in flight.
     _S.UNHEALTHY: frozenset({_S.HEALTHY, _S.DRAINING, _S.TERMINATING, _S.FAILED, _S.TERMINATED}),
-    _S.DRAINING: frozenset({_S.TERMINATING, _S.TERMINATED}),
+    # SLEEPING: drained for a sleep.
+    _S.DRAINING: frozenset({_S.SLEEPING, _S.TERMINATING, _S.TERMINATED}),
+    # HEALTHY: woken; DRAINING/TERMINATING: stopped while asleep; FAILED: its worker died asleep.
+    _S.SLEEPING: frozenset({_S.HEALTHY, _S.DRAINING, _S.TERMINATING, _S.FAILED, _S.TERMINATED}),
     # FAILED: the stop was a replacement, which counts as a failure and restarts.
     _S.TERMINATING: frozenset({_S.FAILED, _S.TERMINATED}),
     _S.FAILED: frozenset({_S.PROVISIONING, _S.TERMINATED}),
@@ -70,6 +76,9 @@ def derive_status(desired: int, states: Sequence[ReplicaState], error: str | Non
     others = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()) if s != ReplicaState.HEALTHY.value)
     if desired == 0 and not states:
         return EndpointStatus.SCALED_TO_ZERO, "no replicas desired"
+    asleep = counts.get(ReplicaState.SLEEPING.value, 0)
+    if asleep and asleep == len(states):
+        return EndpointStatus.SLEEPING, f"{asleep} replica(s) asleep: the next request wakes them"
     if healthy >= desired and not others:
         return EndpointStatus.HEALTHY, f"{healthy}/{desired} healthy"
     if healthy > 0:

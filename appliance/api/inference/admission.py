@@ -159,9 +159,10 @@ class Admission:
                     patient = now + max(config.queue_timeout_seconds, config.wake_timeout_seconds)
                 counts = table.counts.get(endpoint, {})
                 starting = sum(counts.get(s, 0) for s in _STARTING)
+                asleep = counts.get("SLEEPING", 0)  # evicted by sleep: woken in place
                 if woke and table.statuses.get(endpoint) != "ERROR":
-                    starting += counts.get("FAILED", 0)  # a woken replica that failed is restarted; wait unless the endpoint gave up
-                if not routable and not starting and not woke and config.wakes and table.desired.get(endpoint) == 0:
+                    starting += counts.get("FAILED", 0) + asleep  # a woken replica that failed is restarted; wait unless the endpoint gave up
+                if not routable and not starting and not woke and (asleep or (config.wakes and table.desired.get(endpoint) == 0)):
                     woke = True
                     await supervisor.wake(endpoint)  # requests arriving meanwhile see it STARTING and wait for the same replica
                     continue

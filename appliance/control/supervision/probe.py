@@ -47,3 +47,17 @@ async def probe(session: aiohttp.ClientSession, base_url: str, check: HealthChec
         return False, f"timed out after {check.max_wait_time:g}s"
     except aiohttp.ClientError as exc:
         return False, f"connection failed: {exc.__class__.__name__}: {exc}"
+
+
+async def asleep(session: aiohttp.ClientSession, base_url: str, timeout: float = 5.0) -> bool | None:
+    """vLLM's GET /is_sleeping (served with VLLM_SERVER_DEV_MODE=1): True or False, None when the engine
+    does not answer it (no sleep API). /health stays 200 while an engine sleeps: only this tells."""
+    try:
+        async with session.get(base_url + "/is_sleeping", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            if resp.status != 200:
+                return None
+            body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+    value = body.get("is_sleeping") if isinstance(body, dict) else None
+    return value if isinstance(value, bool) else None

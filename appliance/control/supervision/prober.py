@@ -13,7 +13,7 @@ import aiohttp
 
 from appliance.config import WorkersConfig
 from appliance.control.host.listener import Intruder, foreign_listener
-from appliance.control.supervision.probe import probe
+from appliance.control.supervision.probe import asleep, probe
 from appliance.control.supervision.replica import Replica
 from appliance.control.telemetry import Telemetry
 from appliance.domain.health import Health, due_for_replacement, next_probe_delay, observe
@@ -58,6 +58,7 @@ class Prober:
             r.health = after = observe(before, check, passed=passed, detail=detail, now=now)
             if after.status is not before.status:
                 if after.status is Health.HEALTHY:
+                    await self._learn_sleep()
                     await self._record(r, ReplicaState.HEALTHY, detail)
                 elif after.status is Health.UNHEALTHY:
                     await self._record(r, ReplicaState.UNHEALTHY, f"{after.consecutive_failures} failed probes in a row: {detail}")
@@ -66,10 +67,28 @@ class Prober:
             if due_for_replacement(after, self._config.unhealthy_replace_after, now):
                 replace.set()
                 return
+            if passed and r.state is ReplicaState.HEALTHY and await self._found_asleep():
+                return  # the runner puts it to sleep in its books: not routed to until a request wakes it
             delay = next_probe_delay(started, self._clock(), max(check.interval, _MIN_INTERVAL))
             if not after.ever_healthy:
                 delay = await self._poll_until_ready(check, self._clock() + delay)
             await asyncio.sleep(delay)
+
+    async def _learn_sleep(self) -> None:
+        """Before it is first routed to: whether its engine has vLLM's sleep API (an eviction may then put it to sleep)."""
+        if self._r.sleeps is None:
+            self._r.sleeps = await asleep(self._session, self._r.url) is not None
+
+    async def _found_asleep(self) -> bool:
+        """Whether an engine with the sleep API sleeps (someone sent it /sleep): asked at every passing probe."""
+        r = self._r
+        if not r.sleeps:
+            return False
+        state = await asleep(self._session, r.url)
+        if state:
+            r.found_asleep = True
+            r.nap.set()
+        return bool(state)
 
     async def _poll_until_ready(self, check: HealthCheck, until: float) -> float:
         """Between the counted probes of a replica that was never healthy, poll every _READY_POLL:
@@ -82,6 +101,7 @@ class Prober:
             passed, detail = await self._probe(check)
             if passed:
                 r.health = observe(r.health, check, passed=True, detail=detail, now=self._clock())
+                await self._learn_sleep()
                 await self._record(r, ReplicaState.HEALTHY, detail)
                 break
         return max(0.0, until - self._clock())

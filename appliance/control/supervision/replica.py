@@ -40,6 +40,10 @@ class Replica:
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # retry or stop while parked
     room: asyncio.Event = field(default_factory=asyncio.Event)  # another replica let go of its holdings: place again now
+    sleeps: bool | None = None  # its engine answers vLLM's /is_sleeping (None: not asked yet)
+    nap: asyncio.Event = field(default_factory=asyncio.Event)  # evicted by sleep: drain and sleep (or found asleep by a probe)
+    rouse: asyncio.Event = field(default_factory=asyncio.Event)  # asleep, and a request (or /load) wants it back
+    found_asleep: bool = False  # the engine was put to sleep by someone else: nothing to drain, no /sleep to send
     task: asyncio.Task[None] | None = None
     wants: tuple[GpuRequest, int | None, list[GpuInfo]] | None = None  # its last placement: GPUs, host bytes, the GPUs seen
     watch: asyncio.Queue[tuple[str, str]] | None = None  # (state, reason) of every record, for a validation's stream
@@ -70,6 +74,7 @@ class EndpointRun:
     awaiting: bool = False  # capacity taken away on purpose (wake, roll without room) until a replica is HEALTHY
     blocked: str | None = None  # why it cannot be loaded now (nothing can be evicted for it): requests get 503 at once
     loading_since: float | None = None  # when a request (or /load) asked for it while it had no replica
+    sleep_frees: bool | None = None  # False: a sleep of its engine freed no GPU memory (or failed): evictions stop it
 
 
 class RunnerHost(Protocol):
@@ -84,5 +89,7 @@ class RunnerHost(Protocol):
     def released(self, by: Replica) -> None: ...
 
     async def make_room(self, run: EndpointRun, r: Replica, request: GpuRequest, host_claim: int | None, inventory: Sequence[GpuInfo]) -> None: ...
+
+    async def sleep_failed(self, run: EndpointRun, why: str) -> None: ...
 
 

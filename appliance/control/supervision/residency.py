@@ -20,16 +20,18 @@ from appliance.domain.memory import budget, fmt_bytes
 from appliance.domain.placement import Allocation, GpuInfo, GpuRequest, claim_on_gpu, claims_by_device, holdings, shortfall
 from appliance.domain.residency import HOST, Holder, NoRoom, Shortfall, choose_victims
 from appliance.domain.rollout import wake_target
+from appliance.domain.states import ReplicaState
 from appliance.errors import ApplianceError
 
 # (endpoint, count, event kind, message, details, expected count) → applied: the supervisor's scale
 Scale = Callable[[str, int, str, str, dict[str, Any], int | None], Awaitable[bool]]
+Event = Callable[[str, str, str, dict[str, Any]], Awaitable[None]]  # (endpoint, kind, message, details)
 
 
 class Residency:
     def __init__(
         self, config: Config, ledger: Ledger, load: Load, clock: Callable[[], float], runs: Mapping[str, EndpointRun], scale: Scale,
-        telemetry: Telemetry, publish: Callable[[], None],
+        telemetry: Telemetry, publish: Callable[[], None], event: Event,
     ) -> None:
         self._config = config
         self._ledger = ledger
@@ -39,6 +41,7 @@ class Residency:
         self._scale = scale
         self._telemetry = telemetry
         self._publish = publish  # a new routing table: `blocked` is read from it
+        self._event = event  # an endpoint event (kind, message, details) that changes no count
         self._wakes: dict[str, asyncio.Future[None]] = {}
 
     # --- loads ----------------------------------------------------------------------------------
@@ -53,6 +56,12 @@ class Residency:
 
     async def _wake(self, name: str, why: str) -> bool:
         run = self._runs.get(name)
+        asleep = [r for r in run.replicas.values() if r.live and r.state is ReplicaState.SLEEPING] if run else []
+        if run is not None and asleep:
+            run.loading_since = run.loading_since or self._clock()
+            for r in asleep:
+                r.rouse.set()  # its runner makes room on its GPU and wakes the engine
+            return True
         target = wake_target(run.desired, run.config.min_replicas) if run else None
         if run is None or target is None:
             return False
@@ -151,10 +160,30 @@ class Residency:
             }
             freed = ", ".join(f"{fmt_bytes(n)} on {d}" for d, n in sorted(h.claims.items()))
             self._telemetry.evicted(v, "room")
-            await self._scale(
-                v, 0, "residency.evicted", f"endpoint {v} unloaded to make room for {run.name} (least recently used: idle {idle:.0f}s; frees {freed})",
-                details, None,
-            )
+            why = f"least recently used: idle {idle:.0f}s; frees {freed}"
+            if self._sleep(v):
+                await self._event(v, "residency.evicted", f"endpoint {v} put to sleep to make room for {run.name} ({why})", {**details, "by": "sleep"})
+                continue
+            await self._scale(v, 0, "residency.evicted", f"endpoint {v} unloaded to make room for {run.name} ({why})", {**details, "by": "stop"}, None)
+
+    def _sleep(self, name: str) -> bool:
+        """Send the replicas of `name` to sleep, when every one of them can (an engine with the sleep API, on a
+        shared GPU with a claim, and no failed sleep before). False: evict by stopping them."""
+        run = self._runs[name]
+        live = [r for r in run.replicas.values() if r.live]
+        if not run.config.sleep or run.sleep_frees is False or not live:
+            return False
+        if not all(r.sleeps and r.state is ReplicaState.HEALTHY and r.allocation is not None and r.allocation.claim for r in live):
+            return False
+        for r in live:
+            r.nap.set()
+        self._publish()  # out of routing before a new request picks one
+        return True
+
+    async def sleep_failed(self, run: EndpointRun, why: str) -> None:
+        """A replica of `run` could not sleep for an eviction: the eviction stops it instead."""
+        if self._runs.get(run.name) is run and run.desired:
+            await self._scale(run.name, 0, "residency.evicted", f"endpoint {run.name} unloaded: {why}", {"victim": run.name, "reason": "room", "by": "stop"}, None)
 
     def _holders(self, owner: Mapping[str, str], gpu: Mapping[str, Mapping[str, int]], host: Mapping[str, int]) -> list[Holder]:
         claims: dict[str, dict[str, int]] = {}

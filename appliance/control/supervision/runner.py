@@ -29,7 +29,9 @@ from appliance.control.supervision.load import Load
 from appliance.control.models.gate import wait_for_model
 from appliance.control.host.prestart import run_pre_start_actions
 from appliance.control.host.process import Launcher, Slot, looks_like_port_conflict
+from appliance.control.supervision.drain import drain
 from appliance.control.supervision.prober import Prober
+from appliance.control.supervision.sleep import Sleeper
 from appliance.control.supervision.replica import EndpointRun, Replica, RunnerHost
 from appliance.control.telemetry import Telemetry
 from appliance.domain.health import HealthState
@@ -37,7 +39,7 @@ from appliance.domain.memory import host_claim
 from appliance.domain.memory import need as memory_need
 from appliance.domain.placement import GpuInfo, GpuRequest, Unplaceable, visible
 from appliance.domain.residency import NoRoom
-from appliance.domain.rollout import backoff_delay, drains
+from appliance.domain.rollout import backoff_delay, drains, sleep_unsupported
 from appliance.domain.runtimes import Placement, WorkerSpec, build_worker_spec
 from appliance.domain.states import ReplicaState, check_transition
 from appliance.domain.templates import render, render_all
@@ -71,6 +73,7 @@ class ReplicaRunner:
         self._unseal = unseal  # secret environ values are decrypted only into the worker's environment
         self._host = host
         self._session: aiohttp.ClientSession | None = None
+        self._sleeper = Sleeper(config, ledger, load, gpus, host, self._record, clock, self._telemetry)
 
     async def open(self) -> None:
         self._session = aiohttp.ClientSession()
@@ -166,21 +169,36 @@ class ReplicaRunner:
         assert self._session is not None
         deep = spec.served_model_name if config.deep_probe else None  # asked for: the operator knows it speaks OpenAI
         checks = Prober(self._session, config, self._config.workers, r, deep_model=deep, clock=self._clock, telemetry=self._telemetry, record=self._record)
-        prober = asyncio.create_task(checks.run(replace), name=f"probe-{r.id}")
         exited = asyncio.create_task(r.process.wait())
         stop = asyncio.create_task(r.stop_requested.wait())
         swap = asyncio.create_task(replace.wait())
         try:
-            await asyncio.wait({exited, stop, swap, prober}, return_when=asyncio.FIRST_COMPLETED)
+            while True:  # around again after each sleep the replica woke from
+                prober = asyncio.create_task(checks.run(replace), name=f"probe-{r.id}")
+                nap = asyncio.create_task(r.nap.wait())
+                try:
+                    await asyncio.wait({exited, stop, swap, prober, nap}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    await cancel_and_wait(prober, nap)
+                if not r.nap.is_set() or exited.done() or stop.done() or swap.done():
+                    break
+                r.nap.clear()
+                woke = await self._sleeper.nap(self._session, run, r, exited)
+                if woke:  # the engine would not wake: a crash of the replica
+                    exited.cancel()
+                    await r.process.stop(self._config.workers.stop_grace_seconds)
+                    return await self._failed(r, woke)
+                if woke is not None:
+                    break
         finally:
-            await cancel_and_wait(prober, stop, swap)
+            await cancel_and_wait(stop, swap)
         process = r.process
         if exited.done():
             # The leader is gone (wait() returns at its exit); its helpers (an engine's core and workers) may not be, and nobody will stop
             # them gracefully now: a short grace, then the whole tree ends, before its GPUs and port are
             # handed out again.
             await process.stop(min(_ORPHAN_GRACE, self._config.workers.stop_grace_seconds))
-            return await self._exited(r, spec, exited.result())
+            return await self._exited(run, r, spec, exited.result())
         broken = prober.exception() if prober.done() and not prober.cancelled() and not replace.is_set() else None
         if broken is not None and not r.stop_requested.is_set():
             # Without its health checks a replica could stay routable while it fails: a crash of the replica.
@@ -189,7 +207,7 @@ class ReplicaRunner:
             await process.stop(self._config.workers.stop_grace_seconds)
             return await self._failed(r, f"health checks failed: {broken.__class__.__name__}: {broken}")
         if r.stop_requested.is_set() and drains(r.state, self._load.inflight(r.endpoint).get(r.id, 0)):
-            await self._drain(run, r, exited)
+            await drain(self._load, self._record, self._clock, run, r, exited)
         exited.cancel()
         if r.stop_requested.is_set():
             await self._record(r, ReplicaState.TERMINATING, "stopping")
@@ -202,7 +220,7 @@ class ReplicaRunner:
         await process.stop(self._config.workers.stop_grace_seconds)
         return await self._failed(r, f"replaced after {config.unhealthy_replace_after:g}s unhealthy ({r.health.last_result if r.health else ''})")
 
-    async def _exited(self, r: Replica, spec: WorkerSpec, code: int) -> Outcome:
+    async def _exited(self, run: EndpointRun, r: Replica, spec: WorkerSpec, code: int) -> Outcome:
         tail = r.log.last_lines(10)
         if not r.stop_requested.is_set() and r.health and not r.health.ever_healthy and looks_like_port_conflict(tail):
             self._release(r)
@@ -214,29 +232,13 @@ class ReplicaRunner:
         if r.stop_requested.is_set():
             self._release(r)
             return "stopped"
+        if "--enable-sleep-mode" in r.argv and "--enable-sleep-mode" not in run.config.extra_args and sleep_unsupported(tail):
+            self._release(r)  # not the replica's fault: the engine has no sleep mode here; start it again without
+            run.sleep_frees = False
+            await self._record(r, ReplicaState.PROVISIONING, "the engine has no sleep mode on this platform: starting it without; evictions stop it")
+            return "retry"
         early = " before becoming healthy" if r.health and not r.health.ever_healthy else ""
         return await self._failed(r, f"worker exited with code {code}{early}", {"exit_code": code, "last_log_lines": tail})
-
-    async def _drain(self, run: EndpointRun, r: Replica, exited: asyncio.Task[int]) -> None:
-        """Out of routing already; let the requests in flight finish (up to the drain timeout) before the stop."""
-        timeout = run.config.drain_timeout_seconds
-        n = self._load.inflight(r.endpoint).get(r.id, 0)
-        await self._record(r, ReplicaState.DRAINING, f"draining: {n} request(s) in flight, up to {timeout:g}s")
-        if not n:
-            return
-        started = self._clock()
-        idle = asyncio.ensure_future(self._load.wait_idle(r.endpoint, r.id, timeout))
-        try:
-            await asyncio.wait({idle, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            idle.cancel()
-        left = self._load.inflight(r.endpoint).get(r.id, 0)
-        took = self._clock() - started
-        if left:
-            r.log.note(f"drain ended after {took:.1f}s with {left} request(s) still in flight")
-            await self._record(r, ReplicaState.DRAINING, f"drain timeout: {left} request(s) still in flight after {took:.1f}s", {"in_flight": left})
-        else:
-            r.log.note(f"drained in {took:.1f}s")
 
     async def _failed(self, r: Replica, reason: str, details: dict[str, Any] | None = None) -> Outcome:
         """A failed start or a crash: free what it held and say why. Counted by the caller."""
@@ -287,7 +289,7 @@ class ReplicaRunner:
             path = await asyncio.to_thread(find_definition_file, folder, config.definition_file)
             definition = await asyncio.to_thread(load_model_definition, path) if path else None
         placement = Placement(port=port, replica_id=r.id, work_dir=str(r.work_dir), gpu_share=allocation.share, runtime_path=sys.executable,
-                              memory_fraction=allocation.fraction)
+                              memory_fraction=allocation.fraction, sleep_mode=config.sleep and run.sleep_frees is not False and bool(allocation.claim))
         spec = build_worker_spec(config, definition, placement)
         if definition is not None and definition.unused:
             r.log.note(f"model definition: serving {definition.model.name!r}; entries not started here: {', '.join(definition.unused)}")

@@ -57,9 +57,13 @@ class Supervisor:
         self._detached: dict[str, Replica] = {}  # validations' replicas, by id
         self._ledger = Ledger(config.workers.port_range)
         self.telemetry = telemetry or Telemetry()
-        self.residency = Residency(config, self._ledger, self._load, clock, self._runs, self._scale_to, self.telemetry, self._publish_snapshot)
+        self.residency = Residency(
+            config, self._ledger, self._load, clock, self._runs, self._scale_to, self.telemetry, self._publish_snapshot,
+            lambda name, kind, message, details: self._store.events.add(kind, message, endpoint=name, details=details),
+        )
         self.released = self.residency.released  # a replica let go of its holdings: those waiting for room look again
         self.make_room = self.residency.make_room  # a replica found no room: evict for it, or say why not (RunnerHost)
+        self.sleep_failed = self.residency.sleep_failed  # an eviction by sleep did not free memory: stop instead (RunnerHost)
         self._runner = ReplicaRunner(
             config, store, clock, self._load, self._ledger, gpus, launcher, unseal, host=self, identity=identity, telemetry=self.telemetry
         )
@@ -261,6 +265,8 @@ class Supervisor:
 
     async def recorded(self, r: Replica, changed: bool) -> None:
         run = self._runs.get(r.endpoint)
+        if changed and r.state is not ReplicaState.HEALTHY:
+            self._publish_snapshot()  # out of routing now, not after the status is written
         if run is not None:
             if r.state is ReplicaState.HEALTHY:
                 run.awaiting = False
@@ -301,7 +307,7 @@ class Supervisor:
                     name: tuple(
                         RoutableReplica(r.id, name, r.url, run.config.served_model_name)
                         for r in run.replicas.values()
-                        if r.state is ReplicaState.HEALTHY and not r.stop_requested.is_set()
+                        if r.state is ReplicaState.HEALTHY and not r.stop_requested.is_set() and not r.nap.is_set()
                     )
                     for name, run in self._runs.items()
                 }
