@@ -119,7 +119,7 @@ for item in "${plan[@]}"; do
     # (and break transformers' imports); text models need none of them.
     remove/*) step "remove torchvision, torchaudio, torchcodec (unused; they break the CPU torch)" \
                 .venv/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec ;;
-    tests/*) step "the test tools (pytest, schemathesis, playwright, moto)" pip -e ".[test]" ;;
+    tests/*) step "the test tools (pytest, schemathesis, playwright, moto) and Ray Serve for its tests (~0.5 GB)" pip -e ".[test,ray]" ;;
   esac
 done
 { echo "$want"; printf '%s\n' "${have[@]}" "${todo[@]}" | grep -v '^$' | sort -u; } > "$stamp"

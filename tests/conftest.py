@@ -339,7 +339,7 @@ def _nvml_gpu_count() -> int:
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: a process test is slow
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if "process" in item.keywords:
+        if "process" in item.keywords or "ray" in item.keywords:
             item.add_marker(pytest.mark.slow)
     if any("gpu" in item.keywords for item in items) and _nvml_gpu_count() == 0:
         skip = pytest.mark.skip(reason="needs NVML and at least one GPU")

@@ -110,6 +110,7 @@ CONTROL_ALLOWED: dict[str, set[str]] = {
     "supervision": {"host", "models", "telemetry"},
     "scaling": {"supervision", "telemetry"},
     "ops": {"host", "endpoints"},
+    "ray": {"host", "models", "supervision"},
     "endpoints": {"host", "models"},
     "telemetry": set(),
     "__init__": set(),

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from appliance import __version__
-from appliance.cli import access, autoscale, endpoint, gpu, model, server_side, tls, validate
+from appliance.cli import access, autoscale, endpoint, export, gpu, model, server_side, tls, validate
 from appliance.cli.options import shared_options
 from appliance.errors import ApplianceError
 
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     access.register(sub, shared)
     tls.register(sub, shared)
     gpu.register(sub, shared)
+    export.register(sub, shared)
     for group in _groups(parser):
         # `appliance endpoint --config X list` too; SUPPRESS: absent, it leaves the other places' value alone
         group.add_argument("--config", "-c", dest="group_config", metavar="CONFIG", default=argparse.SUPPRESS, help="config file")

@@ -10,9 +10,7 @@ supervisor only creates runners and asks them to stop.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import os
 import shutil
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -22,14 +20,13 @@ from typing import Any, Literal
 import aiohttp
 
 from appliance.config import Config
-from appliance.control.models.folders import find_definition_file, load_model_definition
 from appliance.control.host.identity import WorkerIdentity
 from appliance.control.supervision.ledger import Ledger
 from appliance.control.supervision.load import Load
 from appliance.control.models.gate import wait_for_model
-from appliance.control.host.prestart import run_pre_start_actions
 from appliance.control.host.process import Launcher, Slot, looks_like_port_conflict
 from appliance.control.supervision.drain import drain
+from appliance.control.supervision.prepare import prepare_worker, read_definition
 from appliance.control.supervision.prober import Prober
 from appliance.control.supervision.sleep import Sleeper
 from appliance.control.supervision.replica import EndpointRun, Replica, RunnerHost
@@ -40,9 +37,8 @@ from appliance.domain.memory import need as memory_need
 from appliance.domain.placement import GpuInfo, GpuRequest, Unplaceable, visible
 from appliance.domain.residency import NoRoom
 from appliance.domain.rollout import backoff_delay, drains, sleep_unsupported
-from appliance.domain.runtimes import Placement, WorkerSpec, build_worker_spec
+from appliance.domain.runtimes import Placement, WorkerSpec
 from appliance.domain.states import ReplicaState, check_transition
-from appliance.domain.templates import render, render_all
 from appliance.errors import ApplianceError
 from appliance.security.vault import mask_argv
 from appliance.store import Clock, Store
@@ -283,34 +279,14 @@ class ReplicaRunner:
         self._ledger.hold_host(r.id, host, self._config.residency.host_memory_budget)
         r.port = port = self._ledger.take_port(r.id, self._clock())
         await asyncio.to_thread(r.work_dir.mkdir, parents=True, exist_ok=True)
-        definition = None
-        if config.runtime == "custom":
-            folder = Path(config.model_folder)
-            path = await asyncio.to_thread(find_definition_file, folder, config.definition_file)
-            definition = await asyncio.to_thread(load_model_definition, path) if path else None
+        definition = await read_definition(config)
         placement = Placement(port=port, replica_id=r.id, work_dir=str(r.work_dir), gpu_share=allocation.share, runtime_path=sys.executable,
                               memory_fraction=allocation.fraction, sleep_mode=config.sleep and run.sleep_frees is not False and bool(allocation.claim))
-        spec = build_worker_spec(config, definition, placement)
-        if definition is not None and definition.unused:
-            r.log.note(f"model definition: serving {definition.model.name!r}; entries not started here: {', '.join(definition.unused)}")
-        variables = dict(spec.variables)
-        stated = {k: render(v, variables, where=f"environ.{k}") for k, v in spec.env.items()}
-        env = {**_base_env(), **stated, **self._unseal(config.secret_environ), "CUDA_VISIBLE_DEVICES": allocation.cuda_visible_devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-        if self._identity is not None:
-            env.update(HOME=str(r.work_dir), USER=self._identity.user)
-            await asyncio.to_thread(self._identity.hand_over, r.work_dir)
-        if spec.pre_start_actions:
-            await run_pre_start_actions(
-                spec.pre_start_actions, work_dir=r.work_dir, variables=variables, env=env, sink=r.log, grace=self._config.workers.stop_grace_seconds,
-                identity=self._identity,
-            )
-            if self._identity is not None:  # what the actions wrote belongs to the worker
-                await asyncio.to_thread(self._identity.hand_over, r.work_dir)
-        argv = tuple(render_all(spec.argv, variables, where="start command"))
-        if spec.cwd is not None and not await asyncio.to_thread(Path(spec.cwd).is_dir):
-            raise ApplianceError(f"the model directory does not exist: {spec.cwd}", status=422, code="model_path_missing")
-        spec = dataclasses.replace(spec, argv=argv)
-        r.argv = argv
+        spec, env = await prepare_worker(
+            config, definition, placement, work_dir=r.work_dir, sink=r.log, grace=self._config.workers.stop_grace_seconds, identity=self._identity,
+            device_env={"CUDA_VISIBLE_DEVICES": allocation.cuda_visible_devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, secrets=self._unseal(config.secret_environ),
+        )
+        r.argv = spec.argv
         return spec, env
 
     def _release(self, r: Replica) -> None:
@@ -388,11 +364,3 @@ async def cancel_and_wait(*tasks: asyncio.Future[Any]) -> None:
     for t in tasks:
         if t.done() and not t.cancelled():
             t.exception()  # retrieved: nothing to log about a task we ended
-
-
-def _base_env() -> dict[str, str]:
-    """What a worker inherits from the appliance: only what programs need to run, not its settings."""
-    keep = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    env = {k: os.environ[k] for k in keep if k in os.environ}
-    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-    return env

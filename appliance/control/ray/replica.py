@@ -1,0 +1,209 @@
+"""A Ray Serve deployment whose replica runs one of the appliance's workers on its node: the same
+runtimes, Backend.AI model definitions, pre-start actions, templates and environment as on one box
+(control/supervision/prepare.py), probed with Backend.AI's semantics and relayed to as bytes.
+
+Imported on the cluster's nodes through `serve_export.IMPORT_PATH`; the appliance must be installed
+in the nodes' Python environment. Ray ends each replica's process group when the replica ends, so the
+worker stays in that group (never a session of its own, which would outlive even `ray stop`), and
+its own stop ends its tree by pid, never the actor's group."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import functools
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from appliance.control.host.process import resolve_executable
+from appliance.control.host.replica_log import ReplicaLog
+from appliance.control.supervision.prepare import prepare_worker, read_definition
+from appliance.control.supervision.probe import probe
+from appliance.domain.health import Health, HealthState, due_for_replacement, observe
+from appliance.domain.runtimes import Placement
+from appliance.domain.specs import EndpointConfig
+from appliance.errors import ApplianceError
+from appliance.security.vault import SEALED
+
+log = logging.getLogger("ray.serve")
+SECRET_KEY_ENV = "APPLIANCE_SECRET_KEY"  # the Fernet key sealed environ values open with (the appliance's state_dir/secret.key)
+_GRACE = 10.0  # seconds a stopped worker's tree gets before SIGKILL
+_READY_POLL = 0.1
+_LOG_BYTES, _LOG_BACKUPS = 10 << 20, 2
+# The hop-by-hop headers, and what the proxy sets itself, are not relayed.
+_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers", "transfer-encoding", "upgrade",
+                  "host", "content-length"})
+_PROXY_OWN = frozenset({"date", "server"})  # Serve's proxy (uvicorn) writes its own
+
+
+@serve.deployment
+class Worker:
+    async def __init__(self, endpoint: dict[str, Any]) -> None:
+        self._config = config = EndpointConfig.model_validate(endpoint)
+        self._work = Path(tempfile.mkdtemp(prefix=f"appliance-{config.name}-"))
+        self._log = ReplicaLog(self._work / "worker.log", _LOG_BYTES, _LOG_BACKUPS)
+        self._proc: asyncio.subprocess.Process | None = None
+        port = _free_port()
+        replica = serve.get_replica_context().replica_id.unique_id
+        placement = Placement(port=port, replica_id=f"{config.name}-{replica}", work_dir=str(self._work), gpu_share=config.resources.gpu_share,
+                              runtime_path=sys.executable)
+        definition = await read_definition(config)
+        spec, env = await prepare_worker(
+            config, definition, placement, work_dir=self._work, device_env=_devices(), secrets=_open(config.secret_environ), sink=self._log, grace=_GRACE,
+        )
+        self._check = spec.health_check
+        self._url = f"http://127.0.0.1:{spec.port}"
+        argv = [resolve_executable(spec.argv[0]), *spec.argv[1:]]
+        out = open(self._work / "worker.out", "ab")  # noqa: SIM115  (the child holds it; closed with the worker)
+        try:
+            # No new session: Ray's end of this replica's process group takes the worker with it; and the kernel ends
+            # the worker when the replica dies without Ray (`ray stop --force` kills the raylet that would end the group).
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv, env=env, cwd=spec.cwd or str(self._work), stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                preexec_fn=functools.partial(_die_with, os.getpid()),
+            )
+        finally:
+            out.close()
+        log.info("appliance worker of %s: pid %s on port %s", config.name, self._proc.pid, port)
+        self._session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        self._health = HealthState(spawned_at=asyncio.get_running_loop().time())
+        await self._until_ready()
+
+    async def _until_ready(self) -> None:
+        """Serve has no start timeout of its own: the worker gets Backend.AI's initial_delay to pass a probe."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._check.initial_delay + self._check.interval * max(1, self._check.max_retries)
+        detail = ""
+        while loop.time() < deadline:
+            if self._proc is not None and self._proc.returncode is not None:
+                raise RuntimeError(f"worker of {self._config.name} exited with code {self._proc.returncode} before it was ready: {self._tail()}")
+            passed, detail = await probe(self._session, self._url, self._check)
+            if passed:
+                self._health = observe(self._health, self._check, passed=True, detail=detail, now=loop.time())
+                return
+            await asyncio.sleep(_READY_POLL)
+        await self.__del__()
+        raise RuntimeError(f"worker of {self._config.name} not ready within {deadline - self._health.spawned_at:.0f}s: {detail}")
+
+    async def check_health(self) -> None:
+        """One probe per Serve health check, counted as Backend.AI counts them (max_retries failures in a
+        row make it unhealthy; Serve then replaces it after its own three failed checks)."""
+        if self._proc is None or self._proc.returncode is not None:
+            raise RuntimeError(f"worker exited with code {self._proc.returncode if self._proc else None}: {self._tail()}")
+        now = asyncio.get_running_loop().time()
+        passed, detail = await probe(self._session, self._url, self._check)
+        self._health = observe(self._health, self._check, passed=passed, detail=detail, now=now)
+        if self._health.status is Health.UNHEALTHY or due_for_replacement(self._health, self._config.unhealthy_replace_after, now):
+            raise RuntimeError(f"{self._health.consecutive_failures} failed probes in a row: {detail}")
+
+    async def __call__(self, request: Request) -> Response:
+        """The request relayed as bytes: path below the route prefix, query, headers and body as sent; the
+        answer streamed back chunk by chunk. A client that leaves cancels this, which closes the worker's answer."""
+        root = request.scope.get("root_path", "")
+        path = request.url.path[len(root):] if root and request.url.path.startswith(root) else request.url.path
+        target = self._url + (path or "/") + (f"?{request.url.query}" if request.url.query else "")
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
+        body = await request.body()
+        upstream = await self._session.request(request.method, target, data=body, headers=headers, allow_redirects=False)
+        answer = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP and k.lower() not in _PROXY_OWN}
+        if upstream.content_length is not None and "text/event-stream" not in upstream.headers.get("Content-Type", ""):
+            try:
+                return Response(await upstream.read(), status_code=upstream.status, headers=answer)
+            finally:
+                upstream.release()
+        return StreamingResponse(_relay(upstream), status_code=upstream.status, headers=answer)
+
+    async def __del__(self) -> None:
+        """Serve's graceful end of the replica: the worker's whole tree, by pid."""
+        if self._proc is not None and self._proc.returncode is None:
+            await asyncio.to_thread(_end_tree, self._proc.pid, _GRACE)
+            await self._proc.wait()
+        if not self._session.closed:
+            await self._session.close()
+        self._log.close()
+        shutil.rmtree(self._work, ignore_errors=True)
+
+    def _tail(self) -> str:
+        try:
+            return (self._work / "worker.out").read_bytes()[-1500:].decode(errors="replace")
+        except OSError:
+            return ""
+
+
+async def _relay(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in upstream.content.iter_any():
+            yield chunk
+    finally:
+        upstream.close()  # cut short (the client left): the worker sees the disconnect and stops generating
+
+
+def build(args: dict[str, Any]) -> Any:
+    """The application builder Serve's config names (`import_path`): `args` carries the endpoint."""
+    return Worker.bind(args["endpoint"])
+
+
+def _die_with(parent: int) -> None:
+    """In the child before exec: SIGKILL when the replica's thread that started it ends (PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    if os.getppid() != parent:  # the replica died before the line above
+        os._exit(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _devices() -> dict[str, str]:
+    """The GPUs Ray gave this replica (CUDA_VISIBLE_DEVICES, set on the actor), handed to its worker."""
+    return {k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES",) if k in os.environ}
+
+
+def _open(sealed: dict[str, str]) -> dict[str, str]:
+    """Sealed environ values, opened with the key in the node's environment: never in Serve's config in plain."""
+    if not sealed:
+        return {}
+    key = os.environ.get(SECRET_KEY_ENV)
+    if not key:
+        raise ApplianceError(f"this endpoint has secret environ values: set {SECRET_KEY_ENV} on the cluster's nodes (the appliance's secret.key)",
+                             status=500, code="secret_key_missing")
+    from cryptography.fernet import Fernet
+
+    box = Fernet(key.encode())
+    return {k: box.decrypt(v.removeprefix(SEALED).encode()).decode() for k, v in sealed.items()}
+
+
+def _end_tree(pid: int, grace: float) -> None:
+    try:
+        leader = psutil.Process(pid)
+        tree = [leader, *leader.children(recursive=True)]
+    except psutil.Error:
+        return
+    for p in tree:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
