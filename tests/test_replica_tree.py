@@ -19,7 +19,7 @@ import yaml
 from conftest import Admin, async_wait_for
 from test_supervisor import FAST, WORKERS, create, events, fake_folder, replicas, wait_status
 
-from appliance.control.supervision import prober as prober_module
+from appliance.control.supervision import backend as backend_module
 from appliance.control.supervision.ledger import Ledger
 from appliance.domain.placement import Unplaceable
 
@@ -139,7 +139,7 @@ async def test_a_prober_that_dies_is_a_crash_of_its_replica(
     async def broken(*args: Any, **kwargs: Any) -> tuple[bool, str]:
         raise RuntimeError("database is locked")
 
-    monkeypatch.setattr(prober_module, "probe", broken)
+    monkeypatch.setattr(backend_module, "probe", broken)
 
     async def failed() -> bool:
         return any(e["kind"] == "replica.failed" and "health checks failed" in e["message"] for e in await events(admin, "pr"))

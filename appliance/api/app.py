@@ -30,6 +30,7 @@ from appliance.control.host.process import Launcher, ProcessLauncher
 from appliance.control.ops.retention import Retention
 from appliance.control.scaling.signals import Signals
 from appliance.control.supervision.residency import memory_books
+from appliance.control.supervision.backend import ReplicaBackend
 from appliance.control.supervision.supervisor import Supervisor
 from appliance.control.telemetry import EXPOSITION_TYPE, Live, Telemetry
 from appliance.domain.placement import visible
@@ -212,10 +213,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 def make_app(
-    config: Config, *, clock: Clock = time.time, gpus: GpuMonitor | None = None, launcher: Launcher | None = None
+    config: Config, *, clock: Clock = time.time, gpus: GpuMonitor | None = None, launcher: Launcher | None = None,
+    backend: ReplicaBackend | None = None,
 ) -> web.Application:
     """The whole appliance as one aiohttp application. `launcher` starts replica workers (tests run
-    them in-process); `gpus` reads the inventory (tests give a fixed one)."""
+    them in-process); `backend`, every effect on workers (tests give a fake one: no process at all);
+    `gpus` reads the inventory (tests give a fixed one)."""
     store = Store(config.db_path, clock)
     gpus = gpus or GpuMonitor()
     vault = Vault(config.secret_key_path)
@@ -234,7 +237,7 @@ def make_app(
     launcher = launcher or YieldingLauncher(ProcessLauncher(isolation, identity), nice=config.workers.nice)
     supervisor = Supervisor(
         config, store, clock, gpus.inventory, unseal=vault.open_all, load=load, launcher=launcher, isolation=isolation, identity=identity,
-        telemetry=telemetry,
+        telemetry=telemetry, backend=backend,
     )
     services = Services(
         config=config,

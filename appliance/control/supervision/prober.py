@@ -1,6 +1,6 @@
 """The health checks of one running worker: probes on Backend.AI's schedule (domain/health.py decides),
-a fast readiness poll while it was never healthy, and the check that what answered is the replica's own
-process tree (control/host/listener.py). The runner creates one per worker and records what it reports."""
+a fast readiness poll while it was never healthy, and a squatter on its port reported once. Each probe
+is the replica backend's (backend.py). The runner creates one per worker and records what it reports."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
-
 from appliance.config import WorkersConfig
-from appliance.control.host.listener import Intruder, foreign_listener
-from appliance.control.supervision.probe import asleep, probe
+from appliance.control.host.listener import Intruder
+from appliance.control.supervision.backend import ReplicaBackend
 from appliance.control.supervision.replica import Replica
 from appliance.control.telemetry import Telemetry
 from appliance.domain.health import Health, due_for_replacement, next_probe_delay, observe
@@ -27,10 +25,10 @@ _MIN_INTERVAL = 0.1  # seconds: Backend.AI allows interval 0, which would probe 
 
 class Prober:
     def __init__(
-        self, session: aiohttp.ClientSession, config: EndpointConfig, workers: WorkersConfig, r: Replica, *, deep_model: str | None,
+        self, backend: ReplicaBackend, config: EndpointConfig, workers: WorkersConfig, r: Replica, *, deep_model: str | None,
         clock: Callable[[], float], telemetry: Telemetry, record: Record,
     ) -> None:
-        self._session = session
+        self._backend = backend
         self._config = config
         self._workers = workers
         self._r = r
@@ -39,8 +37,6 @@ class Prober:
         self._telemetry = telemetry
         self._record = record
         self._intruder: Intruder | None = None  # the last one reported, so a squatter is one event, not one per probe
-        self._holders: dict[int, Intruder] = {}  # socket inode → its process, found once
-        self._ours: set[int] = set()  # listening sockets already found in the replica's tree
 
     async def run(self, replace: asyncio.Event) -> None:
         """Probe until the replica is due for replacement (then set `replace` and return). An exception
@@ -77,14 +73,14 @@ class Prober:
     async def _learn_sleep(self) -> None:
         """Before it is first routed to: whether its engine has vLLM's sleep API (an eviction may then put it to sleep)."""
         if self._r.sleeps is None:
-            self._r.sleeps = await asleep(self._session, self._r.url) is not None
+            self._r.sleeps = await self._backend.asleep(self._r) is not None
 
     async def _found_asleep(self) -> bool:
         """Whether an engine with the sleep API sleeps (someone sent it /sleep): asked at every passing probe."""
         r = self._r
         if not r.sleeps:
             return False
-        state = await asleep(self._session, r.url)
+        state = await self._backend.asleep(r)
         if state:
             r.found_asleep = True
             r.nap.set()
@@ -107,20 +103,14 @@ class Prober:
         return max(0.0, until - self._clock())
 
     async def _probe(self, check: HealthCheck) -> tuple[bool, str]:
-        """One probe; a pass counts only when the socket that answered is the replica's own."""
+        """One probe; a pass counts only when what answered is the replica's own worker."""
         r = self._r
-        passed, detail = await probe(self._session, r.url, check, deep_model=self._deep)
-        worker = r.process
-        if not passed or worker is None or worker.pid is None or r.port is None:
-            return passed, detail  # a worker with no OS process of its own (tests' in-process ones) has no socket to check
-        intruder = await asyncio.to_thread(foreign_listener, r.port, worker.pid, worker.cgroup, self._holders, self._ours)
-        if intruder is None:
-            self._intruder = None
-            return passed, detail
-        why = f"port {r.port} is held by {intruder.describe()}"
-        if intruder != self._intruder:
-            self._intruder = intruder
-            r.log.note(f"not routed to: {why}")
+        result = await self._backend.probe(r, check, self._deep)
+        intruder = result.intruder
+        if intruder is not None and intruder != self._intruder:
+            r.log.note(f"not routed to: {result.detail}")
             details: dict[str, Any] = {"port": r.port, "intruder_pid": intruder.pid, "intruder_program": intruder.program, "intruder_uid": intruder.uid}
-            await self._record(r, r.state, why, details, kind="replica.foreign_listener")
-        return False, why
+            await self._record(r, r.state, result.detail, details, kind="replica.foreign_listener")
+        if intruder is not None or result.passed:
+            self._intruder = intruder
+        return result.passed, result.detail

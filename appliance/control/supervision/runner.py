@@ -17,14 +17,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import aiohttp
-
 from appliance.config import Config
 from appliance.control.host.identity import WorkerIdentity
 from appliance.control.supervision.ledger import Ledger
 from appliance.control.supervision.load import Load
 from appliance.control.models.gate import wait_for_model
-from appliance.control.host.process import Launcher, Slot, looks_like_port_conflict
+from appliance.control.host.process import Slot, looks_like_port_conflict
+from appliance.control.supervision.backend import ReplicaBackend
 from appliance.control.supervision.drain import drain
 from appliance.control.supervision.prepare import prepare_worker, read_definition
 from appliance.control.supervision.prober import Prober
@@ -53,7 +52,7 @@ _ORPHAN_GRACE = 2.0  # seconds a tree whose leader died gets to end on its own: 
 
 class ReplicaRunner:
     def __init__(
-        self, config: Config, store: Store, clock: Clock, load: Load, ledger: Ledger, gpus: GpuSource, launcher: Launcher,
+        self, config: Config, store: Store, clock: Clock, load: Load, ledger: Ledger, gpus: GpuSource, backend: ReplicaBackend,
         unseal: Callable[[Mapping[str, str]], dict[str, str]], host: RunnerHost, identity: WorkerIdentity | None = None,
         telemetry: Telemetry | None = None,
     ) -> None:
@@ -65,18 +64,16 @@ class ReplicaRunner:
         self._load = load
         self._ledger = ledger
         self._gpus = gpus
-        self._launch = launcher
+        self._backend = backend
         self._unseal = unseal  # secret environ values are decrypted only into the worker's environment
         self._host = host
-        self._session: aiohttp.ClientSession | None = None
-        self._sleeper = Sleeper(config, ledger, load, gpus, host, self._record, clock, self._telemetry)
+        self._sleeper = Sleeper(config, backend, ledger, load, gpus, host, self._record, clock, self._telemetry)
 
     async def open(self) -> None:
-        self._session = aiohttp.ClientSession()
+        await self._backend.open()
 
     async def close(self) -> None:
-        if self._session:
-            await self._session.close()
+        await self._backend.close()
 
     async def run(self, run: EndpointRun, r: Replica) -> None:
         try:
@@ -155,16 +152,15 @@ class ReplicaRunner:
             r.log.note(f"starting: {' '.join(mask_argv(spec.argv))} (port {r.port})")
             res = config.resources
             slot = Slot(r.id, cpu=res.cpu, mem=int(res.mem) if res.mem else None)
-            r.process = await self._launch(spec.argv, env=env, cwd=Path(spec.cwd) if spec.cwd else r.work_dir, sink=r.log, slot=slot)
+            r.process = await self._backend.start(spec.argv, env=env, cwd=Path(spec.cwd) if spec.cwd else r.work_dir, sink=r.log, slot=slot)
         except ApplianceError as exc:
             return await self._failed(r, exc.message)
         r.started_at = self._clock()
         r.health = HealthState(spawned_at=r.started_at)
         await self._record(r, ReplicaState.STARTING, f"spawned pid {r.process.pid} on port {r.port}" if r.process.pid else f"started on port {r.port}")
         replace = asyncio.Event()
-        assert self._session is not None
         deep = spec.served_model_name if config.deep_probe else None  # asked for: the operator knows it speaks OpenAI
-        checks = Prober(self._session, config, self._config.workers, r, deep_model=deep, clock=self._clock, telemetry=self._telemetry, record=self._record)
+        checks = Prober(self._backend, config, self._config.workers, r, deep_model=deep, clock=self._clock, telemetry=self._telemetry, record=self._record)
         exited = asyncio.create_task(r.process.wait())
         stop = asyncio.create_task(r.stop_requested.wait())
         swap = asyncio.create_task(replace.wait())
@@ -179,7 +175,7 @@ class ReplicaRunner:
                 if not r.nap.is_set() or exited.done() or stop.done() or swap.done():
                     break
                 r.nap.clear()
-                woke = await self._sleeper.nap(self._session, run, r, exited)
+                woke = await self._sleeper.nap(run, r, exited)
                 if woke:  # the engine would not wake: a crash of the replica
                     exited.cancel()
                     await r.process.stop(self._config.workers.stop_grace_seconds)
@@ -293,6 +289,7 @@ class ReplicaRunner:
         if (r.allocation is not None and r.allocation.uuids) or r.port is not None or r.id in self._ledger.host_claims():
             self._host.released(r)  # replicas waiting for room look again at once
         self._ledger.release(r.id)
+        self._backend.forget(r)
         r.port = None  # no longer ours: a later release or record must not name it
         r.allocation = None
         r.process = None
@@ -309,7 +306,10 @@ class ReplicaRunner:
     async def _record(self, r: Replica, state: ReplicaState, message: str, details: dict[str, Any] | None = None, kind: str | None = None) -> None:
         check_transition(r.state, state)
         changed = r.state is not state
+        was = r.state
         r.state = state
+        if changed and was is ReplicaState.HEALTHY:
+            self._host.unrouted(r)  # out of routing now, before the record is written
         row = {
             "id": r.id,
             "endpoint": r.endpoint,

@@ -14,14 +14,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
-
 from appliance.config import Config
 from appliance.control.host.listener import tree_pids
 from appliance.control.supervision.drain import drain
 from appliance.control.supervision.ledger import Ledger
 from appliance.control.supervision.load import Load
-from appliance.control.supervision.probe import asleep
+from appliance.control.supervision.backend import ReplicaBackend
 from appliance.control.supervision.prober import Record
 from appliance.control.supervision.replica import EndpointRun, Replica, RunnerHost
 from appliance.control.telemetry import Telemetry
@@ -34,7 +32,6 @@ from appliance.errors import ApplianceError
 log = logging.getLogger(__name__)
 
 LEVEL = 1  # weights to host RAM, KV cache dropped: a wake reloads nothing from disk
-_ENGINE_CALL = 120.0  # seconds for /sleep or /wake_up: moving tens of GiB between GPU and host takes a while
 MIN_FREED = 0.5  # a sleep must free at least this part of the replica's claim to be worth keeping it asleep
 _ROOM_RETRY = 1.0  # seconds between placement attempts of a wake while its GPU is full (a release retries at once)
 
@@ -43,10 +40,11 @@ GpuSource = Callable[[], Any]  # () → Awaitable[list[GpuInfo]]
 
 class Sleeper:
     def __init__(
-        self, config: Config, ledger: Ledger, load: Load, gpus: GpuSource, host: RunnerHost, record: Record, clock: Callable[[], float],
-        telemetry: Telemetry,
+        self, config: Config, backend: ReplicaBackend, ledger: Ledger, load: Load, gpus: GpuSource, host: RunnerHost, record: Record,
+        clock: Callable[[], float], telemetry: Telemetry,
     ) -> None:
         self._config = config
+        self._backend = backend
         self._ledger = ledger
         self._load = load
         self._gpus = gpus
@@ -55,7 +53,7 @@ class Sleeper:
         self._clock = clock
         self._telemetry = telemetry
 
-    async def nap(self, session: aiohttp.ClientSession, run: EndpointRun, r: Replica, exited: asyncio.Future[int]) -> str | None:
+    async def nap(self, run: EndpointRun, r: Replica, exited: asyncio.Future[int]) -> str | None:
         """Put `r` to sleep (or book it asleep when a probe found it so), and wake it when a request wants it.
         Returns None once it serves again, "" when a stop came or its worker ended (the runner goes on as
         for any stop or exit), or why waking it failed (the runner replaces it)."""
@@ -69,18 +67,18 @@ class Sleeper:
             await drain(self._load, self._record, self._clock, run, r, exited, "draining to sleep")
             if exited.done() or r.stop_requested.is_set():
                 return ""
-            failed = await _engine_call(session, r, f"/sleep?level={LEVEL}")
-            if failed is None and await asleep(session, r.url) is not True:
+            failed = await self._backend.engine_call(r, f"/sleep?level={LEVEL}")
+            if failed is None and await self._backend.asleep(r) is not True:
                 failed = "the engine still says it is awake (/is_sleeping)"
             if failed is not None:
-                return await self._stays_awake(session, run, r, f"sleep failed: {failed}")
+                return await self._stays_awake(run, r, f"sleep failed: {failed}")
         slept_at = self._clock()
         claim = r.allocation.claim if r.allocation is not None else None
         held = await self._held_on_gpu(r)
         if not outside and claim and (held is None or held > claim * (1 - MIN_FREED)):
             seen = "NVML shows no process of it" if held is None else f"NVML shows {fmt_bytes(held)} of its {fmt_bytes(claim)} claim still held"
-            await _engine_call(session, r, "/wake_up")
-            return await self._stays_awake(session, run, r, f"sleeping freed too little GPU memory ({seen})")
+            await self._backend.engine_call(r, "/wake_up")
+            return await self._stays_awake(run, r, f"sleeping freed too little GPU memory ({seen})")
         self._book_asleep(run, r, held)
         what = f"holds {fmt_bytes(held or 0)} on its GPU, weights in host RAM" if claim else "not routed to until a request wakes it"
         await self._record(r, ReplicaState.SLEEPING, ("found asleep (/is_sleeping)" if outside else f"asleep (level {LEVEL})") + f": {what}",
@@ -97,7 +95,7 @@ class Sleeper:
         if exited.done() or r.stop_requested.is_set():
             return ""
         r.rouse.clear()
-        return await self._wake(session, run, r, exited, slept_at)
+        return await self._wake(run, r, exited, slept_at)
 
     def _cannot_hold_weights(self, run: EndpointRun, r: Replica) -> str | None:
         """Why the weights of `r` would not fit in host memory while it sleeps, or None."""
@@ -121,7 +119,7 @@ class Sleeper:
         if self._config.residency.host_memory_budget is not None:
             self._ledger.reserve(r.id, None, ((r.wants[1] or 0) if r.wants else 0) + _weights(run, r))
 
-    async def _stays_awake(self, session: aiohttp.ClientSession, run: EndpointRun, r: Replica, why: str) -> str:
+    async def _stays_awake(self, run: EndpointRun, r: Replica, why: str) -> str:
         """A sleep that failed or freed too little: never again for this endpoint; this eviction stops it instead."""
         r.log.note(why)
         log.warning("replica %s: %s; evictions of endpoint %s stop its replicas from now on", r.id, why, run.name)
@@ -130,12 +128,12 @@ class Sleeper:
         await self._host.sleep_failed(run, why)
         return ""  # drained already: the runner stops it
 
-    async def _wake(self, session: aiohttp.ClientSession, run: EndpointRun, r: Replica, exited: asyncio.Future[int], slept_at: float) -> str | None:
+    async def _wake(self, run: EndpointRun, r: Replica, exited: asyncio.Future[int], slept_at: float) -> str | None:
         started = self._clock()
         if not await self._room_again(run, r, exited):
             return ""
-        failed = await _engine_call(session, r, "/wake_up")
-        if failed is None and await asleep(session, r.url) is not False:
+        failed = await self._backend.engine_call(r, "/wake_up")
+        if failed is None and await self._backend.asleep(r) is not False:
             failed = "the engine still says it is asleep (/is_sleeping)"
         if failed is not None:
             return f"wake failed: {failed}"
@@ -196,15 +194,3 @@ def _weights(run: EndpointRun, r: Replica) -> int:
     if estimate is not None:
         return estimate.weights
     return (r.allocation.claim or 0) if r.allocation is not None else 0
-
-
-async def _engine_call(session: aiohttp.ClientSession, r: Replica, path: str) -> str | None:
-    """POST `path` to the replica's engine: None when it answered 200, else what went wrong."""
-    try:
-        async with session.post(r.url + path, timeout=aiohttp.ClientTimeout(total=_ENGINE_CALL)) as resp:
-            if resp.status == 200:
-                return None
-            text = (await resp.content.read(300)).decode(errors="replace")
-            return f"POST {path.split('?')[0]}: HTTP {resp.status}: {text}"
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return f"POST {path.split('?')[0]}: {exc.__class__.__name__}: {exc}"

@@ -22,10 +22,12 @@ from appliance.control.host.cgroups import Isolation
 from appliance.control.host.identity import WorkerIdentity
 from appliance.control.supervision.ledger import Ledger
 from appliance.control.supervision.load import Load
-from appliance.control.host.process import Launcher, ProcessLauncher, stop_orphan
+from appliance.control.host.process import Launcher, ProcessLauncher
 from appliance.control.supervision.replica import EndpointRun, Replica
 from appliance.control.supervision.residency import Residency
 from appliance.control.host.replica_log import ReplicaLog
+from appliance.control.supervision.backend import LocalBackend, ReplicaBackend
+from appliance.control.supervision.orphans import stop_orphans
 from appliance.control.supervision.runner import GpuSource, ReplicaRunner
 from appliance.control.telemetry import Telemetry
 from appliance.domain.placement import Allocation
@@ -45,7 +47,7 @@ class Supervisor:
     def __init__(
         self, config: Config, store: Store, clock: Clock, gpus: GpuSource, unseal: Callable[[Mapping[str, str]], dict[str, str]] = dict,
         load: Load | None = None, launcher: Launcher | None = None, isolation: Isolation | None = None, identity: WorkerIdentity | None = None,
-        telemetry: Telemetry | None = None,
+        telemetry: Telemetry | None = None, backend: ReplicaBackend | None = None,
     ) -> None:
         self.isolation = isolation or Isolation("process-group", "process groups")
         launcher = launcher or ProcessLauncher(self.isolation, identity)
@@ -65,7 +67,8 @@ class Supervisor:
         self.make_room = self.residency.make_room  # a replica found no room: evict for it, or say why not (RunnerHost)
         self.sleep_failed = self.residency.sleep_failed  # an eviction by sleep did not free memory: stop instead (RunnerHost)
         self._runner = ReplicaRunner(
-            config, store, clock, self._load, self._ledger, gpus, launcher, unseal, host=self, identity=identity, telemetry=self.telemetry
+            config, store, clock, self._load, self._ledger, gpus, backend or LocalBackend(launcher), unseal, host=self, identity=identity,
+            telemetry=self.telemetry,
         )
         self._poke = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
@@ -80,7 +83,7 @@ class Supervisor:
     async def start(self) -> None:
         log.info("replica isolation: %s", self.isolation.detail)
         await self._runner.open()
-        await self._stop_orphans()
+        await stop_orphans(self._store, self.isolation, self._config.workers.stop_grace_seconds)
         await self._reconcile()
         self._loop_task = asyncio.create_task(self._loop(), name="supervisor")
 
@@ -138,36 +141,6 @@ class Supervisor:
                 await self._reconcile()
             except Exception:  # one bad pass must not end supervision
                 log.exception("reconcile failed")
-
-    async def _stop_orphans(self) -> None:
-        cgroups = self.isolation.cgroups
-        leaves = await asyncio.to_thread(cgroups.leftovers) if cgroups else []
-        held = {leaf.name for leaf in leaves}  # a leaf holds its replica's whole tree: ending it is enough
-        rows = [r for r in await self._store.replicas.all() if r["pid"] and r["state"] != ReplicaState.TERMINATED.value and r["id"] not in held]
-        grace = self._config.workers.stop_grace_seconds
-
-        async def stop(row: dict[str, Any]) -> None:
-            if await asyncio.to_thread(stop_orphan, row["pid"], row["pid_started_at"], grace):
-                await self._store.events.add(
-                    "replica.orphan_stopped",
-                    f"stopped worker pid {row['pid']} of replica {row['id']} left by an earlier run",
-                    endpoint=row["endpoint"],
-                    details={"replica": row["id"], "pid": row["pid"]},
-                )
-
-        async def stop_leaf(leaf: Path) -> None:
-            assert cgroups is not None
-            populated = await asyncio.to_thread(cgroups.populated, leaf)
-            await asyncio.to_thread(cgroups.end, leaf, grace)
-            if not populated:
-                return
-            await self._store.events.add(
-                "replica.orphan_stopped", f"ended cgroup {leaf} of replica {leaf.name} left by an earlier run",
-                endpoint=leaf.name.rsplit("-", 1)[0], details={"replica": leaf.name, "cgroup": str(leaf)},
-            )
-
-        await asyncio.gather(*(stop_leaf(leaf) for leaf in leaves), *(stop(row) for row in rows))  # one grace period in all, not one each
-        await self._store.replicas.clear()
 
     # --- reconciliation ----------------------------------------------------------------------
 
@@ -265,8 +238,6 @@ class Supervisor:
 
     async def recorded(self, r: Replica, changed: bool) -> None:
         run = self._runs.get(r.endpoint)
-        if changed and r.state is not ReplicaState.HEALTHY:
-            self._publish_snapshot()  # out of routing now, not after the status is written
         if run is not None:
             if r.state is ReplicaState.HEALTHY:
                 run.awaiting = False
@@ -276,6 +247,9 @@ class Supervisor:
             await self._publish_status(run)
         if changed:
             self._publish_snapshot()
+
+    def unrouted(self, r: Replica) -> None:
+        self._publish_snapshot()  # it left HEALTHY: no new request picks it while its record is written
 
     def finished(self, run: EndpointRun, r: Replica) -> None:
         run.replicas.pop(r.id, None)
