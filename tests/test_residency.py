@@ -57,11 +57,14 @@ def residency() -> dict[str, Any]:
 
 @pytest.fixture
 async def box(launcher: Any, aiohttp_client: Any, make_config: Any, residency: dict[str, Any]) -> Admin:
-    nvml = ClaimsNvml()
-    config = make_config({"workers": WORKERS, "residency": residency})
-    app = make_app(config, gpus=GpuMonitor(nvml, ttl=0.0), launcher=launcher)
-    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
-    nvml.supervisor = app[SERVICES].supervisor
+    return await gpu_box(aiohttp_client, make_config({"workers": WORKERS, "residency": residency}), ClaimsNvml(), launcher=launcher)
+
+
+async def gpu_box(aiohttp_client: Any, config: Any, nvml: ClaimsNvml, **app: Any) -> Admin:
+    """The appliance on `nvml`'s one fake GPU (which reads the replicas' claims from its supervisor)."""
+    made = make_app(config, gpus=GpuMonitor(nvml, ttl=0.0), **app)
+    client = await aiohttp_client(made, server_kwargs={"handler_cancellation": True})
+    nvml.supervisor = made[SERVICES].supervisor
 
     async def ready() -> bool:
         return (await client.get("/readyz")).status == 200

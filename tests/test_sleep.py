@@ -12,12 +12,10 @@ from typing import Any
 
 import pytest
 from conftest import Admin, async_wait_for
-from test_residency import GIB, ClaimsNvml, _chat, _create, _loaded, _ps, _wait_ps
+from test_residency import GIB, ClaimsNvml, _chat, _create, _loaded, _ps, _wait_ps, gpu_box
 from test_supervisor import WORKERS
 
-from appliance.api.app import make_app
 from appliance.api.services import SERVICES
-from appliance.control.host.gpus import GpuMonitor
 from appliance.domain.placement import GpuInfo, GpuProcess
 from appliance.domain.rollout import sleep_unsupported
 from appliance.domain.runtimes import Placement, build_worker_spec
@@ -59,16 +57,7 @@ def _asleep(port: int) -> bool:
 
 async def _box(aiohttp_client: Any, make_config: Any, nvml: SleepyNvml) -> Admin:
     """Real worker processes (NVML lists processes by pid), one fake GPU."""
-    config = make_config({"workers": WORKERS, "residency": {"min_resident_seconds": 0}})
-    app = make_app(config, gpus=GpuMonitor(nvml, ttl=0.0))
-    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
-    nvml.supervisor = app[SERVICES].supervisor
-
-    async def ready() -> bool:
-        return (await client.get("/readyz")).status == 200
-
-    await async_wait_for(ready, timeout=10, what="/readyz")
-    return Admin(client, config)
+    return await gpu_box(aiohttp_client, make_config({"workers": WORKERS, "residency": {"min_resident_seconds": 0}}), nvml)
 
 
 async def _replica(admin: Admin, name: str) -> dict[str, Any]:
