@@ -22,6 +22,7 @@ import yaml
 from conftest import wait_for
 from test_supervisor import FAKE
 
+from appliance.demo_model import write_demo_model
 from appliance.domain.serve_export import IMPORT_PATH, serve_config
 from appliance.domain.specs import EndpointConfig, HealthCheck, Resources
 
@@ -98,13 +99,13 @@ def cluster(tmp_path: Path) -> Any:
     subprocess.run(["rm", "-rf", str(temp)], check=False)
 
 
-def _worker_pids(app: str) -> list[int]:
-    """The fake workers a Serve replica of `app` started (children of its ServeReplica actor)."""
+def _worker_pids(app: str, program: str = "fake_worker.py") -> list[int]:
+    """The workers a Serve replica of `app` started (children of its ServeReplica actor running `program`)."""
     out = []
     for p in psutil.process_iter(["cmdline"]):
         try:
             if any(f"ServeReplica:{app}:" in part for part in p.info["cmdline"] or []):
-                out += [c.pid for c in p.children(recursive=True) if "fake_worker.py" in " ".join(c.cmdline())]
+                out += [c.pid for c in p.children(recursive=True) if program in " ".join(c.cmdline())]
         except psutil.Error:
             pass
     return out
@@ -121,7 +122,8 @@ def test_exported_endpoints_run_on_a_local_ray_cluster(cluster: dict[str, Any], 
     config = tmp_path / "config.toml"
     config.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n[[endpoints]]\nname = "fake"\nmodel_folder = "{folder}"\n'
                       'secret_environ = { HF_TOKEN = "hf_from_the_vault" }\n'
-                      f'[[endpoints]]\nname = "other"\nmodel_folder = "{folder}"\n')
+                      f'[[endpoints]]\nname = "other"\nmodel_folder = "{folder}"\n'
+                      f'[[endpoints]]\nname = "tiny"\nmodel_folder = "{write_demo_model(tmp_path / "tiny")}"\nruntime = "transformers"\n')
     out = tmp_path / "serve.yaml"
     done = subprocess.run([sys.executable, "-m", "appliance", "export", "ray-serve", "--config", str(config), "--port", str(cluster["serve_port"]), "-o", str(out)],
                           capture_output=True, text=True, timeout=120)
@@ -166,6 +168,20 @@ def test_exported_endpoints_run_on_a_local_ray_cluster(cluster: dict[str, Any], 
     wait_for(lambda: not _alive(second), timeout=15, what="the killed actor's worker gone")
     wait_for(lambda: _get(base + "/health")[0] == 200 and _worker_pids("fake") not in ([], [second]), timeout=60, what="serving again after the actor's kill")
 
+    # A real engine on Ray: the demo model on `transformers serve`, started by its Serve replica meanwhile.
+    chat = json.dumps({"model": str(tmp_path / "tiny"), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
+
+    def answered() -> Any:
+        req = urllib.request.Request(f"http://127.0.0.1:{cluster['serve_port']}/endpoints/tiny/v1/chat/completions", data=chat,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return json.loads(resp.read())
+        except OSError:
+            return None
+
+    reply = wait_for(answered, timeout=240, interval=1.0, what="transformers serve answering through Serve")
+    assert reply["usage"]["completion_tokens"] == 4, reply
     # An application left out of the next deploy is deleted, and its worker ends with it.
     (other,) = _worker_pids("other")
     document["applications"] = [a for a in document["applications"] if a["name"] != "other"]
@@ -175,8 +191,10 @@ def test_exported_endpoints_run_on_a_local_ray_cluster(cluster: dict[str, Any], 
     wait_for(lambda: not _alive(other), timeout=30, what="the deleted application's worker gone")
     # `ray stop --force` kills the raylet that would end the replicas' groups: the workers still end with their replica.
     (third,) = _worker_pids("fake")
+    engines = _worker_pids("tiny", "transformers")
+    assert engines, "the transformers serve worker of tiny"
     subprocess.run([str(BIN / "ray"), "stop", "--force"], env=cluster["env"], capture_output=True, timeout=120)
-    wait_for(lambda: not _alive(third), timeout=15, what="the worker gone after ray stop --force")
+    wait_for(lambda: not any(_alive(p) for p in [third, *engines]), timeout=15, what="every worker gone after ray stop --force")
 
 
 def _alive(pid: int) -> bool:
