@@ -5,7 +5,7 @@ transition table in domain/states.py."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -16,6 +16,8 @@ from appliance.domain.health import HealthState
 from appliance.domain.placement import Allocation, GpuInfo, GpuRequest
 from appliance.domain.specs import EndpointConfig
 from appliance.domain.states import EndpointStatus, ReplicaState
+
+GpuSource = Callable[[], Awaitable[list[GpuInfo]]]  # the GPU inventory, read off the event loop
 
 
 @dataclass

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import shutil
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +28,7 @@ from appliance.control.supervision.drain import drain
 from appliance.control.supervision.prepare import prepare_worker, read_definition
 from appliance.control.supervision.prober import Prober
 from appliance.control.supervision.sleep import Sleeper
-from appliance.control.supervision.replica import EndpointRun, Replica, RunnerHost
+from appliance.control.supervision.replica import EndpointRun, GpuSource, Replica, RunnerHost
 from appliance.control.telemetry import Telemetry
 from appliance.domain.health import HealthState
 from appliance.domain.memory import host_claim
@@ -44,7 +44,6 @@ from appliance.store import Clock, Store
 
 log = logging.getLogger(__name__)
 
-GpuSource = Callable[[], Awaitable[list[GpuInfo]]]
 Outcome = Literal["stopped", "crashed", "retry"]
 _WAIT_FOR_CAPACITY = 1.0  # seconds between placement attempts while memory is short (a release retries at once)
 _ORPHAN_GRACE = 2.0  # seconds a tree whose leader died gets to end on its own: no graceful stop is coming

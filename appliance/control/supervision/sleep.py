@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from appliance.config import Config
 from appliance.control.host.listener import tree_pids
@@ -21,7 +20,7 @@ from appliance.control.supervision.ledger import Ledger
 from appliance.control.supervision.load import Load
 from appliance.control.supervision.backend import ReplicaBackend
 from appliance.control.supervision.prober import Record
-from appliance.control.supervision.replica import EndpointRun, Replica, RunnerHost
+from appliance.control.supervision.replica import EndpointRun, GpuSource, Replica, RunnerHost
 from appliance.control.telemetry import Telemetry
 from appliance.domain.memory import fmt_bytes
 from appliance.domain.placement import Allocation, GpuInfo, Unplaceable, visible
@@ -35,7 +34,6 @@ LEVEL = 1  # weights to host RAM, KV cache dropped: a wake reloads nothing from 
 MIN_FREED = 0.5  # a sleep must free at least this part of the replica's claim to be worth keeping it asleep
 _ROOM_RETRY = 1.0  # seconds between placement attempts of a wake while its GPU is full (a release retries at once)
 
-GpuSource = Callable[[], Any]  # () → Awaitable[list[GpuInfo]]
 
 
 class Sleeper:

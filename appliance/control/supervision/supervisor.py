@@ -23,12 +23,12 @@ from appliance.control.host.identity import WorkerIdentity
 from appliance.control.supervision.ledger import Ledger
 from appliance.control.supervision.load import Load
 from appliance.control.host.process import Launcher, ProcessLauncher
-from appliance.control.supervision.replica import EndpointRun, Replica
+from appliance.control.supervision.replica import EndpointRun, GpuSource, Replica
 from appliance.control.supervision.residency import Residency
 from appliance.control.host.replica_log import ReplicaLog
 from appliance.control.supervision.backend import LocalBackend, ReplicaBackend
 from appliance.control.supervision.orphans import stop_orphans
-from appliance.control.supervision.runner import GpuSource, ReplicaRunner
+from appliance.control.supervision.runner import ReplicaRunner
 from appliance.control.telemetry import Telemetry
 from appliance.domain.placement import Allocation
 from appliance.domain.rollout import ReplicaView, plan
