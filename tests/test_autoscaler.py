@@ -11,7 +11,7 @@ import pytest
 from conftest import wait_for
 from pydantic import ValidationError
 
-from appliance.control.scaling.signals import _ProcessTree, prometheus_value
+from appliance.control.scaling.signals import ProcessTree, prometheus_value
 from appliance.domain.scaling import Rule, RuleSpec, ScaleState, decide, percentile, window_average
 
 NOW = 10_000.0
@@ -170,7 +170,7 @@ def test_process_tree_cpu_needs_two_readings_and_memory_is_resident_bytes() -> N
     # A parent with a busy child: the child's CPU counts for the parent's tree.
     parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run([sys.executable, '-c', 'while True: pass'])"])
     try:
-        tree = _ProcessTree()
+        tree = ProcessTree()
         first = tree.read([parent.pid, os.getpid()])
         assert first[parent.pid][0] is None and first[os.getpid()][1] > 1e6
         def busy() -> tuple[float, float] | None:

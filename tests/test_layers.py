@@ -110,7 +110,7 @@ CONTROL_ALLOWED: dict[str, set[str]] = {
     "supervision": {"host", "models", "telemetry"},
     "scaling": {"supervision", "telemetry"},
     "ops": {"host", "endpoints"},
-    "ray": {"host", "models", "supervision"},
+    "ray": {"host", "models", "scaling", "supervision"},
     "endpoints": {"host", "models"},
     "telemetry": set(),
     "__init__": set(),

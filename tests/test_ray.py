@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,8 @@ from conftest import wait_for
 from test_supervisor import FAKE
 
 from appliance.demo_model import write_demo_model
+from appliance.control.ray.policy import AppliancePolicy, figures
+from appliance.domain.scaling import Rule, RuleSpec, declared_rule_rows
 from appliance.domain.serve_export import IMPORT_PATH, serve_config
 from appliance.domain.specs import EndpointConfig, HealthCheck, Resources
 
@@ -43,27 +49,119 @@ EXAMPLES = [
     _endpoint("chat", aliases=["gpt"], resources=Resources(gpu_share=0.5), max_concurrency=16, routing="session_affinity"),
     _endpoint("big", resources=Resources(gpus=2, cpu=4, mem="32gb"), replicas=2, min_replicas=1, max_replicas=4, max_surge=1, drain_timeout_seconds=30.0),
     _endpoint("lazy", runtime="transformers", on_demand=True, min_replicas=0, replicas=1, idle_timeout_seconds=600.0, pin=True, queue_timeout_seconds=5.0),
+    _endpoint("busy", runtime="custom", replicas=1, min_replicas=1, max_replicas=3, autoscaling_policy="backend.ai"),
 ]
+RULES = {"busy": [Rule.of(row) for row in declared_rule_rows("busy", [
+    RuleSpec(metric_source="inference", metric_name="vllm:num_requests_waiting", comparator="GREATER_THAN", threshold=4, step_size=1, window_seconds=20),
+    RuleSpec(metric_source="gateway", metric_name="latency_p95", comparator="LESS_THAN", threshold=0.5, step_size=-1, max_replicas=5, cooldown_seconds=60),
+])]}
 
 
 def test_the_export_matches_the_golden_file_field_by_field_warnings_included() -> None:
-    document, warnings = serve_config(EXAMPLES, host="127.0.0.1", port=8000)
+    document, warnings = serve_config(EXAMPLES, host="127.0.0.1", port=8000, rules=RULES)
     golden = yaml.safe_load(GOLDEN.read_text())
     assert warnings == golden["warnings"]
     for i, (app, want) in enumerate(zip(document["applications"], golden["config"]["applications"], strict=True)):
         for field in ("name", "route_prefix", "import_path"):
             assert app[field] == want[field], (i, field)
         assert app["deployments"] == want["deployments"], app["name"]
-        assert app["args"]["endpoint"] == EXAMPLES[i].model_dump(mode="json")  # the whole endpoint travels: the replica needs all of it
+        assert app["args"] == want["args"] | {"endpoint": EXAMPLES[i].model_dump(mode="json")}  # the whole endpoint travels: the replica needs all of it
     assert {k: v for k, v in document.items() if k != "applications"} == {k: v for k, v in golden["config"].items() if k != "applications"}
 
 
 def test_the_export_validates_against_rays_serve_deploy_schema() -> None:
     schema = pytest.importorskip("ray.serve.schema")
-    document, _ = serve_config(EXAMPLES)
+    document, _ = serve_config(EXAMPLES, rules=RULES)
     schema.ServeDeploySchema.model_validate(document)
     public, warnings = serve_config(EXAMPLES[:1], host="0.0.0.0")
     assert any("answers anyone" in w for w in warnings)
+
+
+def test_the_serve_router_keeps_a_key_on_its_replica_and_moves_only_that_replicas_keys() -> None:
+    pytest.importorskip("ray")
+    from ray.serve._private.common import StreamingHTTPRequest
+
+    from appliance.control.ray.router import rank, route_key
+
+    ids = ["r1", "r2", "r3", "r4"]
+    rng = random.Random(7)
+    homes = {k: rank("session_affinity", ids, k, {}, 2.0, rng)[0][0] for k in (f"user-{n}" for n in range(200))}
+    assert set(homes.values()) == set(ids)  # keys spread over the replicas
+    assert all(rank("session_affinity", ids, k, {}, 2.0, rng)[0] == [home] for k, home in homes.items())  # and stay put
+    gone = [i for i in ids if i != "r2"]
+    for k, home in homes.items():  # r2 leaves: only its keys move
+        order = rank("session_affinity", gone, k, {}, 2.0, rng)
+        assert order[0] == [home] if home != "r2" else order[0][0] != "r2"
+        assert sorted(i for (i,) in order) == sorted(gone)  # a full first choice falls through to the rest, one by one
+    # Prefix routing leaves a first choice with more than overload × the least load; no key: Serve's two choices.
+    key = "system:you are terse"
+    first = rank("prefix", ids, key, {}, 2.0, rng)[0][0]
+    busy = {i: (9 if i == first else 2) for i in ids}
+    assert rank("prefix", ids, key, busy, 2.0, rng)[-1] == [first] and first not in rank("prefix", ids, key, busy, 2.0, rng)[0]
+    assert rank("prefix", ids, key, {**busy, first: 4}, 2.0, rng)[0] == [first]
+    assert len(rank("session_affinity", ids, None, {}, 2.0, rng)) == 1 and len(rank("session_affinity", ids, None, {}, 2.0, rng)[0]) == 2
+    # The key comes from the headers of the ASGI scope Serve's proxy pickles for the replica.
+    scope = {"type": "http", "headers": [(b"content-type", b"application/json"), (b"x-session-id", b"conv-42")]}
+    assert route_key([pickle.dumps(StreamingHTTPRequest(asgi_scope=scope, proxy_actor_name="p"))]) == "conv-42"
+    scope["headers"].append((b"x-appliance-route-key", b"prefix-key"))
+    assert route_key([pickle.dumps(StreamingHTTPRequest(asgi_scope=scope, proxy_actor_name="p"))]) == "prefix-key"
+    assert route_key([b"not a pickle"]) is None and route_key([]) is None
+
+
+SCALES_BY_INFLIGHT = "".join(
+    f'[[endpoints.autoscaling_rules]]\nmetric_source = "gateway"\nmetric_name = "inflight_per_replica"\ncomparator = "{c}"\nthreshold = {t}\n'
+    f'step_size = {step}\nwindow_seconds = 2\ncooldown_seconds = 0\n' for c, t, step in (("GREATER_THAN_OR_EQUAL", 1, 1), ("LESS_THAN_OR_EQUAL", 0, -1))
+)
+
+
+def _ctx(now: float, raw: dict[str, dict[str, list[tuple[float, float]]]], target: int, state: dict[str, Any] | None = None,
+         requests: float = 0, queued: float = 0) -> SimpleNamespace:
+    """What Serve's controller hands a custom policy each tick (AutoscalingContext's fields the policy reads)."""
+    series = {name: {rid: [SimpleNamespace(timestamp=t, value=v) for t, v in points] for rid, points in per.items()} for name, per in raw.items()}
+    replicas = sorted({rid for per in raw.values() for rid in per}) or [f"r{i}" for i in range(target)]
+    return SimpleNamespace(current_time=now, policy_state=state or {}, raw_metrics=series, running_replicas=replicas, total_num_requests=requests,
+                           total_queued_requests=queued, target_num_replicas=target, app_name="busy")
+
+
+def _rule(**fields: Any) -> dict[str, Any]:
+    return declared_rule_rows("busy", [RuleSpec(**fields)])[0]
+
+
+def test_the_serve_policy_scales_out_by_the_rules_figures_and_keeps_its_cooldown_between_ticks() -> None:
+    out = _rule(metric_source="gateway", metric_name="inflight_per_replica", comparator="GREATER_THAN_OR_EQUAL", threshold=2, step_size=1,
+                window_seconds=10, cooldown_seconds=60)
+    policy = AppliancePolicy([out], min_replicas=1, max_replicas=3)
+    busy = {"gateway/inflight_per_replica": {"a": [(95.0, 3.0), (99.0, 2.0)]}}
+    target, state = policy(_ctx(100.0, busy, target=1, requests=3))
+    assert target == 2 and state["appliance"]["last_fired"] == {out["id"]: 100.0}
+    both = {"gateway/inflight_per_replica": {"a": [(105.0, 3.0)], "b": [(105.0, 2.0)]}}
+    assert policy(_ctx(110.0, both, target=2, state=state, requests=5))[0] == 2  # the rule's cooldown holds
+    assert policy(_ctx(161.0, {"gateway/inflight_per_replica": {"a": [(160.0, 3.0)], "b": [(160.0, 2.0)]}}, target=2, state=state))[0] == 3
+    old = {"gateway/inflight_per_replica": {"a": [(80.0, 9.0)]}}  # outside the rule's window: missing, nothing changes
+    assert policy(_ctx(100.0, old, target=1))[0] == 1
+
+
+def test_the_serve_policy_combines_replicas_as_on_one_box_under_either_policy() -> None:
+    per_route = _rule(metric_source="inference_framework", metric_name="vllm:num_requests_waiting", comparator="GREATER_THAN", threshold=3, step_size=1)
+    per_replica = _rule(metric_source="inference", metric_name="vllm:num_requests_waiting", comparator="GREATER_THAN", threshold=3, step_size=2)
+    raw = {"series/vllm:num_requests_waiting": {"a": [(99.0, 4.0)], "b": [(99.0, 0.0)]}}
+    figures_ = figures([Rule.of(per_route), Rule.of(per_replica)], _ctx(100.0, raw, 2).raw_metrics, 100.0, running=2, queued=0)
+    assert figures_ == {Rule.of(per_route).metric: 2.0, Rule.of(per_replica).metric: 2.0}  # total ÷ routes, and the mean
+    raw = {"series/vllm:num_requests_waiting": {"a": [(99.0, 8.0)], "b": [(99.0, 2.0)]}}
+    assert AppliancePolicy([per_route, per_replica], min_replicas=1, max_replicas=9)(_ctx(100.0, raw, 2))[0] == 4  # largest step wins
+    assert AppliancePolicy([per_route, per_replica], policy="backend.ai", min_replicas=1, max_replicas=9)(_ctx(100.0, raw, 2))[0] == 3  # first rule
+    rps = _rule(metric_source="gateway", metric_name="rps_per_replica", comparator="GREATER_THAN", threshold=4, step_size=1)
+    served = {"gateway/served_total": {"a": [(80.0, 0.0), (90.0, 100.0)], "b": [(80.0, 0.0), (90.0, 20.0)]}}
+    assert figures([Rule.of(rps)], _ctx(100.0, served, 2).raw_metrics, 100.0, running=2, queued=0) == {Rule.of(rps).metric: 6.0}
+
+
+def test_the_serve_policy_scales_to_zero_after_the_idle_timeout() -> None:
+    rule = _rule(metric_source="gateway", metric_name="queue_length", comparator="GREATER_THAN", threshold=10, step_size=1)
+    policy = AppliancePolicy([rule], min_replicas=0, max_replicas=2, idle_timeout=60.0)
+    _, state = policy(_ctx(100.0, {}, target=1, requests=1))
+    assert policy(_ctx(150.0, {}, target=1, state=state))[0] == 1
+    assert policy(_ctx(161.0, {}, target=1, state=state))[0] == 0
+    assert policy(_ctx(100.0, {}, target=1, queued=11))[0] == 2  # Serve's queued requests are the queue length
 
 
 def _free_port() -> int:
@@ -92,7 +190,7 @@ def cluster(tmp_path: Path) -> Any:
     temp = Path("/tmp") / f"ray-{os.getpid()}-{ports['port']}"  # Ray's socket paths must stay short
     args = [str(BIN / "ray"), "start", "--head", "--num-cpus", "4", "--num-gpus", "0", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
             "--disable-usage-stats", "--temp-dir", str(temp), *[f"--{k}={v}" for k, v in ports.items()]]
-    state: dict[str, Any] = {"env": env, "dashboard": f"http://127.0.0.1:{ports['dashboard-port']}", "serve_port": _free_port(), "key": key}
+    state: dict[str, Any] = {"temp": temp, "env": env, "dashboard": f"http://127.0.0.1:{ports['dashboard-port']}", "serve_port": _free_port(), "key": key}
     state["start"] = lambda: subprocess.run(args, env=env, check=True, capture_output=True, timeout=120)
     yield state
     subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
@@ -120,9 +218,9 @@ def test_exported_endpoints_run_on_a_local_ray_cluster(cluster: dict[str, Any], 
                "health_check": {"path": "/health", "interval": 0.5, "max_retries": 2, "initial_delay": 30}}
     (folder / "model-definition.yaml").write_text(yaml.safe_dump({"models": [{"name": "served-name", "model_path": "/models", "service": service}]}))
     config = tmp_path / "config.toml"
-    config.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n[[endpoints]]\nname = "fake"\nmodel_folder = "{folder}"\n'
+    config.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n[[endpoints]]\nname = "fake"\nmodel_folder = "{folder}"\nrouting = "session_affinity"\n'
                       'secret_environ = { HF_TOKEN = "hf_from_the_vault" }\n'
-                      f'[[endpoints]]\nname = "other"\nmodel_folder = "{folder}"\n'
+                      f'[[endpoints]]\nname = "other"\nmodel_folder = "{folder}"\nmin_replicas = 1\nmax_replicas = 2\n' + SCALES_BY_INFLIGHT +
                       f'[[endpoints]]\nname = "tiny"\nmodel_folder = "{write_demo_model(tmp_path / "tiny")}"\nruntime = "transformers"\n')
     out = tmp_path / "serve.yaml"
     done = subprocess.run([sys.executable, "-m", "appliance", "export", "ray-serve", "--config", str(config), "--port", str(cluster["serve_port"]), "-o", str(out)],
@@ -146,9 +244,9 @@ def test_exported_endpoints_run_on_a_local_ray_cluster(cluster: dict[str, Any], 
     environ = open(f"/proc/{worker}/environ", "rb").read().split(b"\0")
     assert b"HF_TOKEN=hf_from_the_vault" in environ  # opened on the node, never in plain in Serve's config
 
-    # A stream arrives chunk by chunk (the fake worker writes 20 tokens a second).
+    # A stream arrives chunk by chunk (the fake worker writes 20 tokens a second), through the appliance's router.
     body = json.dumps({"model": "served-name", "prompt": "hi", "max_tokens": 6, "stream": True}).encode()
-    req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json", "X-Session-ID": "conv-1"})
     arrivals = []
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.headers.get_all("Date") and len(resp.headers.get_all("Date")) == 1
@@ -182,6 +280,23 @@ def test_exported_endpoints_run_on_a_local_ray_cluster(cluster: dict[str, Any], 
 
     reply = wait_for(answered, timeout=240, interval=1.0, what="transformers serve answering through Serve")
     assert reply["usage"]["completion_tokens"] == 4, reply
+    # The appliance's rules in Serve's controller: a stream in flight scales `other` 1 → 2, its end back to 1.
+    def running() -> int:
+        status, text = _get(cluster["dashboard"] + "/api/serve/applications/")
+        replicas = json.loads(text)["applications"]["other"]["deployments"]["Worker"]["replicas"] if status == 200 else []
+        return sum(1 for r in replicas if r["state"] == "RUNNING")
+
+    assert running() == 1
+    long = json.dumps({"model": "served-name", "prompt": "hi", "max_tokens": 600, "stream": True}).encode()  # 30 s at 20 tokens/s
+    stream = threading.Thread(target=lambda: urllib.request.urlopen(urllib.request.Request(
+        f"http://127.0.0.1:{cluster['serve_port']}/endpoints/other/v1/completions", data=long, headers={"Content-Type": "application/json"}), timeout=60).read())
+    stream.start()
+    wait_for(lambda: running() == 2, timeout=40, interval=0.5, what="other scaled out to 2 by its in-flight rule")
+    said = "".join(p.read_text(errors="replace") for p in cluster["temp"].glob("session_latest/logs/serve/controller_*.log"))
+    assert "appliance policy, other: gateway/inflight_per_replica" in said, said[-2000:]
+    stream.join(timeout=60)
+    wait_for(lambda: running() == 1 and len(_worker_pids("other")) == 1, timeout=40, interval=0.5, what="other scaled back in to 1")
+
     # An application left out of the next deploy is deleted, and its worker ends with it.
     (other,) = _worker_pids("other")
     document["applications"] = [a for a in document["applications"] if a["name"] != "other"]

@@ -12,6 +12,7 @@ import yaml
 
 from appliance.cli.options import SharedOptions, Subcommands, load_cli_config
 from appliance.control.endpoints import resolve
+from appliance.domain.scaling import Rule, declared_rule_rows
 from appliance.domain.serve_export import serve_config
 from appliance.domain.specs import EndpointConfig
 from appliance.errors import ApplianceError
@@ -24,6 +25,7 @@ def cmd_export_ray_serve(args: argparse.Namespace) -> int:
     config = load_cli_config(args)
     vault = Vault(config.secret_key_path)
     endpoints: list[EndpointConfig] = []
+    rules: dict[str, list[Rule]] = {}
     skipped: list[str] = []
     for spec in config.endpoints:
         if spec.model is not None:
@@ -33,9 +35,10 @@ def cmd_export_ray_serve(args: argparse.Namespace) -> int:
         # Sealed as the store seals them: Serve's config (shown by its dashboard) never holds a secret in plain.
         sealed = {k: vault.seal(v) for k, v in resolved.secret_environ.items()}
         endpoints.append(resolved.model_copy(update={"secret_environ": sealed}))
+        rules[spec.name] = [Rule.of(row) for row in declared_rule_rows(spec.name, spec.autoscaling_rules)]
     if not endpoints:
         raise ApplianceError("the config declares no endpoint to export ([[endpoints]] with a model_folder)", code="usage")
-    document, warnings = serve_config(endpoints, host=args.host, port=args.port)
+    document, warnings = serve_config(endpoints, host=args.host, port=args.port, rules=rules)
     checked = validate(document)
     text = yaml.safe_dump(document, sort_keys=False)
     if args.output:

@@ -26,13 +26,13 @@ from appliance.domain.definitions import ModelDefinition, RuntimeSection
 from appliance.domain.memory import fmt_bytes
 from appliance.domain.models import ModelFolder
 from appliance.domain.runtimes import NEEDS_COMMAND, VARIANTS, default_health_check, default_served_model_name
+from appliance.domain.scaling import declared_rule_rows
 from appliance.domain.specs import EndpointConfig, EndpointSpec, Environment, Resources
 from appliance.domain.states import EndpointStatus
 from appliance.errors import ApplianceError, validation_error
 from appliance.security.vault import Vault, masked, restore_masked
 from appliance.store import Store
 from appliance.store.repos import EndpointRow
-from appliance.store.scaling_repos import declared_rule_prefix
 
 log = logging.getLogger(__name__)
 _UPDATE_TRIES = 20
@@ -363,7 +363,7 @@ class EndpointService:
                 continue
             try:
                 rules = entry.autoscaling_rules if isinstance(entry, DeclaredEndpoint) else []
-                rows = [{"id": f"{declared_rule_prefix(spec.name)}{i + 1}", "endpoint": spec.name, **r.model_dump()} for i, r in enumerate(rules)]
+                rows = declared_rule_rows(spec.name, rules)
                 await self._store.rules.reconcile_declared(spec.name, rows)
             except ApplianceError as exc:
                 problems.append(f"endpoints.{spec.name}: {exc.message}")

@@ -54,6 +54,12 @@ def least_outstanding(candidates: Sequence[RoutableReplica], inflight: Mapping[s
     return best[0] if len(best) == 1 else rng.choice(best)
 
 
+def rendezvous_order(ids: Sequence[str], key: str) -> list[str]:
+    """Replica ids by their rendezvous score for `key`, best first: by_hash's choice leads, and the next is
+    where the key goes when that one cannot take it."""
+    return sorted(ids, key=lambda i: _score(key, i), reverse=True)
+
+
 def by_hash(candidates: Sequence[RoutableReplica], key: str) -> RoutableReplica:
     """Rendezvous hashing: a key stays on its replica while that replica is routable; when it goes,
     only its keys move."""

@@ -177,6 +177,15 @@ def new_rule_id() -> str:
     return f"asr-{secrets.token_hex(4)}"
 
 
+def declared_rule_prefix(endpoint: str) -> str:
+    return f"asr-cfg-{endpoint}-"
+
+
+def declared_rule_rows(endpoint: str, specs: Sequence[RuleSpec]) -> list[dict[str, Any]]:
+    """The rules declared with an endpoint in the config file, as stored: ids stable by their place in the file."""
+    return [{"id": f"{declared_rule_prefix(endpoint)}{i + 1}", "endpoint": endpoint, **r.model_dump()} for i, r in enumerate(specs)]
+
+
 # --- the pure decision ---------------------------------------------------------------------------
 
 

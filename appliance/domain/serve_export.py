@@ -6,20 +6,26 @@ docs/ray.md has the mapping as a table; keep the two in step."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from appliance.domain.specs import EndpointConfig
+from appliance.domain.scaling import Rule
+from appliance.domain.specs import MAX_REPLICAS, EndpointConfig
 
 IMPORT_PATH = "appliance.control.ray.replica:build"  # the application builder each node imports
+POLICY_PATH = "appliance.control.ray.policy:AppliancePolicy"  # the autoscaling policy Serve's controller runs the rules with
+ROUTER_PATH = "appliance.control.ray.router:ApplianceRouter"  # session affinity and prefix routing in Serve's routers
 DEPLOYMENT = "Worker"  # the deployment class in control/ray/replica.py
 UNBOUNDED_ONGOING = 1000  # max_concurrency unset: Serve has no "unlimited" (its default is 5)
 _HEALTH_MARGIN = 1.0  # seconds Serve waits beyond the probe's own max_wait_time
 
 
-def serve_config(endpoints: Sequence[EndpointConfig], *, host: str = "127.0.0.1", port: int = 8000) -> tuple[dict[str, Any], list[str]]:
-    """The Serve config for `endpoints`, proxied on `host:port` (the head node only), and the warnings."""
+def serve_config(endpoints: Sequence[EndpointConfig], *, host: str = "127.0.0.1", port: int = 8000,
+                 rules: Mapping[str, Sequence[Rule]] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The Serve config for `endpoints`, proxied on `host:port` (the head node only), and the warnings.
+    `rules`: each endpoint's autoscaling rules, run by the appliance's policy in Serve's controller."""
     warnings = [
         "Serve's HTTP port has no API keys, limits or usage accounting: keep it private "
         f"(it listens on {host}:{port}) and put the appliance's gateway in front of it",
@@ -28,24 +34,26 @@ def serve_config(endpoints: Sequence[EndpointConfig], *, host: str = "127.0.0.1"
         warnings.append(f"http_options.host {host}: Serve's proxy answers anyone who can reach this box")
     apps = []
     for c in endpoints:
-        deployment, notes = _deployment(c)
+        own = [r for r in (rules or {}).get(c.name, ()) if r.enabled]
+        deployment, notes = _deployment(c, own)
         warnings += [f"endpoint {c.name}: {n}" for n in notes]
-        apps.append({
-            "name": c.name,
-            "route_prefix": f"/endpoints/{c.name}",
-            "import_path": IMPORT_PATH,
-            "args": {"endpoint": c.model_dump(mode="json")},
-            "deployments": [deployment],
-        })
+        args: dict[str, Any] = {"endpoint": c.model_dump(mode="json")}
+        if own:
+            args["stats"] = [list(m) for m in dict.fromkeys(r.metric for r in own)]
+        apps.append({"name": c.name, "route_prefix": f"/endpoints/{c.name}", "import_path": IMPORT_PATH, "args": args, "deployments": [deployment]})
     config = {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port}, "applications": apps}
     return config, warnings
 
 
-def _deployment(c: EndpointConfig) -> tuple[dict[str, Any], list[str]]:
+def _deployment(c: EndpointConfig, rules: Sequence[Rule]) -> tuple[dict[str, Any], list[str]]:
     notes: list[str] = []
     d: dict[str, Any] = {"name": DEPLOYMENT}
     scales = c.min_replicas != c.max_replicas or c.wakes
-    if scales:
+    if rules:
+        d["autoscaling_config"] = _by_rules(c, rules)
+        notes.append(f"scales by its {len(rules)} autoscaling rule(s), run by the appliance's policy in Serve's controller; "
+                     "gateway latency and TTFT are each replica's own, averaged over the replicas")
+    elif scales:
         auto: dict[str, Any] = {
             "min_replicas": c.min_replicas, "max_replicas": c.max_replicas, "initial_replicas": 0 if c.on_demand else c.replicas,
             "target_ongoing_requests": max(1, c.max_concurrency // 2) if c.max_concurrency else 2,  # Serve's default without a cap
@@ -55,10 +63,15 @@ def _deployment(c: EndpointConfig) -> tuple[dict[str, Any], list[str]]:
         d["autoscaling_config"] = auto
         notes.append(
             "scales by Serve's own policy (requests in flight per replica, target_ongoing_requests) between "
-            f"{c.min_replicas} and {c.max_replicas}; autoscaling rules made through the API are not exported"
+            f"{c.min_replicas} and {c.max_replicas}; only rules declared in the config file are exported, not those made through the API"
         )
     else:
         d["num_replicas"] = c.replicas
+    if c.routing != "least_outstanding":
+        d["request_router_config"] = {"request_router_class": ROUTER_PATH,
+                                      "request_router_kwargs": {"routing": c.routing, "overload_factor": c.prefix_overload_factor}}
+        notes.append(f"routing {c.routing}: by the key in X-Appliance-Route-Key or X-Session-ID (Serve routes before the body is read"
+                     + (": a prompt's prefix is a key only when the appliance's gateway sets it)" if c.routing == "prefix" else ")"))
     d["max_ongoing_requests"] = c.max_concurrency or UNBOUNDED_ONGOING
     d["max_queued_requests"] = c.queue_size
     d["graceful_shutdown_timeout_s"] = c.drain_timeout_seconds
@@ -70,6 +83,27 @@ def _deployment(c: EndpointConfig) -> tuple[dict[str, Any], list[str]]:
     notes += more
     notes += _unmapped(c)
     return d, notes
+
+
+def _by_rules(c: EndpointConfig, rules: Sequence[Rule]) -> dict[str, Any]:
+    """Serve's autoscaling config that hands every decision to the appliance's policy: Serve's own delays off
+    (the rules' cooldowns and windows brake), the bounds the widest of the rules' and the endpoint's."""
+    idle = c.idle_timeout_seconds if c.min_replicas == 0 else None
+    low = min([c.min_replicas] + [r.min_replicas for r in rules if r.min_replicas is not None])
+    high = min(MAX_REPLICAS, max([c.max_replicas] + [r.max_replicas for r in rules if r.max_replicas is not None]))
+    window = max(r.window_seconds for r in rules)
+    return {
+        "min_replicas": low, "max_replicas": high, "initial_replicas": 0 if c.on_demand else c.replicas,
+        "upscale_delay_s": 0.0, "downscale_delay_s": 0.0, "look_back_period_s": window,
+        "metrics_interval_s": max(0.5, min(10.0, min(r.window_seconds for r in rules) / 4)),  # several figures per window
+        "policy": {
+            "policy_function": POLICY_PATH,
+            "policy_kwargs": {
+                "rules": [dataclasses.asdict(r) for r in rules], "policy": c.autoscaling_policy,
+                "min_replicas": c.min_replicas, "max_replicas": c.max_replicas, "idle_timeout": idle,
+            },
+        },
+    }
 
 
 def _actor_options(c: EndpointConfig) -> tuple[dict[str, Any], list[str]]:
@@ -95,16 +129,12 @@ def _unmapped(c: EndpointConfig) -> list[str]:
     notes = []
     if c.aliases:
         notes.append(f"aliases {', '.join(c.aliases)} are the appliance gateway's: Serve knows the endpoint by its route only")
-    if c.routing != "least_outstanding":
-        notes.append(f"routing {c.routing}: Serve routes by its own choice of two replicas")
     if c.queue_timeout_seconds != 30.0:
         notes.append(f"queue_timeout_seconds {c.queue_timeout_seconds:g}: Serve has no queue timeout")
     if c.wakes and c.wake_timeout_seconds != 600.0:
         notes.append(f"wake_timeout_seconds {c.wake_timeout_seconds:g}: Serve has no start timeout")
     if c.pin or c.priority:
         notes.append("pin and priority: Serve evicts nothing for another application")
-    if c.autoscaling_policy != "appliance":
-        notes.append(f"autoscaling_policy {c.autoscaling_policy}: not exported (Serve's own policy scales)")
     if c.runtime == "vllm" and c.sleep and c.resources.gpu_share:
         notes.append("sleep: Serve stops evicted replicas; vLLM's sleep mode is not used")
     return notes

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from sqlite_utils import Database
 from sqlite_utils.db import NotFoundError
 
+from appliance.domain.scaling import declared_rule_prefix
 from appliance.errors import ApplianceError
 from appliance.store.repos import _insert_event
 
@@ -14,10 +15,6 @@ if TYPE_CHECKING:
     from appliance.store import Store
 
 Row = dict[str, Any]
-
-
-def declared_rule_prefix(endpoint: str) -> str:
-    return f"asr-cfg-{endpoint}-"
 
 
 def _decode(row: Row) -> Row:

@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from starlette.responses import Response, StreamingResponse
 
 from appliance.control.host.process import resolve_executable
 from appliance.control.host.replica_log import ReplicaLog
+from appliance.control.ray.stats import ReplicaStats
 from appliance.control.supervision.prepare import prepare_worker, read_definition
 from appliance.control.supervision.probe import probe
 from appliance.domain.health import Health, HealthState, due_for_replacement, observe
@@ -53,8 +55,9 @@ _PROXY_OWN = frozenset({"date", "server"})  # Serve's proxy (uvicorn) writes its
 
 @serve.deployment
 class Worker:
-    async def __init__(self, endpoint: dict[str, Any]) -> None:
+    async def __init__(self, endpoint: dict[str, Any], stats: list[list[Any]] | None = None) -> None:
         self._config = config = EndpointConfig.model_validate(endpoint)
+        self._stats = ReplicaStats(stats or [], config.resources.mem)
         self._work = Path(tempfile.mkdtemp(prefix=f"appliance-{config.name}-"))
         self._log = ReplicaLog(self._work / "worker.log", _LOG_BYTES, _LOG_BACKUPS)
         self._proc: asyncio.subprocess.Process | None = None
@@ -120,7 +123,23 @@ class Worker:
         if self._health.status is Health.UNHEALTHY or due_for_replacement(self._health, self._config.unhealthy_replace_after, now):
             raise RuntimeError(f"{self._health.consecutive_failures} failed probes in a row: {detail}")
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the endpoint's rules need, for the appliance's Serve policy (policy.py)."""
+        assert self._session is not None
+        return await self._stats.sample(self._proc.pid if self._proc else None, self._session, self._url)
+
     async def __call__(self, request: Request) -> Response:
+        began = self._stats.started()
+        try:
+            response = await self._relay(request, began)
+        except BaseException:
+            self._stats.finished(began, None, ok=False)
+            raise
+        if not isinstance(response, StreamingResponse):
+            self._stats.finished(began, time.monotonic(), ok=response.status_code < 400)
+        return response
+
+    async def _relay(self, request: Request, began: float) -> Response:
         """The request relayed as bytes: path below the route prefix, query, headers and body as sent; the
         answer streamed back chunk by chunk. A client that leaves cancels this, which closes the worker's answer."""
         root = request.scope.get("root_path", "")
@@ -141,7 +160,19 @@ class Worker:
                 return Response(await upstream.read(), status_code=upstream.status, headers=answer)
             finally:
                 upstream.release()
-        return StreamingResponse(_relay(upstream), status_code=upstream.status, headers=answer)
+        return StreamingResponse(self._stream(upstream, began), status_code=upstream.status, headers=answer)
+
+    async def _stream(self, upstream: aiohttp.ClientResponse, began: float) -> AsyncIterator[bytes]:
+        first: float | None = None
+        done = False
+        try:
+            async for chunk in upstream.content.iter_any():
+                first = first or time.monotonic()
+                yield chunk
+            done = True
+        finally:
+            upstream.close()  # cut short (the client left): the worker sees the disconnect and stops generating
+            self._stats.finished(began, first, ok=done and upstream.status < 400)
 
     async def __del__(self) -> None:
         """Serve's graceful end of the replica: the worker's whole tree, by pid."""
@@ -160,17 +191,12 @@ class Worker:
             return ""
 
 
-async def _relay(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in upstream.content.iter_any():
-            yield chunk
-    finally:
-        upstream.close()  # cut short (the client left): the worker sees the disconnect and stops generating
 
 
 def build(args: dict[str, Any]) -> Any:
-    """The application builder Serve's config names (`import_path`): `args` carries the endpoint."""
-    return Worker.bind(args["endpoint"])
+    """The application builder Serve's config names (`import_path`): `args` carries the endpoint, and the
+    figures its autoscaling rules need (source, name, window), which the replica records for the policy."""
+    return Worker.bind(args["endpoint"], args.get("stats"))
 
 
 def _die_with(parent: int) -> None:

@@ -96,7 +96,7 @@ def mean(values: Iterable[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-class _ProcessTree:
+class ProcessTree:
     """CPU % needs two readings of the same psutil.Process: keep them between samples."""
 
     def __init__(self) -> None:
@@ -165,7 +165,7 @@ class Signals:
         self._scrape_timeout = scrape_timeout
         self._history_seconds = history_seconds
         self._history: dict[tuple[str, str, str], deque[tuple[float, float]]] = {}
-        self._tree = _ProcessTree()
+        self._tree = ProcessTree()
         self._session: aiohttp.ClientSession | None = None
 
     async def stop(self) -> None:
