@@ -21,7 +21,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,19 +160,8 @@ class Worker:
                 return Response(await upstream.read(), status_code=upstream.status, headers=answer)
             finally:
                 upstream.release()
-        return StreamingResponse(self._stream(upstream, began), status_code=upstream.status, headers=answer)
-
-    async def _stream(self, upstream: aiohttp.ClientResponse, began: float) -> AsyncIterator[bytes]:
-        first: float | None = None
-        done = False
-        try:
-            async for chunk in upstream.content.iter_any():
-                first = first or time.monotonic()
-                yield chunk
-            done = True
-        finally:
-            upstream.close()  # cut short (the client left): the worker sees the disconnect and stops generating
-            self._stats.finished(began, first, ok=done and upstream.status < 400)
+        return _Relayed(upstream, lambda first, done: self._stats.finished(began, first, ok=done and upstream.status < 400), status_code=upstream.status,
+                        headers=answer)
 
     async def __del__(self) -> None:
         """Serve's graceful end of the replica: the worker's whole tree, by pid."""
@@ -191,6 +180,30 @@ class Worker:
             return ""
 
 
+
+
+class _Relayed(StreamingResponse):
+    """The worker's answer streamed chunk by chunk; `ended(first byte at, complete)` is called once however it
+    ends, even when the client left before the first chunk (then the body is never iterated)."""
+
+    def __init__(self, upstream: aiohttp.ClientResponse, ended: Callable[[float | None, bool], None], **kw: Any) -> None:
+        self._upstream, self._ended = upstream, ended
+        self._first: float | None = None
+        self._done = False
+        super().__init__(self._chunks(), **kw)
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self._upstream.content.iter_any():
+            self._first = self._first or time.monotonic()
+            yield chunk
+        self._done = True
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._upstream.close()  # cut short (the client left): the worker sees the disconnect and stops generating
+            self._ended(self._first, self._done)
 
 
 def build(args: dict[str, Any]) -> Any:
