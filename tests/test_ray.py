@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 import pytest
 import yaml
@@ -75,6 +76,22 @@ def test_the_export_validates_against_rays_serve_deploy_schema() -> None:
     schema.ServeDeploySchema.model_validate(document)
     public, warnings = serve_config(EXAMPLES[:1], host="0.0.0.0")
     assert any("answers anyone" in w for w in warnings)
+
+
+async def test_a_serve_replica_records_what_its_rules_need_and_counts_every_request_it_relays() -> None:
+    from appliance.control.ray.stats import ReplicaStats
+
+    stats = ReplicaStats([["gateway", "latency_p95", 30.0], ["gateway", "inflight_per_replica", 2.0]], mem_limit=None)
+    finished = [stats.started() for _ in range(3)]
+    stats.finished(finished[0] - 0.5, finished[0] - 0.4, ok=True)  # 0.5 s, first byte after 0.1 s
+    stats.finished(finished[1] - 2.0, None, ok=True)
+    stats.finished(finished[2], None, ok=False)  # failed: counted as served, not in the latencies
+    stats.started()
+    async with aiohttp.ClientSession() as session:
+        figures = await stats.sample(None, session, "http://127.0.0.1:9")
+    assert figures["gateway/inflight_per_replica"] == 1 and figures["gateway/served_total"] == 3
+    assert 2.0 <= figures["gateway/latency_p95/30"] < 2.1
+    assert "kernel/cpu_util" not in figures  # not asked for, not measured
 
 
 def test_the_serve_router_keeps_a_key_on_its_replica_and_moves_only_that_replicas_keys() -> None:

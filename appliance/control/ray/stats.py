@@ -26,7 +26,6 @@ Needed = tuple[str, str, float]  # (source, name, window seconds), as a rule nam
 SERVED = "gateway/served_total"  # requests answered so far: the policy takes their rate over a rule's window
 _TREE = frozenset({"cpu_util", "mem", "mem_rss"})
 _GPU = {"gpu_util": "util", "gpu_mem": "mem", "cuda_util": "util", "cuda_mem": "mem"}
-_KEEP = 600.0  # seconds of request records kept for percentiles (a rule's window is at most this on Ray)
 
 
 def key(source: str, name: str, window: float | None = None) -> str:
@@ -50,6 +49,7 @@ class ReplicaStats:
         self.inflight = 0
         self.served = 0
         self._done: deque[tuple[float, float, float | None]] = deque()  # (finished at, latency, time to first byte)
+        self._keep = max((w for s, n, w in self._needed if windowed(s, n)), default=0.0)  # no percentile rule: nothing kept
 
     def started(self) -> float:
         self.inflight += 1
@@ -58,10 +58,10 @@ class ReplicaStats:
     def finished(self, began: float, first_byte: float | None, ok: bool) -> None:
         self.inflight -= 1
         self.served += 1
-        if ok:
+        if ok and self._keep:
             now = time.monotonic()
             self._done.append((now, now - began, None if first_byte is None else first_byte - began))
-            while self._done and now - self._done[0][0] > _KEEP:
+            while self._done and now - self._done[0][0] > self._keep:
                 self._done.popleft()
 
     async def sample(self, pid: int | None, session: aiohttp.ClientSession, url: str) -> dict[str, float]:
