@@ -212,6 +212,19 @@ class ResidencyConfig(Model):
     min_resident_seconds: float = Field(30.0, ge=0, description="an endpoint loaded less than this long ago is not evicted (no thrashing)")
 
 
+class BackendConfig(Model):
+    kind: Literal["local", "ray"] = Field("local", description="where replicas run: local (processes of this box) or ray (a Ray Serve cluster)")
+    address: str = Field("http://127.0.0.1:8265", description="ray: the Ray dashboard, whose Serve REST API deploys the replicas (as serve deploy --address)")
+    proxy: str = Field("http://127.0.0.1:8000", description="ray: Serve's HTTP proxy, where the gateway sends each replica's requests; keep it private")
+
+    @field_validator("address", "proxy")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, not {v!r}")
+        return v.rstrip("/")
+
+
 class Config(Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
@@ -224,6 +237,7 @@ class Config(Model):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     residency: ResidencyConfig = Field(default_factory=ResidencyConfig)
+    backend: BackendConfig = Field(default_factory=BackendConfig)
     endpoints: list[DeclaredEndpoint] = Field(default_factory=list, description="declared endpoints, created or updated at start")
     source: Path | None = Field(None, exclude=True, description="the file this came from (not a key)")
 

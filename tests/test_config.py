@@ -32,7 +32,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
     for model in (ServerConfig, WorkersConfig, GpusConfig, GatewayConfig, AuthConfig, AutoscalingConfig, RetentionConfig, ResidencyConfig, EndpointSpec, Resources, HealthCheck):
         for key in model.model_fields:
             assert f"{key} =" in text or f"[endpoints.{key}]" in text, f"config.example.toml does not document {model.__name__}.{key}"
-    assert set(Config.model_fields) - {"source"} <= {"server", "workers", "gpus", "gateway", "auth", "autoscaling", "retention", "logging", "metrics", "models", "residency", "endpoints"}
+    assert set(Config.model_fields) - {"source"} <= {"server", "workers", "gpus", "gateway", "auth", "autoscaling", "retention", "logging", "metrics", "models", "residency", "backend", "endpoints"}
 
 
 def test_defaults_without_a_file_section() -> None:

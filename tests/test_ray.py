@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from types import SimpleNamespace
 from pathlib import Path
@@ -24,10 +25,12 @@ import aiohttp
 import psutil
 import pytest
 import yaml
-from conftest import wait_for
-from test_supervisor import FAKE
+from conftest import async_wait_for, wait_for
+from pydantic import ValidationError
+from test_supervisor import FAKE, WORKERS, fake_folder, server_config
 
 from appliance.demo_model import write_demo_model
+from appliance.config import Config
 from appliance.control.ray.policy import AppliancePolicy, figures
 from appliance.domain.scaling import Rule, RuleSpec, declared_rule_rows
 from appliance.domain.serve_export import IMPORT_PATH, serve_config
@@ -215,11 +218,12 @@ def cluster(tmp_path: Path) -> Any:
 
 
 def _worker_pids(app: str, program: str = "fake_worker.py") -> list[int]:
-    """The workers a Serve replica of `app` started (children of its ServeReplica actor running `program`)."""
+    """The workers a Serve replica of `app` started (children of its ServeReplica actor running `program`); `app` ending
+    in "-" names every application it begins."""
     out = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if any(f"ServeReplica:{app}:" in part for part in p.info["cmdline"] or []):
+            if any(f"ServeReplica:{app}" + ("" if app.endswith("-") else ":") in part for part in p.info["cmdline"] or []):
                 out += [c.pid for c in p.children(recursive=True) if program in " ".join(c.cmdline())]
         except psutil.Error:
             pass
@@ -334,3 +338,124 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def _call(url: str, path: str, key: str | None, body: dict[str, Any] | None = None, method: str | None = None) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url + path, method=method or ("POST" if body is not None else "GET"),
+                                 data=json.dumps(body).encode() if body is not None else None, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+    except OSError:
+        return 0, None
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_appliance_serve_runs_its_replicas_on_a_ray_cluster_behind_its_own_gateway(cluster: dict[str, Any], server_factory: Any, tmp_path: Path) -> None:
+    folder = tmp_path / "models" / "fake"
+    folder.mkdir(parents=True)
+    service = {"start_command": ["python", str(FAKE), "--port", "8000", "--model", "served-name", "--tokens-per-second", "20"], "port": 8000,
+               "health_check": {"path": "/health", "interval": 0.5, "max_retries": 2, "initial_delay": 30}}
+    (folder / "model-definition.yaml").write_text(yaml.safe_dump({"models": [{"name": "served-name", "model_path": "/models", "service": service}]}))
+    cluster["start"]()
+    config = server_config(tmp_path, f'[backend]\nkind = "ray"\naddress = "{cluster["dashboard"]}"\nproxy = "http://127.0.0.1:{cluster["serve_port"]}"\n'
+                           '[autoscaling]\ninterval_seconds = 0.5\n'
+                           f'[[endpoints]]\nname = "fake"\nmodel_folder = "{folder}"\naliases = ["fake-alias"]\nmin_replicas = 1\nmax_replicas = 2\n'
+                           'unhealthy_replace_after = 30\n' + SCALES_BY_INFLIGHT)
+    server = server_factory(config).start(timeout=60)
+    admin = (tmp_path / "state" / "admin.key").read_text().strip()
+
+    def view() -> dict[str, Any]:
+        return _call(server.url, "/api/v1/endpoints/fake", admin)[1] or {}
+
+    def healthy() -> int:
+        return int((view().get("replica_counts") or {}).get("HEALTHY", 0))
+
+    def apps() -> dict[str, Any]:
+        status, text = _get(cluster["dashboard"] + "/api/serve/applications/")
+        return json.loads(text)["applications"] if status == 200 else {}
+
+    def until(predicate: Any, timeout: float, what: str) -> Any:
+        try:
+            return wait_for(predicate, timeout=timeout, interval=0.5, what=what)
+        except AssertionError as exc:
+            states = {a: v.get("status") for a, v in apps().items()}
+            raise AssertionError(f"{exc}\nreplicas: {view().get('replica_counts')}; Serve: {states}\n{server.output()[-4000:]}") from None
+
+    until(lambda: view().get("status") == "HEALTHY", 60, "the endpoint HEALTHY on Ray")
+    assert [a for a in apps() if a.startswith("fake-")], apps()  # one Serve application per replica
+    created, key = _call(server.url, "/api/v1/keys", admin, {"name": "client"})
+    assert created == 201, key
+    chat = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    status, answer = _call(server.url, "/v1/chat/completions", key["key"], chat)
+    assert status == 200 and answer["model"] == "fake", answer  # the worker's served-name renamed to the endpoint's
+    assert _call(server.url, "/v1/chat/completions", None, chat)[0] == 401
+    assert _call(server.url, "/v1/chat/completions", key["key"], {**chat, "model": "fake-alias"})[0] == 200
+
+    # A stream arrives chunk by chunk through the gateway, Serve's proxy and the replica.
+    body = json.dumps({"model": "fake", "prompt": "hi", "max_tokens": 6, "stream": True}).encode()
+    req = urllib.request.Request(server.url + "/v1/completions", data=body, headers={"Content-Type": "application/json",
+                                                                                      "Authorization": f"Bearer {key['key']}"})
+    arrivals = []
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        for line in resp:
+            if line.startswith(b"data: {"):
+                arrivals.append(time.monotonic())
+    assert len(arrivals) == 6 and arrivals[-1] - arrivals[0] > 0.15, arrivals
+
+    # kill -9 of the worker: Serve replaces its replica, and the endpoint answers again.
+    (worker,) = wait_for(lambda: _worker_pids("fake-"), timeout=10, what="the worker under its Serve replica")
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: _call(server.url, "/v1/chat/completions", key["key"], chat)[0] == 200 and _worker_pids("fake-") not in ([], [worker]),
+             timeout=20, interval=0.5, what="serving again after kill -9 of the worker")
+
+    # The appliance's autoscaler: a stream in flight scales 1 → 2 (a second Serve application), its end back to 1.
+    long = json.dumps({"model": "fake", "prompt": "hi", "max_tokens": 500, "stream": True}).encode()  # 25 s at 20 tokens/s
+    stream = threading.Thread(target=lambda: urllib.request.urlopen(urllib.request.Request(
+        server.url + "/v1/completions", data=long, headers={"Content-Type": "application/json", "Authorization": f"Bearer {key['key']}"}),
+        timeout=60).read())
+    stream.start()
+    until(lambda: healthy() == 2 and len([a for a in apps() if a.startswith("fake-")]) == 2, 40, "fake scaled out to 2 replicas on Ray")
+    stream.join(timeout=60)
+    until(lambda: healthy() == 1 and len([a for a in apps() if a.startswith("fake-")]) == 1, 40, "back to 1")
+
+    # Deleted: its Serve applications and every worker process go.
+    assert _call(server.url, "/api/v1/endpoints/fake", admin, method="DELETE")[0] in (200, 202, 204)
+    until(lambda: not [a for a in apps() if a.startswith("fake-")] and not _worker_pids("fake-"), 40, "the endpoint's applications and workers gone")
+    assert server.stop() == 0
+
+
+def test_the_ray_backend_without_ray_installed_is_a_one_line_error(tmp_path: Path) -> None:
+    hide = tmp_path / "no-ray"
+    (hide / "ray").mkdir(parents=True)
+    (hide / "ray" / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    config = server_config(tmp_path, '[backend]\nkind = "ray"\n')
+    env = {**os.environ, "PYTHONPATH": f"{hide}:{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "appliance", "serve", "--config", str(config)], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode != 0
+    said = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and "pip install 'appliance[ray]'" in said[0] and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_ray_backends_addresses_must_be_urls() -> None:
+    with pytest.raises(ValidationError, match="(?s)backend.address.*must be an http:// or https:// URL"):
+        Config.model_validate({"backend": {"kind": "ray", "address": "127.0.0.1:8265"}})
+    assert Config.model_validate({"backend": {"kind": "ray", "proxy": "http://10.0.0.5:8000/"}}).backend.proxy == "http://10.0.0.5:8000"
+
+
+async def test_an_unreachable_ray_cluster_fails_the_replica_and_says_why(start_app: Any, make_config: Any, tmp_path: Path) -> None:
+    pytest.importorskip("ray.serve.schema")
+    closed = _free_port()
+    admin = await start_app(make_config({"workers": WORKERS, "backend": {"kind": "ray", "address": f"http://127.0.0.1:{closed}"}}))
+    status, body = await admin.call("POST", "/api/v1/endpoints", json_body={"name": "far", "model_folder": str(fake_folder(tmp_path, "far"))})
+    assert status == 201, body
+
+    async def failed() -> Any:
+        rows = (await admin.call("GET", "/api/v1/endpoints/far/replicas"))[1]["data"]
+        return [r for r in rows if f"Ray's dashboard at http://127.0.0.1:{closed} could not be reached" in (r.get("last_error") or "")]
+
+    await async_wait_for(failed, timeout=20, what="the replica's failure naming the unreachable dashboard")

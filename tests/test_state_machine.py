@@ -59,7 +59,13 @@ class FakeBackend:
 
     async def close(self) -> None: ...
 
-    async def start(self, argv: tuple[str, ...], *, env: dict[str, str], cwd: Path, sink: ReplicaLog, slot: Slot) -> FakeWorker:
+    places = False
+
+    async def place(self, config: Any, r: Replica) -> Any:
+        raise NotImplementedError
+
+    async def start(self, argv: tuple[str, ...], *, env: dict[str, str], cwd: Path, sink: ReplicaLog, slot: Slot, replica: Replica | None = None,
+                    config: Any = None) -> FakeWorker:
         worker = self.workers[slot.name] = FakeWorker()
         if slot.name.rsplit("-", 1)[0] in self.crashing:
             worker.exit.set_result(1)

@@ -30,6 +30,7 @@ from appliance.control.host.process import Launcher, ProcessLauncher
 from appliance.control.ops.retention import Retention
 from appliance.control.scaling.signals import Signals
 from appliance.control.supervision.residency import memory_books
+from appliance.control.ray.backend import RayBackend, require_ray
 from appliance.control.supervision.backend import ReplicaBackend
 from appliance.control.supervision.supervisor import Supervisor
 from appliance.control.telemetry import EXPOSITION_TYPE, Live, Telemetry
@@ -233,6 +234,9 @@ def make_app(
             path.mkdir(mode=0o711, exist_ok=True)
             path.chmod(0o711)
     telemetry = Telemetry()
+    if backend is None and config.backend.kind == "ray":
+        require_ray()
+        backend = RayBackend(config.backend.address, config.backend.proxy)
     # Workers yield the CPU to the appliance: an engine filling the cores must not stall its streams.
     launcher = launcher or YieldingLauncher(ProcessLauncher(isolation, identity), nice=config.workers.nice)
     supervisor = Supervisor(

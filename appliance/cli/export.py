@@ -6,20 +6,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from appliance.cli.options import SharedOptions, Subcommands, load_cli_config
 from appliance.control.endpoints import resolve
+from appliance.control.ray.backend import RAY_INSTALL, validate
 from appliance.domain.scaling import Rule, declared_rule_rows
 from appliance.domain.serve_export import serve_config
 from appliance.domain.specs import EndpointConfig
 from appliance.errors import ApplianceError
 from appliance.security.vault import Vault
-
-RAY_INSTALL = "pip install 'appliance[ray]' (ray[serve] 2.60)"
-
 
 def cmd_export_ray_serve(args: argparse.Namespace) -> int:
     config = load_cli_config(args)
@@ -52,19 +49,6 @@ def cmd_export_ray_serve(args: argparse.Namespace) -> int:
     if any(e.secret_environ for e in endpoints):
         print(f"note: secret environ values are sealed: give the nodes APPLIANCE_SECRET_KEY=$(cat {config.secret_key_path})", file=sys.stderr)
     return 0
-
-
-def validate(document: dict[str, Any]) -> bool:
-    """Check `document` with Ray's own schema; False when Ray is not installed. Raises on a config Serve would refuse."""
-    try:
-        from ray.serve.schema import ServeDeploySchema
-    except ImportError:
-        return False
-    try:
-        ServeDeploySchema.model_validate(document) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(document)
-    except Exception as exc:  # pydantic's error, whatever its version
-        raise ApplianceError(f"the Serve config would be refused by Ray: {exc}") from None
-    return True
 
 
 def register(sub: Subcommands, shared: SharedOptions) -> None:

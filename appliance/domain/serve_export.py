@@ -45,6 +45,18 @@ def serve_config(endpoints: Sequence[EndpointConfig], *, host: str = "127.0.0.1"
     return config, warnings
 
 
+def replica_application(c: EndpointConfig, name: str) -> dict[str, Any]:
+    """One replica of `c` as a Serve application of its own, route prefix `/replicas/{name}`: the Ray backend
+    of `appliance serve` (control/ray/backend.py), where the appliance scales, routes and drains, and Serve
+    places, restarts and checks the health of that one replica."""
+    deployment, _ = _deployment(c, [])
+    deployment.pop("autoscaling_config", None)
+    deployment["num_replicas"] = 1
+    deployment["max_surge_percent"] = 0  # one replica, replaced in place (the appliance rolls endpoints itself)
+    return {"name": name, "route_prefix": f"/replicas/{name}", "import_path": IMPORT_PATH, "args": {"endpoint": c.model_dump(mode="json")},
+            "deployments": [deployment]}
+
+
 def _deployment(c: EndpointConfig, rules: Sequence[Rule]) -> tuple[dict[str, Any], list[str]]:
     notes: list[str] = []
     d: dict[str, Any] = {"name": DEPLOYMENT}

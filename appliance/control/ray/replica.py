@@ -10,6 +10,7 @@ its own stop ends its tree by pid, never the actor's group."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import functools
 import json
@@ -166,8 +167,7 @@ class Worker:
     async def __del__(self) -> None:
         """Serve's graceful end of the replica: the worker's whole tree, by pid."""
         if self._proc is not None and self._proc.returncode is None:
-            await asyncio.to_thread(_end_tree, self._proc.pid, _GRACE)
-            await self._proc.wait()
+            await _end_tree(self._proc, _GRACE)
         if self._session is not None and not self._session.closed:
             await self._session.close()
         self._log.close()
@@ -244,21 +244,32 @@ def _open(sealed: dict[str, str]) -> dict[str, str]:
     return {k: box.decrypt(v.removeprefix(SEALED).encode()).decode() for k, v in sealed.items()}
 
 
-def _end_tree(pid: int, grace: float) -> None:
+async def _end_tree(proc: asyncio.subprocess.Process, grace: float) -> None:
+    """SIGTERM to the worker's whole tree, the grace, then SIGKILL to what is left. The leader is this
+    replica's child and only asyncio reaps it (a reap by psutil would leave asyncio's wait() hanging for
+    ever, and Serve's shutdown of the replica with it)."""
+    tree = await asyncio.to_thread(_members, proc.pid)
+    _send(tree, signal.SIGTERM)
+    deadline = asyncio.get_running_loop().time() + grace
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(proc.wait(), grace)
+    rest = tree[1:]
+    left = max(0.0, deadline - asyncio.get_running_loop().time())
+    _, alive = await asyncio.to_thread(psutil.wait_procs, rest, left)  # not our children: waiting on them reaps nothing
+    _send([*alive, *(tree[:1] if proc.returncode is None else [])], signal.SIGKILL)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(proc.wait(), 5.0)
+
+
+def _members(pid: int) -> list[psutil.Process]:
     try:
         leader = psutil.Process(pid)
-        tree = [leader, *leader.children(recursive=True)]
+        return [leader, *leader.children(recursive=True)]
     except psutil.Error:
-        return
-    for p in tree:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(tree, timeout=grace)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+        return []
+
+
+def _send(procs: list[psutil.Process], sig: int) -> None:
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(sig)

@@ -18,7 +18,8 @@ from appliance.control.host.process import Launcher, Slot, Worker
 from appliance.control.host.replica_log import ReplicaLog
 from appliance.control.supervision.probe import asleep, probe
 from appliance.control.supervision.replica import Replica
-from appliance.domain.specs import HealthCheck
+from appliance.domain.runtimes import WorkerSpec
+from appliance.domain.specs import EndpointConfig, HealthCheck
 
 _ENGINE_CALL = 120.0  # seconds for /sleep or /wake_up: moving tens of GiB between GPU and host takes a while
 
@@ -31,11 +32,18 @@ class ProbeResult:
 
 
 class ReplicaBackend(Protocol):
+    places: bool  # it places replicas and prepares their workers where they run (Ray): the runner holds no GPU or port for them
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
 
-    async def start(self, argv: tuple[str, ...], *, env: dict[str, str], cwd: Path, sink: ReplicaLog, slot: Slot) -> Worker:
+    async def place(self, config: EndpointConfig, r: Replica) -> WorkerSpec:
+        """Only when `places`: what the runner needs of the worker (health check, served name); built where it runs."""
+        ...
+
+    async def start(self, argv: tuple[str, ...], *, env: dict[str, str], cwd: Path, sink: ReplicaLog, slot: Slot,
+                    replica: Replica | None = None, config: EndpointConfig | None = None) -> Worker:
         """Start the worker; stopping it is the Worker's own stop()."""
         ...
 
@@ -60,6 +68,8 @@ class LocalBackend:
     """Workers as process trees of this box, on loopback ports; a probe passes only when the socket that
     answered belongs to the replica's own tree (control/host/listener.py)."""
 
+    places = False
+
     def __init__(self, launcher: Launcher) -> None:
         self._launch = launcher
         self._session: aiohttp.ClientSession | None = None
@@ -72,7 +82,11 @@ class LocalBackend:
         if self._session:
             await self._session.close()
 
-    async def start(self, argv: tuple[str, ...], *, env: dict[str, str], cwd: Path, sink: ReplicaLog, slot: Slot) -> Worker:
+    async def place(self, config: EndpointConfig, r: Replica) -> WorkerSpec:
+        raise NotImplementedError("the runner places local replicas itself (ledger, ports, prepare)")
+
+    async def start(self, argv: tuple[str, ...], *, env: dict[str, str], cwd: Path, sink: ReplicaLog, slot: Slot,
+                    replica: Replica | None = None, config: EndpointConfig | None = None) -> Worker:
         return await self._launch(argv, env=env, cwd=cwd, sink=sink, slot=slot)
 
     async def probe(self, r: Replica, check: HealthCheck, deep_model: str | None) -> ProbeResult:

@@ -29,6 +29,7 @@ class Replica:
     log: ReplicaLog
     state: ReplicaState = ReplicaState.PROVISIONING
     port: int | None = None
+    address: str | None = None  # its base URL when not a port of this box (a Ray Serve replica's route)
     allocation: Allocation | None = None
     process: Worker | None = None
     health: HealthState | None = None
@@ -56,7 +57,7 @@ class Replica:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.address or f"http://127.0.0.1:{self.port}"
 
 
 @dataclass

@@ -148,15 +148,18 @@ class ReplicaRunner:
             return await self._failed(r, exc.message if isinstance(exc, ApplianceError) else f"could not prepare the replica: {exc}")
         r.waiting_for_capacity = False
         try:
-            r.log.note(f"starting: {' '.join(mask_argv(spec.argv))} (port {r.port})")
+            if not self._backend.places:
+                r.log.note(f"starting: {' '.join(mask_argv(spec.argv))} (port {r.port})")
             res = config.resources
             slot = Slot(r.id, cpu=res.cpu, mem=int(res.mem) if res.mem else None)
-            r.process = await self._backend.start(spec.argv, env=env, cwd=Path(spec.cwd) if spec.cwd else r.work_dir, sink=r.log, slot=slot)
+            r.process = await self._backend.start(spec.argv, env=env, cwd=Path(spec.cwd) if spec.cwd else r.work_dir, sink=r.log, slot=slot,
+                                                  replica=r, config=config)
         except ApplianceError as exc:
             return await self._failed(r, exc.message)
         r.started_at = self._clock()
         r.health = HealthState(spawned_at=r.started_at)
-        await self._record(r, ReplicaState.STARTING, f"spawned pid {r.process.pid} on port {r.port}" if r.process.pid else f"started on port {r.port}")
+        started = f"spawned pid {r.process.pid} on port {r.port}" if r.process.pid else f"started at {r.url}" if r.address else f"started on port {r.port}"
+        await self._record(r, ReplicaState.STARTING, started)
         replace = asyncio.Event()
         deep = spec.served_model_name if config.deep_probe else None  # asked for: the operator knows it speaks OpenAI
         checks = Prober(self._backend, config, self._config.workers, r, deep_model=deep, clock=self._clock, telemetry=self._telemetry, record=self._record)
@@ -253,6 +256,8 @@ class ReplicaRunner:
 
     async def _provision(self, run: EndpointRun, r: Replica) -> tuple[WorkerSpec, dict[str, str]]:
         config = run.config
+        if self._backend.places:  # placed and prepared where it runs (a Ray node): nothing of this box is held for it
+            return await self._backend.place(config, r), {}
         await wait_for_model(self._store, config, r.log.note)  # a model still warming: wait here, holding no GPU and no port
         res = config.resources
         gpus = self._config.gpus
