@@ -5,6 +5,7 @@ worker or of the replica's actor, and gone with the application."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pickle
@@ -412,6 +413,14 @@ def test_appliance_serve_runs_its_replicas_on_a_ray_cluster_behind_its_own_gatew
     os.kill(worker, signal.SIGKILL)
     wait_for(lambda: _call(server.url, "/v1/chat/completions", key["key"], chat)[0] == 200 and _worker_pids("fake-") not in ([], [worker]),
              timeout=20, interval=0.5, what="serving again after kill -9 of the worker")
+    # kill -9 of the replica's actor: Ray ends its group (the worker with it), Serve starts another, the endpoint answers again.
+    (second,) = _worker_pids("fake-")
+    actor = psutil.Process(second).parent()
+    assert actor is not None and "ServeReplica" in " ".join(actor.cmdline())
+    actor.kill()
+    wait_for(lambda: not _alive(second), timeout=15, what="the killed actor's worker gone")
+    until(lambda: _call(server.url, "/v1/chat/completions", key["key"], chat)[0] == 200 and _worker_pids("fake-") not in ([], [second]), 60,
+          "serving again after kill -9 of the replica's actor")
 
     # The appliance's autoscaler: a stream in flight scales 1 → 2 (a second Serve application), its end back to 1.
     long = json.dumps({"model": "fake", "prompt": "hi", "max_tokens": 500, "stream": True}).encode()  # 25 s at 20 tokens/s
@@ -459,3 +468,30 @@ async def test_an_unreachable_ray_cluster_fails_the_replica_and_says_why(start_a
         return [r for r in rows if f"Ray's dashboard at http://127.0.0.1:{closed} could not be reached" in (r.get("last_error") or "")]
 
     await async_wait_for(failed, timeout=20, what="the replica's failure naming the unreachable dashboard")
+
+
+async def test_a_replica_whose_serve_application_fails_or_vanishes_ends_as_a_crash(tmp_path: Path) -> None:
+    """The Ray backend's reading of Serve's statuses, with no cluster: DEPLOY_FAILED, or gone after it was seen."""
+    from appliance.control.host.replica_log import ReplicaLog
+    from appliance.control.ray.backend import RayBackend, RayWorker
+
+    backend = RayBackend(f"http://127.0.0.1:{_free_port()}", "http://127.0.0.1:8000")  # nothing listens: every put is refused, and said
+    await backend.open()
+    try:
+        sinks = {name: ReplicaLog(tmp_path / f"{name}.log", 1 << 20, 1) for name in ("failed", "gone", "fine")}
+        workers = {name: RayWorker(backend, name, sinks[name]) for name in sinks}
+        backend._workers.update(workers)
+        backend._apps.update({name: {"name": name} for name in workers})
+        backend._statuses = {"failed": {"status": "DEPLOY_FAILED", "message": "worker of x exited with code 3 before it was ready"},
+                             "gone": {"status": "RUNNING"}, "fine": {"status": "RUNNING"}}
+        backend._judge()
+        assert workers["failed"].returncode == 1 and "failed" not in backend._apps
+        assert workers["gone"].returncode is None and workers["gone"].seen
+        backend._statuses = {"fine": {"status": "DEPLOYING"}}  # Serve restarting its replica: still the same worker
+        backend._judge()
+        assert workers["gone"].returncode == 1 and workers["fine"].returncode is None
+        assert await asyncio.wait_for(workers["failed"].wait(), 1) == 1
+        await async_wait_for(lambda: any("exited with code 3" in line for line in sinks["failed"].last_lines(5)), timeout=5, what="why, in its log")
+        await async_wait_for(lambda: any("gone from the cluster" in line for line in sinks["gone"].last_lines(5)), timeout=5, what="why, in its log")
+    finally:
+        await backend.close()

@@ -93,6 +93,7 @@ class RayBackend:
         self._numbers = itertools.count(1)
         self._session: aiohttp.ClientSession | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()  # removals of lost applications, held until done
         self.places = True  # Ray places replicas and prepares their workers on its nodes
 
     async def open(self) -> None:
@@ -201,7 +202,9 @@ class RayBackend:
     def _lost(self, app: str, worker: RayWorker, why: str) -> None:
         worker.end(1, why)
         self._apps.pop(app, None)
-        asyncio.create_task(self._put_quietly(), name=f"ray-remove-{app}")
+        task = asyncio.create_task(self._put_quietly(), name=f"ray-remove-{app}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _put_quietly(self) -> None:
         try:
