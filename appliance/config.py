@@ -216,6 +216,10 @@ class BackendConfig(Model):
     kind: Literal["local", "ray"] = Field("local", description="where replicas run: local (processes of this box) or ray (a Ray Serve cluster)")
     address: str = Field("http://127.0.0.1:8265", description="ray: the Ray dashboard, whose Serve REST API deploys the replicas (as serve deploy --address)")
     proxy: str = Field("http://127.0.0.1:8000", description="ray: Serve's HTTP proxy, where the gateway sends each replica's requests; keep it private")
+    route: Literal["proxy", "direct"] = Field(
+        "proxy", description="ray: the gateway calls each replica through Serve's proxy, or its worker directly (workers then listen on their "
+        "node's address: a private cluster network only)",
+    )
 
     @field_validator("address", "proxy")
     @classmethod

@@ -437,6 +437,27 @@ def test_appliance_serve_runs_its_replicas_on_a_ray_cluster_behind_its_own_gatew
     until(lambda: not [a for a in apps() if a.startswith("fake-")] and not _worker_pids("fake-"), 40, "the endpoint's applications and workers gone")
     assert server.stop() == 0
 
+    # route = "direct": the gateway calls the worker at the address its replica gives, and finds it again after a kill -9.
+    (tmp_path / "direct").mkdir()
+    config = server_config(tmp_path / "direct", f'[backend]\nkind = "ray"\naddress = "{cluster["dashboard"]}"\nproxy = "http://127.0.0.1:{cluster["serve_port"]}"\n'
+                           f'route = "direct"\n[[endpoints]]\nname = "fake"\nmodel_folder = "{folder}"\nunhealthy_replace_after = 30\n')
+    server = server_factory(config, tmp_path / "direct" / "state").start(timeout=60)
+    admin = (tmp_path / "direct" / "state" / "admin.key").read_text().strip()
+
+    def address() -> str:
+        rows = (_call(server.url, "/api/v1/endpoints/fake/replicas", admin)[1] or {}).get("data", [])
+        return next((r["address"] or "" for r in rows if r["state"] == "HEALTHY"), "")
+
+    until(lambda: address().startswith("http://127.0.0.1:") and "/replicas/" not in address(), 60, "the worker's own address, routed to")
+    first = address()
+    key = _call(server.url, "/api/v1/keys", admin, {"name": "client"})[1]
+    assert _call(server.url, "/v1/chat/completions", key["key"], chat)[0] == 200
+    (worker,) = _worker_pids("fake-")
+    os.kill(worker, signal.SIGKILL)
+    until(lambda: address() not in ("", first) and _call(server.url, "/v1/chat/completions", key["key"], chat)[0] == 200, 40,
+          "serving at the restarted worker's new address")
+    assert server.stop() == 0
+
 
 def test_the_ray_backend_without_ray_installed_is_a_one_line_error(tmp_path: Path) -> None:
     hide = tmp_path / "no-ray"

@@ -236,7 +236,7 @@ def make_app(
     telemetry = Telemetry()
     if backend is None and config.backend.kind == "ray":
         require_ray()
-        backend = RayBackend(config.backend.address, config.backend.proxy)
+        backend = RayBackend(config.backend.address, config.backend.proxy, config.backend.route)
     # Workers yield the CPU to the appliance: an engine filling the cores must not stall its streams.
     launcher = launcher or YieldingLauncher(ProcessLauncher(isolation, identity), nice=config.workers.nice)
     supervisor = Supervisor(

@@ -16,6 +16,7 @@ from appliance.domain.specs import MAX_REPLICAS, EndpointConfig
 
 IMPORT_PATH = "appliance.control.ray.replica:build"  # the application builder each node imports
 POLICY_PATH = "appliance.control.ray.policy:AppliancePolicy"  # the autoscaling policy Serve's controller runs the rules with
+WORKER_PATH = "/-/appliance/worker"  # a replica whose worker listens on its node's address answers it here (the Ray backend's direct route)
 ROUTER_PATH = "appliance.control.ray.router:ApplianceRouter"  # session affinity and prefix routing in Serve's routers
 DEPLOYMENT = "Worker"  # the deployment class in control/ray/replica.py
 UNBOUNDED_ONGOING = 1000  # max_concurrency unset: Serve has no "unlimited" (its default is 5)
@@ -45,16 +46,17 @@ def serve_config(endpoints: Sequence[EndpointConfig], *, host: str = "127.0.0.1"
     return config, warnings
 
 
-def replica_application(c: EndpointConfig, name: str) -> dict[str, Any]:
+def replica_application(c: EndpointConfig, name: str, *, direct: bool = False) -> dict[str, Any]:
     """One replica of `c` as a Serve application of its own, route prefix `/replicas/{name}`: the Ray backend
     of `appliance serve` (control/ray/backend.py), where the appliance scales, routes and drains, and Serve
-    places, restarts and checks the health of that one replica."""
+    places, restarts and checks the health of that one replica. `direct`: its worker listens on its node's
+    address, for a gateway that calls it there."""
     deployment, _ = _deployment(c, [])
     deployment.pop("autoscaling_config", None)
     deployment["num_replicas"] = 1
     deployment["max_surge_percent"] = 0  # one replica, replaced in place (the appliance rolls endpoints itself)
-    return {"name": name, "route_prefix": f"/replicas/{name}", "import_path": IMPORT_PATH, "args": {"endpoint": c.model_dump(mode="json")},
-            "deployments": [deployment]}
+    args: dict[str, Any] = {"endpoint": c.model_dump(mode="json"), **({"listen": "node"} if direct else {})}
+    return {"name": name, "route_prefix": f"/replicas/{name}", "import_path": IMPORT_PATH, "args": args, "deployments": [deployment]}
 
 
 def _deployment(c: EndpointConfig, rules: Sequence[Rule]) -> tuple[dict[str, Any], list[str]]:

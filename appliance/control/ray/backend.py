@@ -29,7 +29,7 @@ from appliance.control.supervision.prepare import read_definition
 from appliance.control.supervision.probe import asleep, probe
 from appliance.control.supervision.replica import Replica
 from appliance.domain.runtimes import Placement, WorkerSpec, build_worker_spec
-from appliance.domain.serve_export import replica_application
+from appliance.domain.serve_export import WORKER_PATH, replica_application
 from appliance.domain.specs import EndpointConfig, HealthCheck
 from appliance.errors import ApplianceError
 
@@ -81,9 +81,11 @@ class RayWorker:
 
 
 class RayBackend:
-    def __init__(self, address: str, proxy: str) -> None:
+    def __init__(self, address: str, proxy: str, route: str = "proxy") -> None:
         self._address = address.rstrip("/")
         self._proxy = proxy.rstrip("/")
+        self._direct = route == "direct"
+        self._routes: dict[str, str] = {}  # replica id → its route on Serve's proxy (where a direct worker says its address)
         split = urlsplit(self._proxy)
         self._http = {"host": split.hostname or "127.0.0.1", "port": split.port or 8000}
         self._apps: dict[str, dict[str, Any]] = {}  # what the cluster should run: application name → its config
@@ -119,7 +121,7 @@ class RayBackend:
                     replica: Replica | None = None, config: EndpointConfig | None = None) -> RayWorker:
         assert replica is not None and config is not None
         app = f"{replica.id}-{next(self._numbers)}"  # a restart is a new application: a failed one is not put again unchanged
-        self._apps[app] = replica_application(config, app)
+        self._apps[app] = replica_application(config, app, direct=self._direct)
         worker = self._workers[app] = RayWorker(self, app, sink)
         try:
             await self._put()
@@ -127,7 +129,7 @@ class RayBackend:
             self._apps.pop(app, None)
             self._workers.pop(app, None)
             raise
-        replica.address = f"{self._proxy}/replicas/{app}"
+        replica.address = self._routes[replica.id] = f"{self._proxy}/replicas/{app}"
         sink.note(f"deployed as Serve application {app} ({self._address})")
         return worker
 
@@ -141,9 +143,31 @@ class RayBackend:
             await asyncio.sleep(_POLL / 2)
 
     async def probe(self, r: Replica, check: HealthCheck, deep_model: str | None) -> ProbeResult:
+        """Through Serve's proxy, or (route = "direct") at the worker's own address, asked of its replica on the
+        proxy until known, and again when the worker stops answering there (Serve may have restarted it elsewhere)."""
         assert self._session is not None
+        moved = self._direct and r.address == self._routes.get(r.id) and await self._find_worker(r)
         passed, detail = await probe(self._session, r.url, check, deep_model=deep_model)
-        return ProbeResult(passed, detail)
+        if not passed and self._direct and r.address != self._routes.get(r.id) and await self._find_worker(r):
+            moved = True
+            passed, detail = await probe(self._session, r.url, check, deep_model=deep_model)
+        return ProbeResult(passed, detail, moved=moved)
+
+    async def _find_worker(self, r: Replica) -> bool:
+        """The worker's address, from its Serve replica; True when it changed."""
+        assert self._session is not None
+        route = self._routes.get(r.id)
+        if route is None:
+            return False
+        try:
+            async with self._session.get(route + WORKER_PATH, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                url = str((await resp.json()).get("url") or "") if resp.status == 200 else ""
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+            return False
+        if not url.startswith("http://") or url == r.address:
+            return False
+        r.address = url
+        return True
 
     async def asleep(self, r: Replica) -> bool | None:
         assert self._session is not None
@@ -154,6 +178,7 @@ class RayBackend:
 
     def forget(self, r: Replica) -> None:
         r.address = None
+        self._routes.pop(r.id, None)
 
     async def _put(self) -> None:
         """The whole set of the appliance's applications, checked with Ray's schema, to Serve's REST API."""

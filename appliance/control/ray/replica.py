@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 import psutil
+import ray
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -39,6 +40,7 @@ from appliance.control.supervision.prepare import prepare_worker, read_definitio
 from appliance.control.supervision.probe import probe
 from appliance.domain.health import Health, HealthState, due_for_replacement, observe
 from appliance.domain.runtimes import Placement
+from appliance.domain.serve_export import WORKER_PATH
 from appliance.domain.specs import EndpointConfig
 from appliance.errors import ApplianceError
 from appliance.security.vault import SEALED
@@ -56,8 +58,11 @@ _PROXY_OWN = frozenset({"date", "server"})  # Serve's proxy (uvicorn) writes its
 
 @serve.deployment
 class Worker:
-    async def __init__(self, endpoint: dict[str, Any], stats: list[list[Any]] | None = None) -> None:
+    async def __init__(self, endpoint: dict[str, Any], stats: list[list[Any]] | None = None, listen: str | None = None) -> None:
         self._config = config = EndpointConfig.model_validate(endpoint)
+        # "node": the worker listens on the node's address, and says it at WORKER_PATH, for a gateway that calls it directly
+        self._says_address = listen == "node"
+        self._host = ray.util.get_node_ip_address() if self._says_address else "127.0.0.1"
         self._stats = ReplicaStats(stats or [], config.resources.mem)
         self._work = Path(tempfile.mkdtemp(prefix=f"appliance-{config.name}-"))
         self._log = ReplicaLog(self._work / "worker.log", _LOG_BYTES, _LOG_BACKUPS)
@@ -70,16 +75,16 @@ class Worker:
             raise
 
     async def _start(self, config: EndpointConfig) -> None:
-        port = _free_port()
+        port = _free_port(self._host)
         replica = serve.get_replica_context().replica_id.unique_id
-        placement = Placement(port=port, replica_id=f"{config.name}-{replica}", work_dir=str(self._work), gpu_share=config.resources.gpu_share,
-                              runtime_path=sys.executable)
+        placement = Placement(port=port, host=self._host, replica_id=f"{config.name}-{replica}", work_dir=str(self._work),
+                              gpu_share=config.resources.gpu_share, runtime_path=sys.executable)
         definition = await read_definition(config)
         spec, env = await prepare_worker(
             config, definition, placement, work_dir=self._work, device_env=_devices(), secrets=_open(config.secret_environ), sink=self._log, grace=_GRACE,
         )
         self._check = spec.health_check
-        self._url = f"http://127.0.0.1:{spec.port}"
+        self._url = f"http://{self._host}:{spec.port}"
         argv = [resolve_executable(spec.argv[0]), *spec.argv[1:]]
         out = open(self._work / "worker.out", "ab")  # noqa: SIM115  (the child holds it; closed with the worker)
         try:
@@ -145,6 +150,8 @@ class Worker:
         answer streamed back chunk by chunk. A client that leaves cancels this, which closes the worker's answer."""
         root = request.scope.get("root_path", "")
         path = request.url.path[len(root):] if root and request.url.path.startswith(root) else request.url.path
+        if path == WORKER_PATH and self._says_address:
+            return Response(json.dumps({"url": self._url}), media_type="application/json")
         target = self._url + (path or "/") + (f"?{request.url.query}" if request.url.query else "")
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
         body = await request.body()
@@ -209,7 +216,7 @@ class _Relayed(StreamingResponse):
 def build(args: dict[str, Any]) -> Any:
     """The application builder Serve's config names (`import_path`): `args` carries the endpoint, and the
     figures its autoscaling rules need (source, name, window), which the replica records for the policy."""
-    return Worker.bind(args["endpoint"], args.get("stats"))
+    return Worker.bind(args["endpoint"], args.get("stats"), args.get("listen"))
 
 
 def _die_with(parent: int) -> None:
@@ -219,9 +226,9 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _free_port() -> int:
+def _free_port(host: str) -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 

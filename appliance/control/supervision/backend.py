@@ -29,6 +29,7 @@ class ProbeResult:
     passed: bool
     detail: str
     intruder: Intruder | None = None  # another program answered on the replica's port (the probe then fails)
+    moved: bool = False  # the worker answers at a new address (a Ray replica restarted elsewhere): route it there
 
 
 class ReplicaBackend(Protocol):

@@ -106,6 +106,8 @@ class Prober:
         """One probe; a pass counts only when what answered is the replica's own worker."""
         r = self._r
         result = await self._backend.probe(r, check, self._deep)
+        if result.moved:
+            await self._record(r, r.state, f"its worker answers at {r.url}", kind="replica.moved")
         intruder = result.intruder
         if intruder is not None and intruder != self._intruder:
             r.log.note(f"not routed to: {result.detail}")

@@ -333,7 +333,7 @@ class ReplicaRunner:
             r.watch.put_nowait((state.value, message))
         kind = kind or (f"replica.{state.value.lower()}" if changed else "replica.note")
         await self._store.replicas.save(row, kind, f"replica {r.id}: {message}", {"replica": r.id, **(details or {})})
-        await self._host.recorded(r, changed)
+        await self._host.recorded(r, changed or kind == "replica.moved")  # a worker that moved is routed at its new address
 
 
 async def _wait_for_room(r: Replica, seconds: float) -> None:
