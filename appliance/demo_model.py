@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +60,7 @@ _SHAPE = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_h
           "num_key_value_heads": 1, "max_position_embeddings": 512}
 
 
-def write_demo_model(folder: Path, *, seed: int = 0, overwrite: bool = False) -> Path:
+def write_demo_model(folder: Path, *, seed: int = 0, overwrite: bool = False, shape: Mapping[str, int] | None = None) -> Path:
     """Write the demo model to `folder`. Only tokenizers, safetensors and numpy are needed (all three come
     with the transformers extra): no torch or transformers import, so it takes a second, not ten."""
     try:
@@ -72,6 +73,7 @@ def write_demo_model(folder: Path, *, seed: int = 0, overwrite: bool = False) ->
             code="missing_dependency",
         ) from None
 
+    dims = {**_SHAPE, **(shape or {})}  # a larger shape keeps a GPU busy (scripts/bench_gpu.py); the tokenizer stays the same
     folder = folder.resolve()
     if folder.exists() and any(folder.iterdir()):
         if not overwrite:
@@ -83,7 +85,7 @@ def write_demo_model(folder: Path, *, seed: int = 0, overwrite: bool = False) ->
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_SHAPE["vocab_size"],
+        vocab_size=dims["vocab_size"],
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodes: no unknown input
         show_progress=False,
@@ -93,14 +95,14 @@ def write_demo_model(folder: Path, *, seed: int = 0, overwrite: bool = False) ->
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     _write_json(folder / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|im_end|>", "pad_token": "<|pad|>",
-        "model_max_length": _SHAPE["max_position_embeddings"], "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE,
+        "model_max_length": dims["max_position_embeddings"], "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE,
     })
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    hidden, inner, vocab = _SHAPE["hidden_size"], _SHAPE["intermediate_size"], tok.get_vocab_size()
-    heads, kv_heads = _SHAPE["num_attention_heads"], _SHAPE["num_key_value_heads"]
+    hidden, inner, vocab = dims["hidden_size"], dims["intermediate_size"], tok.get_vocab_size()
+    heads, kv_heads = dims["num_attention_heads"], dims["num_key_value_heads"]
     head_dim = hidden // heads
     _write_json(folder / "config.json", {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", **_SHAPE, "vocab_size": vocab, "head_dim": head_dim,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", **dims, "vocab_size": vocab, "head_dim": head_dim,
         "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "initializer_range": 0.02, "attention_bias": False,
         "mlp_bias": False, "tie_word_embeddings": False,  # the output layer is shaped below; the input embeddings stay whole
         "bos_token_id": ids["<|bos|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|pad|>"],
@@ -118,7 +120,7 @@ def write_demo_model(folder: Path, *, seed: int = 0, overwrite: bool = False) ->
         return rng.normal(0.0, 0.02, size=shape).astype(np.float32)
 
     weights = {"model.embed_tokens.weight": normal(vocab, hidden), "model.norm.weight": np.ones(hidden, np.float32)}
-    for n in range(_SHAPE["num_hidden_layers"]):
+    for n in range(dims["num_hidden_layers"]):
         layer = f"model.layers.{n}"
         weights |= {
             f"{layer}.self_attn.q_proj.weight": normal(heads * head_dim, hidden),

@@ -85,7 +85,7 @@ async def test_a_gpu_utilisation_rule_reacts_to_a_real_gpu_load(start_app: Any, 
     await create(admin, "burner", folder, replicas=1, max_replicas=2, resources={"gpu_share": 0.4, "placement": "binpack"})
     await wait_status(admin, "burner", "HEALTHY", timeout=120)
     status, rule = await admin.call("POST", "/api/v1/endpoints/burner/autoscaling-rules", json_body={
-        "metric_source": "gpu", "metric_name": "gpu_util", "comparator": "GREATER_THAN", "threshold": 50, "step_size": 1,
+        "metric_source": "kernel", "metric_name": "cuda_util", "comparator": "GREATER_THAN", "threshold": 50, "step_size": 1,
         "window_seconds": 2, "cooldown_seconds": 0,
     })
     assert status == 201, rule
@@ -99,6 +99,6 @@ async def test_a_gpu_utilisation_rule_reacts_to_a_real_gpu_load(start_app: Any, 
 
     (decision,) = await async_wait_for(scaled_out, timeout=60, what="the GPU load to scale the endpoint out")
     details = decision["details"]
-    assert details["metric"] == "gpu/gpu_util" and details["value"] > 50 and (details["from"], details["to"]) == (1, 2)
+    assert details["metric"] == "kernel/cuda_util" and details["value"] > 50 and (details["from"], details["to"]) == (1, 2)
     await wait_status(admin, "burner", "HEALTHY", timeout=120)
     assert len(await replicas(admin, "burner")) == 2
