@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchkit import ROOT, WORKERS_USER, api, free_port, free_range, stop_all, timed_stream, wait  # noqa: E402
+from benchkit import ROOT, WORKERS_USER, api, cpu_seconds, free_port, free_range, stop_all, timed_stream, wait  # noqa: E402
 
 # About 0.4 B parameters (float32 on disk, 1.6 GB): a decode step takes the GPU long enough to batch streams.
 SHAPE = {"hidden_size": 1536, "intermediate_size": 4096, "num_hidden_layers": 16, "num_attention_heads": 12, "num_key_value_heads": 4,
@@ -105,17 +105,6 @@ def main() -> int:
     for r in rows:
         print(f"{r['streams']:8d}{r['direct_tps']:14.0f}{r['appliance_tps']:17.0f}{r['ratio']:8.3f}{r['ttft_added_ms']:+14.1f}{r['cpu_ms_per_1k_tokens']:15.1f}")
     return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU seconds every thread of `pid` has run, to the nanosecond (schedstat): a short burst takes less than a clock tick."""
-    total = 0
-    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
-        try:
-            total += int(stat.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass
-    return total / 1e9
 
 
 def measure(direct: tuple[str, dict[str, str], str], gateway: tuple[str, dict[str, str], str], streams: int, rounds: int, tokens: int,
