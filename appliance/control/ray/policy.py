@@ -16,7 +16,7 @@ from typing import Any
 
 from appliance.control.ray.stats import SERVED, key, windowed
 from appliance.control.scaling.signals import mean
-from appliance.domain.scaling import Rule, ScaleState, decide, per_route
+from appliance.domain.scaling import Rule, ScaleState, decide, per_route, window_average
 
 log = logging.getLogger("ray.serve")
 _STATE = "appliance"  # our part of Serve's policy_state (Serve keeps its own keys beside it)
@@ -73,7 +73,7 @@ def figures(rules: Sequence[Rule], raw: Mapping[str, Mapping[Any, Sequence[Any]]
         elif windowed(s, n):
             value = mean([series[-1].value for series in raw.get(key(s, n, w), {}).values() if series])
         else:
-            per_replica = [_average(series, now, w) for series in raw.get(key(s, n), {}).values()]
+            per_replica = [window_average([(p.timestamp, p.value) for p in series], now, w) for series in raw.get(key(s, n), {}).values()]
             value = per_route(per_replica, running) if s == "inference_framework" else mean(per_replica)
         if value is not None:
             out[rule.metric] = value
@@ -82,11 +82,6 @@ def figures(rules: Sequence[Rule], raw: Mapping[str, Mapping[Any, Sequence[Any]]
 
 def _in_window(series: Sequence[Any], now: float, window: float) -> list[Any]:
     return [p for p in series if now - p.timestamp <= window]
-
-
-def _average(series: Sequence[Any], now: float, window: float) -> float | None:
-    points = _in_window(series, now, window)
-    return sum(p.value for p in points) / len(points) if points else None
 
 
 def _rate(series: Sequence[Any], now: float, window: float) -> float | None:

@@ -19,10 +19,9 @@ import aiohttp
 import psutil
 
 from appliance.control.host.gpus import Nvml
-from appliance.control.scaling.signals import ProcessTree, lookup, parse_exposition
+from appliance.control.scaling.signals import ProcessTree, lookup, mean, parse_exposition, scrape
 from appliance.domain.scaling import SERIES_SOURCES, percentile, pct
 
-Needed = tuple[str, str, float]  # (source, name, window seconds), as a rule names its metric
 SERVED = "gateway/served_total"  # requests answered so far: the policy takes their rate over a rule's window
 _TREE = frozenset({"cpu_util", "mem", "mem_rss"})
 _GPU = {"gpu_util": "util", "gpu_mem": "mem", "cuda_util": "util", "cuda_mem": "mem"}
@@ -83,7 +82,7 @@ class ReplicaStats:
                     out[key(s, n)] = figures[_GPU[n]]  # type: ignore[assignment]
         series = {(s, n) for s, n in names if s in SERIES_SOURCES}
         if series:
-            text = await _scrape(session, url)
+            text = await scrape(session, url, timeout=2.0)
             if text is not None:
                 found = parse_exposition(text, {n for _, n in series})
                 for s, n in series:
@@ -98,14 +97,6 @@ class ReplicaStats:
                 if q is not None:
                     out[key(s, n, w)] = q
         return out
-
-
-async def _scrape(session: aiohttp.ClientSession, url: str) -> str | None:
-    try:
-        async with session.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
-            return await resp.text() if resp.status == 200 else None
-    except (aiohttp.ClientError, TimeoutError, ValueError):
-        return None
 
 
 @functools.cache
@@ -125,8 +116,7 @@ def _my_gpus() -> dict[str, float | None]:
     mine = [g for g in inventory if str(g.index) in visible or g.uuid in visible]
     if not mine:
         return {}
-    utils = [g.utilization_gpu for g in mine if g.utilization_gpu is not None]
     return {
-        "util": sum(utils) / len(utils) if utils else None,
+        "util": mean(g.utilization_gpu for g in mine),
         "mem": pct(sum(g.memory_used for g in mine), sum(g.memory_total for g in mine)),
     }

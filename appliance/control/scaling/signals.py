@@ -96,6 +96,16 @@ def mean(values: Iterable[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
+async def scrape(session: aiohttp.ClientSession, url: str, timeout: float | None = None) -> str | None:
+    """A worker's /metrics exposition, or None when it has none to give (an error, a non-200, too slow)."""
+    limit = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}  # else the session's own
+    try:
+        async with session.get(url + "/metrics", **limit) as resp:
+            return await resp.text() if resp.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+
+
 class ProcessTree:
     """CPU % needs two readings of the same psutil.Process: keep them between samples."""
 
@@ -259,13 +269,7 @@ class Signals:
     async def _scrape(self, url: str) -> str | None:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._scrape_timeout))
-        try:
-            async with self._session.get(url + "/metrics") as resp:
-                if resp.status != 200:
-                    return None
-                return await resp.text()
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return None
+        return await scrape(self._session, url)
 
     def _gateway_sample(self, endpoint: str, name: str) -> float | None:
         if name == "queue_length":
