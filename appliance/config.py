@@ -212,6 +212,17 @@ class ResidencyConfig(Model):
     min_resident_seconds: float = Field(30.0, ge=0, description="an endpoint loaded less than this long ago is not evicted (no thrashing)")
 
 
+class GrpcConfig(Model):
+    port: int | None = Field(None, ge=0, le=65535, description="the gRPC listener (KServe v2 / Triton clients); unset: none; 0 picks a free port (written to server.json)")
+    host: str | None = Field(None, description="address the gRPC listener binds; default server.host")
+    max_message_bytes: ByteSize = Field(
+        64 << 20, ge=1 << 20, le=1 << 30, description="largest gRPC message either way (held whole in memory while relayed); past it RESOURCE_EXHAUSTED",
+    )
+    stream_idle_seconds: float = Field(
+        300.0, gt=0, description="a stream with no message either way for this long is ended with DEADLINE_EXCEEDED (a stopped worker may never end it)",
+    )
+
+
 class BackendConfig(Model):
     kind: Literal["local", "ray"] = Field("local", description="where replicas run: local (processes of this box) or ray (a Ray Serve cluster)")
     address: str = Field("http://127.0.0.1:8265", description="ray: the Ray dashboard, whose Serve REST API deploys the replicas (as serve deploy --address)")
@@ -242,6 +253,7 @@ class Config(Model):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     residency: ResidencyConfig = Field(default_factory=ResidencyConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     endpoints: list[DeclaredEndpoint] = Field(default_factory=list, description="declared endpoints, created or updated at start")
     source: Path | None = Field(None, exclude=True, description="the file this came from (not a key)")
 

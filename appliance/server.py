@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from appliance.api.app import make_app
+from appliance.api.app import GRPC, make_app
 from appliance.config import Config
 from appliance.errors import ApplianceError
 from appliance.logs import setup_logging
@@ -64,7 +64,8 @@ async def run(config: Config) -> None:
         host, port = runner.addresses[0][:2]
         url_host = f"[{host}]" if ":" in host else host
         url = f"{config.server.scheme}://{url_host}:{port}"
-        path.write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
+        grpc = {"grpc": app[GRPC].address} if GRPC in app else {}
+        path.write_text(json.dumps({"url": url, "pid": os.getpid(), **grpc}) + "\n")
         log.info("appliance listening on %s (state in %s)", url, config.server.state_dir)
         notifier = asyncio.create_task(tell_systemd(app, freeze_heap=True))
         await stop.wait()

@@ -31,6 +31,7 @@ from aiohttp import web
 
 Out = Callable[[str], None]
 SITES = web.AppKey("sites", list)  # the listening sites, so /_stop_listening can close them after startup
+GRPC_SERVERS = web.AppKey("grpc_servers", list)  # its gRPC server (--grpc-port), for an in-process host to end
 
 
 def _stdout(line: str) -> None:
@@ -68,6 +69,7 @@ def _readable(path: str) -> bool:
 def parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fake_worker.py")
     p.add_argument("--port", type=int, default=int(env.get("PORT", "8000")))
+    p.add_argument("--grpc-port", type=int, default=int(env["GRPC_PORT"]) if env.get("GRPC_PORT") else None, help="also serve gRPC (tests/fake_grpc.py)")
     p.add_argument("--model", default="fake-model")
     p.add_argument("--startup-delay", type=float, default=0.0)
     p.add_argument("--latency", type=float, default=0.0)
@@ -286,6 +288,7 @@ def build(args: argparse.Namespace, rt: Runtime | None = None) -> web.Applicatio
 
     app = web.Application()
     app[SITES] = []
+    app[GRPC_SERVERS] = []
     app.router.add_get("/health", health)
     if args.health_path != "/health":
         app.router.add_get(args.health_path, health)
@@ -336,6 +339,10 @@ async def serve(args: argparse.Namespace, rt: Runtime, *, on_runner: Callable[[w
     on_runner(runner)
     site = web.TCPSite(runner, "127.0.0.1", args.port)
     app[SITES].append(site)
+    if args.grpc_port:
+        import fake_grpc  # grpc only where asked for
+
+        app[GRPC_SERVERS].append(await fake_grpc.start(args.grpc_port))
     await site.start()
     rt.say(f"listening on {args.port} pid {rt.pid}")
     if args.crash_after is not None:

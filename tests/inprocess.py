@@ -117,6 +117,8 @@ class InProcessWorker:
             return
         for site in list(runner.sites):
             await site.stop()  # closes the listener without suspending
+        for server in runner.app[fake_worker.GRPC_SERVERS]:
+            await server.stop(None if abort else 0.5)  # its calls end with the process
         if runner.server is None:
             return
         for conn in runner.server.connections:

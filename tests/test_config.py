@@ -26,13 +26,13 @@ def test_example_config_loads_and_documents_every_key() -> None:
     (ep,) = config.endpoints
     assert ep.name == "llama-8b" and ep.runtime == "vllm" and ep.resources is not None and ep.resources.mem == 32 << 30
     text = (REPO / "config.example.toml").read_text()
-    from appliance.config import AuthConfig, AutoscalingConfig, Config, GatewayConfig, GpusConfig, ResidencyConfig, RetentionConfig, ServerConfig, WorkersConfig
+    from appliance.config import AuthConfig, AutoscalingConfig, Config, GatewayConfig, GpusConfig, GrpcConfig, ResidencyConfig, RetentionConfig, ServerConfig, WorkersConfig
     from appliance.domain.specs import EndpointSpec, HealthCheck, Resources
 
-    for model in (ServerConfig, WorkersConfig, GpusConfig, GatewayConfig, AuthConfig, AutoscalingConfig, RetentionConfig, ResidencyConfig, EndpointSpec, Resources, HealthCheck):
+    for model in (ServerConfig, WorkersConfig, GpusConfig, GatewayConfig, AuthConfig, AutoscalingConfig, RetentionConfig, ResidencyConfig, GrpcConfig, EndpointSpec, Resources, HealthCheck):
         for key in model.model_fields:
             assert f"{key} =" in text or f"[endpoints.{key}]" in text, f"config.example.toml does not document {model.__name__}.{key}"
-    assert set(Config.model_fields) - {"source"} <= {"server", "workers", "gpus", "gateway", "auth", "autoscaling", "retention", "logging", "metrics", "models", "residency", "backend", "endpoints"}
+    assert set(Config.model_fields) - {"source"} <= {"server", "workers", "gpus", "gateway", "auth", "autoscaling", "retention", "logging", "metrics", "models", "residency", "backend", "grpc", "endpoints"}
 
 
 def test_defaults_without_a_file_section() -> None:
@@ -189,7 +189,8 @@ def test_every_unmarked_value_in_the_example_is_the_default() -> None:
             shown = getattr(parse_config({section: {key: value}}, base=REPO), section)
             if getattr(shown, key) == getattr(getattr(defaults, section), key):
                 continue
-            at = next(i for i, line in enumerate(lines) if line.startswith(f"{key} ="))
+            header = lines.index(f"[{section}]")
+            at = next(i for i, line in enumerate(lines) if i > header and line.startswith(f"{key} ="))
             if not any("example" in line for line in lines[max(0, at - 3) : at + 1]):
                 unmarked.append(f"[{section}] {key} = {value!r}")
     assert not unmarked, f"values in config.example.toml that are not the defaults and not marked (example): {unmarked}"

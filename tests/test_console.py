@@ -133,7 +133,8 @@ def test_log_in_create_an_endpoint_follow_its_log_and_chat(server: ServerProcess
     page.get_by_role("button", name="Following (stop)").click()
 
     page.get_by_role("link", name="Endpoints", exact=True).click()
-    row = page.get_by_role("row").filter(has_text="chat")
+    # The list's own rows: until the page has changed, the endpoint page's event rows also name "chat".
+    row = page.get_by_role("region", name="Endpoint list").get_by_role("row").filter(has_text="chat")
     expect(row).to_contain_text("HEALTHY")
     expect(row).to_contain_text("private")
     expect(row).to_contain_text(f"{server.url}/endpoints/chat/")

@@ -16,6 +16,7 @@ from appliance.api.manage import access, admin, models, oauth, residency, scalin
 from appliance.api.inference.gateway import GATEWAY, Gateway
 from appliance.api.http import BODY_TIMEOUT, MAX_BODY, TELEMETRY, Handler, Route, add_routes, error_middleware, error_response, json_response, request_id
 from appliance.api.openapi import build_openapi
+from appliance.api.rpc.front import GrpcFront
 from appliance.api.services import SERVICES, Services
 from appliance.api.manage.views import Health
 from appliance.config import Config
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 STARTUP_TASK = web.AppKey("startup_task", asyncio.Task)
 METRICS = web.AppKey("metrics", Signals)
 AUTOSCALER = web.AppKey("autoscaler", Autoscaler)
+GRPC = web.AppKey("grpc", GrpcFront)  # present when [grpc] port is set
 HELD_RETRY_SECONDS = 2.0  # how often writes held while the disk was full are retried
 
 
@@ -184,13 +186,17 @@ async def _drain_clients(app: web.Application) -> None:
     stopped after this (the cleanup below), so the whole stop takes that timeout plus the workers' grace."""
     services = app[SERVICES]
     services.supervisor.end_followers()
-    await app[GATEWAY].drain(services.config.server.shutdown_timeout_seconds)
+    grace = services.config.server.shutdown_timeout_seconds
+    grpc = [app[GRPC].stop(grace)] if GRPC in app else []
+    await asyncio.gather(app[GATEWAY].drain(grace), *grpc)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     await services.store.open()  # before listening: a broken database must fail the start
     models.attach_models(app)
+    if GRPC in app:
+        await app[GRPC].start()  # a port another program holds fails the start, as the HTTP port does
     app[STARTUP_TASK] = asyncio.create_task(_startup(app))
     yield
     task = app[STARTUP_TASK]
@@ -206,6 +212,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if running:
         log.info("stopping: workers stopped")
     await app[GATEWAY].stop()
+    if GRPC in app:
+        await app[GRPC].stop(0)  # already drained at shutdown; this ends it when the app was never shut down
     await app[METRICS].stop()
     if services.store.is_open:
         await services.accounting.flush()
@@ -266,6 +274,8 @@ def make_app(
     )
     app[AUTOSCALER] = Autoscaler(store, supervisor, app[METRICS], load, clock, telemetry)
     app[TELEMETRY] = telemetry
+    if config.grpc.port is not None:
+        app[GRPC] = GrpcFront(services, app[GATEWAY], telemetry)
     add_routes(app, all_routes(), guard=admin_only)
     add_routes(app, gateway.ROUTES)
     app.on_response_prepare.append(_stamp_request_id)

@@ -176,6 +176,10 @@ class Telemetry:
             "appliance_replica_wake_seconds", "Sleeping replicas woken for a request, by the seconds from the wake to serving (room made included)",
             ["endpoint"], buckets=LOAD_BUCKETS, registry=r,
         )
+        self._grpc = Counter(
+            "appliance_grpc_calls", "gRPC calls by endpoint (empty: refused before one was known), KServe v2 method (other: any other) and status code",
+            ["endpoint", "method", "code"], registry=r,
+        )
         self._requests = _RequestCollector()
         self._live = _LiveCollector()
         r.register(self._requests)
@@ -199,6 +203,9 @@ class Telemetry:
         if completion:
             per.completion += completion
 
+    def grpc_call(self, endpoint: str, method: str, code: str) -> None:
+        self._grpc.labels(endpoint, method, code).inc()
+
     def rejected(self, code: str) -> None:
         self._rejections.labels(code).inc()
 
@@ -216,7 +223,7 @@ class Telemetry:
 
     def endpoint_gone(self, endpoint: str) -> None:
         """A deleted endpoint's series go (a validation's temporary one too)."""
-        for metric in (self._restarts, self._probe_failures, self._probe_duration, self._decisions, self._loads, self._evictions):
+        for metric in (self._restarts, self._probe_failures, self._probe_duration, self._decisions, self._loads, self._evictions, self._grpc):
             metric.remove_by_labels({"endpoint": endpoint})
         self._requests.endpoints.pop(endpoint, None)
 

@@ -111,6 +111,9 @@ class ServiceSection(Lax):
     command: Command | None = Field(None, description="HEAD's name for start_command; wins when both are given")
     shell: str | None = Field(DEFAULT_SHELL, description="runs a string command; null or empty: the string is split instead (HEAD)")
     port: int = Field(ge=1, le=65535)
+    # The appliance's extension (Backend.AI has none): the server also speaks gRPC on this port. The replica
+    # gets a second port for it, mapped into the command as `port` is, and GRPC_PORT.
+    grpc_port: int | None = Field(None, ge=1, le=65535)
     health_check: DefinitionHealthCheck | None = None
 
     @model_validator(mode="before")
@@ -129,9 +132,9 @@ class ServiceSection(Lax):
             raise ValueError("must not be empty")
         return v
 
-    @field_validator("port")
+    @field_validator("port", "grpc_port")
     @classmethod
-    def _not_reserved(cls, v: int) -> int:
+    def _not_reserved(cls, v: int | None) -> int | None:
         if v in RESERVED_PORTS:
             raise ValueError(f"ports {RESERVED_PORTS[0]} and {RESERVED_PORTS[1]} are reserved by Backend.AI's kernel runner; use another port")
         return v
@@ -140,6 +143,8 @@ class ServiceSection(Lax):
     def _has_command(self) -> ServiceSection:
         if self.argv_or_script is None:
             raise ValueError("start_command is required (this box has no container image whose command could stand in)")
+        if self.grpc_port is not None and self.grpc_port == self.port:
+            raise ValueError(f"grpc_port must differ from port ({self.port}): each gets a port of its own")
         return self
 
     @property

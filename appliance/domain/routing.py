@@ -22,6 +22,7 @@ class RoutableReplica:
     endpoint: str
     url: str
     served_model_name: str
+    grpc: str | None = None  # host:port of its worker's gRPC server, if it has one
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ class Placement:
     runtime_path: str = "python"  # Backend.AI's {runtime_path}: the interpreter `python` runs as here
     memory_fraction: float | None = None  # the replica's GPU memory claim ÷ the GPU's total memory
     sleep_mode: bool = False  # evictions may put it to sleep (a shared GPU with a claim, and the endpoint allows it)
+    grpc_port: int | None = None  # its second port, when its definition declares a gRPC one
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class WorkerSpec:
     port: int
     health_check: HealthCheck
     served_model_name: str
+    grpc_port: int | None = None
     cwd: str | None = None  # None: the replica's work dir
     pre_start_actions: tuple[PreStartAction, ...] = ()
     openai_compatible: bool = True
@@ -93,6 +95,13 @@ def default_served_model_name(runtime: str, name: str, model_folder: str, defini
     if runtime == "transformers":
         return model_folder  # transformers serve names a model by its path
     return name
+
+
+def grpc_port_of(runtime: str, definition: ModelDefinition | None) -> int | None:
+    """The gRPC port a worker declares (inside Backend.AI's container numbering), or None: HTTP only."""
+    if runtime == "custom" and definition is not None and definition.model.service is not None:
+        return definition.model.service.grpc_port
+    return None
 
 
 def default_health_check(runtime: str, definition: ModelDefinition | None) -> HealthCheck:
@@ -161,6 +170,8 @@ def _custom(config: EndpointConfig, definition: ModelDefinition | None, placemen
     else:
         parts = list(raw)
     argv = [map_port(map_paths(a, mounts), service.port, placement.port) for a in parts]
+    if service.grpc_port is not None and placement.grpc_port is not None:
+        argv = [map_port(a, service.grpc_port, placement.grpc_port) for a in argv]
     env = {"BACKEND_MODEL_NAME": definition.models[0].name, "BACKEND_MODEL_PATH": model_path}
     return argv, model_path, env
 
@@ -169,7 +180,8 @@ def build_worker_spec(config: EndpointConfig, definition: ModelDefinition | None
     model_path = config.model_folder
     variables: dict[str, Any] = {
         # Backend.AI's
-        "ports": [placement.port],
+        "ports": [placement.port] + ([placement.grpc_port] if placement.grpc_port is not None else []),
+        "grpc_port": "" if placement.grpc_port is None else placement.grpc_port,
         "runtime_path": placement.runtime_path,
         # the appliance's own
         "port": placement.port,
@@ -193,6 +205,8 @@ def build_worker_spec(config: EndpointConfig, definition: ModelDefinition | None
     variables["model_path"] = model_path
     env = {**env, **config.environ}
     env.setdefault("PORT", str(placement.port))
+    if placement.grpc_port is not None:
+        env.setdefault("GRPC_PORT", str(placement.grpc_port))
     if config.runtime == "vllm" and placement.sleep_mode:
         env.setdefault("VLLM_SERVER_DEV_MODE", "1")  # the routes /sleep, /wake_up and /is_sleeping
     if config.runtime == "nim":
@@ -202,6 +216,7 @@ def build_worker_spec(config: EndpointConfig, definition: ModelDefinition | None
         argv=tuple(argv + list(config.extra_args)),
         env=env,
         port=placement.port,
+        grpc_port=placement.grpc_port,
         health_check=config.health_check,
         served_model_name=config.served_model_name,
         cwd=cwd,

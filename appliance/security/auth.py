@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from aiohttp import web
 from sqlite_utils import Database
 
 from appliance.domain.limits import Limits
 from appliance.errors import ApplianceError
-from appliance.security.sessions import Sessions, credential, csrf_refusal, missing_credential, session_id, unauthorized
+from appliance.security.sessions import Origin, Sessions, credential, csrf_refusal, missing_credential, session_id, unauthorized
 from appliance.store import Clock, Store, dumps, iso, parse_iso
 
 log = logging.getLogger(__name__)
@@ -214,7 +213,7 @@ class TokenSigner:
         return claims
 
 
-FailureHook = Callable[[str, web.Request, str | None], None]
+FailureHook = Callable[[str, Origin, str | None], None]
 
 
 class Authenticator:
@@ -289,16 +288,16 @@ class Authenticator:
 
     # --- the check ---------------------------------------------------------------------------------
 
-    def refuse(self, request: web.Request, err: ApplianceError) -> ApplianceError:
+    def refuse(self, request: Origin, err: ApplianceError) -> ApplianceError:
         """Record a refusal decided by the caller of identify(record=False)."""
         return self._fail(request, credential(request), err)
 
-    def _fail(self, request: web.Request, token: str | None, err: ApplianceError, record: bool = True) -> ApplianceError:
+    def _fail(self, request: Origin, token: str | None, err: ApplianceError, record: bool = True) -> ApplianceError:
         if record and self.on_failure is not None:
             self.on_failure(err.code, request, token[:9] if token else None)
         return err
 
-    async def identify(self, request: web.Request, *, record: bool = True) -> Principal:
+    async def identify(self, request: Origin, *, record: bool = True) -> Principal:
         """The caller behind the Authorization header, else a console session cookie, or a 401 (recorded in events unless `record` is false)."""
         token = credential(request)
         if token is None:
@@ -310,7 +309,7 @@ class Authenticator:
             return self._from_jwt(request, token, record)
         return await self.check_key(request, token, record=record)
 
-    async def check_key(self, request: web.Request, token: str, *, record: bool = True) -> Principal:
+    async def check_key(self, request: Origin, token: str, *, record: bool = True) -> Principal:
         """The key or endpoint token `token`, wherever the request carried it (the console's login sends it in the body)."""
         digest = hash_key(token)
         principal = self._by_hash.get(digest)
@@ -326,7 +325,7 @@ class Authenticator:
             raise self._fail(request, token, unauthorized(f"this {_what(principal)} expired at {iso(principal.expires_at)}", "expired_api_key"), record)
         return principal
 
-    def _from_session(self, request: web.Request, sid: str, record: bool) -> Principal:
+    def _from_session(self, request: Origin, sid: str, record: bool) -> Principal:
         """The key a console session was opened with, as it is now; state changes need the session's CSRF token."""
         session = self.sessions.use(sid)
         if session is None:
@@ -341,7 +340,7 @@ class Authenticator:
             raise self._fail(request, None, refusal, record)
         return principal
 
-    def _from_jwt(self, request: web.Request, token: str, record: bool) -> Principal:
+    def _from_jwt(self, request: Origin, token: str, record: bool) -> Principal:
         now = self._clock()
         cached = self._jwt_cache.get(token)
         if cached is None or now >= cached[2]:
@@ -361,7 +360,7 @@ class Authenticator:
         scopes = cached[1] & ROLES[account.role] if ADMIN not in ROLES[account.role] else cached[1]
         return Principal(id=account.id, name=account.name, kind="service_account", scopes=scopes, expires_at=cached[2])
 
-    async def authenticate(self, request: web.Request, scope: str, *, also: str | None = None) -> Principal:
+    async def authenticate(self, request: Origin, scope: str, *, also: str | None = None) -> Principal:
         """The caller, who must hold `scope` (or `also`); 401 without a valid credential, 403 without the scope."""
         principal = await self.identify(request)
         if not (principal.has(scope) or (also is not None and principal.has(also))):
@@ -372,7 +371,7 @@ class Authenticator:
             ))
         return principal
 
-    def check_endpoint(self, request: web.Request, principal: Principal, endpoint: str) -> None:
+    def check_endpoint(self, request: Origin, principal: Principal, endpoint: str) -> None:
         if not principal.allows(endpoint):
             raise self._fail(request, None, ApplianceError(
                 f"{_what(principal)} {principal.name!r} may not use endpoint {endpoint!r}", status=403, code="endpoint_not_allowed", param="model",

@@ -13,12 +13,29 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 
 from appliance.errors import ApplianceError
 from appliance.store import Clock
+
+class Origin(Protocol):
+    """What the checks read of a call: an HTTP request, or a gRPC call's metadata seen as headers."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...  # case-insensitive
+    @property
+    def cookies(self) -> Mapping[str, str]: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def remote(self) -> str | None: ...
+
 
 COOKIE_PREFIX = "appliance_"  # the appliance's own cookies: a worker's answer may not set them
 SESSION_COOKIE = COOKIE_PREFIX + "session"
@@ -28,7 +45,7 @@ MAX_SESSIONS = 10_000  # a bound on memory: past it the least recently used sess
 _SAFE_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))
 
 
-def credential(request: web.Request) -> str | None:
+def credential(request: Origin) -> str | None:
     """The credential of `Authorization: Bearer <key>` or Backend.AI's `Authorization: BackendAI <token>`."""
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
@@ -37,7 +54,7 @@ def credential(request: web.Request) -> str | None:
     return None
 
 
-def missing_credential(request: web.Request) -> ApplianceError:
+def missing_credential(request: Origin) -> ApplianceError:
     """No usable credential: say precisely what was wrong with what was sent."""
     scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
     if not scheme:
@@ -56,7 +73,7 @@ def unauthorized(message: str, code: str) -> ApplianceError:
     return ApplianceError(message, status=401, code=code, headers={"WWW-Authenticate": 'Bearer realm="appliance", error="invalid_token"'})
 
 
-def session_id(request: web.Request) -> str | None:
+def session_id(request: Origin) -> str | None:
     """The console session id of the request's cookie, if it sent one."""
     return request.cookies.get(SESSION_COOKIE) or None
 
@@ -128,7 +145,7 @@ class Sessions:
             del self._by_digest[digest]
 
 
-def csrf_refusal(request: web.Request, session: Session) -> ApplianceError | None:
+def csrf_refusal(request: Origin, session: Session) -> ApplianceError | None:
     """Why a cookie-authenticated request may not go on: one that changes state must carry the session's CSRF token."""
     if request.method in _SAFE_METHODS:
         return None

@@ -9,9 +9,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
-
 from appliance.errors import ApplianceError
+from appliance.security.sessions import Origin
 from appliance.store import Clock, Store, iso
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class Accounting:
         if key_id:
             self._pending.last_used[key_id] = now
 
-    def auth_failure(self, code: str, request: web.Request, credential_prefix: str | None) -> None:
+    def auth_failure(self, code: str, request: Origin, credential_prefix: str | None) -> None:
         """One event per failure, at most `failure_events_per_minute`; the rest are counted in one event."""
         now = self._clock()
         minute = int(now // 60)

@@ -21,7 +21,7 @@ from appliance.security.sessions import missing_credential
 Refusal = ApplianceError | Callable[[], ApplianceError]
 
 
-def _error(refusal: Refusal) -> ApplianceError:
+def error_of(refusal: Refusal) -> ApplianceError:
     return refusal if isinstance(refusal, ApplianceError) else refusal()
 
 
@@ -40,7 +40,7 @@ def refuse_unless_public(request: web.Request, refusal: Refusal | None) -> None:
     """An anonymous caller is refused before its body is read when no endpoint is public."""
     table = request.app[SERVICES].supervisor.table
     if refusal is not None and not any(c.public for c in table.endpoints.values()):
-        raise request.app[SERVICES].auth.refuse(request, _error(refusal))
+        raise request.app[SERVICES].auth.refuse(request, error_of(refusal))
 
 
 def authorize(request: web.Request, principal: Principal | None, refusal: Refusal | None, name: str, config: EndpointConfig | None) -> Principal | None:
@@ -50,7 +50,7 @@ def authorize(request: web.Request, principal: Principal | None, refusal: Refusa
     if principal is None:
         if config is None or not config.public:
             assert refusal is not None
-            raise auth.refuse(request, _error(refusal))
+            raise auth.refuse(request, error_of(refusal))
         return None
     if config is None:
         raise ApplianceError(f"The model '{name}' does not exist{did_you_mean(request, principal, name)}", status=404, code="model_not_found", param="model")

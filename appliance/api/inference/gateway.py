@@ -110,7 +110,7 @@ class Gateway:
 
     # --- one request ----------------------------------------------------------------------------
 
-    def _admit(self, principal: Principal | None) -> dict[str, str] | None:
+    def admit(self, principal: Principal | None) -> dict[str, str] | None:
         """Count the request against the key's limits; x-ratelimit-* headers for the answer, or a 429."""
         if principal is None or not principal.limits.any:
             return None
@@ -140,7 +140,7 @@ class Gateway:
         limited = False
         self._active += 1  # from here on, the finally below counts it out
         try:
-            extra = self._admit(principal)
+            extra = self.admit(principal)
             limited = extra is not None
             while True:
                 adm, replica = await self.acquire(endpoint, config, key, tried)

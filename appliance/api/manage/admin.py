@@ -141,6 +141,7 @@ def _replica_view(r: Replica) -> ReplicaView:
         pid=r.process.pid if r.process else None,
         cgroup=str(r.process.cgroup) if r.process and r.process.cgroup else None,
         port=r.port,
+        grpc_port=r.grpc_port,
         address=r.address,
         gpus=list(r.allocation.uuids) if r.allocation else [],
         gpu_share=r.allocation.share if r.allocation else None,

@@ -56,17 +56,24 @@ class Ledger:
             self._host[replica] = host
 
     def take_port(self, replica: str, now: float) -> int:
-        """The next free port of the range, reserved at once for `replica` (in place of one it held):
-        replicas starting together never share one."""
+        return self.take_ports(replica, now, 1)[0]
+
+    def take_ports(self, replica: str, now: float, count: int) -> list[int]:
+        """The next `count` free ports of the range, reserved at once for `replica` (in place of those it
+        held): replicas starting together never share one. All or none."""
         self._drop_port(replica)
         self._quarantine = {p: t for p, t in self._quarantine.items() if t > now}
         first, last = self._range
-        port = pick_port(first, last, set(self._ports) | set(self._quarantine), start=self._last_port)
-        if port is None:
-            raise Unplaceable(f"waiting for a free port in {first}-{last}")
-        self._ports[port] = replica
-        self._last_port = port
-        return port
+        taken: list[int] = []
+        for _ in range(count):
+            port = pick_port(first, last, set(self._ports) | set(self._quarantine), start=self._last_port)
+            if port is None:
+                self._drop_port(replica)
+                raise Unplaceable(f"waiting for {count} free ports in {first}-{last}" if count > 1 else f"waiting for a free port in {first}-{last}")
+            self._ports[port] = replica
+            self._last_port = port
+            taken.append(port)
+        return taken
 
     def quarantine(self, port: int, now: float) -> None:
         """Another program took `port` before our worker bound it: skip it for a while."""

@@ -29,6 +29,7 @@ class Replica:
     log: ReplicaLog
     state: ReplicaState = ReplicaState.PROVISIONING
     port: int | None = None
+    grpc_port: int | None = None  # its worker's gRPC port, when its definition declares one
     address: str | None = None  # its base URL when not a port of this box (a Ray Serve replica's route)
     allocation: Allocation | None = None
     process: Worker | None = None
@@ -58,6 +59,10 @@ class Replica:
     @property
     def url(self) -> str:
         return self.address or f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_target(self) -> str | None:
+        return None if self.grpc_port is None else f"127.0.0.1:{self.grpc_port}"
 
 
 @dataclass

@@ -36,7 +36,7 @@ from appliance.domain.memory import need as memory_need
 from appliance.domain.placement import GpuInfo, GpuRequest, Unplaceable, visible
 from appliance.domain.residency import NoRoom
 from appliance.domain.rollout import backoff_delay, drains, sleep_unsupported
-from appliance.domain.runtimes import Placement, WorkerSpec
+from appliance.domain.runtimes import Placement, WorkerSpec, grpc_port_of
 from appliance.domain.states import ReplicaState, check_transition
 from appliance.errors import ApplianceError
 from appliance.security.vault import mask_argv
@@ -277,10 +277,13 @@ class ReplicaRunner:
         r.wants = (request, host, inventory)
         r.allocation = allocation = self._ledger.hold_gpus(r.id, request, inventory)
         self._ledger.hold_host(r.id, host, self._config.residency.host_memory_budget)
-        r.port = port = self._ledger.take_port(r.id, self._clock())
-        await asyncio.to_thread(r.work_dir.mkdir, parents=True, exist_ok=True)
         definition = await read_definition(config)
-        placement = Placement(port=port, replica_id=r.id, work_dir=str(r.work_dir), gpu_share=allocation.share, runtime_path=sys.executable,
+        grpc = grpc_port_of(config.runtime, definition) is not None
+        ports = self._ledger.take_ports(r.id, self._clock(), 2 if grpc else 1)
+        r.port = port = ports[0]
+        r.grpc_port = ports[1] if grpc else None
+        await asyncio.to_thread(r.work_dir.mkdir, parents=True, exist_ok=True)
+        placement = Placement(port=port, grpc_port=r.grpc_port, replica_id=r.id, work_dir=str(r.work_dir), gpu_share=allocation.share, runtime_path=sys.executable,
                               memory_fraction=allocation.fraction, sleep_mode=config.sleep and run.sleep_frees is not False and bool(allocation.claim))
         spec, env = await prepare_worker(
             config, definition, placement, work_dir=r.work_dir, sink=r.log, grace=self._config.workers.stop_grace_seconds, identity=self._identity,
@@ -294,7 +297,7 @@ class ReplicaRunner:
             self._host.released(r)  # replicas waiting for room look again at once
         self._ledger.release(r.id)
         self._backend.forget(r)
-        r.port = None  # no longer ours: a later release or record must not name it
+        r.port = r.grpc_port = None  # no longer ours: a later release or record must not name it
         r.allocation = None
         r.process = None
 

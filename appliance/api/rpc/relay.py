@@ -1,0 +1,301 @@
+"""The gRPC relay: each call checked as HTTP requests are (keys, limits), admitted to one replica through the
+gateway's admission (least outstanding, max_concurrency, the queue, waking a sleeping endpoint), and its
+messages passed on as bytes, never parsed.
+
+One channel per replica, so one client connection spreads its calls over every replica. Unary calls are
+relayed as unary; ModelStreamInfer and unknown services as streams. A call goes to another replica only
+when its worker could not be reached before anything was sent. The worker's status, details and metadata
+reach the client as the worker sent them; the appliance's own refusals carry `x-appliance-error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from appliance.api.inference.gateway import CLIENT_CLOSED, Gateway, RequestRecord
+from appliance.api.rpc.access import ENDPOINT_KEY, ERROR_KEY, NOT_FORWARDED, REQUEST_ID_KEY, CallOrigin, authorize, code_of, http_status, method_label
+from appliance.api.services import Services
+from appliance.config import GrpcConfig
+from appliance.control.telemetry import Telemetry
+from appliance.domain.routing import RoutableReplica
+from appliance.domain.specs import EndpointConfig
+from appliance.domain.states import ReplicaState
+from appliance.errors import ApplianceError
+from appliance.security.auth import Principal
+
+log = logging.getLogger(__name__)
+Metadata = Sequence[tuple[str, str | bytes]]
+_SERVING = frozenset((ReplicaState.HEALTHY, ReplicaState.UNHEALTHY, ReplicaState.DRAINING, ReplicaState.SLEEPING))  # its worker is the one the channel reaches
+
+
+class _Conn:
+    """The channel to one replica's worker; `gone` once the replica left (its calls were cancelled)."""
+
+    __slots__ = ("channel", "gone", "target")
+
+    def __init__(self, target: str, options: list[tuple[str, Any]]) -> None:
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.gone = False
+
+
+@dataclass(slots=True)
+class _Call:
+    method: str
+    started: float
+    request_id: str
+    forward: list[tuple[str, str | bytes]]
+    endpoint: str = ""
+    principal: Principal | None = None
+    replica: str | None = None
+    limited: bool = False
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    error_source: str | None = None
+
+
+def _clean(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
+    return [(k, v) for k, v in metadata or () if k not in NOT_FORWARDED and not k.startswith((":", "grpc-"))]
+
+
+def _unreachable(err: grpc.aio.AioRpcError) -> bool:
+    """Refused before anything was sent: the worker could not be connected to."""
+    details = (err.details() or "").lower()
+    return err.code() is grpc.StatusCode.UNAVAILABLE and ("connect" in details or "unreachable" in details)
+
+
+class Relay:
+    def __init__(self, services: Services, gateway: Gateway, telemetry: Telemetry, config: GrpcConfig) -> None:
+        self._services = services
+        self._gateway = gateway
+        self._telemetry = telemetry
+        self._idle = config.stream_idle_seconds
+        cap = config.max_message_bytes
+        self._options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", cap)]
+        self._conns: dict[str, _Conn] = {}  # replica id → its channel
+
+    # --- channels ------------------------------------------------------------------------------
+
+    def _conn(self, replica: RoutableReplica) -> _Conn:
+        assert replica.grpc is not None
+        conn = self._conns.get(replica.id)
+        if conn is None or conn.target != replica.grpc:
+            if conn is not None:
+                self._drop(replica.id)
+            conn = self._conns[replica.id] = _Conn(replica.grpc, self._options)
+        return conn
+
+    def _drop(self, rid: str) -> None:
+        conn = self._conns.pop(rid)
+        conn.gone = True
+        asyncio.ensure_future(conn.channel.close())  # cancels its calls at once
+
+    def prune(self) -> None:
+        """Channels of replicas no longer serving (stopped after their drain, failed, restarted elsewhere)
+        are closed, and their calls end UNAVAILABLE: a stopped worker may never end a quiet stream itself."""
+        supervisor = self._services.supervisor
+        live = {r.id: r.state for run in supervisor.runs.values() for r in run.replicas.values()}
+        for rid in [rid for rid in self._conns if live.get(rid) not in _SERVING]:
+            self._drop(rid)
+
+    async def close(self) -> None:
+        conns, self._conns = list(self._conns.values()), {}
+        await asyncio.gather(*(c.channel.close() for c in conns), return_exceptions=True)
+
+    # --- a call's life -------------------------------------------------------------------------
+
+    async def _open(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[_Call, EndpointConfig]:
+        metadata: dict[str, str] = {}
+        for k, v in context.invocation_metadata() or ():
+            if isinstance(v, str):
+                metadata.setdefault(k, v)
+        rid = metadata.get(REQUEST_ID_KEY) or secrets.token_hex(8)
+        forward = _clean(context.invocation_metadata())
+        if REQUEST_ID_KEY not in metadata:
+            forward.append((REQUEST_ID_KEY, rid))
+        call = _Call(method, time.monotonic(), rid, forward)
+        if self._gateway.stopping.is_set():
+            await self._refuse(call, context, ApplianceError("the appliance is shutting down", status=503, code="shutting_down"))
+        try:
+            call.endpoint, config, call.principal = await authorize(self._services, CallOrigin(metadata, method, context.peer()), metadata.get(ENDPOINT_KEY))
+            self._services.load.arrived(call.endpoint)
+            call.limited = self._gateway.admit(call.principal) is not None
+        except ApplianceError as err:
+            self._telemetry.rejected(err.code)
+            await self._refuse(call, context, err)
+        return call, config
+
+    async def _refuse(self, call: _Call, context: grpc.aio.ServicerContext[Any, Any], err: ApplianceError) -> None:
+        call.code = code_of(err)
+        call.error_source = err.source or "appliance"
+        await context.abort(call.code, err.message, trailing_metadata=((ERROR_KEY, err.code),))
+
+    async def _acquire(self, call: _Call, config: EndpointConfig, tried: set[str], context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Any, RoutableReplica, _Conn]:
+        """A replica with room for this call, counted in flight until released, whose worker is connected."""
+        while True:
+            try:
+                adm, replica = await self._gateway.acquire(call.endpoint, config, None, tried)
+            except ApplianceError as err:
+                await self._refuse(call, context, err)
+            if replica.grpc is None:
+                self._gateway.release(adm, replica)
+                await self._refuse(call, context, ApplianceError(
+                    f"endpoint {call.endpoint} serves no gRPC: its model definition declares no grpc_port", status=501, code="no_grpc",
+                ))
+            call.replica = replica.id
+            conn = self._conn(replica)
+            if await self._connected(conn):
+                return adm, replica, conn
+            self._gateway.release(adm, replica)
+            tried.add(replica.id)
+            if not [r for r in self._services.supervisor.table.routable.get(call.endpoint, ()) if r.id not in tried]:
+                await self._refuse(call, context, ApplianceError(
+                    f"replica {replica.id} of endpoint {call.endpoint} could not be reached at {conn.target}", status=503, code="worker_unreachable", source="worker",
+                ))
+
+    async def _connected(self, conn: _Conn) -> bool:
+        state = conn.channel.get_state(try_to_connect=True)
+        if state is grpc.ChannelConnectivity.READY:
+            return True
+        try:
+            await asyncio.wait_for(conn.channel.channel_ready(), self._services.config.gateway.connect_timeout_seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    def _finish(self, call: _Call, streamed: bool) -> None:
+        services = self._services
+        now = services.clock()
+        latency = time.monotonic() - call.started
+        status = http_status(call.code)
+        key_id = call.principal.id if call.principal else None
+        if call.limited and call.principal is not None:
+            services.limiter.finish(call.principal.id, 0, now)
+        if call.endpoint:
+            services.accounting.record(now, key_id, call.endpoint, failed=status >= 400, prompt_tokens=None, completion_tokens=None)
+            self._gateway.records.append(RequestRecord(
+                time=now, endpoint=call.endpoint, replica=call.replica, key_id=key_id, status=status, latency=latency, ttfb=None,
+                prompt_tokens=None, completion_tokens=None, streamed=streamed,
+                error_source=call.error_source if (call.error_source or status >= 500) else None, request_id=call.request_id,
+            ))
+            self._telemetry.request(call.endpoint, status, latency, ttft=None, gap=None, prompt=None, completion=None)
+        self._telemetry.grpc_call(call.endpoint, method_label(call.method), call.code.name)
+
+    async def _relay_status(self, call: _Call, conn: _Conn, err: grpc.aio.AioRpcError | None, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """End the client's call as the worker ended its own, or UNAVAILABLE when the replica left under it."""
+        if conn.gone:
+            call.error_source = "worker"
+            await self._refuse(call, context, ApplianceError(
+                f"replica {call.replica} of endpoint {call.endpoint} stopped serving during the call", status=503, code="replica_gone", source="worker",
+            ))
+        assert err is not None
+        call.code = err.code()
+        call.error_source = "worker"
+        await context.abort(call.code, err.details() or "", trailing_metadata=tuple(_clean(err.trailing_metadata())))
+
+    def _cancelled_here(self) -> bool:
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
+
+    # --- unary ---------------------------------------------------------------------------------
+
+    async def unary(self, method: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        call, config = await self._open(method, context)
+        tried: set[str] = set()
+        try:
+            while True:
+                adm, replica, conn = await self._acquire(call, config, tried, context)
+                upstream = conn.channel.unary_unary(method)(request, metadata=call.forward, timeout=context.time_remaining())
+                try:
+                    response: bytes = await upstream
+                except grpc.aio.AioRpcError as err:
+                    if _unreachable(err) and not conn.gone and [r for r in self._services.supervisor.table.routable.get(call.endpoint, ()) if r.id not in tried | {replica.id}]:
+                        tried.add(replica.id)
+                        continue
+                    await self._relay_status(call, conn, err, context)
+                    raise  # not reached: abort raised
+                except asyncio.CancelledError:
+                    if self._cancelled_here() or not conn.gone:
+                        raise
+                    await self._relay_status(call, conn, None, context)
+                    raise
+                finally:
+                    upstream.cancel()  # no-op once it ended; ends the worker's call when the client left
+                    self._gateway.release(adm, replica)
+                await context.send_initial_metadata(_clean(await upstream.initial_metadata()))
+                context.set_trailing_metadata(tuple(_clean(await upstream.trailing_metadata())))
+                call.code = grpc.StatusCode.OK
+                return response
+        except asyncio.CancelledError:
+            call.code, call.error_source = grpc.StatusCode.CANCELLED, CLIENT_CLOSED
+            raise
+        finally:
+            self._finish(call, streamed=False)
+
+    # --- streams -------------------------------------------------------------------------------
+
+    async def stream(self, method: str, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        call, config = await self._open(method, context)
+        try:
+            adm, replica, conn = await self._acquire(call, config, set(), context)
+            upstream = conn.channel.stream_stream(method)(metadata=call.forward, timeout=context.time_remaining())
+            last = [time.monotonic()]  # the latest message either way
+            idle = [False]
+            pump = asyncio.create_task(self._pump(requests, upstream, last))
+            watchdog = asyncio.create_task(self._watch_idle(upstream, last, idle))
+            err: grpc.aio.AioRpcError | None = None
+            try:
+                await context.send_initial_metadata(_clean(await upstream.initial_metadata()))
+                while (message := await upstream.read()) is not grpc.aio.EOF:
+                    last[0] = time.monotonic()
+                    yield message
+            except grpc.aio.AioRpcError as exc:
+                err = exc
+            except asyncio.CancelledError:
+                if self._cancelled_here() or not (conn.gone or idle[0]):
+                    raise
+            finally:
+                pump.cancel()
+                watchdog.cancel()
+                upstream.cancel()
+                self._gateway.release(adm, replica)
+            if idle[0]:
+                await self._refuse(call, context, ApplianceError(f"no message either way for {self._idle:g} s ([grpc] stream_idle_seconds)", status=504, code="stream_idle"))
+            if err is None and not conn.gone and (code := await upstream.code()) is not grpc.StatusCode.OK:
+                # The worker's own status, read from the call even when a write failed first (a write to a
+                # call the worker already ended must not turn its status into INTERNAL).
+                err = grpc.aio.AioRpcError(code, await upstream.initial_metadata(), await upstream.trailing_metadata(), details=await upstream.details())
+            if err is not None or conn.gone:
+                await self._relay_status(call, conn, err, context)
+            context.set_trailing_metadata(tuple(_clean(await upstream.trailing_metadata())))
+            call.code = grpc.StatusCode.OK
+        except (asyncio.CancelledError, GeneratorExit):
+            call.code, call.error_source = grpc.StatusCode.CANCELLED, CLIENT_CLOSED
+            raise
+        finally:
+            self._finish(call, streamed=True)
+
+    async def _pump(self, requests: AsyncIterator[bytes], upstream: Any, last: list[float]) -> None:
+        """The client's messages to the worker; a failed write only stops the pump: the worker's status,
+        read on the other side, is what the client gets."""
+        try:
+            async for message in requests:
+                last[0] = time.monotonic()
+                await upstream.write(message)
+            await upstream.done_writing()
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, RuntimeError):
+            pass
+
+    async def _watch_idle(self, upstream: Any, last: list[float], idle: list[bool]) -> None:
+        while (wait := last[0] + self._idle - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+        idle[0] = True
+        upstream.cancel()
+
