@@ -131,9 +131,10 @@ async def all_events(request: web.Request) -> web.Response:
     return await _events(request, request.query.get("endpoint"))
 
 
-def _replica_view(r: Replica) -> ReplicaView:
+def _replica_view(r: Replica, inflight: int) -> ReplicaView:
     health = r.health
     return ReplicaView(
+        inflight=inflight,
         id=r.id,
         endpoint=r.endpoint,
         generation=r.generation,
@@ -162,7 +163,8 @@ async def list_replicas(request: web.Request) -> web.Response:
     name = endpoint_name(request)
     services = request.app[SERVICES]
     await services.endpoints.get(name)
-    return json_response(ReplicaList(data=[_replica_view(r) for r in services.supervisor.replicas(name)]))
+    inflight = services.load.inflight(name)
+    return json_response(ReplicaList(data=[_replica_view(r, inflight.get(r.id, 0)) for r in services.supervisor.replicas(name)]))
 
 
 def _flag(request: web.Request, name: str) -> bool:

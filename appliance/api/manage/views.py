@@ -110,6 +110,7 @@ class ReplicaView(View):
     pid: int | None
     cgroup: str | None = Field(None, description="the replica's cgroup v2 directory, when replicas are isolated by cgroups")
     port: int | None
+    inflight: int = Field(0, description="requests and gRPC calls it is answering now")
     grpc_port: int | None = Field(None, description="its worker's gRPC port, when its definition declares one ([grpc] relays to it)")
     address: str | None = Field(None, description="where the gateway reaches it when not a port of this box: a Ray replica's route or its worker")
     gpus: list[str] = Field(description="UUIDs of the GPUs the replica is pinned to (CUDA_VISIBLE_DEVICES)")

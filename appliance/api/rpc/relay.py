@@ -80,6 +80,7 @@ class Relay:
         cap = config.max_message_bytes
         self._options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", cap)]
         self._conns: dict[str, _Conn] = {}  # replica id → its channel
+        self._closing: set[asyncio.Future[None]] = set()  # channels being closed (held: a task nobody holds may vanish)
 
     # --- channels ------------------------------------------------------------------------------
 
@@ -95,7 +96,9 @@ class Relay:
     def _drop(self, rid: str) -> None:
         conn = self._conns.pop(rid)
         conn.gone = True
-        asyncio.ensure_future(conn.channel.close())  # cancels its calls at once
+        closing = asyncio.ensure_future(conn.channel.close())  # cancels its calls at once
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     def prune(self) -> None:
         """Channels of replicas no longer serving (stopped after their drain, failed, restarted elsewhere)
@@ -107,7 +110,7 @@ class Relay:
 
     async def close(self) -> None:
         conns, self._conns = list(self._conns.values()), {}
-        await asyncio.gather(*(c.channel.close() for c in conns), return_exceptions=True)
+        await asyncio.gather(*(c.channel.close() for c in conns), *self._closing, return_exceptions=True)
 
     # --- a call's life -------------------------------------------------------------------------
 
@@ -288,8 +291,11 @@ class Relay:
         try:
             async for message in requests:
                 last[0] = time.monotonic()
+                if upstream.done():
+                    return  # a write to an ended call turns its status into INTERNAL (grpc/grpc#36066)
                 await upstream.write(message)
-            await upstream.done_writing()
+            if not upstream.done():
+                await upstream.done_writing()
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, RuntimeError):
             pass
 
