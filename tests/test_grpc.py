@@ -82,6 +82,7 @@ async def test_calls_are_relayed_as_bytes_with_the_workers_status_and_metadata(s
         assert answer == b"hello"
         initial = dict(await call.initial_metadata())
         assert initial["x-worker"] == str(replica["grpc_port"]) and initial["x-request-id"] == "req-1"
+        assert (await refused(channel, md("ak-wrong"))).code() is grpc.StatusCode.UNAUTHENTICATED
         _, seen = await unary(channel, b"whoami", md(key, "g-latest", **{"x-team": "search"}))  # an alias routes too
         received = json.loads(seen)["metadata"]
         assert "x-team" in received and "x-request-id" in received  # one is made when the client sends none
@@ -123,6 +124,7 @@ async def test_calls_are_relayed_as_bytes_with_the_workers_status_and_metadata(s
     assert 'appliance_grpc_calls_total{code="OK",endpoint="g",method="ModelInfer"}' in exposition
     assert 'appliance_grpc_calls_total{code="NOT_FOUND",endpoint="g",method="ModelInfer"} 1.0' in exposition
     assert 'method="other"' in exposition
+    assert 'appliance_grpc_calls_total{code="UNAUTHENTICATED",endpoint="",method="ModelInfer"} 1.0' in exposition
 
 
 async def test_refusals_are_status_codes_that_do_not_reveal_names(start_inprocess_app: Any, make_config: Any, tmp_path: Path) -> None:
@@ -269,3 +271,19 @@ async def test_with_a_certificate_the_port_speaks_tls(start_inprocess_app: Any, 
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await plain.unary_unary(INFER)(b"x", metadata=md(admin_key(admin)), timeout=3)
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_replica_that_stops_after_its_drain_ends_its_quiet_streams(start_inprocess_app: Any, make_config: Any, tmp_path: Path) -> None:
+    admin = await start(start_inprocess_app, make_config)
+    await healthy(admin, "g", grpc_folder(tmp_path, "g"), drain_timeout_seconds=0.5)
+    async with grpc.aio.insecure_channel(address(admin)) as channel:
+        quiet = channel.stream_stream(STREAM)(metadata=md(admin_key(admin)))
+        await quiet.write(b"count:1:0")
+        assert await quiet.read() == b"0"  # then nothing either way: only the replica's stop can end it
+        status, body = await admin.call("PATCH", "/api/v1/endpoints/g", json_body={"replicas": 0, "min_replicas": 0})
+        assert status == 200, body
+        began = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(quiet.read(), 10)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE and "stopped serving" in (info.value.details() or "")
+        assert time.monotonic() - began < 5

@@ -139,7 +139,10 @@ class GrpcFront:
         supervisor = self._services.supervisor
         while True:
             await supervisor.wait_for_change(_WATCH_SECONDS)
-            self.relay.prune()
+            try:
+                self.relay.prune()
+            except Exception:  # a dead watcher would leave calls on stopped replicas open: say so, keep watching
+                log.exception("gRPC: closing the channels of replicas that stopped serving failed")
 
     async def stop(self, grace: float) -> None:
         """Calls in flight get `grace` seconds to finish (as HTTP requests do), then are cancelled."""

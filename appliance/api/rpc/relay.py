@@ -96,6 +96,7 @@ class Relay:
     def _drop(self, rid: str) -> None:
         conn = self._conns.pop(rid)
         conn.gone = True
+        log.info("gRPC: replica %s stopped serving: its channel to %s closes, and its calls end", rid, conn.target)
         closing = asyncio.ensure_future(conn.channel.close())  # cancels its calls at once
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
@@ -104,8 +105,8 @@ class Relay:
         """Channels of replicas no longer serving (stopped after their drain, failed, restarted elsewhere)
         are closed, and their calls end UNAVAILABLE: a stopped worker may never end a quiet stream itself."""
         supervisor = self._services.supervisor
-        live = {r.id: r.state for run in supervisor.runs.values() for r in run.replicas.values()}
-        for rid in [rid for rid in self._conns if live.get(rid) not in _SERVING]:
+        live = {r.id for run in supervisor.runs().values() for r in run.replicas.values() if r.state in _SERVING and not r.exited}
+        for rid in [rid for rid in self._conns if rid not in live]:
             self._drop(rid)
 
     async def close(self) -> None:
@@ -114,7 +115,7 @@ class Relay:
 
     # --- a call's life -------------------------------------------------------------------------
 
-    async def _open(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[_Call, EndpointConfig]:
+    def _begin(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[_Call, dict[str, str]]:
         metadata: dict[str, str] = {}
         for k, v in context.invocation_metadata() or ():
             if isinstance(v, str):
@@ -123,17 +124,20 @@ class Relay:
         forward = _clean(context.invocation_metadata())
         if REQUEST_ID_KEY not in metadata:
             forward.append((REQUEST_ID_KEY, rid))
-        call = _Call(method, time.monotonic(), rid, forward)
+        return _Call(method, time.monotonic(), rid, forward), metadata
+
+    async def _open(self, call: _Call, metadata: dict[str, str], context: grpc.aio.ServicerContext[Any, Any]) -> EndpointConfig:
+        """Who calls which endpoint, and whether the key's limits let it: the endpoint's config, or the call ends refused."""
         if self._gateway.stopping.is_set():
             await self._refuse(call, context, ApplianceError("the appliance is shutting down", status=503, code="shutting_down"))
         try:
-            call.endpoint, config, call.principal = await authorize(self._services, CallOrigin(metadata, method, context.peer()), metadata.get(ENDPOINT_KEY))
+            call.endpoint, config, call.principal = await authorize(self._services, CallOrigin(metadata, call.method, context.peer()), metadata.get(ENDPOINT_KEY))
             self._services.load.arrived(call.endpoint)
             call.limited = self._gateway.admit(call.principal) is not None
         except ApplianceError as err:
             self._telemetry.rejected(err.code)
             await self._refuse(call, context, err)
-        return call, config
+        return config
 
     async def _refuse(self, call: _Call, context: grpc.aio.ServicerContext[Any, Any], err: ApplianceError) -> None:
         call.code = code_of(err)
@@ -210,9 +214,10 @@ class Relay:
     # --- unary ---------------------------------------------------------------------------------
 
     async def unary(self, method: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        call, config = await self._open(method, context)
+        call, metadata = self._begin(method, context)
         tried: set[str] = set()
         try:
+            config = await self._open(call, metadata, context)
             while True:
                 adm, replica, conn = await self._acquire(call, config, tried, context)
                 upstream = conn.channel.unary_unary(method)(request, metadata=call.forward, timeout=context.time_remaining())
@@ -245,8 +250,9 @@ class Relay:
     # --- streams -------------------------------------------------------------------------------
 
     async def stream(self, method: str, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
-        call, config = await self._open(method, context)
+        call, metadata = self._begin(method, context)
         try:
+            config = await self._open(call, metadata, context)
             adm, replica, conn = await self._acquire(call, config, set(), context)
             upstream = conn.channel.stream_stream(method)(metadata=call.forward, timeout=context.time_remaining())
             last = [time.monotonic()]  # the latest message either way

@@ -30,6 +30,7 @@ class Replica:
     state: ReplicaState = ReplicaState.PROVISIONING
     port: int | None = None
     grpc_port: int | None = None  # its worker's gRPC port, when its definition declares one
+    exited: bool = False  # its leader process exited: never routed again while the rest of its tree ends
     address: str | None = None  # its base URL when not a port of this box (a Ray Serve replica's route)
     allocation: Allocation | None = None
     process: Worker | None = None
@@ -51,6 +52,10 @@ class Replica:
     task: asyncio.Task[None] | None = None
     wants: tuple[GpuRequest, int | None, list[GpuInfo]] | None = None  # its last placement: GPUs, host bytes, the GPUs seen
     watch: asyncio.Queue[tuple[str, str]] | None = None  # (state, reason) of every record, for a validation's stream
+
+    @property
+    def routable(self) -> bool:
+        return self.state is ReplicaState.HEALTHY and not self.stop_requested.is_set() and not self.nap.is_set() and not self.exited
 
     @property
     def live(self) -> bool:

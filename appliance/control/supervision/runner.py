@@ -152,6 +152,7 @@ class ReplicaRunner:
                 r.log.note(f"starting: {' '.join(mask_argv(spec.argv))} (port {r.port})")
             res = config.resources
             slot = Slot(r.id, cpu=res.cpu, mem=int(res.mem) if res.mem else None)
+            r.exited = False
             r.process = await self._backend.start(spec.argv, env=env, cwd=Path(spec.cwd) if spec.cwd else r.work_dir, sink=r.log, slot=slot,
                                                   replica=r, config=config)
         except ApplianceError as exc:
@@ -190,7 +191,9 @@ class ReplicaRunner:
         if exited.done():
             # The leader is gone (wait() returns at its exit); its helpers (an engine's core and workers) may not be, and nobody will stop
             # them gracefully now: a short grace, then the whole tree ends, before its GPUs and port are
-            # handed out again.
+            # handed out again. Out of routing at once: what is left of it may still accept connections.
+            r.exited = True
+            self._host.unrouted(r)
             await process.stop(min(_ORPHAN_GRACE, self._config.workers.stop_grace_seconds))
             return await self._exited(run, r, spec, exited.result())
         broken = prober.exception() if prober.done() and not prober.cancelled() and not replace.is_set() else None

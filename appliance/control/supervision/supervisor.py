@@ -281,7 +281,7 @@ class Supervisor:
                     name: tuple(
                         RoutableReplica(r.id, name, r.url, run.config.served_model_name, r.grpc_target)
                         for r in run.replicas.values()
-                        if r.state is ReplicaState.HEALTHY and not r.stop_requested.is_set() and not r.nap.is_set()
+                        if r.routable
                     )
                     for name, run in self._runs.items()
                 }
