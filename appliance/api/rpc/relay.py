@@ -235,9 +235,12 @@ class Relay:
                     await self._relay_status(call, conn, None, context)
                     raise
                 finally:
-                    upstream.cancel()  # no-op once it ended; ends the worker's call when the client left
+                    if not upstream.done():
+                        upstream.cancel()  # the client left, or its deadline came: the worker's call ends too
                     self._gateway.release(adm, replica)
-                await context.send_initial_metadata(_clean(await upstream.initial_metadata()))
+                initial = _clean(await upstream.initial_metadata())
+                if initial:  # sent with the answer otherwise: one batch less
+                    await context.send_initial_metadata(initial)
                 context.set_trailing_metadata(tuple(_clean(await upstream.trailing_metadata())))
                 call.code = grpc.StatusCode.OK
                 return response
