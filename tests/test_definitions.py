@@ -301,3 +301,16 @@ def test_head_forms_are_accepted_beside_26_3_ones() -> None:
     section = flat.for_runtime("vllm")
     assert section is not None and section.environment.image == "reg/x:1" and section.environment.architecture == "aarch64"
     assert section.environ == {"A": "1"}
+
+
+def test_a_grpc_port_is_a_second_port_mapped_into_the_command_and_given_as_grpc_port(tmp_path: Path) -> None:
+    command = ["server", "--http", "8000", "--grpc=0.0.0.0:8001", "--ports", "{ports[0]},{ports[1]}", "--g", "{grpc_port}"]
+    service = {"start_command": command, "port": 8000, "grpc_port": 8001}
+    (tmp_path / "model-definition.yaml").write_text(yaml.safe_dump({"models": [{"name": "m", "model_path": "/models", "service": service}]}))
+    config, definition = resolve(EndpointSpec(name="m", model_folder=str(tmp_path)))
+    spec = build_worker_spec(config, definition, Placement(port=21000, grpc_port=21001, replica_id="m-1", work_dir="/w"))
+    assert argv(spec) == ("server", "--http", "21000", "--grpc=0.0.0.0:21001", "--ports", "21000,21001", "--g", "21001")
+    assert spec.env["PORT"] == "21000" and spec.env["GRPC_PORT"] == "21001" and spec.grpc_port == 21001
+    for bad, why in (({"grpc_port": 8000}, "must differ from port"), ({"grpc_port": 2001}, "reserved"), ({"grpc_port": 0}, "grpc_port: must be ≥ 1")):
+        problems = definition_problems(yaml.safe_dump({"models": [{"name": "m", "model_path": "/models", "service": {**service, **bad}}]}))
+        assert any(why in str(p) for p in problems), problems
