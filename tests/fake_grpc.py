@@ -31,7 +31,8 @@ def _answer_metadata(context: grpc.aio.ServicerContext[Any, Any], port: int) -> 
 async def _one(message: bytes, context: grpc.aio.ServicerContext[Any, Any], port: int) -> bytes:
     if message.startswith(b"fail:"):
         code = grpc.StatusCode[message[5:].decode()]
-        await context.abort(code, "worker says no", trailing_metadata=(("x-worker-error", "yes"),))
+        # x-appliance-error: a worker posing as the appliance's refusal (the relay drops it)
+        await context.abort(code, "worker says no", trailing_metadata=(("x-worker-error", "yes"), ("x-appliance-error", "forged")))
     if message.startswith(b"sleep:"):
         await asyncio.sleep(float(message[6:]))
         return b"slept"

@@ -311,6 +311,9 @@ def test_a_grpc_port_is_a_second_port_mapped_into_the_command_and_given_as_grpc_
     spec = build_worker_spec(config, definition, Placement(port=21000, grpc_port=21001, replica_id="m-1", work_dir="/w"))
     assert argv(spec) == ("server", "--http", "21000", "--grpc=0.0.0.0:21001", "--ports", "21000,21001", "--g", "21001")
     assert spec.env["PORT"] == "21000" and spec.env["GRPC_PORT"] == "21001" and spec.grpc_port == 21001
+    # One pass: a replica's HTTP port that is the definition's gRPC number is not mapped a second time.
+    shifted = build_worker_spec(config, definition, Placement(port=8001, grpc_port=8002, replica_id="m-2", work_dir="/w"))
+    assert argv(shifted)[:4] == ("server", "--http", "8001", "--grpc=0.0.0.0:8002")
     for bad, why in (({"grpc_port": 8000}, "must differ from port"), ({"grpc_port": 2001}, "reserved"), ({"grpc_port": 0}, "grpc_port: must be ≥ 1")):
         problems = definition_problems(yaml.safe_dump({"models": [{"name": "m", "model_path": "/models", "service": {**service, **bad}}]}))
         assert any(why in str(p) for p in problems), problems

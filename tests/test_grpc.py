@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inprocess import InProcessLauncher
 from test_access import new_key
 from test_gateway import healthy
-from test_supervisor import WORKERS, fake_folder, replicas, wait_status
+from test_supervisor import WORKERS, create, fake_folder, replicas, wait_status
 
 from appliance.api.app import GRPC
 from appliance.api.inference.gateway import GATEWAY
@@ -83,6 +83,9 @@ async def test_calls_are_relayed_as_bytes_with_the_workers_status_and_metadata(s
         initial = dict(await call.initial_metadata())
         assert initial["x-worker"] == str(replica["grpc_port"]) and initial["x-request-id"] == "req-1"
         assert (await refused(channel, md("ak-wrong"))).code() is grpc.StatusCode.UNAUTHENTICATED
+        call, _ = await unary(channel, b"hello", md(key, **{"x-request-id": "not a sane id"}))
+        made = dict(await call.initial_metadata())["x-request-id"]
+        assert made and made != "not a sane id"  # as on HTTP: a new one instead
         _, seen = await unary(channel, b"whoami", md(key, "g-latest", **{"x-team": "search"}))  # an alias routes too
         received = json.loads(seen)["metadata"]
         assert "x-team" in received and "x-request-id" in received  # one is made when the client sends none
@@ -115,8 +118,11 @@ async def test_calls_are_relayed_as_bytes_with_the_workers_status_and_metadata(s
 
         err = await asyncio.to_thread(keeps_writing)
         assert err.code() is grpc.StatusCode.INVALID_ARGUMENT and err.details() == "worker says no"
-        records = [r for r in admin.client.server.app[GATEWAY].records if r.streamed]
-        assert [r.status for r in records] == [200, 400] and all(r.endpoint == "g" and r.replica for r in records)
+        def streams() -> list[Any]:
+            return [r for r in admin.client.server.app[GATEWAY].records if r.streamed]
+
+        await async_wait_for(lambda: len(streams()) == 2, timeout=5, what="both streams' records")
+        assert [r.status for r in streams()] == [200, 400] and all(r.endpoint == "g" and r.replica for r in streams())
         # An unknown service is relayed as a stream, whatever its cardinality.
         _, echoed = await unary(channel, b"anything", md(key), method="/my.Own/Call")
         assert echoed == b"anything"
@@ -233,6 +239,7 @@ async def test_a_crash_under_a_stream_ends_it_unavailable_and_the_next_calls_suc
 async def test_health_says_which_endpoints_can_serve(start_inprocess_app: Any, make_config: Any, tmp_path: Path) -> None:
     admin = await start(start_inprocess_app, make_config)
     await healthy(admin, "g", grpc_folder(tmp_path, "g"))
+    await create(admin, "http-only", fake_folder(tmp_path, "http-only"), replicas=0, min_replicas=0, public=True)
     reader = (await new_key(admin, name="reader", endpoints=["g"]))["key"]
     async with grpc.aio.insecure_channel(address(admin)) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -243,10 +250,14 @@ async def test_health_says_which_endpoints_can_serve(start_inprocess_app: Any, m
 
         assert (await check("", None)).status == serving
         assert (await check("g")).status == serving
-        for service, key in (("no-such", reader), ("g", None)):  # a private endpoint without a key: as a missing one
+        for service, key in (("no-such", reader), ("g", None), ("http-only", reader)):  # a private endpoint without a key: as a missing one
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await check(service, key)
             assert info.value.code() is grpc.StatusCode.NOT_FOUND
+        for service in ("g", "no-such"):  # a wrong key is told so whatever the name: names are not probed
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await check(service, "ak-wrong")
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
         watch = health.Watch(health_pb2.HealthCheckRequest(service="g"), metadata=md(reader, None))
         assert (await watch.read()).status == serving
         status, body = await admin.call("PATCH", "/api/v1/endpoints/g", json_body={"replicas": 0, "min_replicas": 0})
@@ -287,3 +298,22 @@ async def test_a_replica_that_stops_after_its_drain_ends_its_quiet_streams(start
             await asyncio.wait_for(quiet.read(), 10)
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE and "stopped serving" in (info.value.details() or "")
         assert time.monotonic() - began < 5
+
+
+async def test_a_worker_not_listening_for_grpc_is_unreachable_and_a_call_that_gives_up_frees_its_slot(
+    start_inprocess_app: Any, make_config: Any, tmp_path: Path
+) -> None:
+    admin: Admin = await start_inprocess_app(make_config({"workers": WORKERS, "grpc": {"port": 0}, "gateway": {"connect_timeout_seconds": 1.0}}))
+    folder = grpc_folder(tmp_path, "g")
+    path = folder / "model-definition.yaml"
+    path.write_text(path.read_text().replace("- --grpc-port\n    - '8001'\n", "- --grpc-port\n    - '0'\n"))  # declared, never served
+    assert "- '0'" in path.read_text()
+    await healthy(admin, "g", folder)
+    services = admin.client.server.app[SERVICES]
+    async with grpc.aio.insecure_channel(address(admin)) as channel:
+        err = await refused_with_timeout(channel, md(admin_key(admin)), b"x", 0.5)  # gives up while the worker is being connected to
+        assert err.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        await async_wait_for(lambda: sum(services.load.inflight("g").values()) == 0, timeout=3, what="the slot to free")
+        err = await refused(channel, md(admin_key(admin)))
+        assert err.code() is grpc.StatusCode.UNAVAILABLE and dict(err.trailing_metadata() or ())["x-appliance-error"] == "worker_unreachable"
+        assert sum(services.load.inflight("g").values()) == 0

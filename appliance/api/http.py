@@ -198,7 +198,7 @@ def error_response(err: ApplianceError) -> web.Response:
     return web.Response(text=json.dumps(body), status=err.status, content_type="application/json", headers=err.headers)
 
 
-_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
 
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
@@ -213,7 +213,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Every request gets an id (the client's X-Request-ID when it is sane, else a new one) for the
     log, the error body and the worker; every error leaves as OpenAI-shaped JSON, whoever raised it."""
     rid = request.headers.get("X-Request-ID")
-    if rid is None or not _REQUEST_ID_OK.fullmatch(rid):
+    if rid is None or not REQUEST_ID_OK.fullmatch(rid):
         rid = secrets.token_hex(8)
     request[REQUEST_ID_KEY] = rid
     token = REQUEST_ID.set(rid)

@@ -25,7 +25,7 @@ from appliance.control.host.process import resolve_executable
 from appliance.domain.definitions import ModelDefinition, RuntimeSection
 from appliance.domain.memory import fmt_bytes
 from appliance.domain.models import ModelFolder
-from appliance.domain.runtimes import NEEDS_COMMAND, VARIANTS, default_health_check, default_served_model_name
+from appliance.domain.runtimes import NEEDS_COMMAND, VARIANTS, default_health_check, default_served_model_name, grpc_port_of
 from appliance.domain.scaling import declared_rule_rows
 from appliance.domain.specs import EndpointConfig, EndpointSpec, Environment, Resources
 from appliance.domain.states import EndpointStatus
@@ -191,6 +191,7 @@ def _resolve(spec: EndpointSpec, model: ModelFolder | None = None) -> tuple[Endp
         health_check=health,
         command=command,
         model_file=model_file,
+        grpc_port=grpc_port_of(runtime, definition),
         unenforced_slots=section.resource_slots.others if section else {},
         unused_models=definition.unused if definition and runtime == "custom" else [],
         deep_probe=spec.deep_probe,

@@ -148,7 +148,7 @@ def _engine_argv(config: EndpointConfig, placement: Placement) -> list[str]:
                     status=422, code="command_required", param="command",
                 )
             # the image's command listens on Backend.AI's fixed port: point it at this replica's
-            return [map_port(a, VARIANTS[config.runtime].port or 8000, placement.port) for a in config.command]
+            return [map_port(a, {VARIANTS[config.runtime].port or 8000: placement.port}) for a in config.command]
     raise ApplianceError(f"unknown runtime {config.runtime!r}", status=422, code="unknown_runtime")  # pragma: no cover
 
 
@@ -169,9 +169,10 @@ def _custom(config: EndpointConfig, definition: ModelDefinition | None, placemen
         parts = [service.shell, "-c", raw] if service.shell else shlex.split(raw)
     else:
         parts = list(raw)
-    argv = [map_port(map_paths(a, mounts), service.port, placement.port) for a in parts]
+    ports = {service.port: placement.port}
     if service.grpc_port is not None and placement.grpc_port is not None:
-        argv = [map_port(a, service.grpc_port, placement.grpc_port) for a in argv]
+        ports[service.grpc_port] = placement.grpc_port
+    argv = [map_port(map_paths(a, mounts), ports) for a in parts]
     env = {"BACKEND_MODEL_NAME": definition.models[0].name, "BACKEND_MODEL_PATH": model_path}
     return argv, model_path, env
 

@@ -338,6 +338,7 @@ class EndpointConfig(Model):
     health_check: HealthCheck
     command: list[str] = Field(default_factory=list, description="nim and cmd: the server's command")
     model_file: str | None = Field(None, description="llama-cpp: the .gguf file served (the first in the folder by name)")
+    grpc_port: int | None = Field(None, description="the gRPC port its model definition declares (service.grpc_port): each replica gets a second port for it")
     unenforced_slots: dict[str, Any] = Field(default_factory=dict, description="service-definition.toml resource slots the appliance does not act on")
     unused_models: list[str] = Field(default_factory=list, description="model-definition entries with a service that this endpoint does not start")
     deep_probe: bool = False

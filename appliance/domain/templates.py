@@ -64,10 +64,12 @@ def map_paths(text: str, mounts: Mapping[str, str]) -> str:
     return text
 
 
-def map_port(text: str, container_port: int, port: int) -> str:
-    """The definition's fixed port, wherever it stands as a number of its own (`8000`, `--port=8000`,
-    `0.0.0.0:8000`), becomes the replica's: several replicas share this box's ports."""
-    return re.sub(r"(?<![\w.])" + str(container_port) + r"(?![\w.])", str(port), text)
+def map_port(text: str, ports: Mapping[int, int]) -> str:
+    """The definition's fixed ports, wherever one stands as a number of its own (`8000`, `--port=8000`,
+    `0.0.0.0:8000`), become the replica's: several replicas share this box's ports. One pass, so a
+    replaced number is never replaced again."""
+    numbers = "|".join(str(p) for p in ports)
+    return re.sub(r"(?<![\w.])(" + numbers + r")(?![\w.])", lambda m: str(ports[int(m.group(1))]), text)
 
 
 def resolve_model_path(model_path: str, folder: str, work_dir: str) -> str:

@@ -64,21 +64,20 @@ class _Health(health_pb2_grpc.HealthServicer):
         name = request.service
         if not name:
             return _Status.SERVING if services.readiness.ready else _Status.NOT_SERVING
-        table = services.supervisor.table
-        endpoint = table.resolve(name)
-        config = table.endpoints.get(endpoint) if endpoint else None
-        if config is None:
-            return None
-        if not config.public:
-            metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-            if "authorization" not in metadata:
-                return None
+        principal = None
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        if "authorization" in metadata:  # checked before the name is looked up: a wrong key learns nothing of names
             try:
                 principal = await services.auth.identify(CallOrigin(metadata, _HEALTH + "Check", context.peer()))
             except ApplianceError as err:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, err.message)
-            if not principal.allows(config.name):
-                return None
+        table = services.supervisor.table
+        endpoint = table.resolve(name)
+        config = table.endpoints.get(endpoint) if endpoint else None
+        if config is None or config.grpc_port is None:  # an endpoint that speaks no gRPC is no service of this port
+            return None
+        if not config.public and (principal is None or not principal.allows(config.name)):
+            return None
         return _Status.SERVING if table.routable.get(config.name) else _Status.NOT_SERVING
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802 (gRPC's name)

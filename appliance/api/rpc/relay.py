@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from appliance.api.http import REQUEST_ID_OK
 from appliance.api.inference.gateway import CLIENT_CLOSED, Gateway, RequestRecord
 from appliance.api.rpc.access import ENDPOINT_KEY, ERROR_KEY, NOT_FORWARDED, REQUEST_ID_KEY, CallOrigin, authorize, code_of, http_status, method_label
 from appliance.api.services import Services
@@ -41,9 +42,9 @@ class _Conn:
 
     __slots__ = ("channel", "gone", "target")
 
-    def __init__(self, target: str, options: list[tuple[str, Any]]) -> None:
-        self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=options)
+    def __init__(self, target: str | None, options: list[tuple[str, Any]]) -> None:
+        self.target = target or "(no gRPC port)"
+        self.channel = grpc.aio.insecure_channel(target, options=options) if target else None
         self.gone = False
 
 
@@ -62,13 +63,23 @@ class _Call:
 
 
 def _clean(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
+    """A client's metadata as the worker gets it."""
     return [(k, v) for k, v in metadata or () if k not in NOT_FORWARDED and not k.startswith((":", "grpc-"))]
 
 
+def _answer(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
+    """A worker's metadata as the client gets it: its rich error details too, never the appliance's own error key."""
+    return [(k, v) for k, v in metadata or () if k != ERROR_KEY and not k.startswith(":") and (k == _DETAILS or not k.startswith("grpc-"))]
+
+
+_DETAILS = "grpc-status-details-bin"  # google.rpc.Status, the worker's rich error details
+_NOT_CONNECTED = "failed to connect to all addresses"  # grpc's words when no connection was made: nothing was sent
+
+
 def _unreachable(err: grpc.aio.AioRpcError) -> bool:
-    """Refused before anything was sent: the worker could not be connected to."""
-    details = (err.details() or "").lower()
-    return err.code() is grpc.StatusCode.UNAVAILABLE and ("connect" in details or "unreachable" in details)
+    """Refused before anything was sent: the worker could not be connected to (a reset after the call
+    was written could have run it: never sent again)."""
+    return err.code() is grpc.StatusCode.UNAVAILABLE and (err.details() or "").startswith(_NOT_CONNECTED)
 
 
 class Relay:
@@ -85,7 +96,8 @@ class Relay:
     # --- channels ------------------------------------------------------------------------------
 
     def _conn(self, replica: RoutableReplica) -> _Conn:
-        assert replica.grpc is not None
+        if replica.grpc is None:
+            return _Conn(None, self._options)
         conn = self._conns.get(replica.id)
         if conn is None or conn.target != replica.grpc:
             if conn is not None:
@@ -97,6 +109,7 @@ class Relay:
         conn = self._conns.pop(rid)
         conn.gone = True
         log.info("gRPC: replica %s stopped serving: its channel to %s closes, and its calls end", rid, conn.target)
+        assert conn.channel is not None
         closing = asyncio.ensure_future(conn.channel.close())  # cancels its calls at once
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
@@ -111,7 +124,7 @@ class Relay:
 
     async def close(self) -> None:
         conns, self._conns = list(self._conns.values()), {}
-        await asyncio.gather(*(c.channel.close() for c in conns), *self._closing, return_exceptions=True)
+        await asyncio.gather(*(c.channel.close() for c in conns if c.channel is not None), *self._closing, return_exceptions=True)
 
     # --- a call's life -------------------------------------------------------------------------
 
@@ -120,10 +133,11 @@ class Relay:
         for k, v in context.invocation_metadata() or ():
             if isinstance(v, str):
                 metadata.setdefault(k, v)
-        rid = metadata.get(REQUEST_ID_KEY) or secrets.token_hex(8)
-        forward = _clean(context.invocation_metadata())
-        if REQUEST_ID_KEY not in metadata:
-            forward.append((REQUEST_ID_KEY, rid))
+        rid = metadata.get(REQUEST_ID_KEY, "")
+        if not REQUEST_ID_OK.fullmatch(rid):  # as on HTTP: the client's when it is sane, else a new one
+            rid = secrets.token_hex(8)
+        forward = [(k, v) for k, v in _clean(context.invocation_metadata()) if k != REQUEST_ID_KEY]
+        forward.append((REQUEST_ID_KEY, rid))
         return _Call(method, time.monotonic(), rid, forward), metadata
 
     async def _open(self, call: _Call, metadata: dict[str, str], context: grpc.aio.ServicerContext[Any, Any]) -> EndpointConfig:
@@ -132,6 +146,8 @@ class Relay:
             await self._refuse(call, context, ApplianceError("the appliance is shutting down", status=503, code="shutting_down"))
         try:
             call.endpoint, config, call.principal = await authorize(self._services, CallOrigin(metadata, call.method, context.peer()), metadata.get(ENDPOINT_KEY))
+            if config.grpc_port is None:
+                raise ApplianceError(f"endpoint {call.endpoint} serves no gRPC: its model definition declares no grpc_port", status=501, code="no_grpc")
             self._services.load.arrived(call.endpoint)
             call.limited = self._gateway.admit(call.principal) is not None
         except ApplianceError as err:
@@ -151,14 +167,14 @@ class Relay:
                 adm, replica = await self._gateway.acquire(call.endpoint, config, None, tried)
             except ApplianceError as err:
                 await self._refuse(call, context, err)
-            if replica.grpc is None:
-                self._gateway.release(adm, replica)
-                await self._refuse(call, context, ApplianceError(
-                    f"endpoint {call.endpoint} serves no gRPC: its model definition declares no grpc_port", status=501, code="no_grpc",
-                ))
             call.replica = replica.id
-            conn = self._conn(replica)
-            if await self._connected(conn):
+            try:
+                conn = self._conn(replica)
+                connected = await self._connected(conn)
+            except BaseException:  # the client left, its deadline came: the slot goes back
+                self._gateway.release(adm, replica)
+                raise
+            if connected:
                 return adm, replica, conn
             self._gateway.release(adm, replica)
             tried.add(replica.id)
@@ -168,12 +184,15 @@ class Relay:
                 ))
 
     async def _connected(self, conn: _Conn) -> bool:
-        state = conn.channel.get_state(try_to_connect=True)
-        if state is grpc.ChannelConnectivity.READY:
-            return True
+        """Whether the worker is connected to, within the gateway's connect timeout (no replica without
+        a gRPC port gets here: a replica of an endpoint's old definition is taken as unreachable)."""
+        if conn.channel is None:
+            return False
         try:
+            if conn.channel.get_state(try_to_connect=True) is grpc.ChannelConnectivity.READY:
+                return True
             await asyncio.wait_for(conn.channel.channel_ready(), self._services.config.gateway.connect_timeout_seconds)
-        except TimeoutError:
+        except (TimeoutError, grpc.aio.UsageError):  # UsageError: the replica left and its channel closed meanwhile
             return False
         return True
 
@@ -197,7 +216,7 @@ class Relay:
 
     async def _relay_status(self, call: _Call, conn: _Conn, err: grpc.aio.AioRpcError | None, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """End the client's call as the worker ended its own, or UNAVAILABLE when the replica left under it."""
-        if conn.gone:
+        if conn.gone and (err is None or err.code() is grpc.StatusCode.CANCELLED):
             call.error_source = "worker"
             await self._refuse(call, context, ApplianceError(
                 f"replica {call.replica} of endpoint {call.endpoint} stopped serving during the call", status=503, code="replica_gone", source="worker",
@@ -205,7 +224,7 @@ class Relay:
         assert err is not None
         call.code = err.code()
         call.error_source = "worker"
-        await context.abort(call.code, err.details() or "", trailing_metadata=tuple(_clean(err.trailing_metadata())))
+        await context.abort(call.code, err.details() or "", trailing_metadata=tuple(_answer(err.trailing_metadata())))
 
     def _cancelled_here(self) -> bool:
         task = asyncio.current_task()
@@ -220,6 +239,7 @@ class Relay:
             config = await self._open(call, metadata, context)
             while True:
                 adm, replica, conn = await self._acquire(call, config, tried, context)
+                assert conn.channel is not None
                 upstream = conn.channel.unary_unary(method)(request, metadata=call.forward, timeout=context.time_remaining())
                 try:
                     response: bytes = await upstream
@@ -238,58 +258,77 @@ class Relay:
                     if not upstream.done():
                         upstream.cancel()  # the client left, or its deadline came: the worker's call ends too
                     self._gateway.release(adm, replica)
-                initial = _clean(await upstream.initial_metadata())
+                initial = _answer(await upstream.initial_metadata())
                 if initial:  # sent with the answer otherwise: one batch less
                     await context.send_initial_metadata(initial)
-                context.set_trailing_metadata(tuple(_clean(await upstream.trailing_metadata())))
+                context.set_trailing_metadata(tuple(_answer(await upstream.trailing_metadata())))
                 call.code = grpc.StatusCode.OK
                 return response
         except asyncio.CancelledError:
-            call.code, call.error_source = grpc.StatusCode.CANCELLED, CLIENT_CLOSED
+            self._ended_early(call, context)
             raise
         finally:
             self._finish(call, streamed=False)
 
+    def _ended_early(self, call: _Call, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """A call cancelled from outside: its deadline came, the client left, or the appliance is stopping."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            call.code = grpc.StatusCode.DEADLINE_EXCEEDED
+        elif self._gateway.stopping.is_set():
+            call.code, call.error_source = grpc.StatusCode.UNAVAILABLE, "appliance"
+        else:
+            call.code, call.error_source = grpc.StatusCode.CANCELLED, CLIENT_CLOSED
+
     # --- streams -------------------------------------------------------------------------------
 
-    async def stream(self, method: str, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+    async def stream(self, method: str, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """A coroutine writing through the context, not a generator: a client's cancel lands in here, so the
+        slot and the record are settled at once, never left to a generator's finalizer."""
         call, metadata = self._begin(method, context)
         try:
             config = await self._open(call, metadata, context)
             adm, replica, conn = await self._acquire(call, config, set(), context)
+            assert conn.channel is not None
             upstream = conn.channel.stream_stream(method)(metadata=call.forward, timeout=context.time_remaining())
             last = [time.monotonic()]  # the latest message either way
             idle = [False]
             pump = asyncio.create_task(self._pump(requests, upstream, last))
             watchdog = asyncio.create_task(self._watch_idle(upstream, last, idle))
             err: grpc.aio.AioRpcError | None = None
+            cut = False  # the worker's call was cancelled under it: the replica left, or the stream went idle
             try:
-                await context.send_initial_metadata(_clean(await upstream.initial_metadata()))
+                await context.send_initial_metadata(_answer(await upstream.initial_metadata()))
                 while (message := await upstream.read()) is not grpc.aio.EOF:
                     last[0] = time.monotonic()
-                    yield message
+                    await context.write(message)
             except grpc.aio.AioRpcError as exc:
                 err = exc
             except asyncio.CancelledError:
                 if self._cancelled_here() or not (conn.gone or idle[0]):
                     raise
+                cut = True
             finally:
-                pump.cancel()
-                watchdog.cancel()
-                upstream.cancel()
+                for task in (pump, watchdog):
+                    task.cancel()
+                await asyncio.gather(pump, watchdog, return_exceptions=True)
+                if not upstream.done():
+                    upstream.cancel()
                 self._gateway.release(adm, replica)
-            if idle[0]:
+            if cut and not conn.gone:
                 await self._refuse(call, context, ApplianceError(f"no message either way for {self._idle:g} s ([grpc] stream_idle_seconds)", status=504, code="stream_idle"))
-            if err is None and not conn.gone and (code := await upstream.code()) is not grpc.StatusCode.OK:
+            if cut:
+                await self._relay_status(call, conn, None, context)
+            if err is None and (code := await upstream.code()) is not grpc.StatusCode.OK:
                 # The worker's own status, read from the call even when a write failed first (a write to a
                 # call the worker already ended must not turn its status into INTERNAL).
                 err = grpc.aio.AioRpcError(code, await upstream.initial_metadata(), await upstream.trailing_metadata(), details=await upstream.details())
-            if err is not None or conn.gone:
+            if err is not None:
                 await self._relay_status(call, conn, err, context)
-            context.set_trailing_metadata(tuple(_clean(await upstream.trailing_metadata())))
+            context.set_trailing_metadata(tuple(_answer(await upstream.trailing_metadata())))
             call.code = grpc.StatusCode.OK
-        except (asyncio.CancelledError, GeneratorExit):
-            call.code, call.error_source = grpc.StatusCode.CANCELLED, CLIENT_CLOSED
+        except asyncio.CancelledError:
+            self._ended_early(call, context)
             raise
         finally:
             self._finish(call, streamed=True)

@@ -74,7 +74,7 @@ class LocalBackend:
     def __init__(self, launcher: Launcher) -> None:
         self._launch = launcher
         self._session: aiohttp.ClientSession | None = None
-        self._checks: dict[str, _ListenerCheck] = {}
+        self._checks: dict[tuple[str, int], _ListenerCheck] = {}  # (replica, port): its HTTP port and its gRPC one
 
     async def open(self) -> None:
         self._session = aiohttp.ClientSession()
@@ -96,11 +96,14 @@ class LocalBackend:
         worker = r.process
         if not passed or worker is None or worker.pid is None or r.port is None:
             return ProbeResult(passed, detail)  # a worker with no OS process of its own (tests' in-process ones) has no socket to check
-        mine = self._checks.setdefault(r.id, _ListenerCheck())
-        intruder = await asyncio.to_thread(foreign_listener, r.port, worker.pid, worker.cgroup, mine.holders, mine.ours)
-        if intruder is None:
-            return ProbeResult(passed, detail)
-        return ProbeResult(False, f"port {r.port} is held by {intruder.describe()}", intruder)
+        for port in (r.port, r.grpc_port):
+            if port is None:
+                continue
+            mine = self._checks.setdefault((r.id, port), _ListenerCheck())
+            intruder = await asyncio.to_thread(foreign_listener, port, worker.pid, worker.cgroup, mine.holders, mine.ours)
+            if intruder is not None:
+                return ProbeResult(False, f"port {port} is held by {intruder.describe()}", intruder)
+        return ProbeResult(passed, detail)
 
     async def asleep(self, r: Replica) -> bool | None:
         assert self._session is not None
@@ -119,7 +122,7 @@ class LocalBackend:
             return f"POST {name}: {exc.__class__.__name__}: {exc}"
 
     def forget(self, r: Replica) -> None:
-        self._checks.pop(r.id, None)
+        self._checks = {k: v for k, v in self._checks.items() if k[0] != r.id}
 
 
 class _ListenerCheck:

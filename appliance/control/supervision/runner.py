@@ -36,7 +36,7 @@ from appliance.domain.memory import need as memory_need
 from appliance.domain.placement import GpuInfo, GpuRequest, Unplaceable, visible
 from appliance.domain.residency import NoRoom
 from appliance.domain.rollout import backoff_delay, drains, sleep_unsupported
-from appliance.domain.runtimes import Placement, WorkerSpec, grpc_port_of
+from appliance.domain.runtimes import Placement, WorkerSpec
 from appliance.domain.states import ReplicaState, check_transition
 from appliance.errors import ApplianceError
 from appliance.security.vault import mask_argv
@@ -222,7 +222,9 @@ class ReplicaRunner:
         if not r.stop_requested.is_set() and r.health and not r.health.ever_healthy and looks_like_port_conflict(tail):
             self._release(r)
             bad = spec.port
-            self._ledger.quarantine(bad, self._clock())
+            for port in (spec.port, spec.grpc_port):  # which of its ports was taken, the log may not say
+                if port is not None:
+                    self._ledger.quarantine(port, self._clock())
             r.log.note(f"port {bad} was taken by another program; starting again on another port")
             await self._record(r, ReplicaState.PROVISIONING, f"port {bad} in use by another program; respawning on another port")
             return "retry"
@@ -280,12 +282,12 @@ class ReplicaRunner:
         r.wants = (request, host, inventory)
         r.allocation = allocation = self._ledger.hold_gpus(r.id, request, inventory)
         self._ledger.hold_host(r.id, host, self._config.residency.host_memory_budget)
-        definition = await read_definition(config)
-        grpc = grpc_port_of(config.runtime, definition) is not None
+        grpc = config.grpc_port is not None
         ports = self._ledger.take_ports(r.id, self._clock(), 2 if grpc else 1)
         r.port = port = ports[0]
         r.grpc_port = ports[1] if grpc else None
         await asyncio.to_thread(r.work_dir.mkdir, parents=True, exist_ok=True)
+        definition = await read_definition(config)
         placement = Placement(port=port, grpc_port=r.grpc_port, replica_id=r.id, work_dir=str(r.work_dir), gpu_share=allocation.share, runtime_path=sys.executable,
                               memory_fraction=allocation.fraction, sleep_mode=config.sleep and run.sleep_frees is not False and bool(allocation.claim))
         spec, env = await prepare_worker(
