@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from conftest import ServerProcess, async_wait_for
+from conftest import ServerProcess, async_wait_for, run_cli
 
 from test_supervisor import FAST, FAKE, server_config
 
@@ -49,6 +50,8 @@ async def test_a_stop_lets_calls_in_flight_finish_and_refuses_new_ones(tmp_path:
                 return False
 
         await async_wait_for(answers, timeout=30, what="the endpoint to answer over gRPC")
+        listed = await asyncio.to_thread(run_cli, "endpoint", "replicas", "g", config=tmp_path / "config.toml", check=True)
+        assert re.search(r"\d+/\d+ \(gRPC\)", listed.stdout), listed.stdout  # both ports in the CLI's table
         slow = asyncio.ensure_future(infer(b"sleep:1.5", metadata=metadata, timeout=20))
         await asyncio.sleep(0.3)  # the call is at the worker
         assert server.proc is not None

@@ -212,19 +212,25 @@ def cmd_endpoint_events(args: argparse.Namespace) -> int:
     return emit(args, data, lambda d: print_table([[e["time"], e["kind"], e["message"]] for e in d["data"]], ["TIME", "KIND", "MESSAGE"]))
 
 
+def _ports(r: dict[str, Any]) -> str:
+    """Its HTTP port, and its gRPC one after a slash when it has one."""
+    port = str(r["port"] or "-")
+    return f"{port}/{r['grpc_port']} (gRPC)" if r.get("grpc_port") else port
+
+
 def cmd_endpoint_replicas(args: argparse.Namespace) -> int:
     data = admin_client(args).request("GET", f"/api/v1/endpoints/{args.name}/replicas")
 
     def human(d: dict[str, Any]) -> None:
         rows = [
-            [r["id"], r["state"], str(r["pid"] or "-"), str(r["port"] or "-"), _gpu_list(r), str(r["restarts"]),
+            [r["id"], r["state"], str(r["pid"] or "-"), _ports(r), str(r.get("inflight", 0)), _gpu_list(r), str(r["restarts"]),
              str(r["consecutive_failures"]), r["last_probe_result"] or "-", r["last_error"] or "-"]
             for r in d["data"]
         ]
         if not rows:
             print(f"endpoint {args.name} has no replicas")
             return
-        print_table(rows, ["REPLICA", "STATE", "PID", "PORT", "GPUS", "RESTARTS", "FAILS", "LAST PROBE", "LAST ERROR"])
+        print_table(rows, ["REPLICA", "STATE", "PID", "PORT", "IN FLIGHT", "GPUS", "RESTARTS", "FAILS", "LAST PROBE", "LAST ERROR"])
 
     return emit(args, data, human)
 
