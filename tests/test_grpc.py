@@ -317,3 +317,17 @@ async def test_a_worker_not_listening_for_grpc_is_unreachable_and_a_call_that_gi
         err = await refused(channel, md(admin_key(admin)))
         assert err.code() is grpc.StatusCode.UNAVAILABLE and dict(err.trailing_metadata() or ())["x-appliance-error"] == "worker_unreachable"
         assert sum(services.load.inflight("g").values()) == 0
+
+
+async def test_session_affinity_keeps_a_sessions_calls_on_one_replica(start_inprocess_app: Any, make_config: Any, tmp_path: Path) -> None:
+    admin = await start(start_inprocess_app, make_config)
+    await healthy(admin, "g", grpc_folder(tmp_path, "g"), replicas=2, routing="session_affinity")
+    key = admin_key(admin)
+    async with grpc.aio.insecure_channel(address(admin)) as channel:
+        by_session: dict[str, set[int]] = {}
+        for i in range(60):
+            session = f"s{i % 20}"
+            _, answer = await unary(channel, b"whoami", md(key, **{"x-session-id": session}))
+            by_session.setdefault(session, set()).add(json.loads(answer)["port"])
+        assert all(len(ports) == 1 for ports in by_session.values()), by_session  # each session on one replica
+        assert len(set().union(*by_session.values())) == 2  # and the sessions spread over both

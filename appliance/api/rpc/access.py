@@ -20,6 +20,7 @@ from appliance.security.sessions import missing_credential
 ENDPOINT_KEY = "x-endpoint"
 ERROR_KEY = "x-appliance-error"  # trailing metadata of the appliance's own refusals: tells them from a worker's status
 REQUEST_ID_KEY = "x-request-id"
+SESSION_KEY = "x-session-id"
 # Never passed on to a worker: the caller's credential and cookies, and the appliance's own routing key. The
 # rest are gRPC's and HTTP/2's own, which the upstream channel writes itself.
 NOT_FORWARDED = frozenset(("authorization", "cookie", ENDPOINT_KEY, "user-agent", "te", "content-type", "host", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"))

@@ -22,7 +22,7 @@ import grpc
 
 from appliance.api.http import REQUEST_ID_OK
 from appliance.api.inference.gateway import CLIENT_CLOSED, Gateway, RequestRecord
-from appliance.api.rpc.access import ENDPOINT_KEY, ERROR_KEY, NOT_FORWARDED, REQUEST_ID_KEY, CallOrigin, authorize, code_of, http_status, method_label
+from appliance.api.rpc.access import ENDPOINT_KEY, ERROR_KEY, SESSION_KEY, NOT_FORWARDED, REQUEST_ID_KEY, CallOrigin, authorize, code_of, http_status, method_label
 from appliance.api.services import Services
 from appliance.config import GrpcConfig
 from appliance.control.telemetry import Telemetry
@@ -55,6 +55,7 @@ class _Call:
     request_id: str
     forward: list[tuple[str, str | bytes]]
     endpoint: str = ""
+    session: str | None = None  # x-session-id, for an endpoint routed by session affinity
     principal: Principal | None = None
     replica: str | None = None
     limited: bool = False
@@ -149,6 +150,8 @@ class Relay:
             if config.grpc_port is None:
                 raise ApplianceError(f"endpoint {call.endpoint} serves no gRPC: its model definition declares no grpc_port", status=501, code="no_grpc")
             self._services.load.arrived(call.endpoint)
+            if config.routing == "session_affinity":  # as X-Session-ID on HTTP: one session's calls stay on one replica
+                call.session = metadata.get(SESSION_KEY)
             call.limited = self._gateway.admit(call.principal) is not None
         except ApplianceError as err:
             self._telemetry.rejected(err.code)
@@ -164,7 +167,7 @@ class Relay:
         """A replica with room for this call, counted in flight until released, whose worker is connected."""
         while True:
             try:
-                adm, replica = await self._gateway.acquire(call.endpoint, config, None, tried)
+                adm, replica = await self._gateway.acquire(call.endpoint, config, call.session, tried)
             except ApplianceError as err:
                 await self._refuse(call, context, err)
             call.replica = replica.id
