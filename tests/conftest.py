@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import json
 import logging
@@ -109,6 +110,15 @@ async def async_wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def fresh_grpc() -> None:
+    """For tests that make grpc.aio objects. grpc.aio binds its completion queue to the event loop that made
+    the first of its live objects, and lets it go only once every one is collected: one left over from an
+    earlier test (in a cycle the collector has not reached yet) would send this test's completions to that
+    closed loop, and the test would hang. Each test has a loop of its own; the appliance has one for life."""
+    gc.collect()
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,7 +26,7 @@ from appliance.api.app import GRPC
 from appliance.api.inference.gateway import GATEWAY
 from appliance.api.services import SERVICES
 
-pytestmark = pytest.mark.usefixtures("slow_callback_guard")
+pytestmark = pytest.mark.usefixtures("slow_callback_guard", "fresh_grpc")
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -105,15 +106,21 @@ async def test_calls_are_relayed_as_bytes_with_the_workers_status_and_metadata(s
         # (A grpc.aio client that writes after the end gets INTERNAL from its own library whoever it calls: the
         # synchronous client shows what the relay sent.)
         def keeps_writing() -> grpc.RpcError:
+            ended = threading.Event()
+
             def requests() -> Any:
                 yield b"fail:INVALID_ARGUMENT"
-                for _ in range(30):
-                    time.sleep(0.01)
+                for _ in range(30):  # one more message every 10 ms, on past the worker's end
+                    if ended.wait(0.01):
+                        return
                     yield b"more"
 
             with grpc.insecure_channel(address(admin)) as sync_channel, pytest.raises(grpc.RpcError) as info:
-                for _ in sync_channel.stream_stream(STREAM)(requests(), metadata=md(key), timeout=10):
-                    pass
+                try:
+                    for _ in sync_channel.stream_stream(STREAM)(requests(), metadata=md(key), timeout=10):
+                        pass
+                finally:
+                    ended.set()
             return info.value
 
         err = await asyncio.to_thread(keeps_writing)

@@ -8,6 +8,7 @@ import json
 import re
 import signal
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,15 @@ from conftest import ServerProcess, async_wait_for, run_cli
 
 from test_supervisor import FAST, FAKE, server_config
 
-pytestmark = pytest.mark.process
+pytestmark = [pytest.mark.process, pytest.mark.usefixtures("fresh_grpc")]
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def api_get(url: str, key: str) -> Any:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        return json.loads(resp.read())
 
 
 def env_folder(root: Path) -> Path:
@@ -53,13 +60,20 @@ async def test_a_stop_lets_calls_in_flight_finish_and_refuses_new_ones(tmp_path:
         listed = await asyncio.to_thread(run_cli, "endpoint", "replicas", "g", config=tmp_path / "config.toml", check=True)
         assert re.search(r"\d+/\d+ \(gRPC\)", listed.stdout), listed.stdout  # both ports in the CLI's table
         slow = asyncio.ensure_future(infer(b"sleep:1.5", metadata=metadata, timeout=20))
-        await asyncio.sleep(0.3)  # the call is at the worker
+        replicas = f"{server.url}/api/v1/endpoints/g/replicas"
+        await async_wait_for(lambda: api_get(replicas, key)["data"][0]["inflight"] == 1, timeout=5, what="the slow call at the worker")
         assert server.proc is not None
         stopped_at = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
-        with pytest.raises(grpc.aio.AioRpcError) as info_:
-            await infer(b"late", metadata=metadata, timeout=5)
-        assert info_.value.code() is grpc.StatusCode.UNAVAILABLE
+
+        async def refused() -> bool:  # once the stop has begun, a new call is turned away
+            try:
+                await infer(b"late", metadata=metadata, timeout=5)
+            except grpc.aio.AioRpcError as err:
+                return err.code() is grpc.StatusCode.UNAVAILABLE
+            return False
+
+        await async_wait_for(refused, timeout=5, what="a new call refused during the stop")
+        assert not slow.done()
         assert await slow == b"slept" and time.monotonic() - stopped_at >= 1.0
     assert await asyncio.to_thread(server.proc.wait, 30) == 0

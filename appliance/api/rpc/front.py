@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 _HEALTH = "/grpc.health.v1.Health/"
 _HANDLERS_KEPT = 256  # method handlers cached by name; a client naming endless methods gets fresh ones
 _WATCH_SECONDS = 5.0
+_STOP_SLACK = 5.0  # seconds past the grace for the listener's own stop
 _Status = health_pb2.HealthCheckResponse
 
 
@@ -147,7 +148,10 @@ class GrpcFront:
         """Calls in flight get `grace` seconds to finish (as HTTP requests do), then are cancelled."""
         server, self._server = self._server, None
         if server is not None:
-            await server.stop(grace)
+            try:  # bounded: a call grpc cannot end must not hold the appliance's stop (and systemd's) for ever
+                await asyncio.wait_for(server.stop(grace), grace + _STOP_SLACK)
+            except TimeoutError:
+                log.warning("gRPC: the listener did not stop within %g s of its grace; going on", _STOP_SLACK)
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
