@@ -330,6 +330,14 @@ def root_workers(config_path: Path) -> None:
     config_path.write_text(text)
 
 
+def admin_api(url: str, key: str, method: str = "GET", body: Any = None) -> Any:
+    """One admin API call to a served appliance (`url` includes the path), its JSON answer."""
+    request = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

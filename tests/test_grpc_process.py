@@ -8,26 +8,19 @@ import json
 import re
 import signal
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import yaml
-from conftest import ServerProcess, async_wait_for, run_cli
+from conftest import ServerProcess, admin_api, async_wait_for, run_cli
 
 from test_supervisor import FAST, FAKE, server_config
 
 pytestmark = [pytest.mark.process, pytest.mark.usefixtures("fresh_grpc")]
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
-
-
-def api_get(url: str, key: str) -> Any:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
-    with urllib.request.urlopen(request, timeout=5) as resp:
-        return json.loads(resp.read())
 
 
 def env_folder(root: Path) -> Path:
@@ -61,7 +54,7 @@ async def test_a_stop_lets_calls_in_flight_finish_and_refuses_new_ones(tmp_path:
         assert re.search(r"\d+/\d+ \(gRPC\)", listed.stdout), listed.stdout  # both ports in the CLI's table
         slow = asyncio.ensure_future(infer(b"sleep:1.5", metadata=metadata, timeout=20))
         replicas = f"{server.url}/api/v1/endpoints/g/replicas"
-        await async_wait_for(lambda: api_get(replicas, key)["data"][0]["inflight"] == 1, timeout=5, what="the slow call at the worker")
+        await async_wait_for(lambda: admin_api(replicas, key)["data"][0]["inflight"] == 1, timeout=5, what="the slow call at the worker")
         assert server.proc is not None
         stopped_at = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)

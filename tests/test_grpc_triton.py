@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import yaml
-from conftest import ServerProcess, wait_for
+from conftest import ServerProcess, admin_api, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -42,12 +42,7 @@ class Box:
         self.keys: dict[str, str] = {}
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
-        import urllib.request
-
-        request = urllib.request.Request(self.server.url + path, method=method, data=None if body is None else json.dumps(body).encode(),
-                                         headers={"Authorization": f"Bearer {self.admin}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return json.loads(resp.read())
+        return admin_api(self.server.url + path, self.admin, method, body)
 
     def replicas(self) -> list[dict[str, Any]]:
         return list(self.api("GET", "/api/v1/endpoints/g/replicas")["data"])

@@ -13,8 +13,8 @@ from appliance.api.services import SERVICES
 from appliance.domain.routes import is_inference_route
 from appliance.domain.specs import EndpointConfig
 from appliance.errors import ApplianceError
-from appliance.security.auth import ADMIN, INFERENCE, Principal
-from appliance.security.sessions import missing_credential
+from appliance.security.auth import ADMIN, INFERENCE, Authenticator, Principal
+from appliance.security.sessions import Origin, missing_credential
 
 # Why an anonymous caller would be refused; made only when it is (a public endpoint's anonymous calls,
 # the common case there, never build the error).
@@ -27,11 +27,16 @@ def error_of(refusal: Refusal) -> ApplianceError:
 
 async def caller(request: web.Request) -> tuple[Principal | None, Refusal | None]:
     """Who is calling, decided from the headers before any body is read: a principal, or None and why not."""
-    headers = request.headers
+    return await identify_caller(request.app[SERVICES].auth, request)
+
+
+async def identify_caller(auth: Authenticator, origin: Origin) -> tuple[Principal | None, Refusal | None]:
+    """`caller` for any origin (a gRPC call's metadata too): nothing is recorded yet, the refusal is decided later."""
+    headers = origin.headers
     if "Authorization" not in headers and "Cookie" not in headers:
-        return None, partial(missing_credential, request)
+        return None, partial(missing_credential, origin)
     try:
-        return await request.app[SERVICES].auth.identify(request, record=False), None
+        return await auth.identify(origin, record=False), None
     except ApplianceError as err:
         return None, err
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 import grpc
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from appliance.api.inference.callers import Refusal, error_of
+from appliance.api.inference.callers import error_of, identify_caller
 from appliance.api.services import Services
 from appliance.domain.specs import EndpointConfig
 from appliance.errors import ApplianceError
 from appliance.security.auth import ADMIN, INFERENCE, Principal
-from appliance.security.sessions import missing_credential
 
 ENDPOINT_KEY = "x-endpoint"
 ERROR_KEY = "x-appliance-error"  # trailing metadata of the appliance's own refusals: tells them from a worker's status
@@ -108,15 +107,7 @@ async def authorize(services: Services, origin: CallOrigin, name: str | None) ->
     """The endpoint a call goes to and who it runs as (None: anonymous, on a public endpoint). Without a
     valid credential an unknown endpoint is refused as a private one is: names are not probed."""
     auth = services.auth
-    principal: Principal | None = None
-    refusal: Refusal | None = None
-    if "Authorization" in origin.headers:
-        try:
-            principal = await auth.identify(origin, record=False)
-        except ApplianceError as err:
-            refusal = err
-    else:
-        refusal = missing_credential(origin)
+    principal, refusal = await identify_caller(auth, origin)
     table = services.supervisor.table
     endpoint = table.resolve(name) if name else None
     config = table.endpoints.get(endpoint) if endpoint else None
