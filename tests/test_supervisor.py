@@ -173,7 +173,9 @@ async def test_crash_restart_backoff_error_and_retry(admin: Admin, tmp_path: Pat
     starts = [parse_iso(e["time"]) for e in evs if e["kind"] == "replica.starting"]
     assert len(failed) == 3 and len(starts) == 3
     gaps = [starts[i + 1] - failed[i] for i in range(2)]
-    assert gaps[0] >= 0.2 and gaps[1] >= 0.4 and gaps[1] > gaps[0]  # 0.2 s doubling
+    # Lower bounds only: a busy box delays a start by any amount, so gaps need not grow in order
+    # (backoff_delay's doubling itself is pinned in test_rollout).
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.4  # 0.2 s, then doubled
     (rep,) = await replicas(admin, "crashy")
     assert rep["state"] == "FAILED" and rep["restarts"] == 3 and rep["pid"] is None
 
