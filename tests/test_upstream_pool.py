@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import async_wait_for
 
-from appliance.api.inference.proxy import NewestFirstConnector
+from appliance.api.inference.proxy import NewestFirstConnector, make_session
 
 
 async def _serve_with_ports() -> tuple[TestServer, list[int], asyncio.Event]:
@@ -91,3 +91,34 @@ async def test_idle_connections_beyond_the_newest_are_closed_after_the_keepalive
             await async_wait_for(one_left, timeout=10, interval=0.05, what="the idle connections to be closed")
     finally:
         await server.close()
+
+
+async def _cookies_sent_back(session: aiohttp.ClientSession) -> list[str | None]:
+    """Two requests by host name to a server that sets a cookie on every answer: the Cookie header of each."""
+    seen: list[str | None] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        resp = web.Response(text="ok")
+        resp.set_cookie("session", "first-client", path="/")
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with session:
+            for _ in range(2):
+                async with session.get(f"http://localhost:{server.port}/") as resp:
+                    assert resp.status == 200 and "session=first-client" in resp.headers["Set-Cookie"]
+    finally:
+        await server.close()
+    return seen
+
+
+async def test_a_cookie_one_answer_sets_never_rides_on_the_next_request() -> None:
+    """A worker reached by host name (a Ray Serve proxy's, say) sets a cookie on one client's answer: the
+    gateway's session must not keep it and send it with every later client's request."""
+    assert await _cookies_sent_back(aiohttp.ClientSession()) == [None, "session=first-client"]  # what a plain session does
+    assert await _cookies_sent_back(make_session(5.0, 30.0, 10)) == [None, None]

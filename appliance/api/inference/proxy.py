@@ -55,7 +55,9 @@ def make_session(connect_timeout: float, idle_read_timeout: float, max_connectio
         limit=max_connections, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS, enable_cleanup_closed=True,
     )
     timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=idle_read_timeout)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+    # No cookie jar: a cookie set on one client's answer must never ride on another client's request. aiohttp's
+    # jar ignores IP addresses, but keeps the cookies of a named host, such as a Ray Serve proxy's.
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
 
 
 @dataclass
