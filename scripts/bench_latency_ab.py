@@ -4,7 +4,8 @@
 Each checkout serves its own fast fake worker (as in bench_gateway.py); the bare reference proxy
 and the direct calls go to the first one's worker. Targets take turns every 50 requests, so drift
 on a shared box hits them alike. Prints each target's p50 and its added p50 over the direct call
-as a ratio of the reference proxy's (the keyed-path target is ≤ 1.1).
+as a ratio of the reference proxy's (the keyed-path target is ≤ 1.1), with a 90% interval of that ratio
+(the rounds resampled): on a shared 2-core box one run's ratio moves by ±0.1 for the same code.
 
 Usage: .venv/bin/python scripts/bench_latency_ab.py CHECKOUT[:public] [CHECKOUT[:public] ...]
   e.g. scripts/bench_latency_ab.py /tmp/before /path/to/appliance       (keyed: a key with rpm/tpm limits)
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -118,11 +120,40 @@ def main() -> int:
                 p.wait(timeout=30)
     d = statistics.median(res["direct"])
     ref = statistics.median(res["reference proxy"]) - d
-    print(f"{'':40}{'p50 ms':>9}{'added ms':>10}{'added / reference':>19}")
+    spread = round_spread(res)
+    print(f"{'':40}{'p50 ms':>9}{'added ms':>10}{'added / reference':>19}{'90% interval':>16}")
     for name, values in res.items():
         m = statistics.median(values)
-        print(f"{name[:40]:40}{m * 1e3:9.3f}{(m - d) * 1e3:10.3f}{(m - d) / ref:19.2f}")
+        low, high = spread.get(name, (None, None))
+        band = f"{low:.2f} – {high:.2f}" if low is not None else ""
+        print(f"{name[:40]:40}{m * 1e3:9.3f}{(m - d) * 1e3:10.3f}{(m - d) / ref:19.2f}{band:>16}")
     return 0
+
+
+def round_spread(res: dict[str, list[float]], resamples: int = 200) -> dict[str, tuple[float, float]]:
+    """A 90% interval of each target's ratio: the rounds drawn again with replacement (a bootstrap), the
+    ratio taken over the drawn rounds' requests each time. It says how far one run's ratio can be trusted."""
+    def turns(values: list[float]) -> list[list[float]]:
+        return [values[i:i + PER_TURN] for i in range(0, len(values), PER_TURN)]
+
+    per_round = {name: turns(values) for name, values in res.items()}
+    rounds = min(len(t) for t in per_round.values())
+    rng = random.Random(0)
+    ratios: dict[str, list[float]] = {name: [] for name in res if name not in ("direct", "reference proxy")}
+    for _ in range(resamples):
+        picked = [rng.randrange(rounds) for _ in range(rounds)]
+
+        def median_of(name: str) -> float:
+            return statistics.median([x for i in picked for x in per_round[name][i]])
+
+        d, ref = median_of("direct"), median_of("reference proxy")
+        for name in ratios:
+            ratios[name].append((median_of(name) - d) / (ref - d))
+    out: dict[str, tuple[float, float]] = {}
+    for name, values in ratios.items():
+        values.sort()
+        out[name] = (values[int(0.05 * len(values))], values[int(0.95 * len(values)) - 1])
+    return out
 
 
 if __name__ == "__main__":
