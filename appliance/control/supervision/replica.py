@@ -69,6 +69,15 @@ class Replica:
     def grpc_target(self) -> str | None:
         return None if self.grpc_port is None else f"127.0.0.1:{self.grpc_port}"
 
+    async def wait_for_room(self, seconds: float, *also: asyncio.Future[int]) -> None:
+        """Up to `seconds`, or until another replica lets go of what it held, a stop, or one of `also` ends."""
+        waits = [asyncio.ensure_future(self.stop_requested.wait()), asyncio.ensure_future(self.room.wait())]
+        try:
+            await asyncio.wait([*waits, *also], timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
 
 @dataclass
 class EndpointRun:

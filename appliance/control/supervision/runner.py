@@ -142,7 +142,7 @@ class ReplicaRunner:
             if r.last_error != exc.reason:
                 r.last_error = exc.reason
                 await self._record(r, ReplicaState.PROVISIONING, exc.reason)
-            await _wait_for_room(r, _WAIT_FOR_CAPACITY)
+            await r.wait_for_room(_WAIT_FOR_CAPACITY)
             return "retry"
         except (ApplianceError, OSError) as exc:  # a failed start, counted: a lasting cause ends in ERROR
             return await self._failed(r, exc.message if isinstance(exc, ApplianceError) else f"could not prepare the replica: {exc}")
@@ -342,16 +342,6 @@ class ReplicaRunner:
         kind = kind or (f"replica.{state.value.lower()}" if changed else "replica.note")
         await self._store.replicas.save(row, kind, f"replica {r.id}: {message}", {"replica": r.id, **(details or {})})
         await self._host.recorded(r, changed or kind == "replica.moved")  # a worker that moved is routed at its new address
-
-
-async def _wait_for_room(r: Replica, seconds: float) -> None:
-    """Up to `seconds`, or until another replica lets go of what it held, or a stop."""
-    waits = [asyncio.ensure_future(r.stop_requested.wait()), asyncio.ensure_future(r.room.wait())]
-    try:
-        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
 
 
 async def _wait_or_stop(r: Replica, seconds: float) -> bool:

@@ -167,12 +167,7 @@ class Sleeper:
             if r.last_error != reason:
                 r.last_error = reason
                 await self._record(r, ReplicaState.SLEEPING, f"waking: {reason}")
-            waits = [asyncio.ensure_future(e.wait()) for e in (r.room, r.stop_requested)]
-            try:
-                await asyncio.wait([*waits, exited], timeout=_ROOM_RETRY, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
+            await r.wait_for_room(_ROOM_RETRY, exited)
         return False
 
     async def _held_on_gpu(self, r: Replica) -> int | None:
