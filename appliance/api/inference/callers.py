@@ -51,21 +51,37 @@ def refuse_unless_public(request: web.Request, refusal: Refusal | None) -> None:
 def authorize(request: web.Request, principal: Principal | None, refusal: Refusal | None, name: str, config: EndpointConfig | None) -> Principal | None:
     """The principal the call runs as (None: anonymous on a public endpoint). Without a valid credential
     the answer is the same 401 whether the endpoint is private or does not exist: names are not probed."""
-    auth = request.app[SERVICES].auth
+    def not_found() -> ApplianceError:  # asked only of a known caller
+        hint = did_you_mean(request, principal, name) if principal is not None else ""
+        return ApplianceError(f"The model '{name}' does not exist{hint}", status=404, code="model_not_found", param="model")
+
+    return admit_caller(request.app[SERVICES].auth, request, principal, refusal, config, not_found)
+
+
+def admit_caller(
+    auth: Authenticator, origin: Origin, principal: Principal | None, refusal: Refusal | None, config: EndpointConfig | None,
+    not_found: Callable[[], ApplianceError], *, admin_only: str | None = None,
+) -> Principal | None:
+    """The rules every transport applies to a call for endpoint `config` (None: no such endpoint): anonymous
+    only on a public endpoint; a key that may not use a public endpoint gets in anonymously; otherwise the
+    inference scope and the key's endpoint list. `admin_only` says why a call acts on the whole server: then it
+    needs an admin key, and anonymous calls are refused even on a public endpoint."""
     if principal is None:
-        if config is None or not config.public:
+        if config is None or not config.public or admin_only:
             assert refusal is not None
-            raise auth.refuse(request, error_of(refusal))
+            raise auth.refuse(origin, error_of(refusal))
         return None
     if config is None:
-        raise ApplianceError(f"The model '{name}' does not exist{did_you_mean(request, principal, name)}", status=404, code="model_not_found", param="model")
-    if config.public and not (principal.has(INFERENCE) and principal.allows(name)):
+        raise not_found()
+    if config.public and not admin_only and not (principal.has(INFERENCE) and principal.allows(config.name)):
         return None  # on a public endpoint a key that may not use it still gets in, anonymously
     if not principal.has(INFERENCE):
-        raise auth.refuse(request, ApplianceError(
+        raise auth.refuse(origin, ApplianceError(
             f"{principal.name!r} lacks the 'inference' scope (it has: {', '.join(sorted(principal.scopes)) or 'none'})", status=403, code="insufficient_scope",
         ))
-    auth.check_endpoint(request, principal, name)
+    auth.check_endpoint(origin, principal, config.name)
+    if admin_only and not principal.has(ADMIN):
+        raise auth.refuse(origin, ApplianceError(f"{admin_only}: it needs an admin key", status=403, code="route_not_allowed"))
     return principal
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import grpc
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from appliance.api.inference.callers import error_of, identify_caller
+from appliance.api.inference.callers import admit_caller, identify_caller
 from appliance.api.services import Services
 from appliance.domain.specs import EndpointConfig
 from appliance.errors import ApplianceError
-from appliance.security.auth import ADMIN, INFERENCE, Principal
+from appliance.security.auth import Principal
 
 ENDPOINT_KEY = "x-endpoint"
 ERROR_KEY = "x-appliance-error"  # trailing metadata of the appliance's own refusals: tells them from a worker's status
@@ -106,29 +106,17 @@ def peer_address(peer: str) -> str:
 async def authorize(services: Services, origin: CallOrigin, name: str | None) -> tuple[str, EndpointConfig, Principal | None]:
     """The endpoint a call goes to and who it runs as (None: anonymous, on a public endpoint). Without a
     valid credential an unknown endpoint is refused as a private one is: names are not probed."""
-    auth = services.auth
-    principal, refusal = await identify_caller(auth, origin)
+    principal, refusal = await identify_caller(services.auth, origin)
     table = services.supervisor.table
     endpoint = table.resolve(name) if name else None
     config = table.endpoints.get(endpoint) if endpoint else None
-    if principal is None:
-        if config is None or not config.public or needs_admin(origin.path):
-            assert refusal is not None
-            raise auth.refuse(origin, error_of(refusal))
-    elif config is None:
+
+    def not_found() -> ApplianceError:
         if not name:
-            raise ApplianceError(f"name the endpoint in `{ENDPOINT_KEY}` metadata (an endpoint's name or alias)", status=404, code="endpoint_required")
-        raise ApplianceError(f"endpoint {name!r} not found", status=404, code="endpoint_not_found")
-    elif config.public and not needs_admin(origin.path) and not (principal.has(INFERENCE) and principal.allows(config.name)):
-        principal = None  # on a public endpoint a key that may not use it still gets in, anonymously
-    else:
-        if not principal.has(INFERENCE):
-            raise auth.refuse(origin, ApplianceError(f"{principal.name!r} lacks the 'inference' scope", status=403, code="insufficient_scope"))
-        auth.check_endpoint(origin, principal, config.name)
-        if needs_admin(origin.path) and not principal.has(ADMIN):
-            raise auth.refuse(origin, ApplianceError(
-                f"{origin.path} acts on the whole server (its model repository, shared memory or settings): it needs an admin key",
-                status=403, code="route_not_allowed",
-            ))
+            return ApplianceError(f"name the endpoint in `{ENDPOINT_KEY}` metadata (an endpoint's name or alias)", status=404, code="endpoint_required")
+        return ApplianceError(f"endpoint {name!r} not found", status=404, code="endpoint_not_found")
+
+    admin_only = f"{origin.path} acts on the whole server (its model repository, shared memory or settings)" if needs_admin(origin.path) else None
+    principal = admit_caller(services.auth, origin, principal, refusal, config, not_found, admin_only=admin_only)
     assert endpoint is not None and config is not None
     return endpoint, config, principal
