@@ -202,7 +202,8 @@ async def replica_logs(request: web.Request) -> web.StreamResponse:
             await resp.write("".join(f"{line}\n" for line in lines).encode())
         while True:
             try:
-                line = await asyncio.wait_for(queue.get(), timeout=1.0)
+                async with asyncio.timeout(1.0):  # not wait_for: on 3.11 it can drop the cancel of a client that left
+                    line = await queue.get()
             except TimeoutError:
                 if request.transport is None or request.transport.is_closing():
                     break  # the client went away

@@ -71,7 +71,8 @@ class Load:
             return True
         idle = self._idle.setdefault((endpoint, replica), asyncio.Event())
         try:
-            await asyncio.wait_for(idle.wait(), timeout=timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can drop a cancel (Supervisor.wait_for_change)
+                await idle.wait()
             return True
         except TimeoutError:
             return False

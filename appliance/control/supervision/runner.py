@@ -347,7 +347,8 @@ class ReplicaRunner:
 async def _wait_or_stop(r: Replica, seconds: float) -> bool:
     """Wait `seconds`; True if a stop was asked for meanwhile."""
     try:
-        await asyncio.wait_for(r.stop_requested.wait(), timeout=seconds)
+        async with asyncio.timeout(seconds):  # not wait_for: on 3.11 it can drop a cancel (Supervisor.wait_for_change)
+            await r.stop_requested.wait()
         return True
     except TimeoutError:
         return False

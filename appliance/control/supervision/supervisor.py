@@ -131,7 +131,8 @@ class Supervisor:
     async def _loop(self) -> None:
         while not self._closing:
             try:
-                await asyncio.wait_for(self._poke.wait(), timeout=1.0)
+                async with asyncio.timeout(1.0):
+                    await self._poke.wait()
             except TimeoutError:
                 pass
             if self._closing:
@@ -299,9 +300,12 @@ class Supervisor:
         self._changed = asyncio.Event()
 
     async def wait_for_change(self, timeout: float) -> None:
-        """Until the next routing table is published, or `timeout` seconds."""
+        """Until the next routing table is published, or `timeout` seconds. A cancel always propagates: Python
+        3.11's `asyncio.wait_for` drops one that lands as the event is set, and a watcher looping on this then
+        never ended (a stop waited for it for ever)."""
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout=timeout)
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
         except TimeoutError:
             pass
 

@@ -66,7 +66,8 @@ async def validate(supervisor: Supervisor, name: str, config: EndpointConfig, ti
         deadline = started + timeout
         while True:
             try:
-                step = await asyncio.wait_for(merged.get(), timeout=max(0.0, deadline - time.monotonic()))
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):  # not wait_for: on 3.11 it can drop a cancel
+                    step = await merged.get()
             except TimeoutError:
                 yield _verdict(False, f"not healthy after {timeout:g} s", started, replica.log.last_lines(LAST_LINES))
                 return
