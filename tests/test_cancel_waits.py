@@ -12,16 +12,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from conftest import async_wait_for
 
 from appliance.control.supervision.load import Load
 from appliance.control.supervision.supervisor import Supervisor
 
 
-async def _cancelled_as_it_ends(wait: Awaitable[Any], release: Callable[[], None]) -> None:
+async def _cancelled_as_it_ends(wait: Awaitable[Any], event: Callable[[], asyncio.Event | None], release: Callable[[], None]) -> None:
     """Start `wait`, then in one turn of the loop release what it waits for and cancel it: it must raise CancelledError."""
     task = asyncio.ensure_future(wait)
-    for _ in range(3):
-        await asyncio.sleep(0)  # the wait is now parked on its event
+    await async_wait_for(lambda: bool(getattr(event(), "_waiters", None)), timeout=5, what="the wait to park on its event")
     assert not task.done()
     release()
     task.cancel()
@@ -31,13 +31,13 @@ async def _cancelled_as_it_ends(wait: Awaitable[Any], release: Callable[[], None
 
 async def test_a_cancel_as_the_routing_table_changes_ends_the_wait() -> None:
     supervisor: Any = SimpleNamespace(_changed=asyncio.Event())
-    await _cancelled_as_it_ends(Supervisor.wait_for_change(supervisor, 60.0), supervisor._changed.set)
+    await _cancelled_as_it_ends(Supervisor.wait_for_change(supervisor, 60.0), lambda: supervisor._changed, supervisor._changed.set)
 
 
 async def test_a_cancel_as_a_replica_goes_idle_ends_the_wait() -> None:
     load = Load(time.monotonic)
     load.begin("e", "r")
-    await _cancelled_as_it_ends(load.wait_idle("e", "r", 60.0), lambda: load.end("e", "r"))
+    await _cancelled_as_it_ends(load.wait_idle("e", "r", 60.0), lambda: load._idle.get(("e", "r")), lambda: load.end("e", "r"))
 
 
 async def test_the_waits_still_time_out_and_still_see_their_event() -> None:
@@ -49,6 +49,6 @@ async def test_the_waits_still_time_out_and_still_see_their_event() -> None:
     load.begin("e", "r")
     assert await load.wait_idle("e", "r", 0.05) is False
     waiting = asyncio.create_task(load.wait_idle("e", "r", 60.0))
-    await asyncio.sleep(0)
+    await async_wait_for(lambda: ("e", "r") in load._idle, timeout=5, what="the wait to begin")
     load.end("e", "r")
     assert await asyncio.wait_for(waiting, 5) is True
