@@ -17,8 +17,9 @@ import psutil
 import pytest
 import yaml
 from conftest import Admin, async_wait_for
-from test_supervisor import FAST, WORKERS, create, events, fake_folder, replicas, wait_status
+from test_supervisor import FAST, PORTS, WORKERS, create, events, fake_folder, replicas, wait_status
 
+from appliance.control.host.process import port_is_free
 from appliance.control.supervision import backend as backend_module
 from appliance.control.supervision.ledger import Ledger
 from appliance.domain.placement import Unplaceable
@@ -35,22 +36,12 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 
 
 def _free_pair() -> tuple[int, int]:
-    """Two consecutive free loopback ports."""
-    import socket
-
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            first = s.getsockname()[1]
-        if first >= 65000:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", first))
-                b.bind(("127.0.0.1", first + 1))
+    """Two consecutive free loopback ports, in this test process's block below the kernel's ephemeral range
+    (32768 and up): no connection made meanwhile (the test's client, the appliance's listener or probes) can
+    be handed one of them, as a port the kernel picked could be, and then the replica waited for ever."""
+    for first in range(PORTS[0], PORTS[1]):
+        if port_is_free(first) and port_is_free(first + 1):
             return first, first + 1
-        except OSError:
-            continue
     raise AssertionError("no two consecutive free ports")
 
 
