@@ -194,7 +194,9 @@ class Relay:
         try:
             if conn.channel.get_state(try_to_connect=True) is grpc.ChannelConnectivity.READY:
                 return True
-            await asyncio.wait_for(conn.channel.channel_ready(), self._services.config.gateway.connect_timeout_seconds)
+            # not wait_for: on 3.11 it can drop the cancel of a client that gives up as the channel connects
+            async with asyncio.timeout(self._services.config.gateway.connect_timeout_seconds):
+                await conn.channel.channel_ready()
         except (TimeoutError, grpc.aio.UsageError):  # UsageError: the replica left and its channel closed meanwhile
             return False
         return True
