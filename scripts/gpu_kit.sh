@@ -13,7 +13,7 @@ PY=.venv/bin/python
 # What the appliance imports that the GPU image lacks (its list: the device's KINDS.md), what the tests need,
 # and what `transformers serve` needs beyond transformers and torch (already there).
 WANTED=(
-  apscheduler tzlocal sqlite-utils sqlite-fts4 click-default-group cryptography cffi pycparser PyJWT
+  httptools apscheduler tzlocal sqlite-utils sqlite-fts4 click-default-group cryptography cffi pycparser PyJWT
   pydantic pydantic-core annotated-types typing-inspection
   pytest-aiohttp pytest-asyncio
   fastapi starlette uvicorn openai distro jiter sniffio

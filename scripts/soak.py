@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,6 @@ import aiohttp
 import psutil
 from yarl import URL
 
-from appliance.api.inference.proxy import NewestFirstConnector
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = ROOT / "tests" / "fake_worker.py"
@@ -59,6 +59,19 @@ REPLICAS = 2
 CHAT_TOKENS = 8
 STREAM_TOKENS = 20
 WORKER_TOKENS_PER_SECOND = 200  # a 20-token stream lasts ~0.1 s: streams overlap, as real ones do
+
+
+class NewestFirstConnector(aiohttp.TCPConnector):
+    """A client pool that hands out the connection released last, as the openai SDK's (httpx) does in effect.
+    aiohttp's own reuses the oldest first, so under a steady load every connection a burst opened stays busy
+    enough never to idle out."""
+
+    def _get(self, key: Any, *args: Any, **kwargs: Any) -> Any:
+        conns = self._conns.get(key) if isinstance(getattr(self, "_conns", None), dict) else None
+        if isinstance(conns, deque) and len(conns) > 1:
+            conns.rotate(1)  # the newest to the front, where aiohttp takes from; the oldest stay in order
+        return super()._get(key, *args, **kwargs)
+
 
 # The appliance's default gateway.request_records: its last requests, kept in memory. RSS grows while
 # that ring fills (10,000 ÷ rate seconds), by design; a warm-up shorter than that counts part of it.

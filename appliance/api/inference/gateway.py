@@ -15,14 +15,13 @@ from collections import deque
 from dataclasses import dataclass
 from urllib.parse import quote
 
-import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from appliance.api.inference.admission import Admission, EndpointQueue
 from appliance.api.inference.callers import authorize, caller, check_route, did_you_mean, lookup, refuse_unless_public
 from appliance.api.http import Route, parse_json, read_body, request_id
-from appliance.api.inference.proxy import Outcome, UpstreamUnreachable, forward, make_session, worker_headers
+from appliance.api.inference.proxy import Outcome, forward, worker_headers
+from appliance.api.inference.upstream import UpstreamPool, UpstreamResponse, UpstreamUnreachable
 from appliance.api.inference.rename import Rename
 from appliance.api.inference.rename import rename as renamed
 from appliance.api.services import SERVICES, Services
@@ -61,10 +60,10 @@ class Gateway:
         self._services = services
         self._telemetry = telemetry
         self._active = 0  # requests being handled, queued ones included
-        self._upstreams: set[aiohttp.ClientResponse] = set()  # worker answers being relayed
+        self._upstreams: set[UpstreamResponse] = set()  # worker answers being relayed
         self.stopping = asyncio.Event()
         cfg = services.config.gateway
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
         self._admission = Admission(services)
         self.records: deque[RequestRecord] = deque(maxlen=cfg.request_records)
 
@@ -88,12 +87,12 @@ class Gateway:
 
     async def start(self) -> None:
         cfg = self._services.config.gateway
-        self._session = make_session(cfg.connect_timeout_seconds, cfg.idle_read_timeout_seconds, cfg.max_connections)
+        self._pool = UpstreamPool(cfg.connect_timeout_seconds, cfg.idle_read_timeout_seconds, cfg.max_connections)
 
     async def stop(self) -> None:
         await self._admission.close()
-        if self._session:
-            await self._session.close()
+        if self._pool:
+            await self._pool.close()
 
     def inflight(self, endpoint: str) -> dict[str, int]:
         return dict(self._services.load.inflight(endpoint))
@@ -126,7 +125,7 @@ class Gateway:
         self, request: web.Request, endpoint: str, config: EndpointConfig, target: str, body: bytes, key: str | None,
         principal: Principal | None, *, drop_usage_event: bool = False, rename: Rename | None = None,
     ) -> web.StreamResponse:
-        assert self._session is not None
+        assert self._pool is not None
         if self.stopping.is_set():
             raise ApplianceError("the appliance is shutting down", status=503, code="shutting_down")
         started = time.monotonic()
@@ -145,11 +144,10 @@ class Gateway:
             while True:
                 adm, replica = await self.acquire(endpoint, config, key, tried)
                 replica_id = replica.id
-                url = URL(replica.url + target, encoded=True)  # the client's path and query, byte for byte
                 waited = time.monotonic() - started  # in the queue, and on replicas that could not be reached
                 try:
                     response = await forward(
-                        self._session, request, method=request.method, url=url, body=body, headers=headers, replica=replica.id,
+                        self._pool, request, method=request.method, base=replica.url, target=target, body=body, headers=headers, replica=replica.id,
                         outcome=outcome, extra_headers=extra, drop_usage_event=drop_usage_event, track=self._upstreams, stopping=self.stopping,
                         rename=rename,
                     )

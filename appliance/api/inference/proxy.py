@@ -1,22 +1,19 @@
-"""Forwarding to a replica over one shared client session: bodies pass as they come, unbuffered
-for streams, and a request is retried on another replica only if no byte has reached the client."""
+"""Forwarding to a replica over the gateway's pool of worker connections: bodies pass as they come,
+unbuffered for streams, and a request is retried on another replica only if no byte has reached the client."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from appliance.api.inference.rename import Rename, RenameStream
+from appliance.api.inference.upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 from appliance.api.inference.usage import UsageEventFilter, usage_from_body, usage_from_sse
 from appliance.errors import ApplianceError
 from appliance.security.sessions import COOKIE_PREFIX
@@ -29,35 +26,9 @@ HOP_BY_HOP = frozenset(
     )
 )
 # The appliance's credentials stay here; the request id is set by the gateway (the client's, or a new one).
-_NOT_TO_WORKER = HOP_BY_HOP | {"authorization", "cookie", "x-request-id"}
+_NOT_TO_WORKER = HOP_BY_HOP | {"authorization", "cookie", "x-request-id", "expect"}  # the body is whole by now
 _CONTAINED = {"X-Content-Type-Options": "nosniff"}  # a worker's answer is taken for the type it states
 _BUFFER_LIMIT = 1 << 20  # a non-streamed answer up to this size is sent in one piece (and its usage read)
-
-
-UPSTREAM_KEEPALIVE_SECONDS = 30.0
-
-
-class NewestFirstConnector(aiohttp.TCPConnector):
-    """A pool that hands out the connection released last. aiohttp's own reuses the oldest first, so
-    under a steady load every connection a burst opened stays busy enough never to idle out, and the
-    pool keeps its peak size for good; newest first, the extra ones sit unused and close after the
-    keep-alive timeout."""
-
-    def _get(self, key: Any, *args: Any, **kwargs: Any) -> Any:
-        conns = self._conns.get(key) if isinstance(getattr(self, "_conns", None), dict) else None
-        if isinstance(conns, deque) and len(conns) > 1:
-            conns.rotate(1)  # the newest to the front, where aiohttp takes from; the oldest stay in order
-        return super()._get(key, *args, **kwargs)
-
-
-def make_session(connect_timeout: float, idle_read_timeout: float, max_connections: int) -> aiohttp.ClientSession:
-    connector = NewestFirstConnector(
-        limit=max_connections, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS, enable_cleanup_closed=True,
-    )
-    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=idle_read_timeout)
-    # No cookie jar: a cookie set on one client's answer must never ride on another client's request. aiohttp's
-    # jar ignores IP addresses, but keeps the cookies of a named host, such as a Ray Serve proxy's.
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
 
 
 @dataclass
@@ -87,10 +58,6 @@ def _answer_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return out
 
 
-class UpstreamUnreachable(Exception):
-    """Nothing was sent to the client: the caller may try another replica."""
-
-
 # What aiohttp would otherwise add for a client that did not send them: its own User-Agent, and
 # compression this client never asked for (bodies pass through undecoded). Filling the gaps here
 # is also cheaper than aiohttp's per-request skip_auto_headers.
@@ -104,37 +71,6 @@ def worker_headers(headers: Mapping[str, str], request_id: str) -> dict[str, str
         if name not in headers:  # case-insensitive on a request's headers
             out[name] = value
     return out
-
-
-class IdleWatch:
-    """The idle-read timeout of a body being streamed. aiohttp's sock_read timeout re-arms a timer on
-    every chunk (a few µs for every token of every stream), so once the headers are in it is switched
-    off, as aiohttp does for websockets, and this keeps one timer per quiet period instead."""
-
-    __slots__ = ("_content", "_handle", "_loop", "_timeout", "last")
-    WRITING = float("inf")  # `last` while a chunk is being written to the client
-
-    def __init__(self, response: aiohttp.ClientResponse, timeout: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._timeout = timeout
-        self._content = response.content
-        protocol = response.connection.protocol if response.connection else None
-        if protocol is not None:
-            protocol.read_timeout = None  # the timer already armed still covers the first silence
-        self.last = self._loop.time()
-        self._handle = self._loop.call_at(self.last + timeout, self._check)
-
-    def _check(self) -> None:
-        now = self._loop.time()
-        if self.last == self.WRITING:
-            self._handle = self._loop.call_at(now + self._timeout, self._check)
-        elif now - self.last >= self._timeout - 0.01:  # timers may fire a little early
-            self._content.set_exception(aiohttp.SocketTimeoutError(f"no data for {now - self.last:.1f}s"))
-        else:
-            self._handle = self._loop.call_at(self.last + self._timeout, self._check)
-
-    def cancel(self) -> None:
-        self._handle.cancel()
 
 
 class _HeadWithFirstChunk(web.StreamResponse):
@@ -155,11 +91,12 @@ def sse_error_event(message: str, replica: str) -> bytes:
 
 
 async def forward(
-    session: aiohttp.ClientSession,
+    pool: UpstreamPool,
     request: web.Request,
     *,
     method: str,
-    url: str | URL,
+    base: str,
+    target: str,
     body: bytes,
     headers: Mapping[str, str],
     replica: str,
@@ -168,22 +105,21 @@ async def forward(
     drop_usage_event: bool = False,
     rename: Rename | None = None,
     clock: Callable[[], float] = time.monotonic,
-    track: set[aiohttp.ClientResponse] | None = None,
+    track: set[UpstreamResponse] | None = None,
     stopping: asyncio.Event | None = None,
 ) -> web.StreamResponse:
-    """Relay one request to a worker. `track` holds the worker's answer while it is relayed (so a
-    shutdown can end it); `stopping` set means that is why it ended."""
+    """Relay one request to the worker at `base` (scheme://host:port) for `target` (the client's path and
+    query, byte for byte). `track` holds the worker's answer while it is relayed (so a shutdown can end
+    it); `stopping` set means that is why it ended. Raises UpstreamUnreachable when no byte of an answer came."""
     started = clock()
     try:
-        upstream = await session.request(method, url, data=body, headers=headers, allow_redirects=False)
-    except aiohttp.SocketTimeoutError:
+        upstream = await pool.request(method, base, target, headers, body)
+    except UpstreamTimeout:
         # The worker took the request and then went silent: not safe to run it again elsewhere.
         raise ApplianceError(
-            f"replica {replica} sent nothing for {session.timeout.sock_read:g}s ([gateway] idle_read_timeout_seconds)",
+            f"replica {replica} sent nothing for {pool.idle_read_timeout:g}s ([gateway] idle_read_timeout_seconds)",
             status=504, code="worker_timeout", source="worker",
         ) from None
-    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ConnectionTimeoutError) as exc:
-        raise UpstreamUnreachable(f"{exc.__class__.__name__}: {exc}") from None
     if track is not None:
         track.add(upstream)
     try:
@@ -201,7 +137,7 @@ async def forward(
         if "text/event-stream" not in ctype and length is not None and length <= _BUFFER_LIMIT:
             try:
                 data = await upstream.read()
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            except UpstreamError as exc:
                 raise _failed_answering(replica, exc) from None
             outcome.ttfb = clock() - started
             if "json" in ctype:
@@ -221,11 +157,11 @@ async def forward(
         content = upstream.content
         try:
             chunk = content.read_nowait()  # a first chunk that came with the head
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        except UpstreamError as exc:
             raise _failed_answering(replica, exc) from None
         response = (_HeadWithFirstChunk if chunk else web.StreamResponse)(status=upstream.status, headers=out_headers)
         try:
-            await _relay(request, response, upstream, chunk, replica, outcome, drop_usage_event, rename, clock, started, stopping, session.timeout.sock_read)
+            await _relay(request, response, upstream, chunk, replica, outcome, drop_usage_event, rename, clock, started, stopping, pool.idle_read_timeout)
         except _ClientGone:
             # The client left: nothing more can reach it, and the worker is not to blame. The upstream
             # connection is closed below, so the worker sees the disconnect and stops generating.
@@ -252,12 +188,10 @@ async def _send(response: web.StreamResponse, data: bytes) -> None:
         raise _ClientGone(str(exc)) from None
 
 
-# What reading a worker's body raises when the worker fails (or stays silent past the idle timeout).
-_UPSTREAM_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
 
 
 async def _relay(
-    request: web.Request, response: web.StreamResponse, upstream: aiohttp.ClientResponse, chunk: bytes, replica: str, outcome: Outcome,
+    request: web.Request, response: web.StreamResponse, upstream: UpstreamResponse, chunk: bytes, replica: str, outcome: Outcome,
     drop_usage_event: bool, rename: Rename | None, clock: Callable[[], float], started: float, stopping: asyncio.Event | None, idle: float | None,
 ) -> None:
     """A streamed body, chunk by chunk, as it comes. A worker's failure ends an SSE stream with an error
@@ -274,16 +208,12 @@ async def _relay(
     events = UsageEventFilter(outcome) if sse and drop_usage_event else None
     renaming = RenameStream(rename, sse) if rename is not None else None
     content = upstream.content
-    watch = IdleWatch(upstream, idle) if idle else None
-    now = asyncio.get_running_loop().time
     try:
         while True:
             if not chunk:
                 chunk = await content.readany()
                 if not chunk:
                     break
-            if watch is not None:
-                watch.last = IdleWatch.WRITING  # a slow client is not a silent worker
             if outcome.ttfb is None:
                 outcome.ttfb = clock() - started
             if events is not None:
@@ -298,10 +228,8 @@ async def _relay(
                 await _send(response, chunk)
                 chunk = b""
                 outcome.chunks += 1
-            if watch is not None:
-                watch.last = now()
         await _write_rest(response, events, renaming)
-    except _UPSTREAM_ERRORS as exc:
+    except UpstreamError as exc:  # the worker failed, or stayed silent past the idle timeout
         silent = f" (sent nothing for {idle:g}s, [gateway] idle_read_timeout_seconds)" if isinstance(exc, TimeoutError) else ""
         outcome.error = f"replica {replica} failed mid-stream: {exc.__class__.__name__}{silent}"
         if stopping is not None and stopping.is_set():
@@ -315,8 +243,6 @@ async def _relay(
         await _write_rest(response, events, renaming)
         await _send(response, sse_error_event(outcome.error, replica))
     finally:
-        if watch is not None:
-            watch.cancel()
         outcome.last_chunk = clock() - started
     if usage_at:
         usage_from_sse(usage_at, outcome)
