@@ -196,6 +196,25 @@ async def test_a_malformed_answer_is_refused() -> None:
         server.close()
 
 
+async def test_an_answer_head_without_end_is_refused_at_64_kib() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for i in range(2000):
+            writer.write(b"X-Filler-%d: %s\r\n" % (i, b"f" * 64))
+        await writer.drain()
+
+    server, base = await _raw_server(handle)
+    pool = UpstreamPool(5.0, 30.0)
+    try:
+        with pytest.raises(UpstreamUnreachable, match="not valid HTTP/1.1: its headers pass 64 KiB"):
+            await pool.request("GET", base, "/", {}, b"")
+        assert pool.open_count() == 0
+    finally:
+        await pool.close()
+        server.close()
+
+
 async def test_a_silent_worker_times_out_and_its_connection_is_closed() -> None:
     closed = asyncio.Event()
 

@@ -11,6 +11,7 @@ import httptools
 
 _HIGH_WATER = 1 << 17  # buffered answer bytes at which the worker's socket is paused
 _LOW_WATER = 1 << 16  # and resumed
+_MAX_HEAD = 1 << 16  # bytes of an answer's header names and values (aiohttp's client allowed 8 KiB a line)
 
 
 class UpstreamError(Exception):
@@ -43,6 +44,7 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._head: asyncio.Future[tuple[int, list[tuple[bytes, bytes]]]] | None = None
         self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
         self._interim = False  # a 1xx answer, which a final one follows
         self._no_body = False  # the answer to a HEAD
         self._delimited = False  # the answer states its end (Content-Length or chunked)
@@ -83,15 +85,20 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             pass  # its head is in; what follows the switch is not HTTP and is not read
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamClosed(f"the worker's answer is not valid HTTP/1.1: {exc}"))
+            reason = f"its headers pass {_MAX_HEAD // 1024} KiB" if self._head_size > _MAX_HEAD else exc
+            self._fail(UpstreamClosed(f"the worker's answer is not valid HTTP/1.1: {reason}"))
             self.abort()
 
     # --- the parser's callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._headers = []
+        self._head_size = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value)
+        if self._head_size > _MAX_HEAD:
+            raise httptools.HttpParserError("head too large")  # named in data_received
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
