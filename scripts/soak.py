@@ -169,7 +169,8 @@ def write_config(root: Path) -> Path:
         f"[server]\nport = 0\nstate_dir = {json.dumps(str(root / 'state'))}\n"
         f'[gpus]\ndevices = "none"\n'
         f"[workers]\nport_range = [{first}, {first + 99}]\n"
-        f"[[endpoints]]\nname = {json.dumps(ENDPOINT)}\nmodel_folder = {json.dumps(str(folder))}\n"
+        + ('user = "root"\n' if os.geteuid() == 0 else "")  # as root, workers would get a uid that cannot read a venv under /root
+        + f"[[endpoints]]\nname = {json.dumps(ENDPOINT)}\nmodel_folder = {json.dumps(str(folder))}\n"
         f"replicas = {REPLICAS}\npublic = false\n"
     )
     return config
