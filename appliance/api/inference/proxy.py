@@ -58,9 +58,8 @@ def _answer_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return out
 
 
-# What aiohttp would otherwise add for a client that did not send them: its own User-Agent, and
-# compression this client never asked for (bodies pass through undecoded). Filling the gaps here
-# is also cheaper than aiohttp's per-request skip_auto_headers.
+# What a worker sees where the client sent none: the appliance as the agent, and no compression
+# (bodies pass through undecoded, so a worker must not compress what the client never asked to be).
 _DEFAULTS = (("Accept", "*/*"), ("Accept-Encoding", "identity"), ("User-Agent", "appliance"))
 
 
