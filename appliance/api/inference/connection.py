@@ -47,7 +47,6 @@ class Connection(asyncio.Protocol):
         self._head_size = 0
         self._interim = False  # a 1xx answer, which a final one follows
         self._no_body = False  # the answer to a HEAD
-        self._delimited = False  # the answer states its end (Content-Length or chunked)
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self._paused = False
@@ -70,7 +69,7 @@ class Connection(asyncio.Protocol):
         self._on_lost(self)
         if self.busy and not self.eof:
             head_in = self._head is not None and self._head.done() and not self._head.cancelled() and self._head.exception() is None
-            if head_in and not self._delimited:
+            if head_in and not self._states_its_end():
                 self._end()  # an answer without a stated length ends with its connection
             else:
                 self._fail(UpstreamClosed(f"the worker closed the connection{': ' + str(exc) if exc else ''}"))
@@ -106,12 +105,14 @@ class Connection(asyncio.Protocol):
         self._interim = 100 <= status < 200 and status != 101
         if self._interim:
             return  # 100 Continue and the like: the final answer follows
-        headers = {n.lower() for n, _ in self._headers}
-        self._delimited = b"content-length" in headers or b"transfer-encoding" in headers
         if self._head is not None and not self._head.done():
             self._head.set_result((status, self._headers))
         if self._no_body or status == 101:
             self._end()  # the parser would wait for a body a HEAD's answer never has; not reused after
+
+    def _states_its_end(self) -> bool:
+        """The answer has a Content-Length or is chunked: asked only when its connection closes early."""
+        return any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self._headers)
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
@@ -233,7 +234,6 @@ class Connection(asyncio.Protocol):
         self.eof = False
         self._head = None
         self._headers = []
-        self._delimited = False
         self._no_body = False
 
 
